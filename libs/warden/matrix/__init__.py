@@ -1,0 +1,1 @@
+"""The Matrix protocol as the policy server speaks it: JSON, events, keys, signatures."""
