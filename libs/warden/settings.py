@@ -11,6 +11,7 @@ A bad value stops a service at start with one line naming the variable
 from __future__ import annotations
 
 import ipaddress
+import ssl
 import sys
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -84,6 +85,9 @@ class Settings(BaseSettings):
     )
     federation_verify_tls: bool = True  # Warden
     federation_timeout_seconds: float = Field(default=30.0, gt=0)  # Warden
+    # Warden: extra CA bundle (PEM) trusted for outbound federation TLS, on top of the
+    # system's; for private deployments and tests.
+    federation_ca_file: str | None = None
     key_fetch_timeout_seconds: float = Field(default=10.0, gt=0)  # Warden
     key_negative_cache_seconds: int = Field(default=60, ge=0)  # Warden
     trusted_origins: CSV = Field(default_factory=lambda: ["matrix.org", "element.io"])
@@ -93,10 +97,13 @@ class Settings(BaseSettings):
     log_content: bool = False  # include event content in debug logs
     shutdown_delay_seconds: float = Field(default=5.0, ge=0)  # readiness 503 before draining
     shutdown_timeout_seconds: float = Field(default=25.0, gt=0)
+    startup_timeout_seconds: float = Field(default=60.0, gt=0)  # wait for dependencies
     otel_exporter: str = "none"  # "none" or "console"
 
     @field_validator(
-        "homeserver_allowed_networks", "homeserver_denied_networks", "trusted_origins",
+        "homeserver_allowed_networks",
+        "homeserver_denied_networks",
+        "trusted_origins",
         mode="before",
     )
     @classmethod
@@ -117,6 +124,17 @@ class Settings(BaseSettings):
     @classmethod
     def _bind(cls, value: str) -> str:
         parse_bind(value)
+        return value
+
+    @field_validator("federation_ca_file")
+    @classmethod
+    def _ca_file(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=value)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load CA bundle {value!r}: {exc}") from None
         return value
 
     @field_validator("key_query_server")

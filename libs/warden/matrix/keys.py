@@ -11,8 +11,8 @@ import os
 import secrets
 import string
 from pathlib import Path
+from typing import cast
 
-import nacl.signing
 from signedjson.key import (
     decode_verify_key_bytes,
     encode_verify_key_base64,
@@ -25,8 +25,8 @@ from unpaddedbase64 import decode_base64
 
 from warden.matrix.ids import KeyID
 
-SigningKey = nacl.signing.SigningKey
-VerifyKey = nacl.signing.VerifyKey
+from signedjson.types import SigningKey as SigningKey
+from signedjson.types import VerifyKey as VerifyKey
 
 POLICY_SERVER_KEY_ID = KeyID("ed25519:policy_server")
 
@@ -37,12 +37,13 @@ class KeyFileError(Exception):
 
 def key_id_of(key: SigningKey) -> KeyID:
     """``ed25519:<version>`` for a key read by signedjson (which sets ``alg``/``version``)."""
-    return KeyID(f"{key.alg}:{key.version}")  # type: ignore[attr-defined]
+    return KeyID(f"{key.alg}:{key.version}")
 
 
 def verify_key_base64(key: SigningKey | VerifyKey) -> str:
     """The unpadded base64 public key."""
-    verify = key.verify_key if isinstance(key, nacl.signing.SigningKey) else key
+    # A signing key carries its public half; a verify key is used as it is.
+    verify = cast(VerifyKey, getattr(key, "verify_key", key))
     return str(encode_verify_key_base64(verify))
 
 
@@ -85,7 +86,7 @@ def write_new_key(path: str | os.PathLike[str], version: str | None = None) -> S
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         write_signing_keys(f, [key])
-    return key  # type: ignore[no-any-return]
+    return key
 
 
 def ensure_key(path: str | os.PathLike[str]) -> tuple[SigningKey, bool]:

@@ -1,0 +1,113 @@
+"""The ``warden`` command: run a service, migrate the database, make keys, run the stack.
+
+Services are found through the ``warden.services`` entry points, so this shared package
+never imports a service package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+
+from warden.settings import Settings, load_settings
+
+SERVICES = ("gateway", "filter-worker", "moderator", "webhooks")
+
+
+def _service_entry(name: str) -> Callable[[Settings], int]:
+    for ep in entry_points(group="warden.services"):
+        if ep.name == name:
+            fn: Callable[[Settings], int] = ep.load()
+            return fn
+    raise SystemExit(f"warden: service {name!r} is not installed")
+
+
+def _cmd_migrate(settings: Settings) -> int:
+    import asyncpg
+
+    from warden.storage.migrations import migrate
+
+    async def go() -> list[int]:
+        conn = await asyncpg.connect(settings.database, timeout=10)
+        try:
+            return await migrate(conn)
+        finally:
+            await conn.close()
+
+    try:
+        applied = asyncio.run(go())
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"warden migrate: cannot reach PS_DATABASE: {exc}", file=sys.stderr)
+        return 1
+    print(f"applied migrations: {applied}" if applied else "database is up to date")
+    return 0
+
+
+def _cmd_keygen(settings: Settings, args: argparse.Namespace) -> int:
+    from warden.matrix.keys import (
+        KeyFileError,
+        check_distinct,
+        ensure_key,
+        key_id_of,
+        verify_key_base64,
+    )
+
+    fed_path = args.federation_key or settings.homeserver_signing_key_path
+    pol_path = args.policy_key or settings.homeserver_event_signing_key_path
+    try:
+        fed, fed_new = ensure_key(fed_path)
+        pol, pol_new = ensure_key(pol_path)
+        check_distinct(fed, pol)
+    except KeyFileError as exc:
+        print(f"warden keygen: {exc}", file=sys.stderr)
+        return 1
+    for label, path, key, new in (
+        ("federation key", fed_path, fed, fed_new),
+        ("policy key", pol_path, pol, pol_new),
+    ):
+        state = "created" if new else "exists"
+        print(f"{label}: {path} ({state}) {key_id_of(key)} {verify_key_base64(key)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and documentation)."""
+    parser = argparse.ArgumentParser(
+        prog="warden",
+        description="Warden, a Matrix policy server. Settings come from PS_* variables.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SERVICES:
+        sub.add_parser(name, help=f"run the {name} service in the foreground")
+    sub.add_parser("migrate", help="apply pending database migrations")
+    keygen = sub.add_parser(
+        "keygen", help="write the federation and policy signing keys if they are missing"
+    )
+    keygen.add_argument("--federation-key", help="path (default PS_HOMESERVER_SIGNING_KEY_PATH)")
+    keygen.add_argument("--policy-key", help="path (default PS_HOMESERVER_EVENT_SIGNING_KEY_PATH)")
+    sub.add_parser("dev", help="run the whole stack locally (embedded servers where needed)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``warden`` console script."""
+    args = build_parser().parse_args(argv)
+    settings = load_settings()
+    if args.command in SERVICES:
+        return _service_entry(args.command)(settings)
+    if args.command == "migrate":
+        return _cmd_migrate(settings)
+    if args.command == "keygen":
+        return _cmd_keygen(settings, args)
+    if args.command == "dev":
+        from warden.dev.stack import run_dev
+
+        return run_dev(settings)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

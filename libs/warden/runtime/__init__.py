@@ -1,0 +1,1 @@
+"""How every Warden service starts, reports health, and stops."""

@@ -1,0 +1,98 @@
+"""Connecting a service to PostgreSQL, Redis and NATS, with readiness and shutdown wired in.
+
+Connections are retried with backoff for ``PS_STARTUP_TIMEOUT_SECONDS`` so a service
+started alongside its dependencies (``docker compose up``, a fresh Kubernetes rollout)
+waits for them instead of crash-looping; past that it exits with one clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+import redis.asyncio as aioredis
+from nats.aio.client import Client as NATS
+
+from warden.bus.connection import check_nats, connect_nats
+from warden.runtime.service import ServiceRuntime
+from warden.storage.database import create_pool, ping
+from warden.storage.migrations import migrate
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class DependencyUnavailable(RuntimeError):
+    """A dependency did not answer within the startup timeout."""
+
+
+async def _retry(what: str, timeout: float, connect: Callable[[], Awaitable[T]]) -> T:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.2
+    while True:
+        try:
+            return await connect()
+        except (OSError, asyncpg.PostgresError, aioredis.RedisError, TimeoutError) as exc:
+            if loop.time() + delay > deadline:
+                raise DependencyUnavailable(f"{what} did not answer: {exc}") from exc
+            logger.warning(
+                "dependency not answering yet; retrying",
+                extra={"dependency": what, "error": str(exc), "retry_in": delay},
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def postgres(runtime: ServiceRuntime, *, apply_migrations: bool = True) -> asyncpg.Pool:
+    """Open the pool, apply pending migrations, and register readiness and close."""
+    s = runtime.settings
+    pool = await _retry("postgresql", s.startup_timeout_seconds, lambda: create_pool(s))
+    if apply_migrations:
+        async with pool.acquire() as conn:
+            applied = await migrate(conn)
+        if applied:
+            logger.info("migrations applied at start", extra={"versions": applied})
+    runtime.health.add_check("postgresql", lambda: ping(pool))
+    runtime.add_shutdown_hook("postgresql", pool.close)
+    return pool
+
+
+async def redis(runtime: ServiceRuntime) -> aioredis.Redis:
+    """Connect to Redis (hiredis parser when installed) and register readiness."""
+    s = runtime.settings
+    client: aioredis.Redis = aioredis.from_url(
+        s.redis_url, socket_connect_timeout=5, socket_timeout=5, health_check_interval=30
+    )
+
+    async def ping_redis() -> None:
+        await client.ping()
+
+    await _retry("redis", s.startup_timeout_seconds, ping_redis)
+    runtime.health.add_check("redis", ping_redis)
+    runtime.add_shutdown_hook("redis", client.aclose)
+    return client
+
+
+async def nats(runtime: ServiceRuntime) -> NATS:
+    """Connect to NATS, register readiness, and drain on shutdown."""
+    s = runtime.settings
+    nc = await _retry(
+        "nats",
+        s.startup_timeout_seconds,
+        lambda: connect_nats(
+            s.nats_url, name=f"warden-{runtime.name}", initial_timeout=s.startup_timeout_seconds
+        ),
+    )
+    runtime.health.add_check("nats", lambda: check_nats(nc))
+
+    async def drain() -> None:
+        if not nc.is_closed:
+            await nc.drain()
+
+    runtime.add_shutdown_hook("nats", drain)
+    return nc

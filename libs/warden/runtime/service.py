@@ -1,0 +1,201 @@
+"""The life of a service process: start, serve, and drain on SIGTERM.
+
+Shutdown order, so that Kubernetes stops routing before anything is cut:
+1. SIGTERM (or SIGINT) arrives: ``/readyz`` turns 503 at once.
+2. Wait ``PS_SHUTDOWN_DELAY_SECONDS`` for load balancers to notice.
+3. HTTP servers stop accepting and finish in-flight requests.
+4. Shutdown hooks run in reverse order of registration (drain NATS, close pools),
+   bounded by ``PS_SHUTDOWN_TIMEOUT_SECONDS`` in all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.types import ASGIApp
+
+from warden.runtime.health import Health
+from warden.settings import Settings, parse_bind
+from warden.telemetry.logs import configure_logging
+from warden.telemetry.metrics import BUILD_INFO, WARDEN_VERSION
+from warden.telemetry.tracing import configure_tracing
+
+logger = logging.getLogger(__name__)
+
+Hook = Callable[[], Awaitable[object]]
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to the service runtime."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class _HttpServer:
+    name: str
+    server: _EmbeddedServer
+    task: asyncio.Task[None] | None = None
+
+
+class ServiceRuntime:
+    """Owns a service's HTTP servers, health state and shutdown sequence."""
+
+    def __init__(self, name: str, settings: Settings) -> None:
+        self.name = name
+        self.settings = settings
+        self.health = Health(name)
+        self.stopping = asyncio.Event()
+        self._servers: list[_HttpServer] = []
+        self._hooks: list[tuple[str, Hook]] = []
+
+    def add_shutdown_hook(self, name: str, hook: Hook) -> None:
+        """Run ``hook`` while stopping, after HTTP servers; hooks run last-added first."""
+        self._hooks.append((name, hook))
+
+    def add_http_server(
+        self,
+        name: str,
+        app: ASGIApp,
+        bind: str,
+        *,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
+        """Serve ``app`` on ``bind`` (``host:port``) for the life of the service."""
+        host, port = parse_bind(bind)
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            ssl_certfile=tls_cert,
+            ssl_keyfile=tls_key,
+            server_header=False,
+            timeout_keep_alive=30,
+            timeout_graceful_shutdown=max(1, int(self.settings.shutdown_timeout_seconds)),
+        )
+        self._servers.append(_HttpServer(name, _EmbeddedServer(config)))
+
+    def health_app(self) -> Starlette:
+        """A small app with ``/livez``, ``/readyz`` and ``/metrics``."""
+        return Starlette(routes=self.health.routes())
+
+    def request_stop(self) -> None:
+        """Begin the shutdown sequence (what SIGTERM does)."""
+        if not self.stopping.is_set():
+            logger.info("stop requested; readiness now 503", extra={"event": "stopping"})
+            self.health.draining = True
+            self.stopping.set()
+
+    async def serve(self, background: list[Hook] | None = None) -> None:
+        """Start HTTP servers and background tasks; return after a clean drain.
+
+        ``background`` coroutines run until stop; a background task that crashes stops
+        the service (a supervisor or Kubernetes restarts it) rather than limping on.
+        """
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        BUILD_INFO.labels(self.name, WARDEN_VERSION).set(1)
+
+        for s in self._servers:
+            s.task = asyncio.create_task(s.server.serve(), name=f"http-{s.name}")
+        bg_tasks = [asyncio.create_task(self._guard(fn)) for fn in (background or [])]
+
+        await self._wait_started()
+        for s in self._servers:
+            logger.info(
+                "listening",
+                extra={"server": s.name, "bind": f"{s.server.config.host}:{s.server.config.port}"},
+            )
+        stop_waiter = asyncio.create_task(self.stopping.wait())
+        server_tasks = [s.task for s in self._servers if s.task is not None]
+        done, _ = await asyncio.wait(
+            [stop_waiter, *server_tasks], return_when=asyncio.FIRST_COMPLETED
+        )
+        if stop_waiter not in done:
+            # An HTTP server ended by itself (e.g. the port was taken): stop everything.
+            logger.error("an HTTP server stopped unexpectedly", extra={"event": "server_exit"})
+            self.request_stop()
+        await self._drain(bg_tasks)
+
+    async def _guard(self, fn: Hook) -> None:
+        try:
+            await fn()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("background task failed; stopping", extra={"event": "task_failed"})
+            self.request_stop()
+
+    async def _wait_started(self) -> None:
+        for s in self._servers:
+            while not s.server.started:
+                if s.task is not None and s.task.done():
+                    exc = s.task.exception()
+                    raise RuntimeError(f"HTTP server {s.name} failed to start") from exc
+                await asyncio.sleep(0.02)
+
+    async def _drain(self, bg_tasks: list[asyncio.Task[None]]) -> None:
+        await asyncio.sleep(self.settings.shutdown_delay_seconds)
+        for s in self._servers:
+            s.server.should_exit = True
+        try:
+            async with asyncio.timeout(self.settings.shutdown_timeout_seconds):
+                await asyncio.gather(
+                    *(s.task for s in self._servers if s.task), return_exceptions=True
+                )
+                for t in bg_tasks:
+                    t.cancel()
+                await asyncio.gather(*bg_tasks, return_exceptions=True)
+                for name, hook in reversed(self._hooks):
+                    try:
+                        await hook()
+                    except Exception:
+                        logger.exception("shutdown hook failed", extra={"hook": name})
+        except TimeoutError:
+            logger.error("drain timed out; exiting anyway", extra={"event": "drain_timeout"})
+        logger.info("stopped", extra={"event": "stopped"})
+
+
+def bootstrap(name: str, settings: Settings) -> ServiceRuntime:
+    """Configure logs and tracing for a service process and create its runtime."""
+    configure_logging(name, settings.log_level, log_content=settings.log_content)
+    configure_tracing(name, settings.otel_exporter)
+    return ServiceRuntime(name, settings)
+
+
+def run_async(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    """Run a service's main coroutine on uvloop; turn start-up failures into exit code 1.
+
+    Failures a service can name (a dependency that never answered, a bad key file) are
+    logged as one line; anything else is logged with its traceback.
+    """
+    import uvloop
+
+    from warden.matrix.keys import KeyFileError
+    from warden.runtime.dependencies import DependencyUnavailable
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+    except (DependencyUnavailable, KeyFileError) as exc:
+        logger.error(str(exc), extra={"event": "startup_failed"})
+        return 1
+    except Exception:
+        logger.exception("service crashed", extra={"event": "crashed"})
+        return 1
+    return 0

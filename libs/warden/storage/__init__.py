@@ -1,0 +1,1 @@
+"""PostgreSQL storage: the connection pool and numbered SQL migrations."""

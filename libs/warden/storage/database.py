@@ -1,0 +1,38 @@
+"""The asyncpg connection pool shared by a service's storage code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from warden.settings import Settings
+
+
+def dsn_for_asyncpg(url: str) -> str:
+    """Accept the ``postgres://`` URLs policyserv documents; asyncpg takes both schemes."""
+    return url
+
+
+async def create_pool(settings: Settings, **kwargs: Any) -> asyncpg.Pool:
+    """Open the pool sized by ``PS_DATABASE_MAX_OPEN_CONNS`` / ``_MAX_IDLE_CONNS``.
+
+    ``statement_cache_size`` stays on: Warden talks to PostgreSQL directly, not through
+    a transaction-pooling PgBouncer (set it to 0 via kwargs if you put one in front).
+    """
+    min_size = min(settings.database_max_idle_conns, settings.database_max_open_conns)
+    pool = await asyncpg.create_pool(
+        dsn_for_asyncpg(settings.database),
+        min_size=min_size,
+        max_size=settings.database_max_open_conns,
+        command_timeout=30,
+        **kwargs,
+    )
+    assert pool is not None
+    return pool
+
+
+async def ping(pool: asyncpg.Pool) -> None:
+    """Raise if the database does not answer a trivial query (readiness)."""
+    async with pool.acquire(timeout=2) as conn:
+        await conn.fetchval("SELECT 1", timeout=2)

@@ -1,0 +1,1 @@
+"""Logs, metrics and traces, the same way in every service."""

@@ -1,0 +1,64 @@
+"""ASGI middleware counting requests and timing them by route template.
+
+The label is the matched route's path template (``/_matrix/policy/v1/sign``), never
+the raw path, so IDs in paths cannot blow up the metric's cardinality.
+"""
+
+from __future__ import annotations
+
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from warden.telemetry.metrics import HTTP_DURATION, HTTP_REQUESTS
+
+UNMATCHED = "<unmatched>"
+
+
+class HttpMetricsMiddleware:
+    """Record ``warden_http_requests_total`` and ``warden_http_request_duration_seconds``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._paths: dict[object, str] | None = None
+
+    def _template(self, scope: Scope) -> str:
+        route = scope.get("route")
+        if route is not None:
+            return str(getattr(route, "path", UNMATCHED))
+        # FastAPI's router records only the endpoint for plain Starlette routes; map it
+        # back to its path template (built once: routes are fixed after start-up).
+        endpoint = scope.get("endpoint")
+        if endpoint is None:
+            return UNMATCHED
+        if self._paths is None:
+            router = scope.get("router")
+            routes = getattr(router, "routes", [])
+            self._paths = {
+                getattr(r, "endpoint", None): str(getattr(r, "path", UNMATCHED)) for r in routes
+            }
+        return self._paths.get(endpoint, UNMATCHED)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            template = self._template(scope)
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            HTTP_REQUESTS.labels(template, method, str(status)).inc()
+            HTTP_DURATION.labels(template, method).observe(time.perf_counter() - start)
+
+
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"})

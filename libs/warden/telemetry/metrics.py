@@ -1,0 +1,42 @@
+"""Prometheus metrics shared by every service.
+
+Naming: ``warden_`` prefix, counters end in ``_total``, durations are ``_seconds``
+histograms. Labels are always bounded (route templates, status codes, service names),
+never room IDs, user IDs or event IDs.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+try:
+    WARDEN_VERSION = version("warden")
+except PackageNotFoundError:  # running from a source tree without an install
+    WARDEN_VERSION = "0+unknown"
+
+BUILD_INFO = Gauge("warden_build_info", "Warden's version; always 1.", ["service", "version"])
+READY = Gauge("warden_ready", "1 while the service reports ready, 0 otherwise.", ["service"])
+
+HTTP_REQUESTS = Counter(
+    "warden_http_requests_total",
+    "HTTP requests answered, by route template and status code.",
+    ["route", "method", "status"],
+)
+HTTP_DURATION = Histogram(
+    "warden_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route template.",
+    ["route", "method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+DEPENDENCY_UP = Gauge(
+    "warden_dependency_up",
+    "1 when the last readiness check of a dependency passed.",
+    ["service", "dependency"],
+)
+
+
+def render_latest() -> tuple[bytes, str]:
+    """The exposition text of the default registry and its content type."""
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,48 @@
+"""OpenTelemetry tracing with W3C trace context carried in NATS message headers.
+
+``PS_OTEL_EXPORTER=console`` prints finished spans (for debugging); ``none`` keeps the
+SDK (so context still propagates through every hop) without exporting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from opentelemetry import context, propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_configured = False
+
+
+def configure_tracing(service: str, exporter: str = "none") -> None:
+    """Install the tracer provider for this process (once)."""
+    global _configured
+    if _configured:
+        return
+    provider = TracerProvider(resource=Resource.create({"service.name": f"warden-{service}"}))
+    if exporter == "console":
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+    trace.set_tracer_provider(provider)
+    propagate.set_global_textmap(_PROPAGATOR)
+    _configured = True
+
+
+def tracer(name: str) -> trace.Tracer:
+    """A tracer for a module."""
+    return trace.get_tracer(name)
+
+
+def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
+    """Add the current span's ``traceparent``/``tracestate`` to message headers."""
+    carrier: dict[str, str] = dict(headers or {})
+    _PROPAGATOR.inject(carrier)
+    return carrier
+
+
+def extract_context(headers: Mapping[str, str] | None) -> context.Context:
+    """The trace context carried by a message's headers (empty context when none)."""
+    return _PROPAGATOR.extract(dict(headers or {}))
