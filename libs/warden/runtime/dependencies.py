@@ -30,9 +30,9 @@ class DependencyUnavailable(RuntimeError):
     """A dependency did not answer within the startup timeout."""
 
 
-async def _retry(what: str, timeout: float, connect: Callable[[], Awaitable[T]]) -> T:
+async def _retry(what: str, budget_seconds: float, connect: Callable[[], Awaitable[T]]) -> T:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + budget_seconds
     delay = 0.2
     while True:
         try:
