@@ -11,7 +11,7 @@ logger = logging.getLogger(__name__)
 
 
 async def connect_nats(
-    url: str, *, name: str, initial_timeout: float = 60.0, connect_timeout: float = 5.0
+    url: str, *, name: str, initial_timeout: float = 60.0, connect_timeout: int = 5
 ) -> NATS:
     """Connect with unbounded reconnects (a NATS restart must not kill the service).
 

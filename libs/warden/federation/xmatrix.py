@@ -1,0 +1,258 @@
+"""X-Matrix request authentication (spec: Server-Server API, "Request Authentication").
+
+A federation request is authenticated by signing the canonical JSON of
+``{method, uri, origin, destination, content?}`` with the origin's federation key and
+sending each signature in its own ``Authorization: X-Matrix ...`` header.
+
+Decisions on points the spec leaves open, and how they compare to Synapse:
+
+* Parsing follows RFC 9110 ``auth-param`` syntax: the scheme and parameter names are
+  case-insensitive, values are tokens or quoted strings (with ``\\`` escapes), and
+  parameters are separated by commas with optional whitespace. Malformed headers,
+  duplicated parameters and a missing ``origin``, ``key`` or ``sig`` are rejected;
+  unknown parameters are ignored so that future additions do not break us. Synapse's
+  parser is looser (a duplicated parameter silently takes the last value).
+* ``destination`` may be absent: the spec says recipients should accept that from older
+  servers. When present it must be our server name. Either way the signed JSON uses
+  our name, so a request signed for someone else never verifies.
+* Several X-Matrix headers may be sent (one per key of the origin). They must all name
+  the same origin. Every signature whose key we can obtain must verify; keys we cannot
+  obtain (unknown, expired) are skipped, and at least one signature must verify. This
+  matches Synapse's keyring, except that Synapse lets the last header's origin win
+  when headers disagree, which we refuse.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import nacl.exceptions
+from unpaddedbase64 import decode_base64, encode_base64
+
+from warden.federation.keyring_errors import KeyringError
+from warden.matrix.canonical_json import CanonicalJSONError, encode_canonical_json
+from warden.matrix.errors import Unauthorized
+from warden.matrix.ids import KeyID, ServerName
+from warden.matrix.keys import SigningKey, VerifyKey, key_id_of
+
+SCHEME = "X-Matrix"
+
+# RFC 9110 token characters.
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # noqa: S105 - a regex, not a secret
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_OWS = r"[ \t]*"
+_PARAM_RE = re.compile(rf"({_TOKEN}){_OWS}={_OWS}({_TOKEN}|{_QUOTED})")
+_SEP_RE = re.compile(rf"{_OWS},{_OWS}")
+_UNESCAPE_RE = re.compile(r"\\(.)", re.DOTALL)
+_ESCAPE_RE = re.compile(r'(["\\])')
+
+# Server name grammar (spec: Appendices, "Server Name").
+_IPV4 = r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}"
+_IPV6 = r"\[[0-9A-Fa-f:.]{2,45}\]"
+_DNS = r"[0-9A-Za-z.\-]{1,255}"
+_SERVER_NAME_RE = re.compile(rf"(?:{_IPV4}|{_IPV6}|{_DNS})(?::(?P<port>\d{{1,5}}))?")
+
+_KNOWN_PARAMS = frozenset({"origin", "destination", "key", "sig"})
+
+
+class VerifyKeySource(Protocol):
+    """What ``verify_request`` needs from a keyring."""
+
+    async def get_verify_key(
+        self, server_name: ServerName, key_id: KeyID, *, at_ms: int | None = None
+    ) -> VerifyKey:
+        """Return the key, or raise an exception whose message says why not."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class XMatrixCredentials:
+    """One parsed ``Authorization: X-Matrix`` header."""
+
+    origin: ServerName
+    key_id: KeyID
+    signature: str
+    destination: ServerName | None
+
+
+class MalformedAuthorization(ValueError):
+    """An X-Matrix header that cannot be parsed."""
+
+
+def is_valid_server_name(name: str) -> bool:
+    """Whether ``name`` matches the spec's server name grammar (host and optional port)."""
+    match = _SERVER_NAME_RE.fullmatch(name)
+    if match is None:
+        return False
+    port = match.group("port")
+    return port is None or 0 < int(port) <= 65535
+
+
+def _quote(value: str) -> str:
+    return '"' + _ESCAPE_RE.sub(r"\\\1", value) + '"'
+
+
+def _signing_payload(
+    method: str,
+    uri: str,
+    origin: str,
+    destination: str,
+    content: Mapping[str, Any] | None,
+) -> bytes:
+    request: dict[str, Any] = {
+        "method": method,
+        "uri": uri,
+        "origin": origin,
+        "destination": destination,
+    }
+    if content is not None:
+        request["content"] = content
+    return encode_canonical_json(request)
+
+
+def sign_request(
+    origin: str,
+    destination: str,
+    method: str,
+    uri: str,
+    content: Mapping[str, Any] | None,
+    signing_key: SigningKey,
+) -> str:
+    """Build the ``Authorization`` header value for one federation request.
+
+    ``uri`` is the path and query string exactly as sent; ``content`` is the JSON body
+    (``None`` when the request has none). Raises ``CanonicalJSONError`` when the body
+    cannot be canonical JSON.
+    """
+    payload = _signing_payload(method, uri, origin, destination, content)
+    sig = encode_base64(signing_key.sign(payload).signature)
+    return (
+        f"{SCHEME} origin={_quote(origin)},destination={_quote(destination)},"
+        f"key={_quote(key_id_of(signing_key))},sig={_quote(sig)}"
+    )
+
+
+def _parse_one(value: str) -> XMatrixCredentials:
+    """Parse one header value whose scheme is X-Matrix."""
+    rest = value[len(SCHEME) :]
+    if not rest or rest[0] not in " \t":
+        raise MalformedAuthorization("no parameters after the X-Matrix scheme")
+    rest = rest.lstrip(" \t")
+    params: dict[str, str] = {}
+    pos = 0
+    while pos < len(rest):
+        match = _PARAM_RE.match(rest, pos)
+        if match is None:
+            raise MalformedAuthorization(f"cannot parse parameter at offset {pos}")
+        name = match.group(1).lower()
+        raw = match.group(2)
+        if raw.startswith('"'):
+            raw = _UNESCAPE_RE.sub(r"\1", raw[1:-1])
+        if name in params:
+            raise MalformedAuthorization(f"parameter {name!r} given twice")
+        params[name] = raw
+        pos = match.end()
+        if pos == len(rest):
+            break
+        sep = _SEP_RE.match(rest, pos)
+        if sep is None:
+            raise MalformedAuthorization(f"expected ',' at offset {pos}")
+        pos = sep.end()
+        if pos == len(rest):
+            raise MalformedAuthorization("trailing ','")
+    for required in ("origin", "key", "sig"):
+        if not params.get(required):
+            raise MalformedAuthorization(f"missing parameter {required!r}")
+    origin = params["origin"]
+    if not is_valid_server_name(origin):
+        raise MalformedAuthorization(f"origin {origin!r} is not a valid server name")
+    destination = params.get("destination")
+    return XMatrixCredentials(
+        origin=ServerName(origin),
+        key_id=KeyID(params["key"]),
+        signature=params["sig"],
+        destination=ServerName(destination) if destination is not None else None,
+    )
+
+
+def parse_authorization_headers(values: list[str]) -> list[XMatrixCredentials]:
+    """Parse every X-Matrix header among ``values`` (all ``Authorization`` headers).
+
+    Headers of other schemes are ignored. Raises ``MalformedAuthorization`` if any
+    X-Matrix header is malformed: a bad header is an error, not something to skip.
+    """
+    found: list[XMatrixCredentials] = []
+    for value in values:
+        stripped = value.strip(" \t")
+        if stripped[: len(SCHEME)].lower() != SCHEME.lower():
+            continue
+        # "X-Matrixfoo" is another scheme, not ours.
+        if len(stripped) > len(SCHEME) and stripped[len(SCHEME)] not in " \t":
+            continue
+        found.append(_parse_one(stripped))
+    return found
+
+
+async def verify_request(
+    method: str,
+    uri: str,
+    content: Mapping[str, Any] | None,
+    headers: list[str],
+    our_server_name: str,
+    keyring: VerifyKeySource,
+) -> ServerName:
+    """Authenticate a federation request and return its origin.
+
+    ``method`` and ``uri`` are as received (``uri`` is the request target: path and
+    query string, percent-encoding untouched). ``content`` must be the request body as
+    parsed (``parse_canonical``), or ``None`` when there is no body; ``headers`` are all
+    ``Authorization`` header values. Keys are looked up for "now". Raises
+    ``Unauthorized`` (M_UNAUTHORIZED) with a message saying what was wrong.
+    """
+    try:
+        creds = parse_authorization_headers(headers)
+    except MalformedAuthorization as exc:
+        raise Unauthorized(f"Malformed X-Matrix Authorization header: {exc}") from None
+    if not creds:
+        raise Unauthorized("Missing X-Matrix Authorization header")
+    origin = creds[0].origin
+    for cred in creds:
+        if cred.origin != origin:
+            raise Unauthorized("X-Matrix Authorization headers name different origins")
+        if cred.destination is not None and cred.destination != our_server_name:
+            raise Unauthorized(f"X-Matrix destination {cred.destination!r} is not this server")
+    try:
+        payload = _signing_payload(method, uri, origin, our_server_name, content)
+    except CanonicalJSONError as exc:
+        raise Unauthorized(f"Request body is not canonical JSON: {exc}") from None
+
+    verified = False
+    reasons: list[str] = []
+    for cred in creds:
+        if not cred.key_id.startswith("ed25519:"):
+            reasons.append(f"unsupported key algorithm in {cred.key_id!r}")
+            continue
+        try:
+            signature = decode_base64(cred.signature)
+        except Exception:  # binascii.Error for bad base64
+            raise Unauthorized(f"Signature for key {cred.key_id!r} is not base64") from None
+        try:
+            verify_key = await keyring.get_verify_key(origin, cred.key_id)
+        except KeyringError as exc:
+            # Unknown, expired or unfetchable: this signature cannot be checked, but
+            # another header may carry one that can.
+            reasons.append(str(exc))
+            continue
+        try:
+            verify_key.verify(payload, signature)
+        except (nacl.exceptions.BadSignatureError, ValueError):
+            raise Unauthorized(
+                f"Invalid X-Matrix signature from {origin} with key {cred.key_id}"
+            ) from None
+        verified = True
+    if not verified:
+        raise Unauthorized(f"No usable key to verify request from {origin}: {'; '.join(reasons)}")
+    return origin

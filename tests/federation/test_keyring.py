@@ -1,0 +1,486 @@
+"""The keyring against real local HTTPS key servers and notaries, Redis and PostgreSQL.
+
+Key servers run on 127.0.0.1 (``https_server`` from conftest, certificates from the
+test CA), so the SSRF guard is configured to allow loopback and TLS trusts the test CA.
+Every test uses fresh server names, since the PostgreSQL database lives for the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from signedjson.key import decode_signing_key_base64, generate_signing_key, get_verify_key
+from signedjson.sign import sign_json
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from unpaddedbase64 import encode_base64
+
+from warden import redis_keys
+from warden.federation.client import FederationClient
+from warden.federation.keyring import COMPROMISED_KEYS, KeyExpired, KeyNotFound, Keyring
+from warden.federation.server_key_document import build_server_key_document, current_time_ms
+from warden.federation.xmatrix import sign_request, verify_request
+from warden.matrix.ids import KeyID, ServerName
+from warden.matrix.keys import key_id_of, verify_key_base64
+from warden.settings import DEFAULT_DENIED_NETWORKS
+
+OUR_NAME = "warden.test"
+OUR_KEY = generate_signing_key("a_ours")
+NOTARY_KEY = generate_signing_key("a_nota")
+DENIED_WITHOUT_LOOPBACK = [
+    n for n in DEFAULT_DENIED_NETWORKS.split(",") if n not in {"127.0.0.0/8", "::1/128"}
+]
+
+
+@dataclass
+class KeyServer:
+    """A key server and/or notary whose answers the test controls; counts requests."""
+
+    serve: Callable[[], Any] | None = None  # GET /_matrix/key/v2/server body
+    notarise: Callable[[Any], Any] | None = None  # POST /_matrix/key/v2/query body
+    status: int = 200
+    delay: float = 0.0
+    hits: int = 0
+    bodies: list[Any] = field(default_factory=list)
+    auth_headers: list[str | None] = field(default_factory=list)
+    name: str = ""
+
+    def app(self) -> Starlette:
+        async def server_keys(request: Request) -> JSONResponse:
+            return await self._answer(request, None)
+
+        async def query(request: Request) -> JSONResponse:
+            return await self._answer(request, await request.json())
+
+        return Starlette(
+            routes=[
+                Route("/_matrix/key/v2/server", server_keys, methods=["GET"]),
+                Route("/_matrix/key/v2/query", query, methods=["POST"]),
+            ]
+        )
+
+    async def _answer(self, request: Request, body: Any) -> JSONResponse:
+        self.hits += 1
+        self.bodies.append(body)
+        self.auth_headers.append(request.headers.get("authorization"))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.status != 200:
+            return JSONResponse({"errcode": "M_UNKNOWN", "error": "down"}, self.status)
+        answer = self.serve() if body is None and self.serve else None
+        if body is not None and self.notarise:
+            answer = self.notarise(body)
+        if answer is None:
+            return JSONResponse({"errcode": "M_NOT_FOUND", "error": "no"}, 404)
+        return JSONResponse(answer)
+
+
+KeyringFactory = Callable[..., Keyring]
+
+
+@pytest.fixture
+async def key_server_start(https_server: Any) -> Callable[..., Any]:
+    """Start a ``KeyServer`` on 127.0.0.1; its ``name`` is set to ``127.0.0.1:<port>``."""
+
+    async def start(server: KeyServer) -> KeyServer:
+        local = await https_server(server.app(), host="127.0.0.1", names=["127.0.0.1"])
+        server.name = local.address
+        return server
+
+    return start
+
+
+@pytest.fixture
+async def key_server_keyring(
+    make_settings: Callable[..., Any],
+    tls_ca_file: str,
+    redis_client: aioredis.Redis,
+    pg_pool: Any,
+) -> AsyncIterator[KeyringFactory]:
+    """Build keyrings on the test Redis and PostgreSQL, each with a real client."""
+    clients: list[FederationClient] = []
+
+    def build(
+        *,
+        direct: bool = True,
+        notary: str = "",
+        negative: int = 60,
+        clock: Callable[[], int] = current_time_ms,
+    ) -> Keyring:
+        settings = make_settings(
+            homeserver_denied_networks=DENIED_WITHOUT_LOOPBACK,
+            federation_ca_file=tls_ca_file,
+            direct_key_fetching=direct,
+            key_query_server=notary,
+            key_negative_cache_seconds=negative,
+            key_fetch_timeout_seconds=5.0,
+        )
+        client = FederationClient(settings, OUR_KEY)
+        clients.append(client)
+        return Keyring(
+            settings,
+            client,
+            redis_client,
+            pg_pool,
+            our_server_name=OUR_NAME,
+            our_keys={key_id_of(OUR_KEY): get_verify_key(OUR_KEY)},
+            clock=clock,
+        )
+
+    try:
+        yield build
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+def self_signed(server: KeyServer, key: Any, **kwargs: Any) -> Callable[[], Any]:
+    """A ``serve`` callback publishing ``key`` for ``server`` (name read at request time)."""
+    return lambda: build_server_key_document(server.name, key, **kwargs)
+
+
+# --- direct fetching ---
+
+
+async def test_direct_fetch_is_cached_in_memory_redis_and_postgres(
+    key_server_start: Any,
+    key_server_keyring: KeyringFactory,
+    redis_client: aioredis.Redis,
+    pg_pool: Any,
+) -> None:
+    remote = generate_signing_key("a_rem1")
+    server = await key_server_start(KeyServer())
+    server.serve = self_signed(server, remote)
+    keyring = key_server_keyring()
+    name, kid = ServerName(server.name), KeyID("ed25519:a_rem1")
+
+    key = await keyring.get_verify_key(name, kid)
+    assert bytes(key) == bytes(get_verify_key(remote))
+    assert server.hits == 1
+    assert server.auth_headers == [None]  # key requests are unsigned
+    await keyring.get_verify_key(name, kid)
+    assert server.hits == 1
+
+    ttl_ms = await redis_client.pttl(redis_keys.server_key(name, kid))
+    assert 0 < ttl_ms <= 24 * 3600 * 1000
+    row = await pg_pool.fetchrow(
+        "SELECT verify_key, expired, fetched_from FROM server_keys"
+        " WHERE server_name = $1 AND key_id = $2",
+        name,
+        kid,
+    )
+    assert dict(row) == {
+        "verify_key": verify_key_base64(remote),
+        "expired": False,
+        "fetched_from": "direct",
+    }
+
+
+async def test_verify_request_end_to_end(
+    key_server_start: Any, key_server_keyring: KeyringFactory
+) -> None:
+    remote = generate_signing_key("a_rem2")
+    server = await key_server_start(KeyServer())
+    server.serve = self_signed(server, remote)
+    keyring = key_server_keyring()
+    body = {"event": "x"}
+    header = sign_request(server.name, OUR_NAME, "POST", "/_matrix/policy/v1/sign", body, remote)
+    origin = await verify_request(
+        "POST", "/_matrix/policy/v1/sign", body, [header], OUR_NAME, keyring
+    )
+    assert origin == server.name
+    # A key the server does not publish fails, with the reason in the message.
+    stranger = generate_signing_key("a_strg")
+    header = sign_request(server.name, OUR_NAME, "POST", "/p", body, stranger)
+    with pytest.raises(Exception, match=r"No usable key.*ed25519:a_strg not published"):
+        await verify_request("POST", "/p", body, [header], OUR_NAME, keyring)
+
+
+async def test_our_own_keys_are_never_fetched(key_server_keyring: KeyringFactory) -> None:
+    keyring = key_server_keyring(direct=True, notary="")
+    key = await keyring.get_verify_key(ServerName(OUR_NAME), key_id_of(OUR_KEY))
+    assert bytes(key) == bytes(get_verify_key(OUR_KEY))
+    with pytest.raises(KeyNotFound, match="not one of our own keys"):
+        await keyring.get_verify_key(ServerName(OUR_NAME), KeyID("ed25519:nope"))
+
+
+async def test_concurrent_lookups_share_one_fetch(
+    key_server_start: Any, key_server_keyring: KeyringFactory
+) -> None:
+    remote = generate_signing_key("a_rem3")
+    server = await key_server_start(KeyServer(delay=0.3))
+    server.serve = self_signed(server, remote)
+    keyring = key_server_keyring()
+    keys = await asyncio.gather(
+        *(
+            keyring.get_verify_key(ServerName(server.name), KeyID("ed25519:a_rem3"))
+            for _ in range(10)
+        )
+    )
+    assert {bytes(k) for k in keys} == {bytes(get_verify_key(remote))}
+    assert server.hits == 1
+
+
+async def test_compromised_key_is_refused(
+    key_server_start: Any, key_server_keyring: KeyringFactory
+) -> None:
+    # The key Go's ed25519.GenerateKey makes from math/rand seed 0.
+    seed = bytes.fromhex("0194fdc2fa2ffcc041d3ff12045b73c86e4ff95ff662a5eee82abdf44a2d0b75")
+    bad = decode_signing_key_base64("ed25519", "a_bad0", encode_base64(seed))
+    assert bytes(get_verify_key(bad)) in COMPROMISED_KEYS
+    server = await key_server_start(KeyServer())
+    server.serve = self_signed(server, bad)
+    keyring = key_server_keyring()
+    with pytest.raises(KeyNotFound):
+        await keyring.get_verify_key(ServerName(server.name), KeyID("ed25519:a_bad0"))
+    assert server.hits == 1
+
+
+# --- expiry ---
+
+
+async def test_expired_key_is_refetched(
+    key_server_start: Any, key_server_keyring: KeyringFactory
+) -> None:
+    remote = generate_signing_key("a_rem4")
+    clock = {"now": current_time_ms()}
+    server = await key_server_start(KeyServer())
+    server.serve = lambda: build_server_key_document(
+        server.name, remote, valid_for_ms=1000, now_ms=clock["now"]
+    )
+    keyring = key_server_keyring(negative=60, clock=lambda: clock["now"])
+    name, kid = ServerName(server.name), KeyID("ed25519:a_rem4")
+
+    await keyring.get_verify_key(name, kid)
+    assert server.hits == 1
+    clock["now"] += 500
+    await keyring.get_verify_key(name, kid)
+    assert server.hits == 1  # still valid
+
+    clock["now"] += 2000  # past valid_until_ts: the server is asked again
+    await keyring.get_verify_key(name, kid)
+    assert server.hits == 2
+
+    # The server now keeps serving a document that has run out.
+    stale_at = clock["now"]
+    server.serve = lambda: build_server_key_document(
+        server.name, remote, valid_for_ms=1, now_ms=stale_at - 10
+    )
+    clock["now"] += 2000
+    with pytest.raises(KeyExpired):
+        await keyring.get_verify_key(name, kid)
+    assert server.hits == 3
+    # ... and the negative cache keeps us from asking again right away.
+    with pytest.raises(KeyExpired):
+        await keyring.get_verify_key(name, kid)
+    assert server.hits == 3
+    # A lookup for a time the key was valid still works, without a fetch.
+    assert await keyring.get_verify_key(name, kid, at_ms=stale_at - 5000)
+    assert server.hits == 3
+
+
+async def test_old_verify_keys_are_valid_only_before_their_expiry(
+    key_server_start: Any, key_server_keyring: KeyringFactory
+) -> None:
+    current = generate_signing_key("a_cur5")
+    old = generate_signing_key("a_old5")
+    now = current_time_ms()
+    expired_ts = now - 10_000
+    server = await key_server_start(KeyServer())
+    server.serve = self_signed(
+        server,
+        current,
+        old_verify_keys={KeyID("ed25519:a_old5"): (get_verify_key(old), expired_ts)},
+    )
+    keyring = key_server_keyring()
+    name, kid = ServerName(server.name), KeyID("ed25519:a_old5")
+
+    key = await keyring.get_verify_key(name, kid, at_ms=expired_ts - 1)
+    assert bytes(key) == bytes(get_verify_key(old))
+    assert server.hits == 1
+    with pytest.raises(KeyExpired):
+        await keyring.get_verify_key(name, kid, at_ms=expired_ts + 1)
+    with pytest.raises(KeyExpired):
+        await keyring.get_verify_key(name, kid)
+    assert server.hits == 1  # an old key will not come back: no refetch
+    # X-Matrix uses "now", so a request signed with the old key is refused.
+    header = sign_request(server.name, OUR_NAME, "GET", "/x", None, old)
+    with pytest.raises(Exception, match="valid only until"):
+        await verify_request("GET", "/x", None, [header], OUR_NAME, keyring)
+
+
+# --- negative cache ---
+
+
+async def test_negative_cache_limits_fetches_for_unknown_keys(
+    key_server_start: Any, key_server_keyring: KeyringFactory
+) -> None:
+    remote = generate_signing_key("a_rem6")
+    server = await key_server_start(KeyServer())
+    server.serve = self_signed(server, remote)
+    keyring = key_server_keyring(negative=1)
+    name = ServerName(server.name)
+
+    with pytest.raises(KeyNotFound, match="not published"):
+        await keyring.get_verify_key(name, KeyID("ed25519:unknown"))
+    assert server.hits == 1
+    with pytest.raises(KeyNotFound, match="recently looked up"):
+        await keyring.get_verify_key(name, KeyID("ed25519:unknown"))
+    # Another replica (another Keyring on the same Redis) honours it too, even for
+    # another unknown key of the same server.
+    with pytest.raises(KeyNotFound, match="recently looked up"):
+        await key_server_keyring(negative=1).get_verify_key(name, KeyID("ed25519:other"))
+    assert server.hits == 1
+
+    await asyncio.sleep(1.2)
+    with pytest.raises(KeyNotFound, match="not published"):
+        await keyring.get_verify_key(name, KeyID("ed25519:unknown"))
+    assert server.hits == 2
+
+
+async def test_fetch_failure_is_negatively_cached(
+    key_server_start: Any,
+    key_server_keyring: KeyringFactory,
+    redis_client: aioredis.Redis,
+) -> None:
+    server = await key_server_start(KeyServer(status=502))
+    keyring = key_server_keyring(negative=30)
+    name = ServerName(server.name)
+    with pytest.raises(KeyNotFound, match=r"direct: .*502"):
+        await keyring.get_verify_key(name, KeyID("ed25519:any"))
+    with pytest.raises(KeyNotFound, match="recently looked up"):
+        await keyring.get_verify_key(name, KeyID("ed25519:any"))
+    assert server.hits == 1
+    ttl = await redis_client.ttl(redis_keys.server_keys_negative(name))
+    assert 0 < ttl <= 30
+
+
+# --- sharing through Redis and PostgreSQL ---
+
+
+async def test_keys_are_shared_through_redis_and_survive_a_flush(
+    key_server_start: Any,
+    key_server_keyring: KeyringFactory,
+    redis_client: aioredis.Redis,
+) -> None:
+    remote = generate_signing_key("a_rem7")
+    server = await key_server_start(KeyServer())
+    server.serve = self_signed(server, remote)
+    name, kid = ServerName(server.name), KeyID("ed25519:a_rem7")
+
+    await key_server_keyring().get_verify_key(name, kid)
+    assert server.hits == 1
+    # A second replica finds it in Redis.
+    await key_server_keyring().get_verify_key(name, kid)
+    assert server.hits == 1
+    # After Redis loses everything, a third finds it in PostgreSQL, and puts it back.
+    await redis_client.flushdb()
+    third = key_server_keyring()
+    key = await third.get_verify_key(name, kid)
+    assert bytes(key) == bytes(get_verify_key(remote))
+    assert server.hits == 1
+    assert await redis_client.exists(redis_keys.server_key(name, kid))
+
+
+# --- notary ---
+
+
+def notary_setting(notary: KeyServer, key: Any = NOTARY_KEY) -> str:
+    return f"{notary.name},{key_id_of(key)},{verify_key_base64(key)}"
+
+
+def notarise_with(
+    notary: KeyServer, docs: Callable[[], list[dict[str, Any]]], key: Any = NOTARY_KEY
+) -> Callable[[Any], Any]:
+    return lambda body: {
+        "server_keys": [sign_json(copy.deepcopy(d), notary.name, key) for d in docs()]
+    }
+
+
+async def test_notary_fetch(key_server_start: Any, key_server_keyring: KeyringFactory) -> None:
+    origin = f"remote-{uuid.uuid4().hex[:8]}.test"  # never resolved: only the notary is asked
+    remote = generate_signing_key("a_rem8")
+    notary = await key_server_start(KeyServer())
+    notary.notarise = notarise_with(notary, lambda: [build_server_key_document(origin, remote)])
+    keyring = key_server_keyring(direct=False, notary=notary_setting(notary))
+    before = current_time_ms()
+    key = await keyring.get_verify_key(ServerName(origin), KeyID("ed25519:a_rem8"))
+    assert bytes(key) == bytes(get_verify_key(remote))
+    assert notary.hits == 1
+    (body,) = notary.bodies
+    minimum = body["server_keys"][origin]["ed25519:a_rem8"]["minimum_valid_until_ts"]
+    assert before <= minimum <= current_time_ms()
+    assert notary.auth_headers == [None]
+
+
+async def test_notary_response_not_signed_by_pinned_key_is_rejected(
+    key_server_start: Any, key_server_keyring: KeyringFactory
+) -> None:
+    origin = f"remote-{uuid.uuid4().hex[:8]}.test"
+    remote = generate_signing_key("a_rem9")
+    impostor = generate_signing_key(NOTARY_KEY.version)  # same key ID, other key
+    notary = await key_server_start(KeyServer())
+    notary.notarise = notarise_with(
+        notary, lambda: [build_server_key_document(origin, remote)], key=impostor
+    )
+    keyring = key_server_keyring(direct=False, notary=notary_setting(notary))
+    with pytest.raises(KeyNotFound, match=r"notary's signature .* does not verify"):
+        await keyring.get_verify_key(ServerName(origin), KeyID("ed25519:a_rem9"))
+
+
+async def test_notary_response_with_tampered_self_signature_is_rejected(
+    key_server_start: Any, key_server_keyring: KeyringFactory
+) -> None:
+    origin = f"remote-{uuid.uuid4().hex[:8]}.test"
+    remote = generate_signing_key("a_remA")
+    attacker = generate_signing_key("a_remA")
+
+    def tampered() -> list[dict[str, Any]]:
+        # The notary swaps in its own choice of key but keeps the origin's signature.
+        doc = build_server_key_document(origin, remote)
+        doc["verify_keys"]["ed25519:a_remA"]["key"] = verify_key_base64(attacker)
+        return [doc]
+
+    notary = await key_server_start(KeyServer())
+    notary.notarise = notarise_with(notary, tampered)
+    keyring = key_server_keyring(direct=False, notary=notary_setting(notary))
+    with pytest.raises(KeyNotFound, match="a_remA does not verify"):
+        await keyring.get_verify_key(ServerName(origin), KeyID("ed25519:a_remA"))
+
+
+async def test_notary_documents_for_other_servers_are_ignored(
+    key_server_start: Any, key_server_keyring: KeyringFactory
+) -> None:
+    origin = f"remote-{uuid.uuid4().hex[:8]}.test"
+    other = generate_signing_key("a_remB")
+    notary = await key_server_start(KeyServer())
+    notary.notarise = notarise_with(
+        notary, lambda: [build_server_key_document("someone.else", other)]
+    )
+    keyring = key_server_keyring(direct=False, notary=notary_setting(notary))
+    with pytest.raises(KeyNotFound, match="not published"):
+        await keyring.get_verify_key(ServerName(origin), KeyID("ed25519:a_remB"))
+
+
+async def test_direct_failure_falls_back_to_notary(
+    key_server_start: Any, key_server_keyring: KeyringFactory
+) -> None:
+    remote = generate_signing_key("a_remC")
+    origin = await key_server_start(KeyServer(status=500))  # the origin's key server is down
+    notary = await key_server_start(KeyServer())
+    notary.notarise = notarise_with(
+        notary, lambda: [build_server_key_document(origin.name, remote)]
+    )
+    keyring = key_server_keyring(direct=True, notary=notary_setting(notary))
+    key = await keyring.get_verify_key(ServerName(origin.name), KeyID("ed25519:a_remC"))
+    assert bytes(key) == bytes(get_verify_key(remote))
+    assert (origin.hits, notary.hits) == (1, 1)
