@@ -484,3 +484,28 @@ async def test_direct_failure_falls_back_to_notary(
     key = await keyring.get_verify_key(ServerName(origin.name), KeyID("ed25519:a_remC"))
     assert bytes(key) == bytes(get_verify_key(remote))
     assert (origin.hits, notary.hits) == (1, 1)
+
+
+async def test_key_fetches_are_counted_by_source_and_outcome(
+    key_server_start: Any, key_server_keyring: KeyringFactory
+) -> None:
+    from prometheus_client import REGISTRY
+
+    def count(outcome: str) -> float:
+        labels = {"source": "direct", "outcome": outcome}
+        return REGISTRY.get_sample_value("warden_key_fetches_total", labels) or 0.0
+
+    ok_before, err_before = count("ok"), count("error")
+    remote = generate_signing_key("a_met1")
+    server = await key_server_start(KeyServer())
+    server.serve = self_signed(server, remote)
+    keyring = key_server_keyring()
+    await keyring.get_verify_key(ServerName(server.name), KeyID("ed25519:a_met1"))
+    assert count("ok") == ok_before + 1
+
+    broken = await key_server_start(KeyServer(status=500))
+    from warden.federation.keyring_errors import KeyringError
+
+    with pytest.raises(KeyringError):
+        await keyring.get_verify_key(ServerName(broken.name), KeyID("ed25519:a_met1"))
+    assert count("error") == err_before + 1

@@ -53,6 +53,7 @@ from warden.federation.xmatrix import is_valid_server_name
 from warden.matrix.ids import KeyID, ServerName
 from warden.matrix.keys import VerifyKey, decode_verify_key
 from warden.settings import Settings
+from warden.telemetry.metrics import KEY_FETCHES
 
 __all__ = ["KeyExpired", "KeyFetchClient", "KeyNotFound", "Keyring", "KeyringError"]
 
@@ -258,9 +259,14 @@ class Keyring:
             try:
                 fetched: dict[KeyID, FetchedKey] = await fetch()
             except (FederationError, InvalidKeyDocument) as exc:
-                logger.info("key fetch for %s via %s failed: %s", server_name, source, exc)
+                KEY_FETCHES.labels(_source_label(source), "error").inc()
+                logger.info(
+                    "key fetch failed",
+                    extra={"server": server_name, "source": source, "error": str(exc)},
+                )
                 problems.append(f"{source}: {exc}")
                 continue
+            KEY_FETCHES.labels(_source_label(source), "ok").inc()
             fetched = self._drop_compromised(fetched)
             await self._store(fetched.values(), source)
             for kid, key in fetched.items():
@@ -468,6 +474,11 @@ class Keyring:
     def clear_memory_cache(self) -> None:
         """Forget the in-process cache (Redis and PostgreSQL are untouched)."""
         self._memory.clear()
+
+
+def _source_label(source: str) -> str:
+    # The metric label is bounded: "direct" or "notary", never a server name.
+    return "direct" if source == "direct" else "notary"
 
 
 def _expired(key: FetchedKey, at: int) -> KeyExpired:

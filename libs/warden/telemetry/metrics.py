@@ -36,6 +36,12 @@ DEPENDENCY_UP = Gauge(
     ["service", "dependency"],
 )
 
+KEY_FETCHES = Counter(
+    "warden_key_fetches_total",
+    "Fetches of other servers' keys, by source (direct or notary) and outcome.",
+    ["source", "outcome"],
+)
+
 
 def render_latest() -> tuple[bytes, str]:
     """The exposition text of the default registry and its content type."""
