@@ -11,19 +11,19 @@ other; no input class was found where they differ, so there is no fallback path.
 
 Parsing has two implementations that accept and reject the same inputs:
 
-* ``parse_canonical`` (the one to use): orjson, then one walk that rejects floats and
-  out-of-range integers and counts object entries, and one regex pass that counts key
-  tokens in the text. More key tokens than entries means an object repeated a key
-  (orjson keeps the last silently). About 3x faster than the stdlib path on a PDU.
-* ``parse_canonical_stdlib``: ``json`` with an ``object_pairs_hook`` and float/constant
-  hooks; it names the duplicated key, so ``parse_canonical`` falls back to it to word
-  the error when it has detected a duplicate.
+* ``parse_canonical`` (the one to use): orjson, a walk that rejects floats and
+  out-of-range integers, then duplicate keys are ruled out cheaply when the text *is*
+  canonical JSON (re-encoding the parsed value gives the same bytes; Synapse sends
+  federation bodies as canonical JSON). Any other text with objects in it is parsed
+  again by ``parse_canonical_stdlib``. Fast path ~2x faster than the stdlib path on a
+  1.6-6 KiB PDU; non-canonical text costs the sum of both.
+* ``parse_canonical_stdlib``: ``json`` with an ``object_pairs_hook`` that rejects
+  duplicate keys (naming them) and float/constant hooks.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
@@ -136,11 +136,6 @@ _STRICT_DECODER = json.JSONDecoder(
     parse_constant=_reject_constant,
 )
 
-# Every JSON string token, with the ':' that follows it when it is an object key. Run
-# only on text orjson has accepted: outside strings valid JSON has no '"', so scanning
-# from the left meets each string at its opening quote and consumes it whole.
-_STRING_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"([ \t\n\r]*:)?')
-
 
 def _to_bytes(data: bytes | bytearray | memoryview | str) -> bytes:
     if isinstance(data, str):
@@ -173,14 +168,11 @@ def parse_canonical(data: bytes | bytearray | memoryview | str) -> Any:
     except orjson.JSONDecodeError as exc:
         # NaN/Infinity land here too: they are not JSON (RFC 8259) at all.
         raise ValueError(str(exc)) from exc
-    entries = _walk(value, 0)
-    if entries:
-        matches = _STRING_TOKEN.findall(raw)
-        keys = len(matches) - matches.count(b"")
-        if keys != entries:
-            # A duplicate: let the stdlib parser find and name it.
-            parse_canonical_stdlib(raw)
-            raise CanonicalJSONError("duplicate key in object")
+    if _walk(value, 0) and orjson.dumps(value, option=orjson.OPT_SORT_KEYS) != raw:
+        # orjson keeps the last of duplicated keys silently. Text that is exactly the
+        # canonical encoding of what was parsed cannot have had any (re-encoding emits
+        # each key once); anything else is re-parsed by the stdlib path, which checks.
+        return parse_canonical_stdlib(raw)
     return value
 
 

@@ -21,12 +21,11 @@ from signedjson.key import (
     read_signing_keys,
     write_signing_keys,
 )
+from signedjson.types import SigningKey as SigningKey
+from signedjson.types import VerifyKey as VerifyKey
 from unpaddedbase64 import decode_base64
 
 from warden.matrix.ids import KeyID
-
-from signedjson.types import SigningKey as SigningKey
-from signedjson.types import VerifyKey as VerifyKey
 
 POLICY_SERVER_KEY_ID = KeyID("ed25519:policy_server")
 
