@@ -23,6 +23,8 @@ class _ServiceFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.service = self.service
+        # uvicorn adds a copy of its message with terminal colour codes.
+        record.__dict__.pop("color_message", None)
         return True
 
 
@@ -33,9 +35,9 @@ def configure_logging(service: str, level: str = "INFO", *, log_content: bool = 
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(
         JsonFormatter(
-            "%(asctime)s %(levelname)s %(name)s %(message)s",
-            rename_fields={"asctime": "ts", "levelname": "level", "name": "logger"},
-            timestamp=False,
+            "%(levelname)s %(name)s %(message)s",
+            rename_fields={"levelname": "level", "name": "logger"},
+            timestamp="ts",  # ISO 8601 in UTC
         )
     )
     handler.addFilter(_ServiceFilter(service))
@@ -47,6 +49,8 @@ def configure_logging(service: str, level: str = "INFO", *, log_content: bool = 
         lg = logging.getLogger(name)
         lg.handlers[:] = []
         lg.propagate = True
+    # Our runtime logs its own "listening" line; uvicorn's start-up chatter is noise.
+    logging.getLogger("uvicorn.error").setLevel(max(root.level, logging.WARNING))
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 
 
