@@ -30,3 +30,37 @@ def server_keys_negative(server_name: str) -> str:
     request.
     """
     return f"{PREFIX}server_keys_negative:{server_name}"
+
+
+def verdict(event_id: str) -> str:
+    """``warden:verdict:<event_id>``: a given verdict as JSON (``Verdict.to_json``).
+
+    Written by the worker after the verdict is durable in PostgreSQL; read by gateways
+    before they ask NATS. Expires after a day (PostgreSQL keeps it for good).
+    """
+    return f"{PREFIX}verdict:{event_id}"
+
+
+def evaluation_claim(event_id: str) -> str:
+    """``warden:claim:<event_id>``: held (SET NX with a TTL) by the one worker evaluating
+    the event; others wait for ``verdict(event_id)`` instead of evaluating again."""
+    return f"{PREFIX}claim:{event_id}"
+
+
+def hellban(community_id: str, user_id: str) -> str:
+    """``warden:hellban:<community>:<user>``: present while the user is hellbanned in the
+    community. Set with NX and a TTL of the configured minutes, so a repeat offence while
+    banned does not extend it."""
+    return f"{PREFIX}hellban:{community_id}:{user_id}"
+
+
+def frequency(filter_name: str, community_id: str, user_id: str) -> str:
+    """``warden:freq:<filter>:<community>:<user>``: a sorted set of event IDs scored by
+    time (ms) for a sliding-window rate; adding the same event ID twice counts once."""
+    return f"{PREFIX}freq:{filter_name}:{community_id}:{user_id}"
+
+
+def rate_limit(origin: str, window: int) -> str:
+    """``warden:rl:<origin>:<window>``: requests from one origin server in one window of
+    the per-origin rate limit, shared by every gateway replica."""
+    return f"{PREFIX}rl:{origin}:{window}"

@@ -1,0 +1,49 @@
+"""Every NATS subject, queue group, stream and consumer name Warden uses.
+
+Declared once here; services import these names and never spell a subject themselves.
+
+Evaluation (core NATS request/reply)
+    ``EVALUATE_SUBJECT`` — the gateway asks for a verdict on one event. Served by the
+    filter workers in queue group ``FILTER_WORKERS_QUEUE`` (each request reaches one
+    worker). Body: the PDU as received (JSON bytes). Headers: ``HEADER_*`` below plus
+    W3C ``traceparent``/``tracestate``. Reply: a verdict (``warden.policy.verdict``) as
+    JSON, or ``{"error": "..."}`` when the worker could not judge.
+
+Verdicts (JetStream)
+    Stream ``VERDICTS_STREAM`` holds subjects ``warden.verdict.<class>`` (neutral,
+    allowed, prohibited): one message per first-time verdict, with ``Nats-Msg-Id`` set
+    to the event ID so JetStream drops duplicates. The moderator's and the webhooks'
+    durable consumers read it.
+
+Configuration (core NATS)
+    ``CONFIG_CHANGED_SUBJECT`` — published by the admin API after a community's config
+    or a room's community changes; every worker drops its cached copy. Body:
+    ``{"community_id": ...}`` or ``{"room_id": ...}``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+EVALUATE_SUBJECT: Final = "warden.evaluate.v1"
+FILTER_WORKERS_QUEUE: Final = "warden-filter-workers"
+
+VERDICTS_STREAM: Final = "WARDEN_VERDICTS"
+VERDICT_SUBJECT_PREFIX: Final = "warden.verdict."
+VERDICT_SUBJECTS: Final = VERDICT_SUBJECT_PREFIX + "*"
+MODERATOR_CONSUMER: Final = "warden-moderator"
+WEBHOOKS_CONSUMER: Final = "warden-webhooks"
+
+CONFIG_CHANGED_SUBJECT: Final = "warden.config.changed"
+
+# Headers on evaluation requests.
+HEADER_ROOM_VERSION: Final = "Warden-Room-Version"
+HEADER_COMMUNITY: Final = "Warden-Community"
+HEADER_ORIGIN: Final = "Warden-Origin"  # the server that asked (X-Matrix origin)
+HEADER_EVENT_ID: Final = "Warden-Event-Id"  # computed by the gateway
+HEADER_SOURCE: Final = "Warden-Source"  # "sign", "check" or "send"
+
+
+def verdict_subject(content_class: str) -> str:
+    """The JetStream subject for a verdict of ``content_class``."""
+    return VERDICT_SUBJECT_PREFIX + content_class

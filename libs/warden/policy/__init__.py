@@ -1,0 +1,1 @@
+"""The policy model: verdicts, content classes, harm IDs, community configuration."""

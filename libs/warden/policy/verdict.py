@@ -1,0 +1,151 @@
+"""A verdict: the class of an event's content, its harm IDs, and each filter's outcome.
+
+Classes are ordered: neutral < allowed < prohibited. Any harm makes an outcome
+prohibited; a prohibited outcome without harms gets ``org.matrix.msc4456.other``.
+The JSON form (``to_json``/``from_json``) is what workers reply over NATS, what Redis
+caches and what JetStream carries.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from warden.policy.harms import OTHER
+
+
+class ContentClass(enum.IntEnum):
+    """The ordered content classes; the max over filters wins."""
+
+    NEUTRAL = 0
+    ALLOWED = 1
+    PROHIBITED = 2
+
+    @property
+    def label(self) -> str:
+        """``neutral``, ``allowed`` or ``prohibited``."""
+        return self.name.lower()
+
+    @classmethod
+    def from_label(cls, label: str) -> ContentClass:
+        """Parse a label; raises ``ValueError`` for anything else."""
+        try:
+            return cls[label.upper()]
+        except KeyError:
+            raise ValueError(f"unknown content class {label!r}") from None
+
+
+def normalise(
+    content_class: ContentClass, harms: list[str] | tuple[str, ...]
+) -> tuple[ContentClass, tuple[str, ...]]:
+    """Apply the model's rules: harms force prohibited; prohibited needs a harm."""
+    unique = tuple(sorted(set(harms)))
+    if unique:
+        return ContentClass.PROHIBITED, unique
+    if content_class is ContentClass.PROHIBITED:
+        return content_class, (OTHER,)
+    return content_class, ()
+
+
+@dataclass(frozen=True)
+class FilterOutcome:
+    """What one filter said about one event."""
+
+    name: str
+    content_class: ContentClass
+    harms: tuple[str, ...] = ()
+    error: str | None = None  # set when the filter failed or timed out
+    duration_ms: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        d: dict[str, Any] = {
+            "name": self.name,
+            "class": self.content_class.label,
+            "harms": list(self.harms),
+            "duration_ms": round(self.duration_ms, 3),
+        }
+        if self.error is not None:
+            d["error"] = self.error
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FilterOutcome:
+        """Inverse of ``to_dict``."""
+        return cls(
+            name=str(d["name"]),
+            content_class=ContentClass.from_label(d["class"]),
+            harms=tuple(d.get("harms", ())),
+            error=d.get("error"),
+            duration_ms=float(d.get("duration_ms", 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The one verdict for an event ID; it never changes once given."""
+
+    event_id: str
+    content_class: ContentClass
+    harms: tuple[str, ...] = ()
+    filters: tuple[FilterOutcome, ...] = ()
+    room_id: str = ""
+    community_id: str = ""
+    sender: str = ""
+    event_type: str = ""
+    origin: str = ""  # the server whose request caused the first evaluation
+    reference_hash: str = ""  # unpadded base64 sha256 of the redacted event
+    first_seen_ts: int = 0  # ms
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prohibited(self) -> bool:
+        """True when the event must be refused."""
+        return self.content_class is ContentClass.PROHIBITED
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "event_id": self.event_id,
+            "class": self.content_class.label,
+            "harms": list(self.harms),
+            "filters": [f.to_dict() for f in self.filters],
+            "room_id": self.room_id,
+            "community_id": self.community_id,
+            "sender": self.sender,
+            "event_type": self.event_type,
+            "origin": self.origin,
+            "reference_hash": self.reference_hash,
+            "first_seen_ts": self.first_seen_ts,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    def to_json(self) -> bytes:
+        """Compact JSON bytes."""
+        return orjson.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Verdict:
+        """Inverse of ``to_dict``."""
+        return cls(
+            event_id=str(d["event_id"]),
+            content_class=ContentClass.from_label(d["class"]),
+            harms=tuple(d.get("harms", ())),
+            filters=tuple(FilterOutcome.from_dict(f) for f in d.get("filters", ())),
+            room_id=str(d.get("room_id", "")),
+            community_id=str(d.get("community_id", "")),
+            sender=str(d.get("sender", "")),
+            event_type=str(d.get("event_type", "")),
+            origin=str(d.get("origin", "")),
+            reference_hash=str(d.get("reference_hash", "")),
+            first_seen_ts=int(d.get("first_seen_ts", 0)),
+            extra=dict(d.get("extra", {})),
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Verdict:
+        """Parse ``to_json`` output."""
+        return cls.from_dict(orjson.loads(data))

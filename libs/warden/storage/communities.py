@@ -1,0 +1,76 @@
+"""The ``communities`` table."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import asyncpg
+import orjson
+
+from warden.storage.records import Community
+
+_COLUMNS = "id, name, config, can_self_join_rooms, api_access_token"
+
+
+def _community(row: asyncpg.Record) -> Community:
+    config = row["config"]
+    if isinstance(config, str):  # asyncpg returns jsonb as text without a codec
+        config = orjson.loads(config)
+    return Community(
+        community_id=row["id"],
+        name=row["name"],
+        config=config,
+        can_self_join_rooms=row["can_self_join_rooms"],
+        api_access_token=row["api_access_token"],
+    )
+
+
+def new_community_id() -> str:
+    """A random, unguessable ID (policyserv uses KSUIDs for the same reason)."""
+    return secrets.token_urlsafe(18)
+
+
+async def create_community(
+    pool: asyncpg.Pool, name: str, *, community_id: str | None = None
+) -> Community:
+    """Create a community with an empty config."""
+    row = await pool.fetchrow(
+        f"INSERT INTO communities (id, name) VALUES ($1, $2) RETURNING {_COLUMNS}",
+        community_id or new_community_id(),
+        name,
+    )
+    assert row is not None
+    return _community(row)
+
+
+async def get_community(pool: asyncpg.Pool, community_id: str) -> Community | None:
+    """The community, or None."""
+    row = await pool.fetchrow(f"SELECT {_COLUMNS} FROM communities WHERE id = $1", community_id)
+    return _community(row) if row else None
+
+
+async def update_community(
+    pool: asyncpg.Pool,
+    community_id: str,
+    *,
+    name: str | None = None,
+    config: dict[str, Any] | None = None,
+    can_self_join_rooms: bool | None = None,
+) -> Community | None:
+    """Change the given fields (None leaves a field as it is); None if unknown."""
+    row = await pool.fetchrow(
+        f"""
+        UPDATE communities SET
+            name = COALESCE($2, name),
+            config = COALESCE($3::jsonb, config),
+            can_self_join_rooms = COALESCE($4, can_self_join_rooms)
+        WHERE id = $1
+        RETURNING {_COLUMNS}
+        """,
+        community_id,
+        name,
+        orjson.dumps(config).decode() if config is not None else None,
+        can_self_join_rooms,
+    )
+    return _community(row) if row else None

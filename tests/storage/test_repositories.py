@@ -1,0 +1,82 @@
+"""The shared repositories against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+
+from warden.policy.harms import SPAM
+from warden.policy.verdict import ContentClass, FilterOutcome, Verdict
+from warden.storage import communities, displaynames, rooms, verdicts
+
+
+def make_verdict(event_id: str, cls: ContentClass, origin: str) -> Verdict:
+    harms = (SPAM,) if cls is ContentClass.PROHIBITED else ()
+    return Verdict(
+        event_id=event_id,
+        content_class=cls,
+        harms=harms,
+        filters=(FilterOutcome("keyword", cls, harms, duration_ms=0.5),),
+        room_id="!r:x",
+        community_id="default",
+        sender="@u:x",
+        event_type="m.room.message",
+        origin=origin,
+        reference_hash="abc",
+        first_seen_ts=1,
+    )
+
+
+async def test_first_writer_wins_even_when_racing(pg_pool: asyncpg.Pool) -> None:
+    eid = f"${uuid.uuid4().hex}"
+    attempts = [
+        make_verdict(eid, ContentClass.PROHIBITED if i % 2 else ContentClass.NEUTRAL, f"o{i}")
+        for i in range(8)
+    ]
+    results = await asyncio.gather(*(verdicts.insert_verdicts(pg_pool, [v]) for v in attempts))
+    winners = {r[eid].to_json() for r in results}
+    assert len(winners) == 1  # every writer reads back the same verdict
+    stored = await verdicts.get_verdict(pg_pool, eid)
+    assert stored is not None
+    assert stored.to_json() in winners
+    assert stored.filters[0].name == "keyword"
+    assert stored.harms == ((SPAM,) if stored.prohibited else ())
+
+
+async def test_batch_insert_returns_each_winner(pg_pool: asyncpg.Pool) -> None:
+    a, b = f"${uuid.uuid4().hex}", f"${uuid.uuid4().hex}"
+    await verdicts.insert_verdicts(pg_pool, [make_verdict(a, ContentClass.PROHIBITED, "first")])
+    won = await verdicts.insert_verdicts(
+        pg_pool,
+        [
+            make_verdict(a, ContentClass.NEUTRAL, "second"),
+            make_verdict(b, ContentClass.NEUTRAL, "x"),
+        ],
+    )
+    assert won[a].origin == "first"
+    assert won[a].prohibited
+    assert won[b].content_class is ContentClass.NEUTRAL
+
+
+async def test_rooms_and_communities(pg_pool: asyncpg.Pool) -> None:
+    assert (await communities.get_community(pg_pool, "default")) is not None
+    c = await communities.create_community(pg_pool, "Test community")
+    assert c.config == {}
+    updated = await communities.update_community(
+        pg_pool, c.community_id, config={"keyword_filter_keywords": ["x"]}
+    )
+    assert updated is not None
+    assert updated.config == {"keyword_filter_keywords": ["x"]}
+    assert updated.name == "Test community"
+    room_id = f"!{uuid.uuid4().hex}:x"
+    r = await rooms.put_room(pg_pool, room_id, "12", c.community_id)
+    assert (await rooms.get_room(pg_pool, room_id)) == r
+    moved = await rooms.put_room(pg_pool, room_id, "12", "default")
+    assert moved.community_id == "default"
+    assert (await rooms.set_moderator(pg_pool, room_id, "@mod:x")).moderator_user_id == "@mod:x"  # type: ignore[union-attr]
+    assert await rooms.delete_room(pg_pool, room_id)
+    assert await rooms.get_room(pg_pool, room_id) is None
+    await displaynames.replace_displaynames(pg_pool, room_id, {"@a:x": "Alice"})
+    assert await displaynames.get_displaynames(pg_pool, room_id) == {"@a:x": "Alice"}
