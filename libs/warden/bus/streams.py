@@ -1,0 +1,43 @@
+"""JetStream streams and durable consumers, created idempotently at service start."""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
+from nats.js.errors import NotFoundError
+
+from warden.bus.subjects import VERDICT_SUBJECTS, VERDICTS_STREAM
+
+# Duplicates (same Nats-Msg-Id = event ID) are dropped within this window.
+DUPLICATE_WINDOW_SECONDS = 120.0
+# Verdict messages are for the moderator and webhooks to act on soon; PostgreSQL keeps
+# the record. A week covers any realistic outage of those consumers.
+MAX_AGE_SECONDS = 7 * 24 * 3600.0
+
+
+async def ensure_verdicts_stream(js: JetStreamContext) -> None:
+    """Create the verdicts stream if missing, or update it to the current settings."""
+    config = StreamConfig(
+        name=VERDICTS_STREAM,
+        subjects=[VERDICT_SUBJECTS],
+        retention=RetentionPolicy.LIMITS,
+        max_age=MAX_AGE_SECONDS,
+        duplicate_window=DUPLICATE_WINDOW_SECONDS,
+    )
+    try:
+        await js.stream_info(VERDICTS_STREAM)
+    except NotFoundError:
+        await js.add_stream(config)
+        return
+    await js.update_stream(config)
+
+
+def durable_consumer_config(durable: str, filter_subject: str, ack_wait: float) -> ConsumerConfig:
+    """A pull consumer that starts at new messages and redelivers unacknowledged ones."""
+    return ConsumerConfig(
+        durable_name=durable,
+        filter_subject=filter_subject,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait,
+        max_deliver=-1,
+    )

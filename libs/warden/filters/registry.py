@@ -1,0 +1,1 @@
+"""The registry of filters. Importing it registers every filter and its config keys."""
