@@ -42,6 +42,9 @@ HEADER_COMMUNITY: Final = "Warden-Community"
 HEADER_ORIGIN: Final = "Warden-Origin"  # the server that asked (X-Matrix origin)
 HEADER_EVENT_ID: Final = "Warden-Event-Id"  # computed by the gateway
 HEADER_SOURCE: Final = "Warden-Source"  # "sign", "check" or "send"
+# Unpadded base64 sha256 of the redacted event: binds a verdict to the event's form, so
+# a reused event ID (room versions 1 and 2) cannot inherit another event's verdict.
+HEADER_REFERENCE_HASH: Final = "Warden-Reference-Hash"
 
 
 def verdict_subject(content_class: str) -> str:
