@@ -91,6 +91,59 @@ class Settings(BaseSettings):
     key_fetch_timeout_seconds: float = Field(default=10.0, gt=0)  # Warden
     key_negative_cache_seconds: int = Field(default=60, ge=0)  # Warden
     trusted_origins: CSV = Field(default_factory=lambda: ["matrix.org", "element.io"])
+    # The localpart of Warden's own user in protected rooms (policyserv's name/default).
+    join_localpart: str = "policyserv"
+
+    # --- Admin API (/api/v1) ---
+    # Bearer key of the admin API (policyserv's name and default); empty disables the API.
+    api_key: str = Field(default="", repr=False)
+
+    # --- Filters (Warden) ---
+    # Bound on one filter's run; past it the filter counts as failed (see each filter's
+    # <name>_fail_secure community key).
+    filter_timeout_seconds: float = Field(default=5.0, gt=0)
+
+    # --- Moderator (redactions through the Client-Server API) ---
+    # policyserv's format: "csapi-domain:token,..." (a bare domain means https://domain).
+    # Warden also accepts a full base URL before the last colon, e.g.
+    # "http://127.0.0.1:8008:syt_abc", for private deployments and tests.
+    moderator_access_tokens: CSV = Field(default_factory=list)
+    moderation_pool_size: int = Field(default=25, ge=1)  # messages handled at once
+    moderation_timeout_seconds: float = Field(default=30.0, gt=0)  # Warden
+    # Warden: tries per redaction on temporary failures (5xx, 429, timeouts) before it
+    # is recorded as failed; the delay doubles from the base, capped at five minutes.
+    moderation_max_attempts: int = Field(default=10, ge=1)
+    moderation_retry_base_seconds: float = Field(default=2.0, gt=0)
+
+    # --- Audit webhooks ---
+    # Hosts that webhooks may be sent to: each entry matches itself and its subdomains.
+    allowed_webhook_domains: CSV = Field(default_factory=lambda: ["element.ems.host"])
+    webhook_pool_size: int = Field(default=5, ge=1)  # messages handled at once
+    webhook_timeout_seconds: float = Field(default=30.0, gt=0)  # Warden
+    webhook_max_attempts: int = Field(default=6, ge=1)  # Warden, as moderation_max_attempts
+    webhook_retry_base_seconds: float = Field(default=2.0, gt=0)  # Warden
+    # Warden: extra CA bundle (PEM) trusted for webhook targets, on top of the system's.
+    webhook_ca_file: str | None = None
+
+    # --- Policy API: /sign, /check and the well-known documents ---
+    # Warden: largest /sign or /check body accepted; enforced while reading, whatever
+    # Content-Length says.
+    max_pdu_bytes: int = Field(default=65536, ge=1024)
+    # Warden: how long the gateway waits for a filter worker's verdict before answering
+    # 503 (the evaluation goes on; a retry finds the verdict in the caches).
+    verdict_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Warden: per-origin budget of policy API requests (/sign, /check) per fixed window,
+    # shared by every gateway replica through Redis; 0 turns the limit off.
+    sign_rate_limit_per_origin: int = Field(default=3000, ge=0)
+    sign_rate_limit_window_seconds: int = Field(default=10, ge=1, le=3600)
+    # Warden: "m.server" of /.well-known/matrix/server; empty means
+    # "<PS_HOMESERVER_NAME>:443", policyserv's fixed answer.
+    well_known_server: str = ""
+    # /.well-known/matrix/support (policyserv names): "@user:server" entries are Matrix
+    # IDs, other entries must be e-mail addresses.
+    support_admin_contacts: CSV = Field(default_factory=list)
+    support_security_contacts: CSV = Field(default_factory=list)
+    support_url: str = ""
 
     # --- Operations (Warden) ---
     log_level: str = "INFO"
@@ -158,6 +211,48 @@ class Settings(BaseSettings):
             raise ValueError("must be 'none' or 'console'")
         return value
 
+    @field_validator("moderator_access_tokens", "allowed_webhook_domains", mode="before")
+    @classmethod
+    def _delivery_csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("moderator_access_tokens")
+    @classmethod
+    def _moderator_tokens(cls, value: list[str]) -> list[str]:
+        parse_moderator_tokens(value)
+        return value
+
+    @field_validator("allowed_webhook_domains")
+    @classmethod
+    def _webhook_domains(cls, value: list[str]) -> list[str]:
+        return [d.lower().rstrip(".") for d in value]
+
+    @field_validator("webhook_ca_file")
+    @classmethod
+    def _webhook_ca_file(cls, value: str | None) -> str | None:
+        return _load_ca_file(value)
+
+    @field_validator("support_admin_contacts", "support_security_contacts", mode="before")
+    @classmethod
+    def _support_csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("support_admin_contacts", "support_security_contacts")
+    @classmethod
+    def _support_contacts(cls, value: list[str]) -> list[str]:
+        for contact in value:
+            support_contact(contact)
+        return value
+
+    @field_validator("well_known_server")
+    @classmethod
+    def _well_known_server(cls, value: str) -> str:
+        from warden.federation.xmatrix import is_valid_server_name
+
+        if value and not is_valid_server_name(value):
+            raise ValueError(f"{value!r} is not a server name (host or host:port)")
+        return value
+
     @property
     def server_name(self) -> ServerName:
         """Our own server name, typed."""
@@ -167,6 +262,70 @@ class Settings(BaseSettings):
     def notary(self) -> NotaryServer | None:
         """The pinned notary, or None when ``PS_KEY_QUERY_SERVER`` is empty."""
         return _parse_notary(self.key_query_server)
+
+
+@dataclass(frozen=True)
+class ModeratorToken:
+    """One ``PS_MODERATOR_ACCESS_TOKENS`` entry: a client API base URL and its token."""
+
+    base_url: str  # scheme://host[:port][/prefix], no trailing slash
+    access_token: str
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"ModeratorToken(base_url={self.base_url!r}, access_token=<hidden>)"
+
+
+def parse_moderator_tokens(entries: list[str]) -> list[ModeratorToken]:
+    """Parse ``PS_MODERATOR_ACCESS_TOKENS`` entries (``domain:token`` or ``url:token``).
+
+    The token follows the last colon. Errors name the entry by position, never its
+    token.
+    """
+    from urllib.parse import urlsplit
+
+    tokens: list[ModeratorToken] = []
+    for position, entry in enumerate(entries, start=1):
+        base, sep, token = entry.strip().rpartition(":")
+        if not sep or not base or not token or any(c.isspace() for c in token):
+            raise ValueError(f"entry {position} is not 'domain:token' or 'https://host:token'")
+        if "://" not in base:
+            base = "https://" + base
+        parts = urlsplit(base)
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ValueError(f"entry {position} has an invalid port") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+            raise ValueError(f"entry {position} does not name an http(s) client API host")
+        tokens.append(ModeratorToken(base.rstrip("/"), token))
+    return tokens
+
+
+def _load_ca_file(value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=value)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load CA bundle {value!r}: {exc}") from None
+    return value
+
+
+def support_contact(contact: str) -> dict[str, str]:
+    """One ``PS_SUPPORT_*_CONTACTS`` entry as a support-document contact (without role).
+
+    As in policyserv: an entry starting with ``@`` is a Matrix user ID, any other entry
+    must be an e-mail address. Raises ``ValueError`` for anything else.
+    """
+    if contact.startswith("@"):
+        _, sep, server = contact.partition(":")
+        if not sep or not server or len(contact) < 4:
+            raise ValueError(f"{contact!r} is not a Matrix user ID '@user:server'")
+        return {"matrix_id": contact}
+    local, sep, domain = contact.rpartition("@")
+    if not sep or not local or not domain:
+        raise ValueError(f"{contact!r} is neither a Matrix user ID nor an e-mail address")
+    return {"email_address": contact}
 
 
 def parse_bind(value: str) -> tuple[str, int]:

@@ -1,1 +1,52 @@
-"""The registry of filters. Importing it registers every filter and its config keys."""
+"""The registry of filters. Importing it registers every filter and its config keys.
+
+``FILTERS`` lists the filter classes in pipeline order (by group, then as listed); the
+order within a group does not change results because a group's filters run
+concurrently and combine by maximum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from warden.filters.base import Filter, Group
+from warden.filters.density import DensityFilter
+from warden.filters.event_type_prefilter import EventTypePrefilter
+from warden.filters.frequency import FrequencyFilter
+from warden.filters.hellban_postfilter import HellbanPostfilter
+from warden.filters.hellban_prefilter import HellbanPrefilter
+from warden.filters.keyword import KeywordFilter
+from warden.filters.length import LengthFilter
+from warden.filters.many_ats import ManyAtsFilter
+from warden.filters.media import MediaFilter
+from warden.filters.mentions import MentionsFilter
+from warden.filters.protect_own_user import ProtectOwnUser
+from warden.filters.sender_prefilter import SenderPrefilter
+from warden.filters.trim_length import TrimLengthFilter
+
+_ALL: tuple[type[Filter], ...] = (
+    ProtectOwnUser,
+    EventTypePrefilter,
+    SenderPrefilter,
+    HellbanPrefilter,
+    KeywordFilter,
+    MentionsFilter,
+    ManyAtsFilter,
+    LengthFilter,
+    TrimLengthFilter,
+    DensityFilter,
+    MediaFilter,
+    FrequencyFilter,
+    HellbanPostfilter,
+)
+
+FILTERS: tuple[type[Filter], ...] = tuple(sorted(_ALL, key=lambda f: int(f.group)))
+
+BY_NAME: Mapping[str, type[Filter]] = {f.name: f for f in FILTERS}
+if len(BY_NAME) != len(FILTERS):
+    raise RuntimeError("two filters share a name")
+
+
+def filters_in_group(group: Group) -> tuple[type[Filter], ...]:
+    """The registered filters of one group, in order."""
+    return tuple(f for f in FILTERS if f.group is group)

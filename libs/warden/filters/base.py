@@ -1,0 +1,229 @@
+"""The filter plugin API: what a filter declares, what it sees, and what it returns.
+
+A filter is a subclass of ``Filter`` in a module of its own under ``warden.filters``,
+listed in ``warden.filters.registry``. Next to its code it declares:
+
+* ``name`` — short and stable: it labels metrics, names the filter in verdicts and
+  gives the community key ``<name>_fail_secure`` (declared automatically, see
+  ``declare_fail_secure``);
+* ``group`` — where it runs in the pipeline (``Group``);
+* ``harm_ids`` — every harm ID it can emit;
+* its configuration keys (``warden.policy.config.declare``);
+* ``enabled(config)`` — whether the community's configuration turns it on;
+* ``async check(ctx) -> FilterResult``.
+
+Filters are stateless: one instance serves every event and community. Shared state
+(hellbans, rate windows) lives in Redis so every worker sees the same thing.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, ClassVar
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+
+from warden.matrix.canonical_json import encode_canonical_json
+from warden.policy.config import ConfigKey, EffectiveConfig, declare
+from warden.policy.verdict import ContentClass, FilterOutcome
+from warden.storage.displaynames import get_displaynames
+
+FAIL_SECURE_SUFFIX = "_fail_secure"
+
+
+class Group(enum.IntEnum):
+    """Pipeline groups, run in this order (policyserv's set groups)."""
+
+    PREFILTER = 0  # always runs
+    HELLBAN_PREFILTER = 1  # runs while the class is neutral
+    MAIN = 2  # runs while the class is neutral
+    POSTFILTER = 3  # runs when the class is prohibited
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    """One filter's judgement: a class and the harm IDs behind it."""
+
+    content_class: ContentClass = ContentClass.NEUTRAL
+    harms: tuple[str, ...] = ()
+
+    @classmethod
+    def neutral(cls) -> FilterResult:
+        """No opinion."""
+        return _NEUTRAL
+
+    @classmethod
+    def allowed(cls) -> FilterResult:
+        """Explicitly fine: skips the later groups (prefilters only)."""
+        return _ALLOWED
+
+    @classmethod
+    def prohibited(cls, *harms: str) -> FilterResult:
+        """Refuse, for these harms (``other`` is added by normalisation when none)."""
+        return cls(ContentClass.PROHIBITED, tuple(harms))
+
+
+_NEUTRAL = FilterResult()
+_ALLOWED = FilterResult(ContentClass.ALLOWED)
+
+
+class DisplaynameCache:
+    """Learned display names per room, cached briefly in process.
+
+    The mentions filter needs them for every message; they change only when state is
+    learned again, so a few seconds of staleness is harmless and saves a query per event.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, ttl_seconds: float = 10.0) -> None:
+        self._pool = pool
+        self._ttl = ttl_seconds
+        self._entries: dict[str, tuple[float, dict[str, str]]] = {}
+
+    async def get(self, room_id: str) -> dict[str, str]:
+        """user ID → display name for the room's learned joined members."""
+        now = time.monotonic()
+        hit = self._entries.get(room_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        names = await get_displaynames(self._pool, room_id)
+        if len(self._entries) > 10_000:  # bound memory; entries are cheap to reload
+            self._entries.clear()
+        self._entries[room_id] = (now + self._ttl, names)
+        return names
+
+
+@dataclass
+class FilterDeps:
+    """What filters may use besides the event: shared stores and our identity."""
+
+    redis: aioredis.Redis
+    pool: asyncpg.Pool
+    local_user_id: str  # @<PS_JOIN_LOCALPART>:<PS_HOMESERVER_NAME>
+    displaynames: DisplaynameCache = field(init=False)
+    displayname_ttl_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        self.displaynames = DisplaynameCache(self.pool, self.displayname_ttl_seconds)
+
+
+@dataclass
+class FilterContext:
+    """One event under evaluation, as every filter sees it."""
+
+    event: dict[str, Any]  # the PDU as received (validated by the gateway)
+    event_id: str
+    room_id: str
+    community_id: str
+    config: EffectiveConfig
+    deps: FilterDeps
+    room_version: str = ""
+    now_ms: int = 0
+    # Outcomes of the groups that already ran (the postfilter looks at them).
+    earlier: list[FilterOutcome] = field(default_factory=list)
+
+    @property
+    def event_type(self) -> str:
+        """The event's ``type`` ("" if absent or not a string)."""
+        t = self.event.get("type")
+        return t if isinstance(t, str) else ""
+
+    @property
+    def sender(self) -> str:
+        """The event's ``sender`` ("" if absent or not a string)."""
+        s = self.event.get("sender")
+        return s if isinstance(s, str) else ""
+
+    @property
+    def is_state(self) -> bool:
+        """True when the event has a ``state_key`` (even an empty one)."""
+        return self.event.get("state_key") is not None
+
+    @property
+    def content(self) -> dict[str, Any]:
+        """The event's ``content`` object ({} when missing or not an object)."""
+        c = self.event.get("content")
+        return c if isinstance(c, dict) else {}
+
+    @cached_property
+    def content_json(self) -> str:
+        """``content`` as canonical JSON text: what keyword and ``@`` counts search.
+
+        Canonical, not the bytes as received, so every worker sees the same text whatever
+        whitespace or escaping the sending server used.
+        """
+        return _canonical_text(self.content)
+
+    @cached_property
+    def event_json(self) -> str:
+        """The whole event as canonical JSON text."""
+        return _canonical_text(self.event)
+
+    def string_field(self, key: str) -> str:
+        """A string field of ``content`` ("" when absent or not a string)."""
+        value = self.content.get(key)
+        return value if isinstance(value, str) else ""
+
+
+def _canonical_text(value: Any) -> str:
+    try:
+        return encode_canonical_json(value).decode("utf-8")
+    except ValueError:
+        # Not representable canonically (the gateway validates PDUs, so only direct
+        # callers reach this); fall back to plain JSON rather than failing the filter.
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode("utf-8")
+
+
+def fail_secure_key_name(filter_name: str) -> str:
+    """``<name>_fail_secure``."""
+    return filter_name + FAIL_SECURE_SUFFIX
+
+
+def declare_fail_secure(filter_name: str) -> ConfigKey:
+    """Declare the filter's ``<name>_fail_secure`` community key (default true)."""
+    key = ConfigKey(
+        fail_secure_key_name(filter_name),
+        "bool",
+        True,
+        f"When the {filter_name} filter fails or times out: true counts the event as "
+        "prohibited (harm org.matrix.msc4456.other); false counts it as neutral.",
+    )
+    declare(key)
+    return key
+
+
+class Filter(abc.ABC):
+    """Base class of every filter. Subclasses set the class attributes below."""
+
+    name: ClassVar[str]
+    group: ClassVar[Group] = Group.MAIN
+    harm_ids: ClassVar[tuple[str, ...]] = ()
+    fail_secure_key: ClassVar[ConfigKey]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Every concrete filter gets its fail-secure switch, declared with its own keys.
+        if "name" in cls.__dict__:
+            cls.fail_secure_key = declare_fail_secure(cls.name)
+
+    @classmethod
+    def enabled(cls, config: EffectiveConfig) -> bool:
+        """Whether the community's configuration turns this filter on."""
+        return True
+
+    @classmethod
+    def fail_secure(cls, config: EffectiveConfig) -> bool:
+        """Whether a failure of this filter counts as prohibited for this community."""
+        key = cls.fail_secure_key
+        # A filter declared after the instance defaults were read (tests) has no layered
+        # value yet; its code default applies.
+        return bool(config.get(key.name, key.default))
+
+    @abc.abstractmethod
+    async def check(self, ctx: FilterContext) -> FilterResult:
+        """Judge one event."""

@@ -1,0 +1,55 @@
+"""Hellban postfilter: a prohibited event puts its sender in a community-wide timeout.
+
+Runs only when the verdict so far is prohibited. It sets
+``redis_keys.hellban(community, sender)`` with NX and a TTL of
+``hellban_postfilter_minutes``, so every worker sees the ban at once, a restarted worker
+does not forget it, and a repeat offence while banned does not extend it (policyserv's
+rule: the ban cannot become permanent through retries).
+
+Unlike policyserv this filter records no harm of its own: the event is already
+prohibited for the reasons the other filters gave, and adding ``spam.flooding`` to a
+keyword hit would misreport why. A verdict that is prohibited only because filters
+*failed* (fail-secure) does not hellban anyone: an outage is not the sender's doing.
+"""
+
+from __future__ import annotations
+
+from warden import redis_keys
+from warden.filters.base import Filter, FilterContext, FilterResult, Group
+from warden.policy.config import ConfigKey, EffectiveConfig, declare
+from warden.policy.verdict import ContentClass
+
+(HELLBAN_MINUTES,) = declare(
+    ConfigKey(
+        "hellban_postfilter_minutes",
+        "int",
+        60,
+        "After a refused event, refuse everything else the sender sends in the community "
+        "for this many minutes (not extended by further events). Zero or negative disables.",
+    ),
+)
+
+
+class HellbanPostfilter(Filter):
+    """Starts a hellban for the sender of a prohibited event."""
+
+    name = "hellban_postfilter"
+    group = Group.POSTFILTER
+    harm_ids = ()
+
+    @classmethod
+    def enabled(cls, config: EffectiveConfig) -> bool:
+        """On while the duration is positive."""
+        return config.get_int(HELLBAN_MINUTES.name) > 0
+
+    async def check(self, ctx: FilterContext) -> FilterResult:
+        """Set the ban (NX: never extended) when a filter really prohibited the event."""
+        judged = any(
+            o.content_class is ContentClass.PROHIBITED and o.error is None for o in ctx.earlier
+        )
+        if judged and ctx.sender:
+            minutes = ctx.config.get_int(HELLBAN_MINUTES.name)
+            await ctx.deps.redis.set(
+                redis_keys.hellban(ctx.community_id, ctx.sender), b"1", nx=True, ex=minutes * 60
+            )
+        return FilterResult.neutral()

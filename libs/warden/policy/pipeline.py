@@ -1,0 +1,191 @@
+"""The decision pipeline: run a community's filters over one event and give a verdict.
+
+policyserv's group model (reference §3.1-3.2):
+
+====  ======================  ==========================
+group  runs when the class is  filters
+====  ======================  ==========================
+0     any                     prefilters (allow lists, protecting our user)
+1     neutral                 hellban prefilter
+2     neutral                 content filters
+3     prohibited              hellban postfilter
+====  ======================  ==========================
+
+Filters of a group run concurrently; the group's class is the maximum of its members
+and its harms their union, so a prohibiting prefilter beats an allowing one. The final
+class is the maximum over groups, normalised (harms force prohibited; prohibited needs a
+harm). An event whose sender is not a user ID is prohibited before any group runs.
+
+A filter that raises or exceeds the timeout never fails the evaluation: its outcome
+records the error, and counts as prohibited (``org.matrix.msc4456.other``) when the
+filter's ``<name>_fail_secure`` key is true (the default) or neutral when false. So one
+faulty filter costs one judgement, not the whole community's traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from warden.filters.base import Filter, FilterContext, FilterDeps, FilterResult, Group
+from warden.policy.config import EffectiveConfig
+from warden.policy.harms import OTHER, SPAM, SPEC_NON_COMPLIANCE
+from warden.policy.verdict import ContentClass, FilterOutcome, Verdict, normalise
+from warden.telemetry.tracing import tracer
+
+logger = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+
+SENDER_CHECK = "sender_id"  # the outcome name of the built-in sender check
+
+# Which running classes let each group run.
+_RUNS_WHEN: dict[Group, frozenset[ContentClass]] = {
+    Group.PREFILTER: frozenset(ContentClass),
+    Group.HELLBAN_PREFILTER: frozenset({ContentClass.NEUTRAL}),
+    Group.MAIN: frozenset({ContentClass.NEUTRAL}),
+    Group.POSTFILTER: frozenset({ContentClass.PROHIBITED}),
+}
+
+OutcomeHook = Callable[[FilterOutcome], None]
+
+
+def is_user_id(value: object) -> bool:
+    """A plausible user ID: ``@localpart:server`` (the gateway validated the rest)."""
+    if not isinstance(value, str) or not value.startswith("@"):
+        return False
+    localpart, sep, server = value[1:].partition(":")
+    return bool(sep and localpart and server)
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds."""
+    return int(time.time() * 1000)
+
+
+class Pipeline:
+    """Runs filters over events. One per process; safe for concurrent use."""
+
+    def __init__(
+        self,
+        deps: FilterDeps,
+        *,
+        timeout_seconds: float,
+        filters: Iterable[type[Filter]] | None = None,
+        on_outcome: OutcomeHook | None = None,
+    ) -> None:
+        if filters is None:
+            from warden.filters.registry import FILTERS
+
+            filters = FILTERS
+        self.deps = deps
+        self.timeout_seconds = timeout_seconds
+        self._on_outcome = on_outcome
+        instances = [cls() for cls in filters]
+        self._groups: list[tuple[Group, list[Filter]]] = [
+            (g, [f for f in instances if f.group is g]) for g in Group
+        ]
+
+    async def evaluate(
+        self,
+        event: dict[str, Any],
+        *,
+        event_id: str,
+        community_id: str,
+        config: EffectiveConfig,
+        room_version: str = "",
+        origin: str = "",
+        reference_hash: str = "",
+        first_seen_ts: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Verdict:
+        """Judge one event for a community with its effective configuration."""
+        seen = now_ms() if first_seen_ts is None else first_seen_ts
+        room_id = event.get("room_id")
+        ctx = FilterContext(
+            event=event,
+            event_id=event_id,
+            room_id=room_id if isinstance(room_id, str) else "",
+            community_id=community_id,
+            config=config,
+            deps=self.deps,
+            room_version=room_version,
+            now_ms=seen,
+        )
+        with _tracer.start_as_current_span("pipeline.evaluate"):
+            content_class, harms, outcomes = await self._run(ctx)
+        content_class, normal_harms = normalise(content_class, harms)
+        return Verdict(
+            event_id=event_id,
+            content_class=content_class,
+            harms=normal_harms,
+            filters=tuple(outcomes),
+            room_id=ctx.room_id,
+            community_id=community_id,
+            sender=ctx.sender,
+            event_type=ctx.event_type,
+            origin=origin,
+            reference_hash=reference_hash,
+            first_seen_ts=seen,
+            extra=dict(extra or {}),
+        )
+
+    async def _run(self, ctx: FilterContext) -> tuple[ContentClass, list[str], list[FilterOutcome]]:
+        if not is_user_id(ctx.event.get("sender")):
+            # policyserv's rule: a sender that is not a user ID is refused outright.
+            outcome = FilterOutcome(
+                SENDER_CHECK, ContentClass.PROHIBITED, (SPAM, SPEC_NON_COMPLIANCE)
+            )
+            return outcome.content_class, list(outcome.harms), [outcome]
+
+        content_class = ContentClass.NEUTRAL
+        harms: list[str] = []
+        outcomes: list[FilterOutcome] = []
+        for group, members in self._groups:
+            if content_class not in _RUNS_WHEN[group]:
+                continue
+            active = [f for f in members if f.enabled(ctx.config)]
+            if not active:
+                continue
+            ctx.earlier = list(outcomes)
+            results = await asyncio.gather(*(self._run_one(f, ctx) for f in active))
+            for outcome in results:
+                outcomes.append(outcome)
+                content_class = max(content_class, outcome.content_class)
+                harms.extend(outcome.harms)
+        return content_class, harms, outcomes
+
+    async def _run_one(self, flt: Filter, ctx: FilterContext) -> FilterOutcome:
+        start = time.perf_counter()
+        error: str | None = None
+        try:
+            result = await asyncio.wait_for(flt.check(ctx), self.timeout_seconds)
+        except Exception as exc:  # a filter must never take the worker down
+            if (
+                isinstance(exc, TimeoutError)
+                and time.perf_counter() - start >= self.timeout_seconds
+            ):
+                error = f"timed out after {self.timeout_seconds:g}s"
+            else:
+                error = f"{type(exc).__name__}: {exc}"[:500]
+            logger.warning(
+                "filter failed",
+                extra={"filter": flt.name, "event_id": ctx.event_id, "error": error},
+            )
+        if error is not None:
+            result = (
+                FilterResult.prohibited(OTHER)
+                if flt.fail_secure(ctx.config)
+                else FilterResult.neutral()
+            )
+        duration_ms = (time.perf_counter() - start) * 1000
+        content_class, harms = normalise(result.content_class, result.harms)
+        outcome = FilterOutcome(flt.name, content_class, harms, error, duration_ms)
+        if self._on_outcome is not None:
+            try:
+                self._on_outcome(outcome)
+            except Exception:  # metrics must not change a verdict
+                logger.exception("outcome hook failed")
+        return outcome

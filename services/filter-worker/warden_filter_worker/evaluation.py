@@ -1,0 +1,340 @@
+"""Answering evaluation requests: one verdict per event ID, forever, across all workers.
+
+For each request (core NATS request/reply on ``EVALUATE_SUBJECT``, queue group
+``FILTER_WORKERS_QUEUE``):
+
+1. Redis ``verdict(event_id)`` holds the verdict → reply it.
+2. PostgreSQL holds it → cache it in Redis, reply it.
+3. Otherwise claim ``evaluation_claim(event_id)`` (SET NX PX). If another worker holds
+   the claim, wait for its verdict to appear (Redis polled with backoff, PostgreSQL now
+   and then), taking the claim over if it lapses (its holder died), up to a bound; then
+   reply an error (the gateway answers 503 and the homeserver retries).
+4. The claimer runs the pipeline, commits the verdict through the group-commit writer
+   (first writer wins), caches the winner in Redis, publishes a first-time verdict to
+   JetStream, releases the claim and replies.
+
+Nothing is replied before it is committed in PostgreSQL, and Redis only ever holds
+committed verdicts. The work runs in its own task, so it completes even when the
+requester has given up waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from opentelemetry.trace import SpanKind
+
+from warden import redis_keys
+from warden.bus.subjects import (
+    EVALUATE_SUBJECT,
+    FILTER_WORKERS_QUEUE,
+    HEADER_COMMUNITY,
+    HEADER_EVENT_ID,
+    HEADER_ORIGIN,
+    HEADER_REFERENCE_HASH,
+    HEADER_ROOM_VERSION,
+    HEADER_SOURCE,
+)
+from warden.policy.pipeline import Pipeline
+from warden.policy.verdict import Verdict
+from warden.storage.verdicts import get_verdict
+from warden.telemetry.tracing import extract_context, tracer
+from warden_filter_worker import metrics
+from warden_filter_worker.community_config import CommunityConfigCache, UnknownCommunity
+from warden_filter_worker.group_commit import GroupCommitWriter
+from warden_filter_worker.publisher import VerdictPublisher
+
+logger = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+
+VERDICT_CACHE_SECONDS = 24 * 3600
+BODY_EXCERPT_CHARS = 500
+# Poll the database every this many Redis polls while waiting on another worker (in case
+# Redis lost the cached verdict).
+_DB_POLL_EVERY = 8
+
+_RELEASE_CLAIM = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+class BadRequest(ValueError):
+    """The evaluation request cannot be judged as sent."""
+
+
+class WaitTimeout(RuntimeError):
+    """Another worker's evaluation did not finish within the wait bound."""
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    """An evaluation request, parsed."""
+
+    event: dict[str, Any]
+    event_id: str
+    community_id: str
+    room_version: str = ""
+    origin: str = ""
+    source: str = ""
+    reference_hash: str = ""
+
+
+def parse_request(data: bytes, headers: Mapping[str, str] | None) -> EvaluationRequest:
+    """Parse a request's body (the PDU) and headers; raises ``BadRequest``."""
+    h = headers or {}
+    event_id = h.get(HEADER_EVENT_ID, "")
+    community_id = h.get(HEADER_COMMUNITY, "")
+    if not event_id:
+        raise BadRequest(f"missing header {HEADER_EVENT_ID}")
+    if not community_id:
+        raise BadRequest(f"missing header {HEADER_COMMUNITY}")
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not JSON: {exc}") from None
+    if not isinstance(event, dict):
+        raise BadRequest("body must be a JSON object (the PDU)")
+    return EvaluationRequest(
+        event=event,
+        event_id=event_id,
+        community_id=community_id,
+        room_version=h.get(HEADER_ROOM_VERSION, ""),
+        origin=h.get(HEADER_ORIGIN, ""),
+        source=h.get(HEADER_SOURCE, ""),
+        reference_hash=h.get(HEADER_REFERENCE_HASH, ""),
+    )
+
+
+def error_reply(message: str) -> bytes:
+    """The reply body when no verdict can be given."""
+    return orjson.dumps({"error": message})
+
+
+def _same_verdict(stored: Verdict, ours: Verdict) -> bool:
+    # The table keeps no ``extra``; everything else round-trips exactly.
+    a, b = stored.to_dict(), ours.to_dict()
+    a.pop("extra", None)
+    b.pop("extra", None)
+    return a == b
+
+
+class EvaluationService:
+    """Serves evaluation requests for one worker process."""
+
+    def __init__(
+        self,
+        *,
+        redis: aioredis.Redis,
+        pool: asyncpg.Pool,
+        pipeline: Pipeline,
+        configs: CommunityConfigCache,
+        writer: GroupCommitWriter,
+        publisher: VerdictPublisher,
+        claim_ttl_seconds: float,
+        wait_seconds: float,
+        max_in_flight: int = 512,
+    ) -> None:
+        self._redis = redis
+        self._pool = pool
+        self._pipeline = pipeline
+        self._configs = configs
+        self._writer = writer
+        self._publisher = publisher
+        self._claim_ttl_ms = int(claim_ttl_seconds * 1000)
+        self._wait_seconds = wait_seconds
+        self._release_claim = redis.register_script(_RELEASE_CLAIM)
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subscription: Subscription | None = None
+
+    # --- NATS wiring ---
+
+    async def start(self, nc: NATS) -> None:
+        """Join the workers' queue group."""
+
+        async def on_message(msg: Msg) -> None:
+            # Hand each request to its own task so requests run concurrently; the slots
+            # bound the work in flight (NATS buffers the rest).
+            await self._slots.acquire()
+            task = asyncio.create_task(self._handle(msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
+
+        self._subscription = await nc.subscribe(
+            EVALUATE_SUBJECT, queue=FILTER_WORKERS_QUEUE, cb=on_message
+        )
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def stop(self) -> None:
+        """Stop taking requests, finish those in flight, flush writes and publishes."""
+        if self._subscription is not None:
+            try:
+                await self._subscription.drain()  # type: ignore[no-untyped-call]
+            except Exception as exc:  # closing anyway; the rest must still run
+                logger.warning("draining the subscription failed", extra={"error": str(exc)})
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._writer.close()
+        await self._publisher.close()
+
+    async def _handle(self, msg: Msg) -> None:
+        start = time.perf_counter()
+        outcome = metrics.OUTCOME_ERROR
+        try:
+            parent = extract_context(msg.headers)
+            with _tracer.start_as_current_span(
+                "filter-worker.evaluate", context=parent, kind=SpanKind.SERVER
+            ) as span:
+                try:
+                    request = parse_request(msg.data, msg.headers)
+                except BadRequest as exc:
+                    reply = error_reply(str(exc))
+                else:
+                    span.set_attribute("warden.event_id", request.event_id)
+                    reply, outcome = await self.answer(request)
+                span.set_attribute("warden.outcome", outcome)
+            if msg.reply:
+                await msg.respond(reply)
+        except Exception:
+            # Replying failed (NATS gone); the verdict, if any, is stored and cached.
+            logger.exception("could not reply to an evaluation request")
+        finally:
+            metrics.EVALUATIONS.labels(outcome).inc()
+            metrics.EVALUATION_SECONDS.labels(outcome).observe(time.perf_counter() - start)
+
+    # --- the decision ---
+
+    async def answer(self, request: EvaluationRequest) -> tuple[bytes, str]:
+        """The reply body for a request and how it was obtained (a metrics outcome)."""
+        try:
+            verdict, outcome = await self.judge(request)
+        except UnknownCommunity:
+            return (
+                error_reply(f"unknown community {request.community_id!r}"),
+                metrics.OUTCOME_ERROR,
+            )
+        except WaitTimeout as exc:
+            return error_reply(str(exc)), metrics.OUTCOME_ERROR
+        except Exception as exc:
+            logger.exception("evaluation failed", extra={"event_id": request.event_id})
+            return error_reply(f"evaluation failed: {type(exc).__name__}"), metrics.OUTCOME_ERROR
+        return verdict.to_json(), outcome
+
+    async def judge(self, request: EvaluationRequest) -> tuple[Verdict, str]:
+        """The event's one verdict, evaluating it only if no worker has yet."""
+        event_id = request.event_id
+        cached = await self._from_redis(event_id)
+        if cached is not None:
+            return cached, metrics.OUTCOME_CACHED_REDIS
+        stored = await get_verdict(self._pool, event_id)
+        if stored is not None:
+            await self._cache(stored)
+            return stored, metrics.OUTCOME_CACHED_DB
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._wait_seconds
+        delay = 0.005
+        polls = 0
+        claim_key = redis_keys.evaluation_claim(event_id)
+        while True:
+            token = secrets.token_hex(8)
+            if await self._redis.set(claim_key, token, nx=True, px=self._claim_ttl_ms):
+                try:
+                    # The previous holder may have finished between our look and our
+                    # claim (it caches the verdict before releasing).
+                    cached = await self._from_redis(event_id)
+                    if cached is not None:
+                        return cached, metrics.OUTCOME_WAITED
+                    return await self._evaluate(request)
+                finally:
+                    await self._release(claim_key, token)
+            if loop.time() >= deadline:
+                raise WaitTimeout(
+                    f"another worker is still evaluating {event_id} after {self._wait_seconds:g}s"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+            polls += 1
+            cached = await self._from_redis(event_id)
+            if cached is None and polls % _DB_POLL_EVERY == 0:
+                cached = await get_verdict(self._pool, event_id)
+            if cached is not None:
+                return cached, metrics.OUTCOME_WAITED
+
+    async def _evaluate(self, request: EvaluationRequest) -> tuple[Verdict, str]:
+        config = await self._configs.get(request.community_id)
+        extra: dict[str, Any] = {}
+        if request.source:
+            extra["source"] = request.source
+        content = request.event.get("content")
+        body = content.get("body") if isinstance(content, dict) else None
+        if isinstance(body, str):
+            # For the webhooks' audit message, so they need not fetch the event.
+            extra["body_excerpt"] = body[:BODY_EXCERPT_CHARS]
+        verdict = await self._pipeline.evaluate(
+            request.event,
+            event_id=request.event_id,
+            community_id=request.community_id,
+            config=config,
+            room_version=request.room_version,
+            origin=request.origin,
+            reference_hash=request.reference_hash,
+            extra=extra,
+        )
+        winner = await self._writer.write(verdict)  # durable from here on
+        await self._cache(winner)
+        if not _same_verdict(winner, verdict):
+            # A worker whose claim had lapsed committed first; its verdict stands.
+            return winner, metrics.OUTCOME_CACHED_DB
+        metrics.VERDICTS.labels(verdict.content_class.label).inc()
+        logger.info(
+            "verdict",
+            extra={
+                "event_id": verdict.event_id,
+                "room_id": verdict.room_id,
+                "community_id": verdict.community_id,
+                "class": verdict.content_class.label,
+                "harms": list(verdict.harms),
+            },
+        )
+        await self._publisher.publish(verdict)
+        return winner, metrics.OUTCOME_FIRST_TIME
+
+    async def _from_redis(self, event_id: str) -> Verdict | None:
+        raw = await self._redis.get(redis_keys.verdict(event_id))
+        if raw is None:
+            return None
+        try:
+            return Verdict.from_json(raw)
+        except (ValueError, KeyError, TypeError):
+            logger.warning("unreadable cached verdict ignored", extra={"event_id": event_id})
+            return None
+
+    async def _cache(self, verdict: Verdict) -> None:
+        await self._redis.set(
+            redis_keys.verdict(verdict.event_id), verdict.to_json(), ex=VERDICT_CACHE_SECONDS
+        )
+
+    async def _release(self, claim_key: str, token: str) -> None:
+        try:
+            await self._release_claim(keys=[claim_key], args=[token])
+        except Exception as exc:  # it expires by itself
+            logger.warning("could not release a claim", extra={"error": str(exc)})

@@ -1,0 +1,64 @@
+"""The filter worker's Prometheus metrics (labels are bounded: outcomes, filter names,
+classes; never room, user or event IDs)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from warden.policy.verdict import FilterOutcome
+
+# How a request was answered.
+OUTCOME_FIRST_TIME = "first_time"  # this worker evaluated the event
+OUTCOME_CACHED_REDIS = "cached_redis"
+OUTCOME_CACHED_DB = "cached_db"
+OUTCOME_WAITED = "waited"  # another worker evaluated it; we waited for its verdict
+OUTCOME_ERROR = "error"
+
+EVALUATIONS = Counter(
+    "warden_evaluations_total",
+    "Evaluation requests answered, by how (first_time, cached_redis, cached_db, waited, error).",
+    ["outcome"],
+)
+EVALUATION_SECONDS = Histogram(
+    "warden_evaluation_seconds",
+    "Time from receiving an evaluation request to having its answer, by outcome.",
+    ["outcome"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+FILTER_SECONDS = Histogram(
+    "warden_filter_seconds",
+    "Time one filter took on one event.",
+    ["filter"],
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5, 10),
+)
+FILTER_ERRORS = Counter(
+    "warden_filter_errors_total",
+    "Filter runs that raised or timed out (counted per the filter's fail_secure setting).",
+    ["filter"],
+)
+VERDICTS = Counter(
+    "warden_verdicts_total",
+    "First-time verdicts, by class.",
+    ["class"],
+)
+VERDICT_BATCH_SIZE = Histogram(
+    "warden_verdict_batch_size",
+    "Verdicts written per PostgreSQL transaction by the group-commit writer.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+VERDICT_PUBLISH_FAILURES = Counter(
+    "warden_verdict_publish_failures_total",
+    "Failed attempts to publish a verdict to JetStream, by whether it was then given up.",
+    ["final"],
+)
+CONFIG_INVALIDATIONS = Counter(
+    "warden_config_invalidations_total",
+    "Community configuration cache invalidations received.",
+)
+
+
+def observe_outcome(outcome: FilterOutcome) -> None:
+    """The pipeline's per-filter hook."""
+    FILTER_SECONDS.labels(outcome.name).observe(outcome.duration_ms / 1000)
+    if outcome.error is not None:
+        FILTER_ERRORS.labels(outcome.name).inc()

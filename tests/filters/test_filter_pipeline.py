@@ -1,0 +1,181 @@
+"""The decision pipeline: group gating, combining, failures, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import ClassVar
+
+from tests.filters.filter_helpers import ALICE, OWN_USER, config, event, message, new_event_id
+
+from warden.filters.base import Filter, FilterContext, FilterDeps, FilterResult, Group
+from warden.filters.registry import FILTERS
+from warden.policy.config import EffectiveConfig
+from warden.policy.harms import OTHER, SPAM, SPEC_NON_COMPLIANCE
+from warden.policy.pipeline import Pipeline
+from warden.policy.verdict import ContentClass, FilterOutcome, Verdict
+
+N = ContentClass.NEUTRAL
+A = ContentClass.ALLOWED
+P = ContentClass.PROHIBITED
+
+
+class Exploding(Filter):
+    """Raises on every event."""
+
+    name = "test_exploding"
+    group = Group.MAIN
+
+    async def check(self, ctx: FilterContext) -> FilterResult:
+        raise RuntimeError("boom")
+
+
+class Sleeping(Filter):
+    """Never answers in time."""
+
+    name = "test_sleeping"
+    group = Group.MAIN
+
+    async def check(self, ctx: FilterContext) -> FilterResult:
+        await asyncio.sleep(30)
+        return FilterResult.neutral()
+
+
+class Rendezvous(Filter):
+    """Two filters that each finish only once the other has started: they can only
+    both succeed when a group's filters run concurrently."""
+
+    group = Group.MAIN
+    started: ClassVar[dict[str, asyncio.Event]] = {}
+    other: ClassVar[str]
+
+    async def check(self, ctx: FilterContext) -> FilterResult:
+        self.started.setdefault(self.name, asyncio.Event()).set()
+        await self.started.setdefault(self.other, asyncio.Event()).wait()
+        return FilterResult.neutral()
+
+
+class RendezvousA(Rendezvous):
+    name = "test_rendezvous_a"
+    other = "test_rendezvous_b"
+
+
+class RendezvousB(Rendezvous):
+    name = "test_rendezvous_b"
+    other = "test_rendezvous_a"
+
+
+def pipeline(
+    deps: FilterDeps,
+    *extra: type[Filter],
+    timeout: float = 2.0,
+    hook: list[FilterOutcome] | None = None,
+) -> Pipeline:
+    return Pipeline(
+        deps,
+        timeout_seconds=timeout,
+        filters=(*FILTERS, *extra),
+        on_outcome=hook.append if hook is not None else None,
+    )
+
+
+async def judge(p: Pipeline, ev: dict[str, object], cfg: EffectiveConfig | None = None) -> Verdict:
+    return await p.evaluate(
+        dict(ev), event_id=new_event_id(), community_id="default", config=cfg or config()
+    )
+
+
+def ran(v: Verdict) -> set[str]:
+    return {f.name for f in v.filters}
+
+
+async def test_neutral_message_runs_every_enabled_group(deps: FilterDeps) -> None:
+    v = await judge(pipeline(deps), message("hello there"))
+    assert v.content_class is N and v.harms == ()
+    assert {"protect_own_user", "event_type_prefilter", "hellban_prefilter", "keyword"} <= ran(v)
+    assert "hellban_postfilter" not in ran(v)  # only on prohibited
+    assert v.sender == ALICE and v.event_type == "m.room.message" and v.room_id
+
+
+async def test_allowed_from_prefilters_skips_content_filters(deps: FilterDeps) -> None:
+    redaction = event("m.room.redaction", {"reason": "spam spam spam"})
+    v = await judge(pipeline(deps), redaction)
+    assert v.content_class is A
+    assert ran(v) == {"protect_own_user", "event_type_prefilter"}
+    cfg = config(sender_prefilter_allowed_senders=[ALICE])
+    v = await judge(pipeline(deps), message("spam"), cfg)
+    assert v.content_class is A and "keyword" not in ran(v) and "hellban_prefilter" not in ran(v)
+
+
+async def test_protecting_our_user_beats_an_allowed_sender(deps: FilterDeps) -> None:
+    kick = event("m.room.member", {"membership": "leave"}, state_key=OWN_USER)
+    cfg = config(sender_prefilter_allowed_senders=[ALICE])
+    v = await judge(pipeline(deps), kick, cfg)
+    assert v.content_class is P and v.harms == (OTHER,)
+    by_name = {f.name: f for f in v.filters}
+    assert by_name["sender_prefilter"].content_class is A
+    assert by_name["protect_own_user"].content_class is P
+
+
+async def test_prohibited_harms_union_and_postfilter(deps: FilterDeps) -> None:
+    # keyword (spam) + many ats (flooding) in one event; hellban postfilter runs.
+    v = await judge(pipeline(deps), message("spam " + "@" * 25))
+    assert v.content_class is P
+    assert set(v.harms) == {SPAM, "org.matrix.msc4456.spam.flooding"}
+    assert "hellban_postfilter" in ran(v)
+
+
+async def test_sender_not_a_user_id(deps: FilterDeps) -> None:
+    for sender in ("alice", "@alice", "", "!room:x"):
+        v = await judge(pipeline(deps), event(content={"body": "hi"}, sender=sender))
+        assert v.content_class is P
+        assert v.harms == tuple(sorted((SPAM, SPEC_NON_COMPLIANCE)))
+    ev = message("hi")
+    del ev["sender"]
+    assert (await judge(pipeline(deps), ev)).content_class is P
+
+
+async def test_failing_filter_fail_secure(deps: FilterDeps) -> None:
+    seen: list[FilterOutcome] = []
+    v = await judge(pipeline(deps, Exploding, hook=seen), message("hello"))
+    assert v.content_class is P and v.harms == (OTHER,)
+    outcome = next(f for f in v.filters if f.name == "test_exploding")
+    assert outcome.error is not None and "boom" in outcome.error
+    assert outcome.content_class is P
+    assert any(o.name == "test_exploding" and o.error for o in seen)  # metrics hook saw it
+
+
+async def test_failing_filter_fail_open(deps: FilterDeps) -> None:
+    cfg = config(test_exploding_fail_secure=False)
+    v = await judge(pipeline(deps, Exploding), message("hello"), cfg)
+    assert v.content_class is N and v.harms == ()
+    outcome = next(f for f in v.filters if f.name == "test_exploding")
+    assert outcome.error is not None and outcome.content_class is N
+
+
+async def test_timed_out_filter(deps: FilterDeps) -> None:
+    p = pipeline(deps, Sleeping, timeout=0.2)
+    v = await judge(p, message("hello"))
+    outcome = next(f for f in v.filters if f.name == "test_sleeping")
+    assert outcome.error is not None and "timed out" in outcome.error
+    assert v.content_class is P and v.harms == (OTHER,)
+    v = await judge(p, message("hello"), config(test_sleeping_fail_secure=False))
+    assert v.content_class is N
+    assert next(f for f in v.filters if f.name == "test_sleeping").error is not None
+
+
+async def test_failure_alone_does_not_hellban(deps: FilterDeps) -> None:
+    """A verdict prohibited only because a filter failed must not punish the sender."""
+    from warden import redis_keys
+
+    v = await judge(pipeline(deps, Exploding), message("hello"))
+    assert v.content_class is P and "hellban_postfilter" in ran(v)
+    assert not await deps.redis.exists(redis_keys.hellban("default", ALICE))
+
+
+async def test_filters_in_a_group_run_concurrently(deps: FilterDeps) -> None:
+    Rendezvous.started.clear()
+    v = await judge(pipeline(deps, RendezvousA, RendezvousB, timeout=5.0), message("hello"))
+    outcomes = {f.name: f for f in v.filters}
+    assert outcomes["test_rendezvous_a"].error is None
+    assert outcomes["test_rendezvous_b"].error is None
+    assert v.content_class is N
