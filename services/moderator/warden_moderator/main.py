@@ -1,14 +1,18 @@
-"""Run the moderator service: redacts what slipped past, from verdicts on JetStream.
+"""Run the moderator service: redacts refused events that reached other servers.
 
-For now it connects to its dependencies and reports health; its work arrives with
-the policy pipeline.
+It reads prohibited verdicts from JetStream (durable consumer ``warden-moderator``)
+and, where the room has a moderator with a configured access token
+(``PS_MODERATOR_ACCESS_TOKENS``, ``/api/v1/set_room_moderator``), redacts the event
+through that moderator's Client-Server API. See ``redactor.py`` for the rules.
 """
 
 from __future__ import annotations
 
+from warden.bus.consumer import raise_if_failed, run_with_runtime
 from warden.runtime import dependencies
 from warden.runtime.service import bootstrap, run_async
 from warden.settings import Settings
+from warden_moderator.service import ModeratorService
 
 NAME = "moderator"
 
@@ -18,9 +22,12 @@ def run(settings: Settings) -> int:
     runtime = bootstrap(NAME, settings)
 
     async def main() -> None:
-        await dependencies.postgres(runtime)
-        await dependencies.nats(runtime)
+        pool = await dependencies.postgres(runtime)
+        nc = await dependencies.nats(runtime)
+        service = await ModeratorService.create(settings, pool, nc.jetstream())
         runtime.add_http_server("metrics", runtime.health_app(), settings.http_metrics_bind)
+        task = run_with_runtime(runtime, "moderator-consumer", service.run, service.aclose)
         await runtime.serve()
+        raise_if_failed(task)
 
     return run_async(main)

@@ -1,0 +1,82 @@
+"""The moderator put together: JetStream consumer, token lookups, redaction handler."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+from nats.js import JetStreamContext
+
+from warden.bus.consumer import PullConsumer, ensure_durable_consumer
+from warden.bus.streams import durable_consumer_config, ensure_verdicts_stream
+from warden.bus.subjects import MODERATOR_CONSUMER, VERDICTS_STREAM, verdict_subject
+from warden.policy.verdict import ContentClass
+from warden.settings import Settings, parse_moderator_tokens
+from warden_moderator.client_api import ClientAPI
+from warden_moderator.redactor import Redactor
+
+# How long JetStream waits for an ack before redelivering. A running handler keeps
+# extending it, so this only decides how soon a crashed replica's messages come back.
+ACK_WAIT_SECONDS = 30.0
+
+
+class ModeratorService:
+    """Consumes prohibited verdicts and redacts where a moderator can."""
+
+    def __init__(self, consumer: PullConsumer, client_api: ClientAPI) -> None:
+        self.consumer = consumer
+        self.client_api = client_api
+
+    @classmethod
+    async def create(
+        cls,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        js: JetStreamContext,
+        *,
+        durable: str = MODERATOR_CONSUMER,
+    ) -> ModeratorService:
+        """Make sure the stream and the durable consumer exist, and build the parts."""
+        await ensure_verdicts_stream(js)
+        await ensure_durable_consumer(
+            js,
+            VERDICTS_STREAM,
+            durable_consumer_config(
+                durable, verdict_subject(ContentClass.PROHIBITED.label), ACK_WAIT_SECONDS
+            ),
+        )
+        client_api = ClientAPI(
+            parse_moderator_tokens(settings.moderator_access_tokens),
+            timeout=settings.moderation_timeout_seconds,
+            retry_base_seconds=settings.moderation_retry_base_seconds,
+        )
+        redactor = Redactor(
+            pool,
+            client_api,
+            max_attempts=settings.moderation_max_attempts,
+            retry_base_seconds=settings.moderation_retry_base_seconds,
+        )
+        consumer = PullConsumer(
+            js,
+            stream=VERDICTS_STREAM,
+            durable=durable,
+            handler=redactor,
+            max_in_flight=settings.moderation_pool_size,
+            retry_base_seconds=settings.moderation_retry_base_seconds,
+            drain_timeout=settings.shutdown_delay_seconds
+            + max(1.0, settings.shutdown_timeout_seconds - 5.0),
+        )
+        return cls(consumer, client_api)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Resolve tokens (in the background) and consume until ``stopping``, then drain."""
+        resolver = asyncio.create_task(self.client_api.keep_resolving(stopping))
+        try:
+            await self.consumer.run(stopping)
+        finally:
+            resolver.cancel()
+            await asyncio.gather(resolver, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Close HTTP connections."""
+        await self.client_api.aclose()
