@@ -102,6 +102,8 @@ class Settings(BaseSettings):
     # Bound on one filter's run; past it the filter counts as failed (see each filter's
     # <name>_fail_secure community key).
     filter_timeout_seconds: float = Field(default=5.0, gt=0)
+    # How often each worker publishes verdicts whose JetStream message was lost (Warden).
+    outbox_sweep_seconds: float = Field(default=30.0, gt=0)
 
     # --- Moderator (redactions through the Client-Server API) ---
     # policyserv's format: "csapi-domain:token,..." (a bare domain means https://domain).

@@ -12,8 +12,8 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
-from tests.filters.filter_helpers import OWN_USER, message
 
+from tests.filters.filter_helpers import OWN_USER, message
 from warden import redis_keys
 from warden.bus.streams import ensure_verdicts_stream
 from warden.bus.subjects import (

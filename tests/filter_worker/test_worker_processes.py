@@ -18,9 +18,9 @@ import httpx
 import orjson
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
+
 from tests.filters.filter_helpers import message
 from tests.service_processes import ServiceProcess
-
 from warden.bus.subjects import (
     CONFIG_CHANGED_SUBJECT,
     EVALUATE_SUBJECT,

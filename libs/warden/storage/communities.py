@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -71,6 +72,39 @@ async def update_community(
         community_id,
         name,
         orjson.dumps(config).decode() if config is not None else None,
+        can_self_join_rooms,
+    )
+    return _community(row) if row else None
+
+
+async def patch_community(
+    pool: asyncpg.Pool,
+    community_id: str,
+    *,
+    name: str | None = None,
+    config_set: dict[str, Any] | None = None,
+    config_unset: Sequence[str] = (),
+    can_self_join_rooms: bool | None = None,
+) -> Community | None:
+    """Merge changes into a community in one statement; None if unknown.
+
+    ``config_set`` keys replace the stored ones and ``config_unset`` keys are removed,
+    other stored keys are kept (a JSON merge patch). Done in SQL so two concurrent
+    patches of different keys cannot undo each other.
+    """
+    row = await pool.fetchrow(
+        f"""
+        UPDATE communities SET
+            name = COALESCE($2, name),
+            config = (config || COALESCE($3::jsonb, '{{}}'::jsonb)) - $4::text[],
+            can_self_join_rooms = COALESCE($5, can_self_join_rooms)
+        WHERE id = $1
+        RETURNING {_COLUMNS}
+        """,
+        community_id,
+        name,
+        orjson.dumps(config_set).decode() if config_set is not None else None,
+        list(config_unset),
         can_self_join_rooms,
     )
     return _community(row) if row else None

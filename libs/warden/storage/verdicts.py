@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import asyncpg
@@ -53,13 +54,14 @@ async def insert_verdicts(pool: asyncpg.Pool, verdicts: Sequence[Verdict]) -> di
         await conn.execute(
             """
             INSERT INTO verdicts (event_id, room_id, community_id, reference_hash, class,
-                harms, filters, sender, event_type, origin, first_seen_ts)
+                harms, filters, sender, event_type, origin, first_seen_ts, outbox_extra)
             SELECT v.event_id, v.room_id, v.community_id, v.reference_hash, v.class,
                 ARRAY(SELECT jsonb_array_elements_text(v.harms)), v.filters, v.sender,
-                v.event_type, v.origin, v.first_seen_ts
+                v.event_type, v.origin, v.first_seen_ts, v.extra
             FROM jsonb_to_recordset($1::jsonb) AS v(event_id text, room_id text,
                 community_id text, reference_hash text, class smallint, harms jsonb,
-                filters jsonb, sender text, event_type text, origin text, first_seen_ts bigint)
+                filters jsonb, sender text, event_type text, origin text, first_seen_ts bigint,
+                extra jsonb)
             ON CONFLICT (event_id) DO NOTHING
             """,
             orjson.dumps(
@@ -76,6 +78,7 @@ async def insert_verdicts(pool: asyncpg.Pool, verdicts: Sequence[Verdict]) -> di
                         "event_type": v.event_type,
                         "origin": v.origin,
                         "first_seen_ts": v.first_seen_ts,
+                        "extra": v.extra,
                     }
                     for v in verdicts
                 ]
@@ -86,3 +89,48 @@ async def insert_verdicts(pool: asyncpg.Pool, verdicts: Sequence[Verdict]) -> di
             [v.event_id for v in verdicts],
         )
     return {r["event_id"]: _verdict(r) for r in rows}
+
+
+Executor = asyncpg.Pool | asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
+async def mark_published(db: Executor, event_ids: Sequence[str]) -> None:
+    """Record that these verdicts reached JetStream; drop their outbox extras.
+
+    ``db`` may be a pool or a connection inside the caller's transaction.
+    """
+    if event_ids:
+        await db.execute(
+            "UPDATE verdicts SET published = TRUE, outbox_extra = NULL"
+            " WHERE event_id = ANY($1::text[]) AND NOT published",
+            list(event_ids),
+        )
+
+
+async def lock_unpublished(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+    *,
+    older_than_ts: int,
+    limit: int,
+) -> list[Verdict]:
+    """Lock (in the caller's transaction) unpublished verdicts first seen before
+    ``older_than_ts``; rows another worker holds are skipped. Each carries its outbox
+    extras in ``extra``."""
+    rows = await conn.fetch(
+        f"""
+        SELECT {_COLUMNS}, outbox_extra FROM verdicts
+        WHERE NOT published AND first_seen_ts < $1
+        ORDER BY first_seen_ts
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+        """,
+        older_than_ts,
+        limit,
+    )
+    out = []
+    for row in rows:
+        extra = row["outbox_extra"]
+        if isinstance(extra, str):
+            extra = orjson.loads(extra)
+        out.append(dataclasses.replace(_verdict(row), extra=dict(extra or {})))
+    return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from warden.bus.streams import ensure_verdicts_stream
+from warden.bus.streams import DUPLICATE_WINDOW_SECONDS, ensure_verdicts_stream
 from warden.filters.base import FilterDeps
 from warden.filters.base import Group as FilterGroup
 from warden.policy.config import ConfigError, instance_defaults
@@ -24,6 +24,7 @@ from warden_filter_worker.community_config import CommunityConfigCache
 from warden_filter_worker.evaluation import EvaluationService
 from warden_filter_worker.group_commit import GroupCommitWriter
 from warden_filter_worker.metrics import observe_outcome
+from warden_filter_worker.outbox import OutboxSweeper, PublishedMarker
 from warden_filter_worker.publisher import VerdictPublisher
 
 NAME = "filter-worker"
@@ -62,13 +63,22 @@ def run(settings: Settings) -> int:
         await configs.subscribe(nc)
         writer = GroupCommitWriter(pool)
         writer.start()
+        marker = PublishedMarker(pool)
+        publisher = VerdictPublisher(js, on_published=marker.add)
+        sweeper = OutboxSweeper(
+            pool,
+            publisher.publish_now,
+            interval_seconds=settings.outbox_sweep_seconds,
+            # Older than any publish still being retried in memory.
+            min_age_seconds=DUPLICATE_WINDOW_SECONDS,
+        )
         service = EvaluationService(
             redis=redis,
             pool=pool,
             pipeline=pipeline,
             configs=configs,
             writer=writer,
-            publisher=VerdictPublisher(js),
+            publisher=publisher,
             claim_ttl_seconds=longest_evaluation + _CLAIM_SLACK_SECONDS,
             wait_seconds=longest_evaluation + _CLAIM_SLACK_SECONDS / 2,
         )
@@ -81,6 +91,6 @@ def run(settings: Settings) -> int:
         # Hooks run last-added first: this runs before NATS is drained and pools close.
         runtime.add_shutdown_hook("evaluations", stop)
         runtime.add_http_server("metrics", runtime.health_app(), settings.http_metrics_bind)
-        await runtime.serve()
+        await runtime.serve(background=[marker.run, sweeper.run])
 
     return run_async(main)

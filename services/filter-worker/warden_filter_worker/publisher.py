@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from nats.js import JetStreamContext
 
@@ -27,20 +28,33 @@ class VerdictPublisher:
     """Publishes verdicts; retries in the background; waits for retries on close."""
 
     def __init__(
-        self, js: JetStreamContext, *, retry_budget_seconds: float = DUPLICATE_WINDOW_SECONDS / 2
+        self,
+        js: JetStreamContext,
+        *,
+        retry_budget_seconds: float = DUPLICATE_WINDOW_SECONDS / 2,
+        on_published: Callable[[str], None] | None = None,
     ) -> None:
         self._js = js
         self._budget = retry_budget_seconds
         self._retries: set[asyncio.Task[None]] = set()
+        # Told each event ID whose message JetStream acknowledged (the outbox marker).
+        self._on_published = on_published
 
     async def publish(self, verdict: Verdict) -> bool:
         """Publish once now; on failure keep retrying in the background. True if acked."""
-        if await self._attempt(verdict):
+        if await self.publish_now(verdict):
             return True
         task = asyncio.create_task(self._retry(verdict))
         self._retries.add(task)
         task.add_done_callback(self._retries.discard)
         return False
+
+    async def publish_now(self, verdict: Verdict) -> bool:
+        """One attempt, no background retry (the outbox sweeper's own loop retries)."""
+        ok = await self._attempt(verdict)
+        if ok and self._on_published is not None:
+            self._on_published(verdict.event_id)
+        return ok
 
     async def _attempt(self, verdict: Verdict) -> bool:
         headers = inject_headers({"Nats-Msg-Id": verdict.event_id})
@@ -66,12 +80,12 @@ class VerdictPublisher:
         delay = 0.1
         while loop.time() + delay < deadline:
             await asyncio.sleep(delay)
-            if await self._attempt(verdict):
+            if await self.publish_now(verdict):
                 return
             delay = min(delay * 2, 5.0)
         VERDICT_PUBLISH_FAILURES.labels("true").inc()
         logger.error(
-            "verdict never published; moderator and webhooks will not see it",
+            "verdict not published yet; the outbox sweeper will publish it",
             extra={"event_id": verdict.event_id},
         )
 

@@ -1,0 +1,99 @@
+"""Making sure every committed verdict reaches JetStream, even across a crash.
+
+A verdict row is committed unpublished. After JetStream acknowledges the message, the
+``PublishedMarker`` records it (batched: one UPDATE per interval, not per verdict). If
+the worker dies in between, the row stays unpublished and the ``OutboxSweeper`` of any
+worker publishes it later: rows are locked with ``FOR UPDATE SKIP LOCKED`` so sweepers on
+several workers share the work. A message published twice (a crash after the ack but
+before the mark) is dropped by JetStream within its duplicate window; past it, the
+moderator and webhooks are idempotent per event ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+
+from warden.policy.verdict import Verdict
+from warden.storage.verdicts import lock_unpublished, mark_published
+
+logger = logging.getLogger(__name__)
+
+Publish = Callable[[Verdict], Awaitable[bool]]
+
+
+class PublishedMarker:
+    """Collects event IDs whose messages were acknowledged; marks them in batches."""
+
+    def __init__(self, pool: asyncpg.Pool, *, interval_seconds: float = 0.25) -> None:
+        self._pool = pool
+        self._interval = interval_seconds
+        self._pending: list[str] = []
+
+    def add(self, event_id: str) -> None:
+        """Queue an event ID to be marked published."""
+        self._pending.append(event_id)
+
+    async def flush(self) -> None:
+        """Mark everything queued so far (a failure keeps them queued)."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        try:
+            await mark_published(self._pool, batch)
+        except (OSError, asyncpg.PostgresError) as exc:
+            self._pending.extend(batch)
+            logger.warning("could not mark verdicts published", extra={"error": str(exc)})
+
+    async def run(self) -> None:
+        """Flush every interval until cancelled (then flush once more)."""
+        try:
+            while True:
+                await asyncio.sleep(self._interval)
+                await self.flush()
+        finally:
+            await asyncio.shield(self.flush())
+
+
+class OutboxSweeper:
+    """Publishes verdicts whose first publication was lost."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        publish: Publish,
+        *,
+        interval_seconds: float,
+        min_age_seconds: float,
+        batch_size: int = 200,
+    ) -> None:
+        self._pool = pool
+        self._publish = publish
+        self._interval = interval_seconds
+        self._min_age_ms = int(min_age_seconds * 1000)
+        self._batch = batch_size
+
+    async def sweep_once(self) -> int:
+        """Publish one batch of old unpublished verdicts; return how many were published."""
+        older_than = int(time.time() * 1000) - self._min_age_ms
+        async with self._pool.acquire() as conn, conn.transaction():
+            stale = await lock_unpublished(conn, older_than_ts=older_than, limit=self._batch)
+            done = [v.event_id for v in stale if await self._publish(v)]
+            await mark_published(conn, done)
+        if done:
+            logger.info("republished lost verdict messages", extra={"count": len(done)})
+        return len(done)
+
+    async def run(self) -> None:
+        """Sweep every interval until cancelled."""
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                while await self.sweep_once() >= self._batch:
+                    pass  # a backlog: keep going without waiting
+            except (OSError, asyncpg.PostgresError) as exc:
+                logger.warning("outbox sweep failed", extra={"error": str(exc)})
