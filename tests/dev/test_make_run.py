@@ -16,7 +16,6 @@ from signedjson.sign import verify_signed_json
 # The autouse fixture stops a stack that a failing assertion left running.
 from tests.dev.test_dev_stack import Stack, _no_stack_left_behind  # noqa: F401
 from tests.service_processes import free_port
-
 from warden.matrix.keys import POLICY_SERVER_KEY_ID, key_id_of, verify_key_base64
 
 REPO = Path(__file__).resolve().parents[2]

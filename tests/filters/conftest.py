@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from tests.filters.filter_helpers import OWN_USER
 
+from tests.filters.filter_helpers import OWN_USER
 from warden.filters.base import FilterDeps
 
 

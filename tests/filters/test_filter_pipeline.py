@@ -6,7 +6,6 @@ import asyncio
 from typing import ClassVar
 
 from tests.filters.filter_helpers import ALICE, OWN_USER, config, event, message, new_event_id
-
 from warden.filters.base import Filter, FilterContext, FilterDeps, FilterResult, Group
 from warden.filters.registry import FILTERS
 from warden.policy.config import EffectiveConfig

@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+
 from tests.filters.filter_helpers import (
     ALICE,
     OWN_USER,
@@ -19,7 +20,6 @@ from tests.filters.filter_helpers import (
     event,
     message,
 )
-
 from warden.filters.base import Filter, FilterDeps, Group
 from warden.filters.density import DensityFilter
 from warden.filters.event_type_prefilter import EventTypePrefilter

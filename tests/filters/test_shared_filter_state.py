@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncpg
 import redis.asyncio as aioredis
+
 from tests.conftest import REDIS_URL
 from tests.filters.filter_helpers import ALICE, OWN_USER, config, message, new_event_id
-
 from warden import redis_keys
 from warden.filters.base import FilterDeps
 from warden.policy.config import EffectiveConfig

@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+
 from tests.moderator.conftest import FakeClientAPI, LocalHTTPServer, Scripted
 from tests.moderator.verdict_stream import (
     consumer_settled,
@@ -26,7 +27,6 @@ from tests.moderator.verdict_stream import (
     wait_for,
 )
 from tests.service_processes import ServiceProcess
-
 from warden.bus.subjects import MODERATOR_CONSUMER, VERDICTS_STREAM
 from warden.storage import deliveries, rooms
 from warden_moderator.client_api import redaction_txn_id

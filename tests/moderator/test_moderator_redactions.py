@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 from prometheus_client import REGISTRY
+
 from tests.moderator.conftest import FakeClientAPI, LocalHTTPServer, Scripted
 from tests.moderator.verdict_stream import (
     consumer_settled,
@@ -25,7 +26,6 @@ from tests.moderator.verdict_stream import (
     publish_verdict,
     wait_for,
 )
-
 from warden.bus.subjects import VERDICTS_STREAM
 from warden.settings import Settings
 from warden.storage import deliveries, rooms

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+
 from tests.moderator.verdict_stream import (
     consumer_settled,
     fresh_durable,
@@ -15,7 +16,6 @@ from tests.moderator.verdict_stream import (
     publish_verdict,
     wait_for,
 )
-
 from warden.bus.consumer import ACK, Delivery, Disposition, PullConsumer, Retry, backoff_delay
 from warden.bus.subjects import VERDICTS_STREAM
 

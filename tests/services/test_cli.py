@@ -9,6 +9,7 @@ from pathlib import Path
 
 import asyncpg
 from signedjson.key import read_signing_keys
+
 from tests.conftest import PG_ADMIN
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+
 from tests.service_processes import ServiceProcess, free_port
 
 

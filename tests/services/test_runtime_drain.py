@@ -9,8 +9,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from tests.service_processes import free_port
 
+from tests.service_processes import free_port
 from warden.runtime.service import ServiceRuntime
 from warden.settings import Settings
 

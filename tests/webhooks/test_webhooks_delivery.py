@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 from prometheus_client import REGISTRY
+
 from tests.moderator.verdict_stream import (
     consumer_settled,
     fresh_durable,
@@ -29,7 +30,6 @@ from tests.webhooks.conftest import (
     LocalHTTPSServer,
     WebhookReceiver,
 )
-
 from warden.bus.subjects import VERDICTS_STREAM
 from warden.settings import Settings
 from warden.storage import communities, deliveries

@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+
 from tests.moderator.verdict_stream import (
     consumer_settled,
     fresh_durable,
@@ -32,7 +33,6 @@ from tests.webhooks.conftest import (
     LocalHTTPSServer,
     WebhookReceiver,
 )
-
 from warden.bus.subjects import VERDICTS_STREAM, WEBHOOKS_CONSUMER
 from warden.storage import communities, deliveries
 
