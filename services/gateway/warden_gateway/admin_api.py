@@ -1,0 +1,450 @@
+"""The admin API (``/api/v1``): communities, protected rooms, moderators and verdicts.
+
+Paths and bodies are policyserv's (reference §4.3), so its tooling keeps working; the
+app includes this router only when ``PS_API_KEY`` is set. Differences from policyserv:
+
+- the key is compared in constant time;
+- every community config write is validated (unknown keys, instance-only keys and wrong
+  types are refused with 400 ``M_BAD_JSON`` naming the key) and announced on NATS
+  (``CONFIG_CHANGED_SUBJECT``) once committed, so workers drop their cached copy;
+- ``PATCH /communities/{id}`` merges ``config`` as a JSON merge patch (``null`` removes
+  an override) instead of silently keeping keys;
+- ``PUT``/``DELETE /rooms/{room_id}`` protect, move and unprotect rooms directly;
+- ``GET /events/{event_id}`` shows a stored verdict with every filter's outcome;
+- ``GET /rooms`` answers ``[]``, not ``null``, when no room is protected.
+
+Request validation errors become Matrix errors here (in the route class), not in an
+app-wide handler, and the key is checked before the body is even read.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+import asyncpg
+import orjson
+from fastapi import APIRouter, Body, Depends, FastAPI, Path
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPBearer
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+from prometheus_client import Counter
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Message, Receive
+
+from warden.bus.subjects import CONFIG_CHANGED_SUBJECT
+from warden.federation.xmatrix import is_valid_server_name
+from warden.matrix.errors import (
+    BadJSON,
+    InvalidParam,
+    MatrixError,
+    NotFound,
+    NotJSON,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
+from warden.matrix.room_versions import RoomVersion, get_room_version
+from warden.policy.config import (
+    ConfigError,
+    instance_defaults,
+    known_keys,
+    validate_community_config,
+)
+from warden.storage import communities, rooms, verdicts
+from warden.storage import records as storage_records
+from warden.telemetry.tracing import inject_headers
+from warden_gateway.admin_models import (
+    Community,
+    CommunityPatch,
+    ConfigBody,
+    EmptyBody,
+    MatrixErrorBody,
+    NewCommunityRequest,
+    ProtectRoomRequest,
+    Room,
+    SetRoomModeratorRequest,
+    Verdict,
+)
+from warden_gateway.errors import on_matrix_error
+
+logger = logging.getLogger(__name__)
+
+ADMIN_PREFIX = "/api/v1"
+# Generous for keyword lists in a config, small enough that a request cannot eat memory.
+MAX_BODY_BYTES = 1024 * 1024
+# How long to wait for NATS to confirm a config-change notification.
+NOTIFY_TIMEOUT_SECONDS = 5
+# Matrix identifiers are at most 255 bytes (spec, "Identifier grammar").
+_MAX_ID_BYTES = 255
+# Room version 12 room IDs: "!" + URL-safe unpadded base64 of a sha256 (MSC4291).
+_HASH_ROOM_ID_RE = re.compile(r"![A-Za-z0-9_-]{43}")
+
+CONFIG_NOTIFICATIONS = Counter(
+    "warden_admin_config_notifications_total",
+    "Config-change notifications the admin API sent to workers over NATS, by outcome.",
+    ["outcome"],
+)
+
+# Declaring "4XX" also keeps FastAPI from documenting its 422 body, which this API never
+# sends (validation errors are 400 Matrix errors).
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": MatrixErrorBody, "description": "Invalid request (M_BAD_JSON, M_NOT_JSON…)"},
+    401: {"model": MatrixErrorBody, "description": "Missing or wrong API key (M_UNAUTHORIZED)"},
+    404: {"model": MatrixErrorBody, "description": "Not found (M_NOT_FOUND)"},
+    "4XX": {
+        "model": MatrixErrorBody,
+        "description": "Other client errors: body over 1 MiB (413 M_TOO_LARGE), wrong "
+        "method (405 M_UNRECOGNIZED)",
+    },
+}
+_WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    503: {
+        "model": MatrixErrorBody,
+        "description": "Saved, but workers could not be notified: repeat the request",
+    },
+}
+
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+def matrix_error_for_validation(exc: RequestValidationError) -> MatrixError:
+    """Turn FastAPI's validation error into a Matrix error naming the offending field."""
+    errors = exc.errors()
+    first: dict[str, Any] = dict(errors[0]) if errors else {}
+    loc = tuple(first.get("loc", ()))
+    kind = first.get("type", "")
+    message = str(first.get("msg", "invalid"))
+    if loc[:1] == ("body",):
+        if kind == "json_invalid":
+            return NotJSON("Request body is not valid JSON")
+        if len(loc) == 1:
+            if kind == "missing":
+                return NotJSON("Request body is required and must be a JSON object")
+            if isinstance(first.get("input"), bytes):
+                # FastAPI parses JSON only when the Content-Type says so.
+                return NotJSON("Request body must be JSON sent with Content-Type: application/json")
+            return BadJSON("Request body must be a JSON object")
+        field = ".".join(str(part) for part in loc[1:])
+        return BadJSON(f"{field}: {message}")
+    field = ".".join(str(part) for part in loc[1:]) or "request"
+    return InvalidParam(f"{field}: {message}")
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    return await on_matrix_error(request, matrix_error_for_validation(exc))
+
+
+def install_admin_error_handlers(app: FastAPI) -> None:
+    """Register the app-level handler for FastAPI validation errors (400 Matrix errors).
+
+    The admin routes already convert their own validation errors; this covers any other
+    FastAPI route of the app, so no request ever gets FastAPI's default 422 body. The
+    gateway's MatrixError/HTTPException/Exception handlers must be registered too.
+    """
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+
+
+def _authenticate(request: Request, api_key: bytes) -> None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    # Starlette decodes header bytes as latin-1: encode back to compare the raw bytes.
+    # compare_digest's time depends only on the length of the (untrusted) token.
+    presented = token.strip().encode("latin-1", errors="replace")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(presented, api_key):
+        raise Unauthorized("Missing or wrong API key (Authorization: Bearer <PS_API_KEY>)")
+
+
+def _limited_receive(receive: Receive, limit: int) -> Receive:
+    received = 0
+
+    async def limited() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise TooLarge(f"Request body is larger than {limit} bytes")
+        return message
+
+    return limited
+
+
+def _admin_route_class(api_key: bytes) -> type[APIRoute]:
+    """A route class that authenticates first, bounds the body and speaks Matrix errors."""
+
+    class AdminRoute(APIRoute):
+        def get_route_handler(self) -> Handler:
+            handler = super().get_route_handler()
+
+            async def admin_handler(request: Request) -> Response:
+                # Before anything reads the body: unauthenticated callers learn nothing.
+                _authenticate(request, api_key)
+                length = request.headers.get("content-length", "")
+                if length.isdigit() and int(length) > MAX_BODY_BYTES:
+                    raise TooLarge(f"Request body is larger than {MAX_BODY_BYTES} bytes")
+                bounded = Request(request.scope, _limited_receive(request.receive, MAX_BODY_BYTES))
+                try:
+                    return await handler(bounded)
+                except RequestValidationError as exc:
+                    raise matrix_error_for_validation(exc) from None
+                except HTTPException as exc:
+                    # FastAPI wraps anything raised while reading or decoding the body
+                    # (our TooLarge, invalid UTF-8) in a 400 HTTPException.
+                    if isinstance(exc.__cause__, MatrixError):
+                        raise exc.__cause__ from None
+                    if exc.status_code == 400:
+                        raise NotJSON("Request body is not valid JSON") from None
+                    raise
+
+            return admin_handler
+
+    return AdminRoute
+
+
+def _community(community: storage_records.Community) -> Community:
+    return Community.model_validate(community.to_api())
+
+
+def _room(room: storage_records.Room) -> Room:
+    return Room.model_validate(room.to_api())
+
+
+def _checked_config(data: dict[str, Any], *, prefix: str = "") -> dict[str, Any]:
+    try:
+        return validate_community_config(data)
+    except ConfigError as exc:
+        raise BadJSON(f"{prefix}{exc.key}: {exc.message}") from None
+
+
+def _check_room_id(room_id: str, version: RoomVersion) -> None:
+    if len(room_id.encode()) > _MAX_ID_BYTES:
+        raise InvalidParam(f"room_id: longer than {_MAX_ID_BYTES} bytes")
+    if version.room_ids_as_hashes:
+        if not _HASH_ROOM_ID_RE.fullmatch(room_id):
+            raise InvalidParam(
+                f"room_id: room version {version.identifier} room IDs are '!' followed by "
+                "the create event's reference hash (43 characters, no server part)"
+            )
+        return
+    opaque, sep, server = room_id.removeprefix("!").partition(":")
+    if not room_id.startswith("!") or not sep or not opaque or not is_valid_server_name(server):
+        raise InvalidParam(
+            f"room_id: room version {version.identifier} room IDs look like !opaque:server.name"
+        )
+
+
+def _check_user_id(user_id: str) -> None:
+    localpart, sep, server = user_id.removeprefix("@").partition(":")
+    if (
+        not user_id.startswith("@")
+        or not sep
+        or not localpart
+        or not is_valid_server_name(server)
+        or len(user_id.encode()) > _MAX_ID_BYTES
+    ):
+        raise BadJSON('moderator_user_id: must be a user ID like @mod:example.org, or "" to unset')
+
+
+def build_admin_router(*, api_key: str, pool: asyncpg.Pool, nats: NATS) -> APIRouter:
+    """The ``/api/v1`` router; every route requires ``Authorization: Bearer <api_key>``.
+
+    The instance defaults shown by ``/instance/community_config`` are read from the
+    environment here, once (as the workers do at start): a bad ``PS_*`` value raises
+    ``ConfigError`` and should stop the service. The app must also call
+    ``install_admin_error_handlers`` and register the gateway's Matrix error handlers.
+    """
+    if not api_key:
+        raise ValueError("the admin API needs a non-empty API key")
+    keys = known_keys()
+    community_defaults = {
+        name: value for name, value in instance_defaults().items() if not keys[name].instance_only
+    }
+
+    router = APIRouter(
+        prefix=ADMIN_PREFIX,
+        route_class=_admin_route_class(api_key.encode()),
+        # Documents the scheme in the OpenAPI document; the check itself is done by the
+        # route class, before the body is read.
+        dependencies=[Depends(HTTPBearer(auto_error=False, scheme_name="PS_API_KEY"))],
+        responses=_ERRORS,
+        tags=["admin"],
+        # A body without Content-Type is parsed as JSON (curl and scripts often omit
+        # it); one declared as something else is refused with M_NOT_JSON.
+        strict_content_type=False,
+    )
+
+    async def notify(change: dict[str, str]) -> None:
+        """Tell every worker a community's config or a room changed (after the commit)."""
+        try:
+            await nats.publish(
+                CONFIG_CHANGED_SUBJECT, orjson.dumps(change), headers=inject_headers() or None
+            )
+            await nats.flush(timeout=NOTIFY_TIMEOUT_SECONDS)
+        except (NatsError, TimeoutError) as exc:
+            CONFIG_NOTIFICATIONS.labels("failed").inc()
+            logger.warning(
+                "config change saved but not announced",
+                extra={"change": change, "error": repr(exc)},
+            )
+            raise Unavailable(
+                "The change was saved, but the workers could not be notified; repeat the request"
+            ) from None
+        CONFIG_NOTIFICATIONS.labels("sent").inc()
+
+    # --- Communities ---------------------------------------------------------------
+
+    @router.post("/communities/new", summary="Create a community")
+    async def create_community(body: NewCommunityRequest) -> Community:
+        """Create a community with an empty config (it inherits every instance default)."""
+        return _community(await communities.create_community(pool, body.name))
+
+    @router.get("/communities/{community_id}", summary="Get a community")
+    async def get_community(community_id: str) -> Community:
+        """The community and its stored config overrides."""
+        community = await communities.get_community(pool, community_id)
+        if community is None:
+            raise NotFound("Unknown community")
+        return _community(community)
+
+    @router.patch(
+        "/communities/{community_id}", summary="Change a community", responses=_WRITE_ERRORS
+    )
+    async def patch_community(community_id: str, body: CommunityPatch) -> Community:
+        """Change the given fields; ``config`` is merged key by key (``null`` removes a key)."""
+        for field in body.model_fields_set:
+            if getattr(body, field) is None:
+                raise BadJSON(f"{field}: must not be null")
+        config_set: dict[str, Any] | None = None
+        config_unset: list[str] = []
+        if body.config is not None:
+            config_set = _checked_config(
+                {k: v for k, v in body.config.items() if v is not None}, prefix="config."
+            )
+            # Removing any key is allowed, so overrides left by an older version or by
+            # policyserv can be cleaned up.
+            config_unset = [k for k, v in body.config.items() if v is None]
+        community = await communities.patch_community(
+            pool,
+            community_id,
+            name=body.name,
+            config_set=config_set,
+            config_unset=config_unset,
+            can_self_join_rooms=body.can_self_join_rooms,
+        )
+        if community is None:
+            raise NotFound("Unknown community")
+        if body.model_fields_set:
+            await notify({"community_id": community_id})
+        return _community(community)
+
+    @router.post(
+        "/communities/{community_id}/config",
+        summary="Replace a community's config",
+        responses=_WRITE_ERRORS,
+    )
+    async def replace_config(community_id: str, body: Annotated[ConfigBody, Body()]) -> Community:
+        """Replace the whole config: keys not given fall back to the instance defaults."""
+        config = _checked_config(body)
+        community = await communities.update_community(pool, community_id, config=config)
+        if community is None:
+            raise NotFound("Unknown community")
+        await notify({"community_id": community_id})
+        return _community(community)
+
+    @router.get(
+        "/instance/community_config",
+        summary="The instance defaults",
+        response_model=ConfigBody,
+    )
+    async def get_instance_config() -> dict[str, Any]:
+        """Code defaults overlaid with ``PS_*`` environment values: what a community
+        inherits for every key it does not set. Instance-only keys are not shown."""
+        return community_defaults
+
+    # --- Rooms ---------------------------------------------------------------------
+
+    @router.get("/rooms", summary="List protected rooms")
+    async def list_rooms() -> list[Room]:
+        """Every protected room, ordered by room ID (``[]`` when there are none)."""
+        return [_room(r) for r in await rooms.list_rooms(pool)]
+
+    @router.get("/rooms/{room_id}", summary="Get a protected room")
+    async def get_room(room_id: str) -> Room:
+        """One protected room."""
+        room = await rooms.get_room(pool, room_id)
+        if room is None:
+            raise NotFound("Unknown room")
+        return _room(room)
+
+    @router.put("/rooms/{room_id}", summary="Protect or move a room", responses=_WRITE_ERRORS)
+    async def protect_room(room_id: str, body: ProtectRoomRequest) -> Room:
+        """Protect a room for a community, or move it to another one / correct its version.
+
+        An unknown community is 400 ``M_BAD_JSON`` naming ``community_id`` (the room,
+        the resource of this path, is not what is missing).
+        """
+        version = get_room_version(body.room_version)  # M_UNSUPPORTED_ROOM_VERSION
+        _check_room_id(room_id, version)
+        if await communities.get_community(pool, body.community_id) is None:
+            raise BadJSON(f"community_id: unknown community {body.community_id!r}")
+        try:
+            room = await rooms.put_room(pool, room_id, version.identifier, body.community_id)
+        except asyncpg.ForeignKeyViolationError:
+            raise BadJSON(f"community_id: unknown community {body.community_id!r}") from None
+        await notify({"room_id": room_id})
+        return _room(room)
+
+    @router.delete("/rooms/{room_id}", summary="Stop protecting a room", responses=_WRITE_ERRORS)
+    async def unprotect_room(room_id: str) -> EmptyBody:
+        """Forget the room: ``/sign`` requests for it are refused from now on."""
+        if not await rooms.delete_room(pool, room_id):
+            raise NotFound("Unknown room")
+        await notify({"room_id": room_id})
+        return EmptyBody()
+
+    @router.post(
+        "/set_room_moderator",
+        summary="Set the user who redacts in a room",
+        deprecated=True,
+        responses=_WRITE_ERRORS,
+    )
+    async def set_room_moderator(body: SetRoomModeratorRequest) -> SetRoomModeratorRequest:
+        """Set (or, with ``""``, unset) the moderator used for redactions; echoes the body.
+
+        Deprecated in policyserv, kept because the moderator service's access-token
+        redactions use it.
+        """
+        if body.moderator_user_id:
+            _check_user_id(body.moderator_user_id)
+        if await rooms.set_moderator(pool, body.room_id, body.moderator_user_id) is None:
+            raise NotFound("Unknown room")
+        await notify({"room_id": body.room_id})
+        return body
+
+    # --- Verdicts ------------------------------------------------------------------
+
+    @router.get(
+        "/events/{event_id:path}",
+        summary="Why an event was signed or refused",
+        response_model_exclude_none=True,
+    )
+    async def get_event_verdict(
+        event_id: Annotated[str, Path(description="The event ID, e.g. $abc… (may contain /)")],
+    ) -> Verdict:
+        """The stored verdict for an event, with every filter's outcome."""
+        verdict = await verdicts.get_verdict(pool, event_id)
+        if verdict is None:
+            raise NotFound("No verdict for this event")
+        return Verdict.model_validate(verdict.to_dict())
+
+    return router
