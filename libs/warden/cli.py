@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--federation-key", help="path (default PS_HOMESERVER_SIGNING_KEY_PATH)")
     keygen.add_argument("--policy-key", help="path (default PS_HOMESERVER_EVENT_SIGNING_KEY_PATH)")
     sub.add_parser("dev", help="run the whole stack locally (embedded servers where needed)")
+    from warden.dev.sign_request import add_arguments as sign_request_arguments
+
+    sign_request_arguments(
+        sub.add_parser(
+            "sign-request", help="ask a policy server to sign an event, as a test origin (dev)"
+        )
+    )
     return parser
 
 
@@ -106,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from warden.dev.stack import run_dev
 
         return run_dev(settings)
+    if args.command == "sign-request":
+        from warden.dev.sign_request import run as run_sign_request
+
+        return run_sign_request(args)
     raise AssertionError(args.command)
 
 

@@ -8,8 +8,8 @@ import httpx
 import pytest
 from signedjson.key import generate_signing_key
 from signedjson.sign import verify_signed_json
-from tests.service_processes import ServiceProcess
 
+from tests.service_processes import ServiceProcess
 from warden.matrix.ids import ServerName
 from warden.matrix.keys import POLICY_SERVER_KEY_ID, decode_verify_key, key_id_of, verify_key_base64
 from warden.runtime.health import Health

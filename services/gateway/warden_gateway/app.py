@@ -1,14 +1,14 @@
 """The gateway's ASGI app.
 
-Federation routes (and, later, ``/sign``) are plain Starlette routes: they are the hot
-path and skip FastAPI's per-request validation. FastAPI serves the admin API and its
-OpenAPI document.
+Federation, policy and well-known routes are plain Starlette routes: they are the hot
+path and skip FastAPI's per-request validation. FastAPI serves the admin API
+(``/api/v1``, only when ``PS_API_KEY`` is set) and its OpenAPI document.
 """
 
 from __future__ import annotations
 
 import orjson
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -17,10 +17,13 @@ from starlette.routing import Route
 from warden.matrix.errors import MatrixError
 from warden.runtime.health import Health
 from warden.runtime.identity import Identity
+from warden.settings import Settings
 from warden.telemetry.http import HttpMetricsMiddleware
 from warden.telemetry.metrics import WARDEN_VERSION
 from warden_gateway.errors import on_http_exception, on_matrix_error, on_unexpected
+from warden_gateway.policy_api import PolicyAPI
 from warden_gateway.server_keys import ServerKeyEndpoint
+from warden_gateway.well_known import WellKnown
 
 _VERSION_BODY = orjson.dumps({"server": {"name": "warden", "version": WARDEN_VERSION}})
 
@@ -30,8 +33,22 @@ async def federation_version(request: Request) -> Response:
     return Response(_VERSION_BODY, media_type="application/json")
 
 
-def build_app(identity: Identity, health: Health) -> FastAPI:
-    """Assemble the gateway app for one identity; ``health`` backs /livez and /readyz."""
+def build_app(
+    identity: Identity,
+    health: Health,
+    *,
+    settings: Settings | None = None,
+    policy: PolicyAPI | None = None,
+    admin_router: APIRouter | None = None,
+) -> FastAPI:
+    """Assemble the gateway app for one identity; ``health`` backs /livez and /readyz.
+
+    ``settings`` feed the well-known documents (defaults when omitted). ``policy``
+    adds ``/sign`` and ``/check``. ``admin_router`` is the admin API router (built by
+    ``admin_api.build_admin_router``, which carries the ``/api/v1`` prefix); pass it
+    only when ``PS_API_KEY`` is set.
+    """
+    settings = settings or Settings(homeserver_name=identity.server_name)
     app = FastAPI(
         title="Warden",
         version=WARDEN_VERSION,
@@ -40,12 +57,20 @@ def build_app(identity: Identity, health: Health) -> FastAPI:
         openapi_url="/api/v1/openapi.json",
     )
     key_endpoint = ServerKeyEndpoint(identity)
-    raw_routes = [
+    raw_routes: list[Route] = [
         Route("/_matrix/key/v2/server", key_endpoint.handle, methods=["GET"]),
         Route("/_matrix/federation/v1/version", federation_version, methods=["GET"]),
+        *WellKnown(identity, settings).routes(),
         *health.routes(with_metrics=False),
     ]
+    if policy is not None:
+        raw_routes.extend(policy.routes())
     app.router.routes.extend(raw_routes)
+    if admin_router is not None:
+        from warden_gateway.admin_api import install_admin_error_handlers
+
+        app.include_router(admin_router)
+        install_admin_error_handlers(app)
     app.add_exception_handler(MatrixError, on_matrix_error)
     app.add_exception_handler(HTTPException, on_http_exception)
     app.add_exception_handler(Exception, on_unexpected)

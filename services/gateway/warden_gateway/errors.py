@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from warden.matrix.errors import MatrixError
+from warden.matrix.errors import MatrixError, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -20,18 +20,35 @@ def matrix_error_response(status: int, errcode: str, error: str, **extra: object
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-async def on_matrix_error(request: Request, exc: Exception) -> Response:
-    """Handler for ``MatrixError`` raised anywhere below."""
-    assert isinstance(exc, MatrixError)
-    headers = {}
-    retry_ms = exc.extra.get("retry_after_ms")
-    if isinstance(retry_ms, int):
-        headers["Retry-After"] = str(max(1, (retry_ms + 999) // 1000))
+class TemporarilyUnavailable(Unavailable):
+    """503 ``M_UNKNOWN`` with a ``Retry-After`` header (seconds): try again soon."""
+
+    def __init__(self, error: str, *, retry_after_seconds: int = 1) -> None:
+        super().__init__(error)
+        self.retry_after_seconds = retry_after_seconds
+
+
+def error_response(exc: MatrixError) -> Response:
+    """The response for a ``MatrixError``.
+
+    ``retry_after_ms`` in the body (``M_LIMIT_EXCEEDED``) also sets ``Retry-After``, as
+    does a ``TemporarilyUnavailable``.
+    """
     resp = Response(
         orjson.dumps(exc.to_dict()), status_code=exc.status, media_type="application/json"
     )
-    resp.headers.update(headers)
+    retry_ms = exc.extra.get("retry_after_ms")
+    if isinstance(retry_ms, int):
+        resp.headers["Retry-After"] = str(max(1, (retry_ms + 999) // 1000))
+    elif isinstance(exc, TemporarilyUnavailable):
+        resp.headers["Retry-After"] = str(exc.retry_after_seconds)
     return resp
+
+
+async def on_matrix_error(request: Request, exc: Exception) -> Response:
+    """Handler for ``MatrixError`` raised anywhere below."""
+    assert isinstance(exc, MatrixError)
+    return error_response(exc)
 
 
 async def on_http_exception(request: Request, exc: Exception) -> Response:

@@ -1,0 +1,82 @@
+"""The gateway's policy API metrics.
+
+Labels are small fixed sets (endpoint, outcome, cache layer, failure reason); never a
+room, user, server or event ID.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from prometheus_client import Counter, Histogram
+
+
+class Endpoint(enum.StrEnum):
+    """Which policy API endpoint answered (the ``endpoint`` label)."""
+
+    SIGN = "sign"  # /_matrix/policy/v1/sign
+    SIGN_UNSTABLE = "sign_unstable"  # /_matrix/policy/unstable/org.matrix.msc4284/sign
+    CHECK = "check"  # .../org.matrix.msc4284/event/{eventId}/check
+
+
+class Outcome(enum.StrEnum):
+    """How a policy API request ended (the ``outcome`` label)."""
+
+    SIGNED = "signed"  # signed, or "ok" on /check
+    REFUSED = "refused"  # refused, or "spam" on /check
+    BAD_JSON = "bad_json"
+    NOT_JSON = "not_json"
+    NOT_FOUND = "not_found"
+    UNAUTHORIZED = "unauthorized"
+    TOO_LARGE = "too_large"
+    RATE_LIMITED = "rate_limited"
+    UNAVAILABLE = "unavailable"
+    INVALID_PARAM = "invalid_param"
+    OTHER_ERROR = "other_error"
+
+
+class CacheLayer(enum.StrEnum):
+    """Where a verdict was found (the ``layer`` label)."""
+
+    MEMORY = "memory"
+    IN_FLIGHT = "in_flight"  # joined a lookup already running in this process
+    REDIS = "redis"
+    NATS = "nats"
+
+
+class VerdictFailure(enum.StrEnum):
+    """Why no verdict came back from the filter workers (the ``reason`` label)."""
+
+    TIMEOUT = "timeout"
+    NO_RESPONDERS = "no_responders"
+    WORKER_ERROR = "worker_error"
+    BAD_REPLY = "bad_reply"
+    NATS_ERROR = "nats_error"
+
+
+SIGN_REQUESTS = Counter(
+    "warden_sign_requests_total",
+    "Policy API requests (/sign, unstable /sign, /check), by endpoint and outcome.",
+    ["endpoint", "outcome"],
+)
+SIGN_SECONDS = Histogram(
+    "warden_sign_seconds",
+    "Time to answer a policy API request, by endpoint (every outcome).",
+    ["endpoint"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+VERDICT_CACHE = Counter(
+    "warden_verdict_cache_total",
+    "Verdicts the gateway obtained, by where they were found: the in-process cache, "
+    "Redis, or a filter worker over NATS.",
+    ["layer"],
+)
+VERDICT_FAILURES = Counter(
+    "warden_verdict_failures_total",
+    "Verdict requests to the filter workers that gave no verdict, by reason.",
+    ["reason"],
+)
+RATE_LIMIT_ERRORS = Counter(
+    "warden_sign_rate_limit_errors_total",
+    "Per-origin rate limit checks that could not reach Redis (the request was let through).",
+)

@@ -1,0 +1,404 @@
+"""The policy API: ``/sign`` (stable and unstable) and the legacy ``/check``.
+
+Plain Starlette handlers with orjson: this is the hot path. Checks run cheapest first,
+and nothing a client sends can produce a 5xx (only 503 when a dependency or the filter
+workers cannot answer):
+
+1. body size, while reading (413 ``M_TOO_LARGE``);
+2. JSON (400 ``M_NOT_JSON``), canonical JSON values (400 ``M_BAD_JSON``);
+3. X-Matrix authentication (401 ``M_UNAUTHORIZED``), which needs the parsed body;
+4. the per-origin rate limit, after authentication so that a spoofed origin cannot
+   spend a real origin's budget (429 ``M_LIMIT_EXCEEDED``);
+5. the room's record, cached in process (404 ``M_NOT_FOUND``); it gives the room
+   version, which requests do not carry; checking it only after authentication keeps
+   which rooms are protected from anonymous callers;
+6. PDU structure for that version, then the content hash (400 ``M_BAD_JSON``);
+7. reference hash and event ID, computed once from the redacted signing bytes (the
+   same bytes our signature covers); on ``/check`` the path's event ID must match
+   (400 ``M_INVALID_PARAM``);
+8. the signatures of every server required to sign (400 ``M_BAD_JSON``);
+9. ``m.room.policy`` with an empty state key is signed without a verdict: a room must
+   always be able to replace or remove its policy server;
+10. the verdict (``VerdictSource``); a verdict whose reference hash differs from the
+    event's (a reused room v1/v2 event ID) is a refusal, never a signature.
+
+Refusals: stable ``/sign`` answers 400 ``M_FORBIDDEN`` with the harm IDs in
+``org.matrix.msc4387.harms``; unstable ``/sign`` answers 200 ``{}`` (MSC4284's unstable
+form); ``/check`` answers ``{"recommendation": "spam"}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import asyncpg
+import orjson
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from unpaddedbase64 import encode_base64
+
+from warden.federation.keyring_errors import KeyringError
+from warden.federation.xmatrix import VerifyKeySource, verify_request
+from warden.matrix.canonical_json import CanonicalJSONError, parse_canonical
+from warden.matrix.errors import (
+    BadJSON,
+    Forbidden,
+    InvalidParam,
+    LimitExceeded,
+    MatrixError,
+    NotFound,
+    NotJSON,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
+from warden.matrix.event_hashes import (
+    check_content_hash,
+    event_id_from_reference_hash,
+    redacted_signing_bytes,
+    room_id_from_create_event,
+)
+from warden.matrix.event_signing import (
+    EventSignatureError,
+    EventVerifyKey,
+    servers_required_to_sign,
+    verify_sender_signature,
+)
+from warden.matrix.ids import KeyID, ServerName
+from warden.matrix.keys import POLICY_SERVER_KEY_ID
+from warden.matrix.pdu import MAX_ID_LENGTH, validate_pdu
+from warden.matrix.room_versions import RoomVersion, get_room_version
+from warden.policy.harms import HARMS_FIELD
+from warden.runtime.identity import Identity
+from warden.storage.records import Room
+from warden.telemetry.tracing import tracer
+from warden_gateway.errors import TemporarilyUnavailable, error_response
+from warden_gateway.metrics import SIGN_REQUESTS, SIGN_SECONDS, Endpoint, Outcome
+from warden_gateway.rate_limit import OriginRateLimiter
+from warden_gateway.request_body import read_limited_body
+from warden_gateway.verdict_source import EvaluationRequest, VerdictSource
+
+logger = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+
+SIGN_PATH = "/_matrix/policy/v1/sign"
+UNSTABLE_SIGN_PATH = "/_matrix/policy/unstable/org.matrix.msc4284/sign"
+# Event IDs of room version 3 hold "/" (standard base64), hence the path converter.
+CHECK_PATH = "/_matrix/policy/unstable/org.matrix.msc4284/event/{event_id:path}/check"
+
+# Retry-After when PostgreSQL or Redis did not answer.
+DEPENDENCY_RETRY_AFTER_SECONDS = 5
+
+# A server has a handful of keys at most; more key IDs under one server in an event's
+# signatures would only make us look up keys for nothing.
+MAX_KEYS_PER_SIGNING_SERVER = 8
+
+REFUSED_MESSAGE = "This event is not allowed by the room's policy server"
+REUSED_ID_MESSAGE = (
+    "This event ID was already judged for an event with different content; the policy "
+    "server will not sign a second event under the same ID"
+)
+
+# Failures of our own dependencies: 503, never 500, and never the client's fault.
+_DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    RedisError,
+    OSError,
+)
+
+_OUTCOMES: tuple[tuple[type[MatrixError], Outcome], ...] = (
+    (TooLarge, Outcome.TOO_LARGE),
+    (NotJSON, Outcome.NOT_JSON),
+    (BadJSON, Outcome.BAD_JSON),
+    (Unauthorized, Outcome.UNAUTHORIZED),
+    (LimitExceeded, Outcome.RATE_LIMITED),
+    (NotFound, Outcome.NOT_FOUND),
+    (InvalidParam, Outcome.INVALID_PARAM),
+    (Unavailable, Outcome.UNAVAILABLE),
+)
+
+
+class RoomLookup(Protocol):
+    """What the policy API needs from a room cache (``RoomCache`` implements it)."""
+
+    async def get(self, room_id: str) -> Room | None:
+        """The room's record, or None when it is not protected."""
+        ...
+
+
+class Refused(Forbidden):
+    """The policy server refuses to sign: 400 ``M_FORBIDDEN`` (the spec's status for a
+    refusal; 403 is for ACL'd servers)."""
+
+    status = 400
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The policy server's answer for one event: a signature or a refusal."""
+
+    event_id: str
+    signature: str | None = None
+    refusal: str | None = None
+    harms: tuple[str, ...] = ()
+
+
+def _outcome_for(exc: MatrixError) -> Outcome:
+    for cls, outcome in _OUTCOMES:
+        if isinstance(exc, cls):
+            return outcome
+    return Outcome.OTHER_ERROR
+
+
+def _request_target(request: Request) -> str:
+    """The request target as received (path and query, percent-encoding untouched)."""
+    raw_path = request.scope.get("raw_path")
+    path = raw_path.decode("latin-1") if isinstance(raw_path, bytes) else request.url.path
+    query = request.scope.get("query_string", b"")
+    return f"{path}?{query.decode('latin-1')}" if query else path
+
+
+def _parse_body(body: bytes) -> dict[str, Any]:
+    try:
+        value = parse_canonical(body)
+    except CanonicalJSONError as exc:
+        raise BadJSON(f"Request body is not valid Matrix JSON: {exc}") from None
+    except ValueError:
+        raise NotJSON("Request body is not JSON") from None
+    if not isinstance(value, dict):
+        raise NotJSON("Request body must be a JSON object (the PDU)")
+    return value
+
+
+def _is_policy_state_event(pdu: dict[str, Any]) -> bool:
+    return pdu.get("type") == "m.room.policy" and pdu.get("state_key") == ""
+
+
+def _json(body: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+class PolicyAPI:
+    """The ``/sign`` and ``/check`` handlers and their dependencies."""
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        keyring: VerifyKeySource,
+        rooms: RoomLookup,
+        verdicts: VerdictSource,
+        rate_limiter: OriginRateLimiter | None,
+        max_body_bytes: int,
+    ) -> None:
+        self._identity = identity
+        self._server_name = identity.server_name
+        self._keyring = keyring
+        self._rooms = rooms
+        self._verdicts = verdicts
+        self._rate_limiter = rate_limiter
+        self._max_body_bytes = max_body_bytes
+
+    def routes(self) -> list[Route]:
+        """The policy API's routes."""
+        return [
+            Route(SIGN_PATH, self.sign, methods=["POST"]),
+            Route(UNSTABLE_SIGN_PATH, self.sign_unstable, methods=["POST"]),
+            Route(CHECK_PATH, self.check, methods=["POST"]),
+        ]
+
+    # --- handlers ---
+
+    async def sign(self, request: Request) -> Response:
+        """``POST /_matrix/policy/v1/sign``."""
+        return await self._answer(request, Endpoint.SIGN, None)
+
+    async def sign_unstable(self, request: Request) -> Response:
+        """``POST /_matrix/policy/unstable/org.matrix.msc4284/sign``."""
+        return await self._answer(request, Endpoint.SIGN_UNSTABLE, None)
+
+    async def check(self, request: Request) -> Response:
+        """``POST /_matrix/policy/unstable/org.matrix.msc4284/event/{eventId}/check``."""
+        return await self._answer(request, Endpoint.CHECK, str(request.path_params["event_id"]))
+
+    async def _answer(
+        self, request: Request, endpoint: Endpoint, path_event_id: str | None
+    ) -> Response:
+        start = time.perf_counter()
+        outcome = Outcome.OTHER_ERROR
+        try:
+            with _tracer.start_as_current_span(
+                "policy." + endpoint.value, attributes={"warden.endpoint": endpoint.value}
+            ):
+                decision = await self._decide(request, endpoint, path_event_id)
+            outcome = Outcome.SIGNED if decision.signature is not None else Outcome.REFUSED
+            return self._render(endpoint, decision)
+        except MatrixError as exc:
+            outcome = _outcome_for(exc)
+            return error_response(exc)
+        except _DEPENDENCY_ERRORS as exc:
+            outcome = Outcome.UNAVAILABLE
+            logger.warning(
+                "policy request failed on a dependency",
+                extra={"endpoint": endpoint.value, "error": f"{type(exc).__name__}: {exc}"},
+            )
+            return error_response(
+                TemporarilyUnavailable(
+                    "The policy server is temporarily unavailable; try again later",
+                    retry_after_seconds=DEPENDENCY_RETRY_AFTER_SECONDS,
+                )
+            )
+        finally:
+            SIGN_REQUESTS.labels(endpoint, outcome).inc()
+            SIGN_SECONDS.labels(endpoint).observe(time.perf_counter() - start)
+
+    def _render(self, endpoint: Endpoint, decision: Decision) -> Response:
+        if endpoint is Endpoint.CHECK:
+            verdict = "ok" if decision.signature is not None else "spam"
+            return _json({"recommendation": verdict})
+        if decision.signature is not None:
+            return _json({self._server_name: {POLICY_SERVER_KEY_ID: decision.signature}})
+        if endpoint is Endpoint.SIGN_UNSTABLE:
+            return _json({})
+        assert decision.refusal is not None
+        return error_response(Refused(decision.refusal, **{HARMS_FIELD: list(decision.harms)}))
+
+    # --- the decision ---
+
+    async def _decide(
+        self, request: Request, endpoint: Endpoint, path_event_id: str | None
+    ) -> Decision:
+        body = await read_limited_body(request, self._max_body_bytes)
+        pdu = _parse_body(body)
+        origin = await verify_request(
+            request.method,
+            _request_target(request),
+            pdu,
+            request.headers.getlist("authorization"),
+            self._server_name,
+            self._keyring,
+        )
+        if self._rate_limiter is not None:
+            await self._rate_limiter.check(origin)
+        room = await self._room_for(pdu)
+        room_version = get_room_version(room.room_version)
+        validate_pdu(room_version, pdu)
+        if not check_content_hash(pdu):
+            raise BadJSON("The event's content hash (hashes.sha256) does not match its content")
+        try:
+            signing_bytes = redacted_signing_bytes(room_version, pdu)
+        except ValueError as exc:  # validate_pdu already checked canonical values
+            raise BadJSON(f"The event cannot be redacted and encoded: {exc}") from None
+        reference_hash = hashlib.sha256(signing_bytes).digest()
+        if room_version.event_id_in_json:
+            event_id = str(pdu["event_id"])  # validate_pdu checked its shape
+        else:
+            event_id = event_id_from_reference_hash(room_version, reference_hash)
+        if path_event_id is not None and path_event_id != event_id:
+            raise InvalidParam(
+                f"The event ID in the path ({path_event_id}) is not the event's ID ({event_id})"
+            )
+        await self._verify_event_signatures(room_version, pdu)
+
+        if _is_policy_state_event(pdu):
+            # Always signed: a room must be able to replace or remove its policy server.
+            return Decision(event_id, signature=self._sign(signing_bytes))
+
+        reference_b64 = encode_base64(reference_hash)
+        entry = await self._verdicts.get(
+            EvaluationRequest(
+                event_id=event_id,
+                reference_hash=reference_b64,
+                room_version=room_version.identifier,
+                community_id=room.community_id,
+                origin=origin,
+                source="check" if endpoint is Endpoint.CHECK else "sign",
+                pdu=body,
+            )
+        )
+        verdict = entry.verdict
+        if verdict.reference_hash != reference_b64:
+            logger.warning(
+                "refused: event ID reused for different content",
+                extra={"event_id": event_id, "origin": origin},
+            )
+            return Decision(event_id, refusal=REUSED_ID_MESSAGE)
+        if verdict.prohibited:
+            logger.info(
+                "refused",
+                extra={"event_id": event_id, "origin": origin, "harms": list(verdict.harms)},
+            )
+            return Decision(event_id, refusal=REFUSED_MESSAGE, harms=verdict.harms)
+        if entry.signature is None:
+            # Same reference hash, same signing bytes: the signature can be reused.
+            entry.signature = self._sign(signing_bytes)
+        return Decision(event_id, signature=entry.signature)
+
+    async def _room_for(self, pdu: dict[str, Any]) -> Room:
+        room_id = pdu.get("room_id")
+        if room_id is None and pdu.get("type") == "m.room.create":
+            # Room version 12 create events carry no room_id: it is their hash.
+            try:
+                room_id = room_id_from_create_event(pdu)
+            except ValueError:
+                raise NotFound("This room is not protected by this policy server") from None
+        if not isinstance(room_id, str):
+            raise BadJSON("invalid PDU: 'room_id' must be a string")
+        if len(room_id.encode("utf-8")) > MAX_ID_LENGTH:
+            raise BadJSON(f"invalid PDU: 'room_id' is longer than {MAX_ID_LENGTH}")
+        room = await self._rooms.get(room_id)
+        if room is None:
+            raise NotFound("This room is not protected by this policy server")
+        return room
+
+    async def _verify_event_signatures(
+        self, room_version: RoomVersion, pdu: dict[str, Any]
+    ) -> None:
+        """Check the signatures of every server required to sign (sender's, and so on).
+
+        From room version 5 keys must have been valid at the event's
+        ``origin_server_ts``; before that any key the server ever had will do (as in
+        Synapse).
+        """
+        try:
+            required = servers_required_to_sign(room_version, pdu)
+        except EventSignatureError as exc:
+            raise BadJSON(f"invalid PDU: {exc}") from None
+        at_ms = int(pdu["origin_server_ts"]) if room_version.enforce_key_validity else 0
+        signatures: dict[str, Any] = pdu["signatures"]  # validate_pdu checked the shape
+        verify_keys: dict[str, dict[str, EventVerifyKey]] = {}
+        for server in required:
+            by_server = signatures.get(server)
+            if not isinstance(by_server, dict):
+                raise BadJSON(f"The event is not signed by {server}")
+            key_ids = [k for k in by_server if k.startswith("ed25519:")]
+            if len(key_ids) > MAX_KEYS_PER_SIGNING_SERVER:
+                raise BadJSON(f"The event carries too many signatures by {server}")
+            found: dict[str, EventVerifyKey] = {}
+            for key_id in key_ids:
+                try:
+                    found[key_id] = await self._keyring.get_verify_key(
+                        ServerName(server), KeyID(key_id), at_ms=at_ms
+                    )
+                except KeyringError:
+                    continue  # verify_sender_signature needs at least one known key
+            verify_keys[server] = found
+        try:
+            verify_sender_signature(room_version, pdu, verify_keys, servers=required)
+        except EventSignatureError as exc:
+            raise BadJSON(f"The event's signatures do not verify: {exc}") from None
+
+    def _sign(self, signing_bytes: bytes) -> str:
+        """Our policy signature over the redacted event's canonical bytes.
+
+        The same as ``compute_event_signature(room_version, pdu, server, policy_key,
+        "ed25519:policy_server")``, without redacting and encoding the event again.
+        """
+        return encode_base64(self._identity.policy_key.sign(signing_bytes).signature)

@@ -1,0 +1,40 @@
+"""Reading a request body with a size limit enforced while reading.
+
+``Content-Length`` is only a hint: a client may omit it (chunked transfer encoding) or
+lie. The limit is checked on the declared length first (so an honest oversized request
+is refused without reading it) and again on every chunk received.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import ClientDisconnect, Request
+
+from warden.matrix.errors import MatrixError, TooLarge
+
+
+class ClientGone(MatrixError):
+    """The client disconnected before its body arrived; nobody reads this answer."""
+
+    errcode = "M_UNKNOWN"
+    status = 400
+
+
+async def read_limited_body(request: Request, limit: int) -> bytes:
+    """Return the whole body, or raise ``TooLarge`` as soon as it exceeds ``limit`` bytes.
+
+    Raises ``ClientGone`` if the client disconnects mid-body.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise TooLarge(f"Request body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise TooLarge(f"Request body is larger than {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone("Client disconnected before sending its whole body") from None
+    return b"".join(chunks)

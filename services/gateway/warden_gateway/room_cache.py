@@ -1,0 +1,88 @@
+"""Which rooms are protected, cached briefly in process.
+
+Every ``/sign`` needs the room's record (its version and community). Records change
+rarely, so each replica keeps them (and the fact that a room is *not* protected) for a
+few seconds. The admin API publishes ``{"room_id": ...}`` on ``CONFIG_CHANGED_SUBJECT``
+when a room is added, moved or removed; every replica drops that entry at once, so the
+TTL only bounds staleness when such a message is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import asyncpg
+import orjson
+from nats.aio.msg import Msg
+
+from warden.storage.records import Room
+from warden.storage.rooms import get_room
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TTL_SECONDS = 10.0
+DEFAULT_SIZE = 10_000
+
+
+class RoomCache:
+    """``get_room`` with a bounded, short-lived in-process cache (negative answers too)."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        ttl_seconds: float = DEFAULT_TTL_SECONDS,
+        size: int = DEFAULT_SIZE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._pool = pool
+        self._ttl = ttl_seconds
+        self._size = size
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, Room | None]] = OrderedDict()
+
+    async def get(self, room_id: str) -> Room | None:
+        """The room's record, or None when Warden does not protect it.
+
+        Raises the pool's errors (``asyncpg.PostgresError``, ``OSError``) when the
+        database cannot answer and nothing is cached.
+        """
+        now = self._clock()
+        item = self._entries.get(room_id)
+        if item is not None and item[0] > now:
+            self._entries.move_to_end(room_id)
+            return item[1]
+        room = await get_room(self._pool, room_id)
+        self._entries[room_id] = (now + self._ttl, room)
+        self._entries.move_to_end(room_id)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return room
+
+    def invalidate(self, room_id: str) -> None:
+        """Forget one room."""
+        self._entries.pop(room_id, None)
+
+    def clear(self) -> None:
+        """Forget every room."""
+        self._entries.clear()
+
+    async def on_config_changed(self, msg: Msg) -> None:
+        """NATS callback for ``CONFIG_CHANGED_SUBJECT``.
+
+        ``{"room_id": ...}`` drops that room; any other message (a community change, or
+        one that cannot be read) drops everything, which is always safe.
+        """
+        try:
+            body = orjson.loads(msg.data)
+        except orjson.JSONDecodeError:
+            body = None
+        room_id = body.get("room_id") if isinstance(body, dict) else None
+        if isinstance(room_id, str):
+            self.invalidate(room_id)
+        else:
+            self.clear()
+        logger.debug("room cache invalidated", extra={"room_id": room_id})

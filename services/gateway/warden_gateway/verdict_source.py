@@ -1,0 +1,251 @@
+"""One verdict per event, as seen from the gateway.
+
+Lookup order for an event ID:
+
+1. an in-process LRU (event ID -> verdict, and the policy signature once made: ed25519
+   is deterministic, so signing the same bytes again would give the same signature);
+2. Redis ``redis_keys.verdict(event_id)``, written by the worker once the verdict is
+   durable in PostgreSQL;
+3. a NATS request on ``EVALUATE_SUBJECT``, answered by one filter worker of the queue
+   group. The workers make sure an event is evaluated once across all of them.
+
+Concurrent requests for one event ID in this process share a single lookup
+(single-flight). The lookup runs in its own task, so it carries on when the HTTP
+request that started it goes away; whoever asks next finds the verdict in the caches.
+
+When no worker answers within ``PS_VERDICT_TIMEOUT_SECONDS`` (or none is subscribed,
+or one answers ``{"error": ...}``) the lookup fails with ``TemporarilyUnavailable``
+(503): the gateway never signs what was not judged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import orjson
+import redis.asyncio as aioredis
+from nats.aio.client import Client as NATS
+from redis.exceptions import RedisError
+
+from warden import redis_keys
+from warden.bus.subjects import (
+    EVALUATE_SUBJECT,
+    HEADER_COMMUNITY,
+    HEADER_EVENT_ID,
+    HEADER_ORIGIN,
+    HEADER_REFERENCE_HASH,
+    HEADER_ROOM_VERSION,
+    HEADER_SOURCE,
+)
+from warden.policy.verdict import Verdict
+from warden.telemetry.tracing import inject_headers
+from warden_gateway.errors import TemporarilyUnavailable
+from warden_gateway.metrics import VERDICT_CACHE, VERDICT_FAILURES, CacheLayer, VerdictFailure
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_SIZE = 50_000
+# After a timeout the evaluation is still running; a retry a moment later usually finds
+# the verdict in Redis.
+RETRY_AFTER_TIMEOUT_SECONDS = 2
+RETRY_AFTER_NO_WORKER_SECONDS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationRequest:
+    """What the gateway knows about an event when it asks for its verdict."""
+
+    event_id: str
+    reference_hash: str  # unpadded base64 sha256 of the redacted event
+    room_version: str
+    community_id: str
+    origin: str  # the server that asked us (X-Matrix origin)
+    source: str  # "sign" or "check"
+    pdu: bytes  # the request body as received
+
+
+@dataclass(slots=True)
+class CachedVerdict:
+    """A verdict as the gateway keeps it, with our signature once we have made it."""
+
+    verdict: Verdict
+    signature: str | None = None
+
+
+class VerdictSource:
+    """Find the verdict for an event: memory, then Redis, then a filter worker."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        nc: NATS,
+        *,
+        timeout_seconds: float,
+        subject: str = EVALUATE_SUBJECT,
+        memory_size: int = DEFAULT_MEMORY_SIZE,
+    ) -> None:
+        self._redis = redis
+        self._nc = nc
+        self._timeout = timeout_seconds
+        self._subject = subject
+        self._memory_size = memory_size
+        self._memory: OrderedDict[str, CachedVerdict] = OrderedDict()
+        self._inflight: dict[str, asyncio.Task[CachedVerdict]] = {}
+
+    def cached(self, event_id: str) -> CachedVerdict | None:
+        """The in-process entry for ``event_id``, if any (no I/O, no metrics)."""
+        return self._memory.get(event_id)
+
+    async def get(self, request: EvaluationRequest) -> CachedVerdict:
+        """The verdict for ``request.event_id``.
+
+        Raises ``TemporarilyUnavailable`` when no verdict could be obtained.
+        """
+        entry = self._memory.get(request.event_id)
+        if entry is not None:
+            self._memory.move_to_end(request.event_id)
+            VERDICT_CACHE.labels(CacheLayer.MEMORY).inc()
+            return entry
+        task = self._inflight.get(request.event_id)
+        if task is None:
+            task = asyncio.create_task(self._lookup(request), name="verdict-lookup")
+            self._inflight[request.event_id] = task
+            task.add_done_callback(lambda done: self._finished(request.event_id, done))
+        else:
+            VERDICT_CACHE.labels(CacheLayer.IN_FLIGHT).inc()
+        # Shielded: a caller that goes away must not cancel the lookup for the others,
+        # nor the caching of its result.
+        return await asyncio.shield(task)
+
+    def _finished(self, event_id: str, task: asyncio.Task[CachedVerdict]) -> None:
+        if self._inflight.get(event_id) is task:
+            del self._inflight[event_id]
+        if not task.cancelled():
+            task.exception()  # retrieved here, so an unawaited failure is not logged
+
+    def _remember(self, event_id: str, entry: CachedVerdict) -> None:
+        self._memory[event_id] = entry
+        self._memory.move_to_end(event_id)
+        while len(self._memory) > self._memory_size:
+            self._memory.popitem(last=False)
+
+    async def _lookup(self, request: EvaluationRequest) -> CachedVerdict:
+        verdict = await self._from_redis(request.event_id)
+        if verdict is not None:
+            VERDICT_CACHE.labels(CacheLayer.REDIS).inc()
+        else:
+            verdict = await self._ask_workers(request)
+            VERDICT_CACHE.labels(CacheLayer.NATS).inc()
+        # Filter outcomes are for the moderator and webhooks; keep memory entries small.
+        slim = dataclasses.replace(verdict, filters=(), extra={})
+        entry = CachedVerdict(slim)
+        self._remember(request.event_id, entry)
+        return entry
+
+    async def _from_redis(self, event_id: str) -> Verdict | None:
+        try:
+            raw = await self._redis.get(redis_keys.verdict(event_id))
+        except (RedisError, OSError) as exc:
+            # The workers still answer from PostgreSQL; Redis is only a shortcut.
+            logger.warning("Redis unavailable for verdict lookup", extra={"error": str(exc)})
+            return None
+        if raw is None:
+            return None
+        try:
+            verdict = Verdict.from_json(raw)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            logger.warning(
+                "unreadable verdict in Redis; asking a worker",
+                extra={"event_id": event_id, "error": str(exc)},
+            )
+            return None
+        return verdict if verdict.event_id == event_id else None
+
+    async def _ask_workers(self, request: EvaluationRequest) -> Verdict:
+        headers = inject_headers(
+            {
+                HEADER_ROOM_VERSION: request.room_version,
+                HEADER_COMMUNITY: request.community_id,
+                HEADER_ORIGIN: request.origin,
+                HEADER_EVENT_ID: request.event_id,
+                HEADER_SOURCE: request.source,
+                HEADER_REFERENCE_HASH: request.reference_hash,
+            }
+        )
+        try:
+            msg = await self._nc.request(
+                self._subject, request.pdu, timeout=self._timeout, headers=headers
+            )
+        except nats.errors.NoRespondersError:
+            raise self._failure(
+                VerdictFailure.NO_RESPONDERS,
+                "No filter worker is available to judge this event; try again later",
+                RETRY_AFTER_NO_WORKER_SECONDS,
+            ) from None
+        except nats.errors.TimeoutError:
+            raise self._failure(
+                VerdictFailure.TIMEOUT,
+                f"No verdict for this event within {self._timeout:g} s; it is still being "
+                "judged, try again shortly",
+                RETRY_AFTER_TIMEOUT_SECONDS,
+            ) from None
+        except (nats.errors.Error, OSError) as exc:
+            logger.warning("NATS request failed", extra={"error": str(exc)})
+            raise self._failure(
+                VerdictFailure.NATS_ERROR,
+                "The policy server cannot reach its filter workers; try again later",
+                RETRY_AFTER_NO_WORKER_SECONDS,
+            ) from None
+        return self._parse_reply(request, msg.data)
+
+    def _parse_reply(self, request: EvaluationRequest, data: bytes) -> Verdict:
+        try:
+            body: Any = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            body = None
+        if isinstance(body, dict) and "error" in body and "class" not in body:
+            logger.warning(
+                "filter worker could not judge event",
+                extra={"event_id": request.event_id, "error": str(body["error"])[:500]},
+            )
+            raise self._failure(
+                VerdictFailure.WORKER_ERROR,
+                "The policy server could not judge this event right now; try again later",
+                RETRY_AFTER_TIMEOUT_SECONDS,
+            )
+        try:
+            if not isinstance(body, dict):
+                raise TypeError("reply is not a JSON object")
+            verdict = Verdict.from_dict(body)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            logger.error(
+                "unreadable verdict from filter worker",
+                extra={"event_id": request.event_id, "error": str(exc)},
+            )
+            raise self._failure(
+                VerdictFailure.BAD_REPLY,
+                "The policy server could not judge this event right now; try again later",
+                RETRY_AFTER_TIMEOUT_SECONDS,
+            ) from None
+        if verdict.event_id != request.event_id:
+            logger.error(
+                "filter worker answered for another event",
+                extra={"event_id": request.event_id, "answered": verdict.event_id},
+            )
+            raise self._failure(
+                VerdictFailure.BAD_REPLY,
+                "The policy server could not judge this event right now; try again later",
+                RETRY_AFTER_TIMEOUT_SECONDS,
+            )
+        return verdict
+
+    @staticmethod
+    def _failure(reason: VerdictFailure, message: str, retry_after: int) -> TemporarilyUnavailable:
+        VERDICT_FAILURES.labels(reason).inc()
+        return TemporarilyUnavailable(message, retry_after_seconds=retry_after)
