@@ -18,7 +18,11 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
-from policy_harness import (
+from signedjson.key import generate_signing_key, get_verify_key
+
+# The federation tests' HTTPS fixtures (test CA, servers on loopback).
+from tests.federation.conftest import https_server, tls_ca, tls_ca_file  # noqa: F401
+from tests.gateway.policy_harness import (
     GATEWAY_NAME,
     Decide,
     Gateway,
@@ -27,10 +31,6 @@ from policy_harness import (
     StandInWorker,
     allow,
 )
-from signedjson.key import generate_signing_key, get_verify_key
-
-# The federation tests' HTTPS fixtures (test CA, servers on loopback).
-from tests.federation.conftest import https_server, tls_ca, tls_ca_file  # noqa: F401
 from warden.bus.subjects import CONFIG_CHANGED_SUBJECT, EVALUATE_SUBJECT
 from warden.federation.client import FederationClient
 from warden.federation.keyring import Keyring

@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 from nats.aio.client import Client as NATS
-from policy_harness import (
+from unpaddedbase64 import encode_base64
+
+from tests.gateway.policy_harness import (
     DEV_ORIGIN_ENV,
     SIGN_PATH,
     StandInWorker,
@@ -20,8 +22,6 @@ from policy_harness import (
     parse_output,
     run_command,
 )
-from unpaddedbase64 import encode_base64
-
 from tests.service_processes import ServiceProcess
 from warden.bus.subjects import EVALUATE_SUBJECT
 

@@ -7,8 +7,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
-from policy_harness import SIGN_PATH, GatewayFactory, Origin, StandInWorker, new_room_id
 from prometheus_client import REGISTRY
+
+from tests.gateway.policy_harness import (
+    SIGN_PATH,
+    GatewayFactory,
+    Origin,
+    StandInWorker,
+    new_room_id,
+)
 
 StartWorker = Callable[..., Awaitable[StandInWorker]]
 Protect = Callable[..., Awaitable[str]]

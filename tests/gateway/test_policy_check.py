@@ -8,8 +8,8 @@ from typing import Any
 
 import orjson
 from nats.aio.msg import Msg
-from policy_harness import Gateway, Origin, StandInWorker, new_room_id, verdict_for
 
+from tests.gateway.policy_harness import Gateway, Origin, StandInWorker, new_room_id, verdict_for
 from warden.bus.subjects import HEADER_SOURCE
 from warden.matrix.event_hashes import compute_event_id
 from warden.matrix.room_versions import get_room_version

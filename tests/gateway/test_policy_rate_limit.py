@@ -9,8 +9,15 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from policy_harness import SIGN_PATH, Gateway, GatewayFactory, Origin, StandInWorker, new_room_id
 
+from tests.gateway.policy_harness import (
+    SIGN_PATH,
+    Gateway,
+    GatewayFactory,
+    Origin,
+    StandInWorker,
+    new_room_id,
+)
 from warden import redis_keys
 from warden.matrix.errors import LimitExceeded
 from warden_gateway.rate_limit import OriginRateLimiter

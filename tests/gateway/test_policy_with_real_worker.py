@@ -12,7 +12,10 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from policy_harness import (
+from signedjson.key import read_signing_keys
+from unpaddedbase64 import encode_base64
+
+from tests.gateway.policy_harness import (
     DEV_ORIGIN_ENV,
     GATEWAY_NAME,
     SIGN_PATH,
@@ -20,9 +23,6 @@ from policy_harness import (
     run_command,
     synapse_verifies,
 )
-from signedjson.key import read_signing_keys
-from unpaddedbase64 import encode_base64
-
 from tests.service_processes import ServiceProcess
 from warden.matrix.keys import POLICY_SERVER_KEY_ID
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncpg
 import orjson
-from policy_harness import SIGN_PATH, GatewayFactory, Origin, new_room_id
+
+from tests.gateway.policy_harness import SIGN_PATH, GatewayFactory, Origin, new_room_id
 
 
 async def test_database_down_is_503(

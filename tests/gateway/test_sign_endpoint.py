@@ -15,7 +15,12 @@ from typing import Any
 import orjson
 import pytest
 from nats.aio.msg import Msg
-from policy_harness import (
+from prometheus_client import REGISTRY
+from synapse.api.room_versions import KNOWN_ROOM_VERSIONS as SYNAPSE_VERSIONS
+from synapse.crypto.event_signing import add_hashes_and_signatures, compute_event_signature
+from unpaddedbase64 import encode_base64
+
+from tests.gateway.policy_harness import (
     GATEWAY_NAME,
     SIGN_PATH,
     UNSTABLE_SIGN_PATH,
@@ -26,11 +31,6 @@ from policy_harness import (
     synapse_verifies,
     verdict_for,
 )
-from prometheus_client import REGISTRY
-from synapse.api.room_versions import KNOWN_ROOM_VERSIONS as SYNAPSE_VERSIONS
-from synapse.crypto.event_signing import add_hashes_and_signatures, compute_event_signature
-from unpaddedbase64 import encode_base64
-
 from warden.bus.subjects import (
     HEADER_COMMUNITY,
     HEADER_EVENT_ID,

@@ -16,7 +16,10 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from policy_harness import (
+from synapse.api.room_versions import KNOWN_ROOM_VERSIONS as SYNAPSE_VERSIONS
+from synapse.crypto.event_signing import add_hashes_and_signatures
+
+from tests.gateway.policy_harness import (
     GATEWAY_NAME,
     SIGN_PATH,
     UNSTABLE_SIGN_PATH,
@@ -25,9 +28,6 @@ from policy_harness import (
     StandInWorker,
     new_room_id,
 )
-from synapse.api.room_versions import KNOWN_ROOM_VERSIONS as SYNAPSE_VERSIONS
-from synapse.crypto.event_signing import add_hashes_and_signatures
-
 from warden.matrix.keys import POLICY_SERVER_KEY_ID
 
 StartWorker = Callable[..., Awaitable[StandInWorker]]

@@ -18,7 +18,9 @@ import orjson
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from policy_harness import (
+from signedjson.key import generate_signing_key, get_verify_key, read_signing_keys
+
+from tests.gateway.policy_harness import (
     DEV_ORIGIN_ENV,
     GATEWAY_NAME,
     SIGN_PATH,
@@ -28,8 +30,6 @@ from policy_harness import (
     synapse_verifies,
     verdict_for,
 )
-from signedjson.key import generate_signing_key, get_verify_key, read_signing_keys
-
 from tests.service_processes import ServiceProcess, free_port
 from warden.bus.subjects import EVALUATE_SUBJECT
 from warden.dev.sign_request import build_event

@@ -10,7 +10,10 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from nats.aio.msg import Msg
-from policy_harness import (
+from prometheus_client import REGISTRY
+from unpaddedbase64 import encode_base64
+
+from tests.gateway.policy_harness import (
     GATEWAY_NAME,
     SIGN_PATH,
     Gateway,
@@ -21,9 +24,6 @@ from policy_harness import (
     synapse_verifies,
     verdict_for,
 )
-from prometheus_client import REGISTRY
-from unpaddedbase64 import encode_base64
-
 from warden import redis_keys
 from warden.matrix.event_hashes import compute_event_id, compute_reference_hash
 from warden.matrix.keys import POLICY_SERVER_KEY_ID
