@@ -7,16 +7,23 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import time
+import urllib.parse
 from pathlib import Path
 
 import httpx
 from signedjson.key import get_verify_key, read_signing_keys
 from signedjson.sign import verify_signed_json
+from unpaddedbase64 import encode_base64
 
 # The autouse fixture stops a stack that a failing assertion left running.
 from tests.dev.test_dev_stack import Stack, _no_stack_left_behind  # noqa: F401
+from tests.gateway.policy_harness import synapse_verifies
 from tests.service_processes import free_port
+from warden.matrix.event_hashes import compute_event_id
 from warden.matrix.keys import POLICY_SERVER_KEY_ID, key_id_of, verify_key_base64
+from warden.matrix.room_versions import get_room_version
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,6 +72,74 @@ def test_make_run_brings_up_the_whole_stack_and_serves_a_self_signed_key(
     assert doc["verify_keys"][key_id_of(fed)]["key"] == verify_key_base64(fed)
     assert verify_key_base64(pol) not in str(doc)
     verify_signed_json(doc, "warden.localtest", get_verify_key(fed))
+
+    # The README's "Try it": protect a room with the dev admin key, then play a
+    # homeserver with `warden sign-request`.
+    api_key = (tmp_path / "state" / "api_key").read_text().strip()
+    room_id = "!" + encode_base64(os.urandom(32), urlsafe=True)
+    gateway = f"http://{binds['PS_HTTP_BIND']}"
+    r = httpx.put(
+        f"{gateway}/api/v1/rooms/{urllib.parse.quote(room_id, safe='')}",
+        json={"room_version": "12", "community_id": "default"},
+        headers={"Authorization": f"Bearer {api_key}"},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    sign_url = f"{gateway}/_matrix/policy/v1/sign"
+
+    def sign_request(text: str, saved: Path) -> tuple[int, dict[str, object]]:
+        done = subprocess.run(
+            [
+                str(REPO / ".venv" / "bin" / "warden"),
+                "sign-request",
+                "--url",
+                sign_url,
+                "--build-event",
+                "--room",
+                room_id,
+                "--body-text",
+                text,
+                "--save-event",
+                str(saved),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        head, _, body = done.stdout.partition("\n")
+        assert head.startswith("HTTP "), (done.stdout, done.stderr)
+        return int(head.removeprefix("HTTP ")), json.loads(body)
+
+    status, answer = sign_request("hello, world", tmp_path / "neutral.json")
+    assert status == 200, answer
+    event = json.loads((tmp_path / "neutral.json").read_text())
+    signature = answer["warden.localtest"]["ed25519:policy_server"]  # type: ignore[index]
+    assert synapse_verifies("12", event, "warden.localtest", signature, pol)
+
+    status, answer = sign_request("this is spam", tmp_path / "spam.json")
+    assert status == 400, answer
+    assert answer["errcode"] == "M_FORBIDDEN"
+    assert "org.matrix.msc4456.spam" in answer["org.matrix.msc4387.harms"]  # type: ignore[operator]
+    spam_id = compute_event_id(
+        get_room_version("12"), json.loads((tmp_path / "spam.json").read_text())
+    )
+
+    def logged_by(service: str) -> list[dict[str, object]]:
+        records = []
+        for line in stack.output().splitlines():
+            name, sep, payload = line.partition(" | ")
+            if sep and name.strip() == service and payload.startswith("{"):
+                record = json.loads(payload)
+                if spam_id in json.dumps(record):
+                    records.append(record)
+        return records
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (logged_by("moderator") and logged_by("webhooks")):
+        time.sleep(0.2)
+    assert logged_by("moderator"), "the moderator logged nothing about the refused event"
+    assert logged_by("webhooks"), "the webhooks service logged nothing about it"
 
     # Ctrl-C in a terminal signals the whole foreground process group (make and
     # warden dev). warden dev stops everything and exits 0; make then reports the

@@ -10,9 +10,12 @@ once. A service that crash-loops (see the supervisor's restart policy) stops eve
 with exit status 1.
 
 Dev-only knobs are ``PS_DEV_*`` variables (:class:`DevSettings`). Defaults differ from
-production in three ways, each only when the user did not set the variable: the gateway
-binds 127.0.0.1 (not 0.0.0.0), the key files live in ``.warden/keys/``, and
-``PS_SHUTDOWN_DELAY_SECONDS`` is 0 (no load balancer needs time to notice).
+production, each only when the user did not set the variable: the gateway binds
+127.0.0.1 (not 0.0.0.0); the key files live in ``.warden/keys/``;
+``PS_SHUTDOWN_DELAY_SECONDS`` is 0 (no load balancer needs time to notice); the admin API
+is on with a random key kept in ``.warden/api_key``; and origins on 127.0.0.1 are trusted
+(direct key fetching, loopback allowed, federation TLS not verified) so that
+``warden sign-request`` can play a homeserver.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import asyncio
 import contextlib
 import importlib.util
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -36,7 +40,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from warden.dev.embedded import EmbeddedError, Servers, ensure_servers
 from warden.dev.procs import port_is_free
 from warden.dev.supervisor import ChildSpec, Output, RestartPolicy, Supervisor, run_once
-from warden.settings import Settings, parse_bind
+from warden.settings import DEFAULT_DENIED_NETWORKS, Settings, parse_bind
 
 T = TypeVar("T")
 
@@ -154,7 +158,43 @@ def make_plan(settings: Settings, dev: DevSettings, base_dir: Path) -> Plan:
     )
     if "shutdown_delay_seconds" not in explicit:
         env["PS_SHUTDOWN_DELAY_SECONDS"] = "0"
+    for field, var, value in _local_trust_defaults():
+        if field not in explicit:
+            env[var] = value
+    if "api_key" not in explicit:
+        env["PS_API_KEY"] = dev_api_key(base_dir)
     return Plan(env=env, binds=binds, keys=(signing, event_signing))
+
+
+def _local_trust_defaults() -> list[tuple[str, str, str]]:
+    """(settings field, variable, value): what lets origins on this machine be tried out.
+
+    ``warden sign-request`` plays an origin homeserver on 127.0.0.1 with a throwaway
+    self-signed certificate, so the dev stack fetches keys directly, trusts loopback and
+    does not verify federation TLS. Never use these in production.
+    """
+    denied = ",".join(
+        n for n in DEFAULT_DENIED_NETWORKS.split(",") if n not in {"127.0.0.0/8", "::1/128"}
+    )
+    return [
+        ("direct_key_fetching", "PS_DIRECT_KEY_FETCHING", "true"),
+        ("federation_verify_tls", "PS_FEDERATION_VERIFY_TLS", "false"),
+        ("key_query_server", "PS_KEY_QUERY_SERVER", ""),
+        ("homeserver_denied_networks", "PS_HOMESERVER_DENIED_NETWORKS", denied),
+    ]
+
+
+def dev_api_key(base_dir: Path) -> str:
+    """The dev stack's admin API key: random, kept in ``<PS_DEV_DIR>/api_key`` (0600)."""
+    path = base_dir / "api_key"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
 
 
 def _check_ports(plan: Plan) -> None:
@@ -296,6 +336,8 @@ async def run_stack(settings: Settings, dev: DevSettings, out: Output) -> int:
             for name, extra in plan.binds.items()
         )
         out.line("dev", f"  metrics: {metrics}")
+        out.line("dev", f"  admin API key: in {base_dir / 'api_key'} (Authorization: Bearer ...)")
+        out.line("dev", "  origins on 127.0.0.1 are trusted (dev only): try `warden sign-request`")
         out.line("dev", "  press Ctrl-C to stop")
 
         failed = asyncio.create_task(supervisor.failed.wait())
