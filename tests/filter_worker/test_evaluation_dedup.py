@@ -15,6 +15,7 @@ from nats.aio.client import Client as NATS
 
 from tests.filters.filter_helpers import OWN_USER, message
 from warden import redis_keys
+from warden.bus.evaluation import BadRequest, EvaluationRequest, decode_request
 from warden.bus.streams import ensure_verdicts_stream
 from warden.bus.subjects import (
     HEADER_COMMUNITY,
@@ -29,12 +30,7 @@ from warden.policy.pipeline import Pipeline
 from warden.policy.verdict import ContentClass, Verdict
 from warden.storage.verdicts import get_verdict, insert_verdicts
 from warden_filter_worker.community_config import CommunityConfigCache
-from warden_filter_worker.evaluation import (
-    BadRequest,
-    EvaluationRequest,
-    EvaluationService,
-    parse_request,
-)
+from warden_filter_worker.evaluation import EvaluationService
 from warden_filter_worker.group_commit import GroupCommitWriter
 from warden_filter_worker.publisher import VerdictPublisher
 
@@ -153,11 +149,11 @@ async def test_unknown_community_is_an_error_reply(service: Service) -> None:
     assert outcome == "error" and "unknown community" in orjson.loads(reply)["error"]
 
 
-def test_parse_request_rejects_bad_input() -> None:
+def test_decode_request_rejects_bad_input() -> None:
     ok = {HEADER_EVENT_ID: "$e", HEADER_COMMUNITY: "default"}
-    assert parse_request(b'{"type":"m.room.message"}', ok).event_id == "$e"
+    assert decode_request(b'{"type":"m.room.message"}', ok).event_id == "$e"
     full = {**ok, HEADER_ORIGIN: "o", HEADER_SOURCE: "sign", HEADER_REFERENCE_HASH: "h"}
-    parsed = parse_request(b"{}", full)
+    parsed = decode_request(b"{}", full)
     assert (parsed.origin, parsed.source, parsed.reference_hash) == ("o", "sign", "h")
     for body, headers in [
         (b"not json", ok),
@@ -167,4 +163,4 @@ def test_parse_request_rejects_bad_input() -> None:
         (b"{}", {HEADER_COMMUNITY: "default"}),
     ]:
         with pytest.raises(BadRequest):
-            parse_request(body, headers)
+            decode_request(body, headers)

@@ -24,12 +24,9 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import orjson
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -37,16 +34,13 @@ from nats.aio.subscription import Subscription
 from opentelemetry.trace import SpanKind
 
 from warden import redis_keys
-from warden.bus.subjects import (
-    EVALUATE_SUBJECT,
-    FILTER_WORKERS_QUEUE,
-    HEADER_COMMUNITY,
-    HEADER_EVENT_ID,
-    HEADER_ORIGIN,
-    HEADER_REFERENCE_HASH,
-    HEADER_ROOM_VERSION,
-    HEADER_SOURCE,
+from warden.bus.evaluation import (
+    BadRequest,
+    EvaluationRequest,
+    decode_request,
+    encode_error_reply,
 )
+from warden.bus.subjects import EVALUATE_SUBJECT, FILTER_WORKERS_QUEUE
 from warden.policy.pipeline import Pipeline
 from warden.policy.verdict import Verdict
 from warden.storage.verdicts import get_verdict
@@ -73,56 +67,8 @@ return 0
 """
 
 
-class BadRequest(ValueError):
-    """The evaluation request cannot be judged as sent."""
-
-
 class WaitTimeout(RuntimeError):
     """Another worker's evaluation did not finish within the wait bound."""
-
-
-@dataclass(frozen=True)
-class EvaluationRequest:
-    """An evaluation request, parsed."""
-
-    event: dict[str, Any]
-    event_id: str
-    community_id: str
-    room_version: str = ""
-    origin: str = ""
-    source: str = ""
-    reference_hash: str = ""
-
-
-def parse_request(data: bytes, headers: Mapping[str, str] | None) -> EvaluationRequest:
-    """Parse a request's body (the PDU) and headers; raises ``BadRequest``."""
-    h = headers or {}
-    event_id = h.get(HEADER_EVENT_ID, "")
-    community_id = h.get(HEADER_COMMUNITY, "")
-    if not event_id:
-        raise BadRequest(f"missing header {HEADER_EVENT_ID}")
-    if not community_id:
-        raise BadRequest(f"missing header {HEADER_COMMUNITY}")
-    try:
-        event = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"body is not JSON: {exc}") from None
-    if not isinstance(event, dict):
-        raise BadRequest("body must be a JSON object (the PDU)")
-    return EvaluationRequest(
-        event=event,
-        event_id=event_id,
-        community_id=community_id,
-        room_version=h.get(HEADER_ROOM_VERSION, ""),
-        origin=h.get(HEADER_ORIGIN, ""),
-        source=h.get(HEADER_SOURCE, ""),
-        reference_hash=h.get(HEADER_REFERENCE_HASH, ""),
-    )
-
-
-def error_reply(message: str) -> bytes:
-    """The reply body when no verdict can be given."""
-    return orjson.dumps({"error": message})
 
 
 def _same_verdict(stored: Verdict, ours: Verdict) -> bool:
@@ -204,9 +150,9 @@ class EvaluationService:
                 "filter-worker.evaluate", context=parent, kind=SpanKind.SERVER
             ) as span:
                 try:
-                    request = parse_request(msg.data, msg.headers)
+                    request = decode_request(msg.data, msg.headers)
                 except BadRequest as exc:
-                    reply = error_reply(str(exc))
+                    reply = encode_error_reply(str(exc))
                 else:
                     span.set_attribute("warden.event_id", request.event_id)
                     reply, outcome = await self.answer(request)
@@ -228,14 +174,16 @@ class EvaluationService:
             verdict, outcome = await self.judge(request)
         except UnknownCommunity:
             return (
-                error_reply(f"unknown community {request.community_id!r}"),
+                encode_error_reply(f"unknown community {request.community_id!r}"),
                 metrics.OUTCOME_ERROR,
             )
         except WaitTimeout as exc:
-            return error_reply(str(exc)), metrics.OUTCOME_ERROR
+            return encode_error_reply(str(exc)), metrics.OUTCOME_ERROR
         except Exception as exc:
             logger.exception("evaluation failed", extra={"event_id": request.event_id})
-            return error_reply(f"evaluation failed: {type(exc).__name__}"), metrics.OUTCOME_ERROR
+            return encode_error_reply(
+                f"evaluation failed: {type(exc).__name__}"
+            ), metrics.OUTCOME_ERROR
         return verdict.to_json(), outcome
 
     async def judge(self, request: EvaluationRequest) -> tuple[Verdict, str]:

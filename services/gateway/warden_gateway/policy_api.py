@@ -43,6 +43,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from unpaddedbase64 import encode_base64
 
+from warden.bus.evaluation import EvaluationRequest
 from warden.federation.keyring_errors import KeyringError
 from warden.federation.xmatrix import VerifyKeySource, verify_request
 from warden.matrix.canonical_json import CanonicalJSONError, parse_canonical
@@ -82,7 +83,7 @@ from warden_gateway.errors import TemporarilyUnavailable, error_response
 from warden_gateway.metrics import SIGN_REQUESTS, SIGN_SECONDS, Endpoint, Outcome
 from warden_gateway.rate_limit import OriginRateLimiter
 from warden_gateway.request_body import read_limited_body
-from warden_gateway.verdict_source import EvaluationRequest, VerdictSource
+from warden_gateway.verdict_source import VerdictSource
 
 logger = logging.getLogger(__name__)
 _tracer = tracer(__name__)

@@ -25,24 +25,15 @@ import dataclasses
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import nats.errors
-import orjson
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 from redis.exceptions import RedisError
 
 from warden import redis_keys
-from warden.bus.subjects import (
-    EVALUATE_SUBJECT,
-    HEADER_COMMUNITY,
-    HEADER_EVENT_ID,
-    HEADER_ORIGIN,
-    HEADER_REFERENCE_HASH,
-    HEADER_ROOM_VERSION,
-    HEADER_SOURCE,
-)
+from warden.bus.evaluation import EvaluationRequest, WorkerError, decode_reply
+from warden.bus.subjects import EVALUATE_SUBJECT
 from warden.policy.verdict import Verdict
 from warden.telemetry.tracing import inject_headers
 from warden_gateway.errors import TemporarilyUnavailable
@@ -55,19 +46,6 @@ DEFAULT_MEMORY_SIZE = 50_000
 # the verdict in Redis.
 RETRY_AFTER_TIMEOUT_SECONDS = 2
 RETRY_AFTER_NO_WORKER_SECONDS = 5
-
-
-@dataclass(frozen=True, slots=True)
-class EvaluationRequest:
-    """What the gateway knows about an event when it asks for its verdict."""
-
-    event_id: str
-    reference_hash: str  # unpadded base64 sha256 of the redacted event
-    room_version: str
-    community_id: str
-    origin: str  # the server that asked us (X-Matrix origin)
-    source: str  # "sign" or "check"
-    pdu: bytes  # the request body as received
 
 
 @dataclass(slots=True)
@@ -168,16 +146,7 @@ class VerdictSource:
         return verdict if verdict.event_id == event_id else None
 
     async def _ask_workers(self, request: EvaluationRequest) -> Verdict:
-        headers = inject_headers(
-            {
-                HEADER_ROOM_VERSION: request.room_version,
-                HEADER_COMMUNITY: request.community_id,
-                HEADER_ORIGIN: request.origin,
-                HEADER_EVENT_ID: request.event_id,
-                HEADER_SOURCE: request.source,
-                HEADER_REFERENCE_HASH: request.reference_hash,
-            }
-        )
+        headers = inject_headers(request.headers())
         try:
             msg = await self._nc.request(
                 self._subject, request.pdu, timeout=self._timeout, headers=headers
@@ -206,24 +175,18 @@ class VerdictSource:
 
     def _parse_reply(self, request: EvaluationRequest, data: bytes) -> Verdict:
         try:
-            body: Any = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            body = None
-        if isinstance(body, dict) and "error" in body and "class" not in body:
+            verdict = decode_reply(data)
+        except WorkerError as exc:
             logger.warning(
                 "filter worker could not judge event",
-                extra={"event_id": request.event_id, "error": str(body["error"])[:500]},
+                extra={"event_id": request.event_id, "error": str(exc)},
             )
             raise self._failure(
                 VerdictFailure.WORKER_ERROR,
                 "The policy server could not judge this event right now; try again later",
                 RETRY_AFTER_TIMEOUT_SECONDS,
-            )
-        try:
-            if not isinstance(body, dict):
-                raise TypeError("reply is not a JSON object")
-            verdict = Verdict.from_dict(body)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            ) from None
+        except ValueError as exc:
             logger.error(
                 "unreadable verdict from filter worker",
                 extra={"event_id": request.event_id, "error": str(exc)},

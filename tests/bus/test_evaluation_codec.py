@@ -1,0 +1,57 @@
+"""The evaluation request/reply codec both sides of EVALUATE_SUBJECT use."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from warden.bus.evaluation import (
+    BadRequest,
+    EvaluationRequest,
+    WorkerError,
+    decode_reply,
+    decode_request,
+    encode_error_reply,
+)
+from warden.policy.harms import SPAM
+from warden.policy.verdict import ContentClass, Verdict
+
+
+def test_request_round_trip() -> None:
+    pdu = orjson.dumps({"type": "m.room.message", "content": {"body": "hi"}})
+    sent = EvaluationRequest(
+        event_id="$abc",
+        community_id="c1",
+        reference_hash="hash",
+        room_version="12",
+        origin="origin.test",
+        source="sign",
+        pdu=pdu,
+    )
+    got = decode_request(pdu, sent.headers())
+    assert got == sent  # every field survives (the parsed event is not compared)
+    assert got.event == {"type": "m.room.message", "content": {"body": "hi"}}
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "message"),
+    [
+        (b"{}", {"Warden-Community": "c"}, "Warden-Event-Id"),
+        (b"{}", {"Warden-Event-Id": "$e"}, "Warden-Community"),
+        (b"not json", {"Warden-Event-Id": "$e", "Warden-Community": "c"}, "not JSON"),
+        (b"[1]", {"Warden-Event-Id": "$e", "Warden-Community": "c"}, "JSON object"),
+    ],
+)
+def test_bad_requests_are_named(body: bytes, headers: dict[str, str], message: str) -> None:
+    with pytest.raises(BadRequest, match=message):
+        decode_request(body, headers)
+
+
+def test_replies() -> None:
+    verdict = Verdict("$e", ContentClass.PROHIBITED, (SPAM,))
+    assert decode_reply(verdict.to_json()) == verdict
+    with pytest.raises(WorkerError, match="no such community"):
+        decode_reply(encode_error_reply("no such community"))
+    for garbage in (b"", b"[]", b'{"event_id": "$e"}'):
+        with pytest.raises(ValueError):  # noqa: PT011 - any unreadable reply
+            decode_reply(garbage)
