@@ -104,6 +104,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = load_settings()
     if args.command in SERVICES:
+        # Filter defaults come from PS_<KEY> variables declared by the filters; a bad
+        # one stops any service at start with one line, like a bad setting.
+        from warden.policy.config import ConfigError, instance_defaults
+
+        try:
+            instance_defaults()
+        except ConfigError as exc:
+            print(f"warden: invalid setting {exc.key}: {exc.message}", file=sys.stderr)
+            return 2
         return _service_entry(args.command)(settings)
     if args.command == "migrate":
         return _cmd_migrate(settings)

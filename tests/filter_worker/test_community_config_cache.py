@@ -71,3 +71,19 @@ async def test_layering_and_invalidation(pg_pool: asyncpg.Pool, nats_client: NAT
 
     with pytest.raises(UnknownCommunity):
         await cache.get("no-such-community")
+
+
+async def test_entries_expire_even_without_a_notification(pg_pool: asyncpg.Pool) -> None:
+    # A change whose NATS notification was lost (worker disconnected) still takes
+    # effect once the entry is older than the bound.
+    now = [1000.0]
+    cache = CommunityConfigCache(
+        pg_pool, instance_defaults(), max_age_seconds=60, clock=lambda: now[0]
+    )
+    community = await create_community(pg_pool, f"ttl {uuid.uuid4().hex[:6]}")
+    assert (await cache.get(community.community_id)).get_int("many_ats_filter_max_ats") == 20
+    await update_community(pg_pool, community.community_id, config={"many_ats_filter_max_ats": 3})
+    now[0] += 59
+    assert (await cache.get(community.community_id)).get_int("many_ats_filter_max_ats") == 20
+    now[0] += 2
+    assert (await cache.get(community.community_id)).get_int("many_ats_filter_max_ats") == 3

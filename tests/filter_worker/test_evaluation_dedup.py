@@ -164,3 +164,25 @@ def test_decode_request_rejects_bad_input() -> None:
     ]:
         with pytest.raises(BadRequest):
             decode_request(body, headers)
+
+
+async def test_only_refusals_carry_a_body_excerpt(
+    service: Service, nats_client: NATS, pg_pool: asyncpg.Pool
+) -> None:
+    from tests.filter_worker.test_worker_processes import stream_messages_for
+    from warden.bus.subjects import VERDICTS_STREAM
+
+    js = nats_client.jetstream()
+    first_seq = (await js.stream_info(VERDICTS_STREAM)).state.last_seq + 1
+    neutral, spam = request("just saying hello"), request("buy spam today")
+    await service.service.answer(neutral)
+    await service.service.answer(spam)
+    (n,) = await stream_messages_for(nats_client, first_seq, neutral.event_id)
+    (s,) = await stream_messages_for(nats_client, first_seq, spam.event_id)
+    assert orjson.loads(n.data)["extra"] == {"source": "sign"}
+    assert orjson.loads(s.data)["extra"] == {"source": "sign", "body_excerpt": "buy spam today"}
+    # Nor is the neutral content kept in the outbox column meanwhile.
+    stored = await pg_pool.fetchval(
+        "SELECT outbox_extra FROM verdicts WHERE event_id = $1", neutral.event_id
+    )
+    assert stored is None or "body_excerpt" not in orjson.loads(stored)

@@ -91,3 +91,12 @@ def test_migrate_reports_unreachable_database() -> None:
     assert r.returncode == 1
     assert "PS_DATABASE" in r.stderr
     assert asyncpg  # the driver is what reported it
+
+
+def test_bad_filter_default_stops_every_service_with_one_line() -> None:
+    for service in ("gateway", "webhooks"):
+        r = run_warden(service, env={"PS_MANY_ATS_FILTER_MAX_ATS": "lots"})
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1, r.stderr
+        assert "PS_MANY_ATS_FILTER_MAX_ATS" in lines[0]

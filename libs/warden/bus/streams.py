@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
+from nats.js.api import (
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StreamConfig,
+)
 from nats.js.errors import NotFoundError
 
 from warden.bus.subjects import VERDICT_SUBJECTS, VERDICTS_STREAM
@@ -13,6 +19,8 @@ DUPLICATE_WINDOW_SECONDS = 120.0
 # Verdict messages are for the moderator and webhooks to act on soon; PostgreSQL keeps
 # the record. A week covers any realistic outage of those consumers.
 MAX_AGE_SECONDS = 7 * 24 * 3600.0
+# A bound on disk use whatever the traffic: past it the oldest messages go first.
+MAX_BYTES = 4 * 1024**3
 
 
 async def ensure_verdicts_stream(js: JetStreamContext) -> None:
@@ -22,6 +30,8 @@ async def ensure_verdicts_stream(js: JetStreamContext) -> None:
         subjects=[VERDICT_SUBJECTS],
         retention=RetentionPolicy.LIMITS,
         max_age=MAX_AGE_SECONDS,
+        max_bytes=MAX_BYTES,
+        discard=DiscardPolicy.OLD,
         duplicate_window=DUPLICATE_WINDOW_SECONDS,
     )
     try:
@@ -33,7 +43,12 @@ async def ensure_verdicts_stream(js: JetStreamContext) -> None:
 
 
 def durable_consumer_config(durable: str, filter_subject: str, ack_wait: float) -> ConsumerConfig:
-    """A pull consumer that starts at new messages and redelivers unacknowledged ones."""
+    """A pull consumer that redelivers unacknowledged messages.
+
+    It starts at the beginning of the stream when first created: on a new deployment
+    the stream is empty, and a consumer created after the stream holds verdicts acts on
+    those it missed (redactions are idempotent per event ID).
+    """
     return ConsumerConfig(
         durable_name=durable,
         filter_subject=filter_subject,

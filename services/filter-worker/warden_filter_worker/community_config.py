@@ -9,7 +9,8 @@ reaches all of them within a NATS round trip, without restarts).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import asyncpg
@@ -57,13 +58,27 @@ def layer_stored_config(community_id: str, stored: Mapping[str, Any]) -> dict[st
     return out
 
 
+# Changes arrive on NATS within a second; this bound only covers a notification lost
+# while the worker was disconnected from NATS (core NATS does not replay).
+MAX_AGE_SECONDS = 60.0
+
+
 class CommunityConfigCache:
     """community ID → ``EffectiveConfig``, loaded from PostgreSQL on first use."""
 
-    def __init__(self, pool: asyncpg.Pool, instance: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        instance: Mapping[str, Any],
+        *,
+        max_age_seconds: float = MAX_AGE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._pool = pool
         self._instance = dict(instance)
-        self._entries: dict[str, EffectiveConfig] = {}
+        self._max_age = max_age_seconds
+        self._clock = clock
+        self._entries: dict[str, tuple[float, EffectiveConfig]] = {}
         # Bumped on every invalidation so that a load racing a change is not cached.
         self._generation = 0
         self._subscription: Subscription | None = None
@@ -71,8 +86,8 @@ class CommunityConfigCache:
     async def get(self, community_id: str) -> EffectiveConfig:
         """The community's effective configuration; raises ``UnknownCommunity``."""
         hit = self._entries.get(community_id)
-        if hit is not None:
-            return hit
+        if hit is not None and self._clock() - hit[0] < self._max_age:
+            return hit[1]
         generation = self._generation
         community = await get_community(self._pool, community_id)
         if community is None:
@@ -81,7 +96,7 @@ class CommunityConfigCache:
             self._instance, layer_stored_config(community_id, community.config)
         )
         if generation == self._generation:
-            self._entries[community_id] = config
+            self._entries[community_id] = (self._clock(), config)
         return config
 
     def invalidate(self, community_id: str | None = None) -> None:

@@ -21,6 +21,7 @@ requester has given up waiting.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -232,11 +233,6 @@ class EvaluationService:
         extra: dict[str, Any] = {}
         if request.source:
             extra["source"] = request.source
-        content = request.event.get("content")
-        body = content.get("body") if isinstance(content, dict) else None
-        if isinstance(body, str):
-            # For the webhooks' audit message, so they need not fetch the event.
-            extra["body_excerpt"] = body[:BODY_EXCERPT_CHARS]
         verdict = await self._pipeline.evaluate(
             request.event,
             event_id=request.event_id,
@@ -247,6 +243,14 @@ class EvaluationService:
             reference_hash=request.reference_hash,
             extra=extra,
         )
+        content = request.event.get("content")
+        body = content.get("body") if isinstance(content, dict) else None
+        if verdict.prohibited and isinstance(body, str):
+            # For the webhooks' audit message of a refusal, so they need not fetch the
+            # event. Only refusals carry it: nothing reports neutral content.
+            verdict = dataclasses.replace(
+                verdict, extra={**verdict.extra, "body_excerpt": body[:BODY_EXCERPT_CHARS]}
+            )
         winner = await self._writer.write(verdict)  # durable from here on
         await self._cache(winner)
         if not _same_verdict(winner, verdict):
