@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
+import logging
 import socket
 import sys
 import tempfile
@@ -225,6 +226,9 @@ async def serve_origin_keys(signing_key: SigningKey, port: int = 0) -> AsyncIter
             timeout_graceful_shutdown=1,
         )
         server = _QuietServer(config)
+        # The gateway keeps its connection to this throwaway server alive, so closing it
+        # always "exceeds" the graceful timeout: not worth a line on the user's terminal.
+        logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
         task = asyncio.create_task(server.serve(sockets=[sock]))
         try:
             while not server.started:
