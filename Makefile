@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Touched after a successful install; reinstall when pyproject.toml is newer.
 STAMP := $(VENV)/.warden-installed
 
-.PHONY: venv run test lint bench clean check-python
+.PHONY: venv run test lint bench install-wrk clean check-python
 
 check-python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { \
@@ -35,11 +35,23 @@ test: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy libs services/gateway services/filter-worker services/moderator services/webhooks
+	$(BIN)/mypy libs services/gateway services/filter-worker services/moderator services/webhooks bench
 
-bench:
-	@echo "not yet: see issue 5" >&2
-	@exit 1
+# The /sign benchmark (bench/harness.py; knobs BENCH_* there). Needs wrk: installed with
+# apt-get when missing; without it the harness falls back to a Python load generator.
+bench: venv
+	@command -v wrk >/dev/null 2>&1 || $(MAKE) --no-print-directory install-wrk
+	$(BIN)/python -m bench
+
+install-wrk:
+	@if command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing wrk with apt-get"; \
+	  apt-get install -y -qq wrk >/dev/null 2>&1 \
+	    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wrk >/dev/null 2>&1; } \
+	    || echo "warning: could not install wrk; the Python load generator will be used" >&2; \
+	else \
+	  echo "warning: no apt-get to install wrk; the Python load generator will be used" >&2; \
+	fi
 
 # Removes local state (embedded servers' data, dev keys) and caches; keeps the venv.
 # Stop `make run` first: removing a live server's data directory breaks it.

@@ -1,0 +1,1 @@
+"""Warden's benchmark harness (``make bench``); see ``bench/harness.py``."""

@@ -1,0 +1,899 @@
+"""``make bench``: how fast Warden answers ``/sign``, and against which floors.
+
+One run:
+
+1. Finds PostgreSQL, Redis and NATS (embedded ones when the configured ones do not
+   answer), creates a fresh database, flushes the bench's Redis database, writes
+   Warden's two keys and a throwaway CA.
+2. Starts one HTTPS key-server process with a port per simulated origin
+   (``BENCH_ORIGINS``, names ``127.0.0.1:<port>``), and builds rooms across room
+   versions.
+3. Measures the two floors (``bench/floors.py``) with the same load generator:
+   the HTTP floor and the crypto floor, each one process under the gateway's uvicorn
+   settings.
+4. Starts the stack (``BENCH_GATEWAYS`` gateways, ``BENCH_WORKERS`` filter workers),
+   creates a community whose keyword filter refuses a word, protects the rooms through
+   the admin API, and fills every gateway's keyring (one request per origin) so that
+   key fetching is not timed.
+5. Runs the workloads, each with requests built and signed before its window:
+   ``unique`` (every request a first evaluation), ``unique_paced`` (the same at
+   ``BENCH_PACED_RPS``, for latency), ``spam_wave`` (each event asked for by 20 to 50
+   origins within a second), ``mixed`` (10% keyword spam, 5% hellbanned follow-ups).
+6. The scaling run: ``unique`` with 1 or 2 gateways and 1 or 2 workers, and the crypto
+   floor with 2 processes.
+7. Writes ``bench/results/<UTC timestamp>.json`` and prints a markdown table.
+
+Knobs (environment): ``BENCH_DURATION`` (seconds per window, 10), ``BENCH_CONNECTIONS``
+(64), ``BENCH_PACED_RPS`` (500), ``BENCH_PACED_CONNECTIONS`` (50), ``BENCH_ORIGINS`` (50),
+``BENCH_ROOMS`` (20), ``BENCH_SPAM_EVENTS`` (3000), ``BENCH_GATEWAYS`` (1),
+``BENCH_WORKERS`` (1), ``BENCH_SCALING`` (1: run it), ``BENCH_LOADGEN`` (``auto``, ``wrk``
+or ``python``), ``BENCH_LOADGEN_CPUS`` (the last CPU when there are several),
+``BENCH_UNIQUE_MAX`` (cap on unique events per window, 200000), ``BENCH_RATE_LIMIT``
+(``PS_SIGN_RATE_LIMIT_PER_ORIGIN`` for the gateways: high, so the check still runs but
+never refuses), ``BENCH_PG_ADMIN``, ``BENCH_SERVERS`` (``private``: this run's own
+Redis and NATS, see ``bench/stack.py``; ``shared``: ``BENCH_REDIS_URL``, database 13,
+flushed, and ``BENCH_NATS_URL``), ``BENCH_RESULTS_DIR``, ``BENCH_SEED`` and ``BENCH_QUICK=1`` (tiny
+windows and request counts, for the smoke test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import redis.asyncio as aioredis
+import trustme
+
+from bench import events
+from bench.events import GATEWAY_NAME, SIGN_PATH, BenchRoom, EventFactory, Origin, RequestFile
+from bench.loadgen import LoadResult, run_python, run_wrk, wrk_available
+from bench.stack import (
+    BenchError,
+    CpuSnapshot,
+    Proc,
+    Servers,
+    ensure_servers,
+    spawn,
+    stop_all,
+    warden_argv,
+)
+from warden.federation.xmatrix import sign_request
+from warden.matrix.keys import write_new_key
+from warden.settings import DEFAULT_DENIED_NETWORKS
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "bench-admin-key"
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else default
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name, "").strip()
+    return float(value) if value else default
+
+
+@dataclass
+class BenchConfig:
+    """Every knob of one run (see the module docstring)."""
+
+    quick: bool
+    duration: float
+    connections: int
+    paced_rps: int
+    paced_connections: int
+    n_origins: int
+    n_rooms: int
+    spam_events: int
+    spam_askers: tuple[int, int]
+    gateways: int
+    workers: int
+    scaling: bool
+    loadgen: str
+    loadgen_cpus: str | None
+    unique_max: int
+    rate_limit: int
+    pg_admin: str
+    redis_url: str
+    nats_url: str
+    results_dir: Path
+    seed: int
+    private_servers: bool
+
+    @classmethod
+    def from_env(cls) -> BenchConfig:
+        """Read the ``BENCH_*`` environment."""
+        quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+        ncpu = os.cpu_count() or 1
+        cpus_default = str(ncpu - 1) if ncpu > 1 else None
+        cpus = os.environ.get("BENCH_LOADGEN_CPUS", cpus_default or "") or None
+        loadgen = os.environ.get("BENCH_LOADGEN", "auto")
+        if loadgen not in ("auto", "wrk", "python"):
+            raise BenchError("BENCH_LOADGEN must be auto, wrk or python")
+        origins = _env_int("BENCH_ORIGINS", 6 if quick else 50)
+        return cls(
+            quick=quick,
+            duration=_env_float("BENCH_DURATION", 1.0 if quick else 10.0),
+            connections=_env_int("BENCH_CONNECTIONS", 8 if quick else 64),
+            paced_rps=_env_int("BENCH_PACED_RPS", 50 if quick else 500),
+            paced_connections=_env_int("BENCH_PACED_CONNECTIONS", 5 if quick else 50),
+            n_origins=origins,
+            n_rooms=_env_int("BENCH_ROOMS", 5 if quick else 20),
+            spam_events=_env_int("BENCH_SPAM_EVENTS", 20 if quick else 3000),
+            spam_askers=(min(20, max(2, origins // 2)), min(50, origins)),
+            gateways=_env_int("BENCH_GATEWAYS", 1),
+            workers=_env_int("BENCH_WORKERS", 1),
+            scaling=os.environ.get("BENCH_SCALING", "1") not in ("", "0"),
+            loadgen=loadgen,
+            loadgen_cpus=cpus,
+            unique_max=_env_int("BENCH_UNIQUE_MAX", 5000 if quick else 200_000),
+            rate_limit=_env_int("BENCH_RATE_LIMIT", 1_000_000_000),
+            pg_admin=os.environ.get(
+                "BENCH_PG_ADMIN",
+                os.environ.get(
+                    "WARDEN_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"
+                ),
+            ),
+            redis_url=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
+            nats_url=os.environ.get("BENCH_NATS_URL", "nats://127.0.0.1:4222"),
+            results_dir=Path(os.environ.get("BENCH_RESULTS_DIR", str(ROOT / "bench" / "results"))),
+            seed=_env_int("BENCH_SEED", 4284),
+            private_servers=os.environ.get("BENCH_SERVERS", "private") != "shared",
+        )
+
+    def settings_json(self) -> dict[str, Any]:
+        """What goes into the results file."""
+        return {
+            "quick": self.quick,
+            "duration_s": self.duration,
+            "connections": self.connections,
+            "paced_rps": self.paced_rps,
+            "paced_connections": self.paced_connections,
+            "origins": self.n_origins,
+            "rooms": self.n_rooms,
+            "spam_events": self.spam_events,
+            "spam_askers_per_event": list(self.spam_askers),
+            "gateways": self.gateways,
+            "workers": self.workers,
+            "loadgen": self.loadgen,
+            "loadgen_cpus": self.loadgen_cpus or "any",
+            "rate_limit_per_origin": self.rate_limit,
+            "seed": self.seed,
+            "servers": "private redis and nats" if self.private_servers else "shared",
+        }
+
+
+def machine_facts() -> dict[str, Any]:
+    """nproc, CPU model, memory, Python and kernel."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_kib = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_kib = int(Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1])
+    wrk_version = ""
+    if wrk_available():
+        out = subprocess.run(
+            ["wrk", "--version"],  # noqa: S607 (wrk from PATH, as it is run)
+            capture_output=True,
+            text=True,
+        ).stdout
+        wrk_version = out.splitlines()[0].strip() if out else ""
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "wrk": wrk_version,
+    }
+
+
+@dataclass
+class Window:
+    """One measured window: what the load generator saw and the CPU it cost."""
+
+    name: str
+    load: LoadResult
+    cpu_s: dict[str, float]
+    machine_busy: float
+    machine_busy_s: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def cpu_ms_per_request(self) -> dict[str, float]:
+        """CPU milliseconds per completed request, per process (or server)."""
+        n = max(self.load.requests, 1)
+        per = {name: 1000 * s / n for name, s in sorted(self.cpu_s.items())}
+        per["loadgen"] = 1000 * self.load.loadgen_cpu_s / n
+        return per
+
+    def to_json(self) -> dict[str, Any]:
+        """As stored in the results file."""
+        load = self.load.to_json()
+        return {
+            "rps": round(self.load.rps, 1),
+            "latency_ms": {k: round(v, 2) for k, v in self.load.latency_ms.items()},
+            "statuses": load["statuses"],
+            "socket_errors": load["socket_errors"],
+            "requests": self.load.requests,
+            "duration_s": round(self.load.duration_s, 3),
+            "wraps": self.load.wraps,
+            "cpu_s": {k: round(v, 3) for k, v in sorted(self.cpu_s.items())},
+            "cpu_ms_per_request": {k: round(v, 4) for k, v in self.cpu_ms_per_request().items()},
+            "machine_cpu_busy": round(self.machine_busy, 3),
+            # Busy CPU time not in any process above: other processes on the machine,
+            # the harness, interrupts (loopback networking). High means a noisy run.
+            "unaccounted_cpu_s": round(
+                self.machine_busy_s - sum(self.cpu_s.values()) - self.load.loadgen_cpu_s, 3
+            ),
+            "load_generator": {
+                "tool": self.load.tool,
+                "cpus": self.load.loadgen_cpus,
+                "threads": self.load.threads,
+                "connections": self.load.connections,
+                "paced_delay_ms": self.load.paced_delay_ms,
+                "cpu_s": round(self.load.loadgen_cpu_s, 3),
+            },
+            **self.info,
+        }
+
+
+class Bench:
+    """One benchmark run; ``run()`` returns the results document."""
+
+    def __init__(self, config: BenchConfig, work_dir: Path) -> None:
+        self.config = config
+        self.work = work_dir
+        self.rng = random.Random(config.seed)  # noqa: S311 (reproducible traffic)
+        self.procs: list[Proc] = []
+        self.stack: list[Proc] = []
+        self.servers: Servers | None = None
+        self.origins: list[Origin] = []
+        self.rooms: list[BenchRoom] = []
+        self.factory: EventFactory | None = None
+        self.database_url = ""
+        self.tool = self._pick_tool()
+        self.notes: list[str] = []
+        self._files = 0
+
+    def _pick_tool(self) -> str:
+        wanted = self.config.loadgen
+        if wanted == "wrk" and not wrk_available():
+            raise BenchError("BENCH_LOADGEN=wrk but wrk is not installed")
+        if wanted == "auto":
+            return "wrk" if wrk_available() else "python"
+        return wanted
+
+    def log(self, message: str) -> None:
+        """Progress on stderr (stdout is for the table)."""
+        print(f"bench: {message}", file=sys.stderr, flush=True)
+
+    # --- set-up ---
+
+    async def setup(self) -> None:
+        """Servers, database, keys, CA, origins' key server, rooms."""
+        c = self.config
+        self.servers = await ensure_servers(
+            c.pg_admin, c.redis_url, c.nats_url, self.work / "servers", private=c.private_servers
+        )
+        if self.servers.embedded:
+            self.notes.append(f"embedded servers used: {', '.join(self.servers.embedded)}")
+        redis = aioredis.from_url(self.servers.redis_url)
+        try:
+            await redis.flushdb()
+        finally:
+            await redis.aclose()
+        self.database_url = await self.servers.create_database()
+        self.fed_key = self.work / "signing.key"
+        self.policy_key = self.work / "event_signing.key"
+        write_new_key(self.fed_key)
+        write_new_key(self.policy_key)
+
+        ca = trustme.CA()
+        self.ca_file = self.work / "ca.pem"
+        ca.cert_pem.write_to_path(str(self.ca_file))
+        leaf = ca.issue_cert("127.0.0.1")
+        cert, key = self.work / "origin.pem", self.work / "origin.key"
+        leaf.cert_chain_pems[0].write_to_path(str(cert))
+        leaf.private_key_pem.write_to_path(str(key))
+
+        keys = events.new_origin_keys(c.n_origins)
+        spec = {
+            "cert": str(cert),
+            "key": str(key),
+            "origins": [{"seed": Origin("x:1", k).seed_b64(), "version": k.version} for k in keys],
+        }
+        spec_path = self.work / "keyserver.json"
+        spec_path.write_bytes(orjson.dumps(spec))
+        keyserver = spawn(
+            "keyserver",
+            [sys.executable, "-m", "bench.keyserver", str(spec_path)],
+            os.environ,
+            self.work,
+            with_listeners=False,
+            stdout=subprocess.PIPE,
+        )
+        self.procs.append(keyserver)
+        assert keyserver.popen.stdout is not None
+        line = await asyncio.to_thread(keyserver.popen.stdout.readline)
+        if not line:
+            raise BenchError(f"the key server did not start:\n{keyserver.output()}")
+        ports = orjson.loads(line)
+        self.origins = [Origin(f"127.0.0.1:{p}", k) for p, k in zip(ports, keys, strict=True)]
+        await self._wait_key_server()
+
+        self.rooms = events.make_rooms(c.n_rooms, self.rng)
+        self.factory = EventFactory(self.rooms, self.rng)
+        self.keys_file = self.work / "origin_keys.json"
+        self.keys_file.write_bytes(orjson.dumps(events.origin_key_table(self.origins)))
+        self.rooms_file = self.work / "rooms.json"
+        self.rooms_file.write_bytes(orjson.dumps({r.room_id: r.room_version for r in self.rooms}))
+
+    async def _wait_key_server(self) -> None:
+        url = f"https://{self.origins[0].name}/_matrix/key/v2/server"
+        async with httpx.AsyncClient(verify=str(self.ca_file), timeout=2) as client:
+            for _ in range(100):
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(url)).status_code == 200:
+                        return
+                await asyncio.sleep(0.1)
+        raise BenchError("the origins' key server does not answer")
+
+    def _base_env(self) -> dict[str, str]:
+        assert self.servers is not None
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PS_")}
+        env.update(
+            PS_DATABASE=self.database_url,
+            PS_REDIS_URL=self.servers.redis_url,
+            PS_NATS_URL=self.servers.nats_url,
+            PS_HOMESERVER_NAME=GATEWAY_NAME,
+            PS_HOMESERVER_SIGNING_KEY_PATH=str(self.fed_key),
+            PS_HOMESERVER_EVENT_SIGNING_KEY_PATH=str(self.policy_key),
+            PS_LOG_LEVEL="WARNING",
+            PS_SHUTDOWN_DELAY_SECONDS="0",
+            PS_STARTUP_TIMEOUT_SECONDS="30",
+        )
+        return env
+
+    def _gateway_env(self) -> dict[str, str]:
+        loopback = {"127.0.0.0/8", "::1/128"}
+        denied = [n for n in DEFAULT_DENIED_NETWORKS.split(",") if n not in loopback]
+        return {
+            **self._base_env(),
+            "PS_API_KEY": API_KEY,
+            "PS_DIRECT_KEY_FETCHING": "true",
+            "PS_KEY_QUERY_SERVER": "",
+            "PS_FEDERATION_CA_FILE": str(self.ca_file),
+            "PS_HOMESERVER_DENIED_NETWORKS": ",".join(denied),
+            "PS_SIGN_RATE_LIMIT_PER_ORIGIN": str(self.config.rate_limit),
+        }
+
+    # --- the stack ---
+
+    async def start_stack(self, gateways: int, workers: int) -> None:
+        """Start ``gateways`` gateways and ``workers`` filter workers; wait until ready."""
+        await self.stop_stack()
+        self.log(f"starting {gateways} gateway(s) and {workers} worker(s)")
+        stack = [
+            spawn(f"gateway-{i}", warden_argv("gateway"), self._gateway_env(), self.work)
+            for i in range(gateways)
+        ]
+        stack += [
+            spawn(f"filter-worker-{i}", warden_argv("filter-worker"), self._base_env(), self.work)
+            for i in range(workers)
+        ]
+        self.stack = stack
+        await asyncio.gather(*(p.wait_ready() for p in stack))
+
+    async def stop_stack(self) -> None:
+        """Stop the gateways and workers, if running."""
+        if self.stack:
+            await asyncio.to_thread(stop_all, self.stack)
+            self.stack = []
+
+    @property
+    def gateways(self) -> list[Proc]:
+        return [p for p in self.stack if p.name.startswith("gateway")]
+
+    async def protect_rooms(self) -> str:
+        """The bench community (keyword filter, hellbans) and its rooms; its ID."""
+        gateway = self.gateways[0]
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with httpx.AsyncClient(base_url=gateway.api_url, headers=headers, timeout=30) as api:
+            r = await api.post("/api/v1/communities/new", json={"name": "Benchmark"})
+            r.raise_for_status()
+            community = str(r.json()["community_id"])
+            r = await api.post(
+                f"/api/v1/communities/{community}/config",
+                json={
+                    "keyword_filter_keywords": [events.PROHIBITED_KEYWORD],
+                    "hellban_postfilter_minutes": 60,
+                },
+            )
+            r.raise_for_status()
+            for room in self.rooms:
+                r = await api.put(
+                    f"/api/v1/rooms/{urllib.parse.quote(room.room_id, safe='')}",
+                    json={"room_version": room.room_version, "community_id": community},
+                )
+                r.raise_for_status()
+        return community
+
+    async def prewarm(self) -> None:
+        """One request per origin to every gateway: keys fetched, caches warm."""
+        assert self.factory is not None
+        async with httpx.AsyncClient(timeout=60) as client:
+            sem = asyncio.Semaphore(16)
+
+            async def ask(gateway: Proc, origin: Origin, event: dict[str, Any]) -> int:
+                async with sem:
+                    body = orjson.dumps(event)
+                    auth = sign_request(
+                        origin.name, GATEWAY_NAME, "POST", SIGN_PATH, event, origin.key
+                    )
+                    r = await client.post(
+                        f"{gateway.api_url}{SIGN_PATH}",
+                        content=body,
+                        headers={"Authorization": auth, "Content-Type": "application/json"},
+                    )
+                    return r.status_code
+
+            for gateway in self.gateways:
+                warm = events.warmup_requests(self.factory, self.origins)
+                codes = await asyncio.gather(*(ask(gateway, o, e) for o, e in warm))
+                if set(codes) != {200}:
+                    raise BenchError(
+                        f"warm-up requests to {gateway.name} answered {sorted(set(codes))}:\n"
+                        f"{gateway.output()}"
+                    )
+
+    # --- windows ---
+
+    def _new_file(self, build: Callable[[RequestFile], object]) -> tuple[Path, RequestFile]:
+        requests = RequestFile()
+        build(requests)
+        self._files += 1
+        path = self.work / f"requests-{self._files}.bin"
+        requests.write(path)
+        return path, requests
+
+    async def measure(
+        self,
+        name: str,
+        request_file: Path,
+        targets: list[Proc],
+        observed: list[Proc],
+        *,
+        connections: int | None = None,
+        delay_ms: float = 0.0,
+        info: dict[str, Any] | None = None,
+        duration: float | None = None,
+    ) -> Window:
+        """Drive ``request_file`` at ``targets`` for one window; CPU of ``observed``."""
+        c = self.config
+        addrs = [p.api_bind for p in targets]
+        conns = connections or c.connections
+        assert self.servers is not None
+        processes = {p.name: p.pid for p in observed}
+        processes.update({name: p.pid for name, p in self.servers.private.items()})
+        database, shared = self.servers.database, self.servers.shared
+        seconds = duration or c.duration
+        self.log(f"window {name}: {seconds:g} s, {conns} connections, {self.tool}")
+        before = CpuSnapshot.take(processes, database, shared)
+        if self.tool == "wrk":
+            load = await asyncio.to_thread(
+                run_wrk,
+                request_file,
+                addrs,
+                duration=seconds,
+                connections=conns,
+                threads=len(addrs),
+                cpus=c.loadgen_cpus,
+                delay_ms=delay_ms,
+            )
+        else:
+            load = await asyncio.to_thread(
+                run_python,
+                request_file,
+                addrs,
+                duration=seconds,
+                connections=conns,
+                processes=max(2, len(addrs)),
+                cpus=c.loadgen_cpus,
+                delay_ms=delay_ms,
+            )
+        after = CpuSnapshot.take(processes, database, shared)
+        for p in observed:
+            if p.popen.poll() is not None:
+                raise BenchError(f"{p.name} died during {name}:\n{p.output()}")
+        window = Window(
+            name,
+            load,
+            after.since(before),
+            after.machine_busy_share(before),
+            after.machine_busy_seconds(before),
+            info or {},
+        )
+        self.log(
+            f"  {load.rps:.0f} req/s, p99 {load.latency_ms['99']:.1f} ms, statuses {load.statuses}"
+        )
+        return window
+
+    async def floor(self, kind: str, processes: int, request_file: Path) -> Window:
+        """Start the ``kind`` floor with ``processes`` processes, measure, stop it."""
+        env = {
+            **self._base_env(),
+            "BENCH_FLOOR_KEYS": str(self.keys_file),
+            "BENCH_FLOOR_ROOMS": str(self.rooms_file),
+        }
+        procs = [
+            spawn(f"{kind}-floor-{i}", [sys.executable, "-m", "bench.floors", kind], env, self.work)
+            for i in range(processes)
+        ]
+        try:
+            await asyncio.gather(*(p.wait_ready() for p in procs))
+            return await self.measure(
+                f"{kind}_floor" + (f"_x{processes}" if processes > 1 else ""),
+                request_file,
+                procs,
+                procs,
+                info={"processes": processes},
+            )
+        finally:
+            await asyncio.to_thread(stop_all, procs)
+
+    def unique_count(self, expected_rps: float) -> int:
+        """Enough distinct events that a window at ``expected_rps`` never repeats one."""
+        wanted = math.ceil(expected_rps * self.config.duration * 1.5) + 100
+        return max(50, min(wanted, self.config.unique_max))
+
+    async def workload_unique(
+        self, name: str, ceiling_rps: float, *, paced_rps: int | None = None
+    ) -> Window:
+        """Distinct neutral events, each asked for once by its sender's server."""
+        factory, origins = self.factory, self.origins
+        assert factory is not None
+        count = self.unique_count(paced_rps or ceiling_rps)
+        path, requests = self._new_file(
+            lambda out: events.unique_requests(factory, origins, count, out)
+        )
+        info: dict[str, Any] = {"distinct_events": count, "mix_in_file": requests.kinds}
+        info.update(self._pdu_sizes(requests))
+        delay_ms, conns = 0.0, None
+        if paced_rps:
+            conns = self.config.paced_connections
+            delay_ms = await self._calibrate_pacing(paced_rps, conns)
+            info["target_rps"] = paced_rps
+        window = await self.measure(
+            name, path, self.gateways, self.stack, connections=conns, delay_ms=delay_ms, info=info
+        )
+        if window.load.wraps:
+            self.notes.append(f"{name}: the request file wrapped; some events were asked twice")
+        return window
+
+    async def _calibrate_pacing(self, rate: int, conns: int) -> float:
+        """The mean per-request pause that gives ``rate`` over ``conns`` connections.
+
+        wrk has no fixed-rate mode: each connection waits ``delay`` then sends, so the
+        rate is ``conns / (delay + latency)``. An untimed pass (its own fresh events)
+        at ``delay = conns / rate`` measures the latency; the pause is then reduced by it.
+        """
+        factory, origins = self.factory, self.origins
+        assert factory is not None
+        first = 1000.0 * conns / rate
+        count = self.unique_count(rate)
+        path, _ = self._new_file(lambda out: events.unique_requests(factory, origins, count, out))
+        trial = await self.measure(
+            "pacing calibration",
+            path,
+            self.gateways,
+            self.stack,
+            connections=conns,
+            delay_ms=first,
+            duration=max(1.0, self.config.duration / 3),
+        )
+        latency_ms = max(0.0, 1000.0 * conns / max(trial.load.rps, 1e-6) - first)
+        delay = first - latency_ms
+        if delay < 0.1 * first:
+            self.notes.append(
+                f"pacing: latency ({latency_ms:.0f} ms) leaves too little pause at {rate} req/s "
+                f"over {conns} connections; raise BENCH_PACED_CONNECTIONS"
+            )
+            delay = 0.1 * first
+        return delay
+
+    async def workload_spam_wave(self) -> Window:
+        """Events asked for by 20 to 50 origins each, within a second."""
+        factory, origins, c = self.factory, self.origins, self.config
+        assert factory is not None
+        low, high = c.spam_askers
+        path, requests = self._new_file(
+            lambda out: events.spam_wave_requests(
+                factory, origins, c.spam_events, out, min_askers=low, max_askers=high
+            )
+        )
+        info = {
+            "distinct_events": len(requests.bodies),
+            "requests_in_file": len(requests.requests),
+            "askers_per_event": [low, high],
+            **self._pdu_sizes(requests),
+        }
+        return await self.measure("spam_wave", path, self.gateways, self.stack, info=info)
+
+    async def workload_mixed(self, ceiling_rps: float) -> Window:
+        """Distinct events: 10% keyword spam, 5% hellbanned follow-ups, the rest neutral."""
+        factory, origins = self.factory, self.origins
+        assert factory is not None
+        count = self.unique_count(ceiling_rps)
+        path, requests = self._new_file(
+            lambda out: events.mixed_requests(factory, origins, count, out)
+        )
+        info = {
+            "distinct_events": count,
+            "mix_in_file": requests.kinds,
+            **self._pdu_sizes(requests),
+        }
+        return await self.measure("mixed", path, self.gateways, self.stack, info=info)
+
+    @staticmethod
+    def _pdu_sizes(requests: RequestFile) -> dict[str, Any]:
+        sizes = sorted(requests.body_sizes())
+        return {"pdu_bytes": {"min": sizes[0], "median": sizes[len(sizes) // 2], "max": sizes[-1]}}
+
+    # --- the run ---
+
+    async def run(self) -> dict[str, Any]:
+        """Everything; returns the results document."""
+        c = self.config
+        started = dt.datetime.now(dt.UTC)
+        await self.setup()
+        assert self.factory is not None
+        factory, origins = self.factory, self.origins
+
+        # A pool of events the floors cycle through (floors keep no state).
+        floor_file, _ = self._new_file(
+            lambda out: events.unique_requests(factory, origins, 2000 if not c.quick else 200, out)
+        )
+        floors = {
+            "http_floor": await self.floor("http", 1, floor_file),
+            "crypto_floor": await self.floor("crypto", 1, floor_file),
+        }
+        crypto_rps = floors["crypto_floor"].load.rps
+
+        await self.start_stack(c.gateways, c.workers)
+        community = await self.protect_rooms()
+        await self.prewarm()
+        workloads = {
+            "unique": await self.workload_unique("unique", crypto_rps * max(1, c.gateways)),
+            "unique_paced": await self.workload_unique(
+                "unique_paced", crypto_rps, paced_rps=c.paced_rps
+            ),
+            "spam_wave": await self.workload_spam_wave(),
+            "mixed": await self.workload_mixed(crypto_rps * max(1, c.gateways)),
+        }
+
+        scaling: dict[str, Any] = {}
+        if c.scaling:
+            scaling = await self.scaling_run(floor_file, crypto_rps, workloads["unique"])
+        await self.stop_stack()
+
+        finished = dt.datetime.now(dt.UTC)
+        return self.document(started, finished, community, floors, workloads, scaling)
+
+    async def scaling_run(
+        self, floor_file: Path, crypto_rps: float, main_unique: Window
+    ) -> dict[str, Any]:
+        """``unique`` with 1/2 gateways x 1/2 workers; the crypto floor with 2 processes."""
+        c = self.config
+        runs: dict[str, Any] = {}
+        floor2 = await self.floor("crypto", 2, floor_file)
+        floor_by_procs = {1: crypto_rps, 2: floor2.load.rps}
+        for gateways, workers in ((1, 1), (2, 1), (1, 2), (2, 2)):
+            key = f"gateways={gateways},workers={workers}"
+            if (gateways, workers) == (c.gateways, c.workers):
+                window = main_unique
+            else:
+                await self.start_stack(gateways, workers)
+                # The community and rooms are in PostgreSQL already.
+                await self.prewarm()
+                window = await self.workload_unique(
+                    f"unique[{key}]", floor_by_procs[min(gateways, 2)]
+                )
+            doc = window.to_json()
+            floor_rps = floor_by_procs[min(gateways, 2)]
+            doc["ratio_to_crypto_floor_same_processes"] = round(window.load.rps / floor_rps, 3)
+            runs[key] = doc
+        return {"crypto_floor_x2": floor2.to_json(), "unique": runs}
+
+    def document(
+        self,
+        started: dt.datetime,
+        finished: dt.datetime,
+        community: str,
+        floors: dict[str, Window],
+        workloads: dict[str, Window],
+        scaling: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The results file's content."""
+        crypto = floors["crypto_floor"].load.rps or 1.0
+        http = floors["http_floor"].load.rps or 1.0
+        results: dict[str, Any] = {}
+        for name, window in {**floors, **workloads}.items():
+            doc = window.to_json()
+            doc["ratio_to_crypto_floor"] = round(window.load.rps / crypto, 3)
+            doc["ratio_to_http_floor"] = round(window.load.rps / http, 3)
+            results[name] = doc
+        return {
+            "started": started.isoformat(),
+            "finished": finished.isoformat(),
+            "machine": machine_facts(),
+            "settings": self.config.settings_json(),
+            "load_generator": self.tool,
+            "community_id": community,
+            "room_versions": sorted({r.room_version for r in self.rooms}, key=int),
+            "floors": {k: results[k] for k in floors},
+            "workloads": {k: results[k] for k in workloads},
+            "scaling": scaling,
+            "targets": targets(results, self.config),
+            "notes": self.notes,
+        }
+
+    async def close(self) -> None:
+        """Stop everything we started and drop the database."""
+        await self.stop_stack()
+        stop_all(self.procs)
+        if self.servers is not None:
+            await self.servers.drop_database()
+            self.servers.stop()
+
+
+def targets(results: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
+    """Issue 5's targets, each with the measured value and whether it is met."""
+    unique, paced, spam = results["unique"], results["unique_paced"], results["spam_wave"]
+    paced_ok = paced["rps"] >= 0.9 * config.paced_rps
+    rows = [
+        ("unique req/s", unique["rps"], ">= 1000", unique["rps"] >= 1000),
+        (
+            "unique / crypto floor",
+            unique["ratio_to_crypto_floor"],
+            ">= 0.20",
+            unique["ratio_to_crypto_floor"] >= 0.20,
+        ),
+        (
+            f"unique p99 at {config.paced_rps} req/s (ms)",
+            paced["latency_ms"]["99"],
+            f"< 100 (achieved {paced['rps']:.0f} req/s)",
+            paced["latency_ms"]["99"] < 100 and paced_ok,
+        ),
+        ("spam wave req/s", spam["rps"], ">= 3000", spam["rps"] >= 3000),
+        (
+            "spam wave / crypto floor",
+            spam["ratio_to_crypto_floor"],
+            ">= 1.0",
+            spam["ratio_to_crypto_floor"] >= 1.0,
+        ),
+    ]
+    return [{"target": t, "measured": v, "goal": g, "met": bool(m)} for t, v, g, m in rows]
+
+
+def _status_text(statuses: dict[str, int], errors: dict[str, int]) -> str:
+    parts = [f"{k}:{v}" for k, v in statuses.items()]
+    parts += [f"{k}:{v}" for k, v in errors.items() if v]
+    return " ".join(parts) or "-"
+
+
+def _cpu_text(per_request: dict[str, float]) -> str:
+    groups: dict[str, float] = {}
+    for name, ms in per_request.items():
+        label = name.rsplit("-", 1)[0] if name[-1].isdigit() else name
+        groups[label] = groups.get(label, 0.0) + ms
+    return ", ".join(f"{k} {v:.2f}" for k, v in groups.items() if v >= 0.005)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The short table printed at the end."""
+    lines = [
+        f"Warden /sign benchmark, {doc['started'][:19]}Z, {doc['machine']['nproc']} CPUs "
+        f"({doc['machine']['cpu_model']}), load generator {doc['load_generator']} on CPU "
+        f"{doc['settings']['loadgen_cpus']}, {doc['settings']['duration_s']:g} s per window",
+        "",
+        "| run | req/s | x crypto floor | p50 ms | p95 ms | p99 ms | statuses | CPU ms/req |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    rows = {**doc["floors"], **doc["workloads"]}
+    for name, r in rows.items():
+        lat = r["latency_ms"]
+        lines.append(
+            f"| {name} | {r['rps']:.0f} | {r['ratio_to_crypto_floor']:.2f} | {lat['50']:.1f} "
+            f"| {lat['95']:.1f} | {lat['99']:.1f} "
+            f"| {_status_text(r['statuses'], r['socket_errors'])} "
+            f"| {_cpu_text(r['cpu_ms_per_request'])} |"
+        )
+    if doc["scaling"]:
+        lines += ["", "Scaling (unique events):", ""]
+        lines += [
+            "| processes | req/s | x crypto floor (same processes) | p99 ms |",
+            "|---|---:|---:|---:|",
+        ]
+        for key, r in doc["scaling"]["unique"].items():
+            lines.append(
+                f"| {key} | {r['rps']:.0f} | {r['ratio_to_crypto_floor_same_processes']:.2f} "
+                f"| {r['latency_ms']['99']:.1f} |"
+            )
+        f2 = doc["scaling"]["crypto_floor_x2"]
+        lines.append(
+            f"| crypto floor x2 processes | {f2['rps']:.0f} | 1.00 | {f2['latency_ms']['99']:.1f} |"
+        )
+    lines += ["", "| target | measured | goal | met |", "|---|---:|---|---|"]
+    for t in doc["targets"]:
+        lines.append(
+            f"| {t['target']} | {t['measured']:g} | {t['goal']} | {'yes' if t['met'] else 'NO'} |"
+        )
+    if doc["notes"]:
+        lines += ["", *(f"- {n}" for n in doc["notes"])]
+    return "\n".join(lines)
+
+
+async def _main(config: BenchConfig) -> int:
+    work = Path(tempfile.mkdtemp(prefix="warden-bench-"))
+    bench = Bench(config, work)
+    if bench.tool == "python":
+        bench.notes.append(
+            "wrk is not installed: the Python load generator was used (slower; it may be "
+            "the bottleneck)"
+        )
+        bench.log(bench.notes[-1])
+    ok = False
+    try:
+        doc = await bench.run()
+        ok = True
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await bench.close()
+        if ok:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"bench: logs and files kept in {work}", file=sys.stderr)
+    config.results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.fromisoformat(doc["started"]).strftime("%Y%m%dT%H%M%SZ")
+    path = config.results_dir / f"{stamp}.json"
+    path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    print(markdown(doc))
+    print(f"\nresults: {path}")
+    return 0
+
+
+def main() -> int:
+    """``python -m bench``."""
+    try:
+        config = BenchConfig.from_env()
+    except (BenchError, ValueError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_main(config))
