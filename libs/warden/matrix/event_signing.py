@@ -198,13 +198,16 @@ def verify_sender_signature(
     verify_keys: Mapping[str, Mapping[str, EventVerifyKey]],
     *,
     servers: Iterable[str] | None = None,
+    signing_bytes: bytes | None = None,
 ) -> None:
     """Check that every server required to sign ``event`` has signed it validly.
 
     ``verify_keys`` maps server name to ``{key_id: verify_key}`` (the caller fetches
     them, e.g. from the key notary). For each server, every ``ed25519`` signature made
     with a key we hold must verify, and there must be at least one such signature
-    (as in Synapse's keyring). ``servers`` overrides ``servers_required_to_sign``.
+    (as in Synapse's keyring). ``servers`` overrides ``servers_required_to_sign``;
+    ``signing_bytes`` are ``redacted_signing_bytes(room_version, event)`` when the
+    caller has already computed them (the /sign path has), sparing a second redaction.
 
     Raises ``EventSignatureError`` naming the server that failed.
     """
@@ -212,7 +215,7 @@ def verify_sender_signature(
     signatures = event.get("signatures")
     if not isinstance(signatures, Mapping):
         raise EventSignatureError("event has no 'signatures' object")
-    message: bytes | None = None
+    message = signing_bytes
     for server in sorted(required):
         by_server = signatures.get(server)
         if not isinstance(by_server, Mapping):

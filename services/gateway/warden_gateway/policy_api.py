@@ -306,7 +306,7 @@ class PolicyAPI:
             raise InvalidParam(
                 f"The event ID in the path ({path_event_id}) is not the event's ID ({event_id})"
             )
-        await self._verify_event_signatures(room_version, pdu)
+        await self._verify_event_signatures(room_version, pdu, signing_bytes)
 
         if _is_policy_state_event(pdu):
             # Always signed: a room must be able to replace or remove its policy server.
@@ -360,7 +360,7 @@ class PolicyAPI:
         return room
 
     async def _verify_event_signatures(
-        self, room_version: RoomVersion, pdu: dict[str, Any]
+        self, room_version: RoomVersion, pdu: dict[str, Any], signing_bytes: bytes
     ) -> None:
         """Check the signatures of every server required to sign (sender's, and so on).
 
@@ -392,7 +392,9 @@ class PolicyAPI:
                     continue  # verify_sender_signature needs at least one known key
             verify_keys[server] = found
         try:
-            verify_sender_signature(room_version, pdu, verify_keys, servers=required)
+            verify_sender_signature(
+                room_version, pdu, verify_keys, servers=required, signing_bytes=signing_bytes
+            )
         except EventSignatureError as exc:
             raise BadJSON(f"The event's signatures do not verify: {exc}") from None
 
