@@ -204,6 +204,50 @@ class FederationClient:
         Raises a ``TemporaryFederationError`` or ``PermanentFederationError``; non-2xx
         answers are ``HttpResponseError`` subclasses carrying status and errcode.
         """
+        document = await self._request_document(
+            method, destination, path, query=query, body=body, signed=signed, timeout=timeout
+        )
+        if not isinstance(document, dict):
+            raise InvalidResponse(destination, "response is not a JSON object")
+        return document
+
+    async def put_json_legacy_pair(
+        self,
+        destination: str,
+        path: str,
+        body: Mapping[str, Any],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> JsonDict:
+        """``PUT`` to a v1 endpoint that answers ``[200, {...}]`` and return the object.
+
+        The v1 ``send_join``, ``send_leave`` and ``invite`` endpoints answer that way, a
+        historical quirk the spec keeps. Anything else is ``InvalidResponse``.
+        """
+        document = await self._request_document(
+            "PUT", destination, path, body=body, signed=True, timeout=timeout
+        )
+        if (
+            not isinstance(document, list)
+            or len(document) != 2
+            or not isinstance(document[1], dict)
+        ):
+            raise InvalidResponse(destination, "response is not a [status, object] pair")
+        result: JsonDict = document[1]
+        return result
+
+    async def _request_document(
+        self,
+        method: str,
+        destination: str,
+        path: str,
+        *,
+        query: QueryParams | None = None,
+        body: Mapping[str, Any] | None = None,
+        signed: bool = True,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Any:
+        """Send one request and return the parsed JSON of a 2xx answer, whatever its type."""
         if not path.startswith("/") or "?" in path or "#" in path:
             raise ValueError(f"path must be an absolute path without query: {path!r}")
         try:
@@ -239,7 +283,7 @@ class FederationClient:
         headers: dict[str, str],
         content: bytes | None,
         budget: float,
-    ) -> JsonDict:
+    ) -> Any:
         try:
             resolved = await self.resolver.resolve(destination)
         except ValueError as exc:
@@ -266,12 +310,9 @@ class FederationClient:
         finally:
             await response.aclose()
         try:
-            document = orjson.loads(raw)
+            return orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise InvalidResponse(destination, f"response is not valid JSON: {exc}") from None
-        if not isinstance(document, dict):
-            raise InvalidResponse(destination, "response is not a JSON object")
-        return document
 
     async def _read_limited(self, destination: str, response: httpx.Response, limit: int) -> bytes:
         """Read the (decoded) body, refusing it once it passes ``limit`` bytes."""
