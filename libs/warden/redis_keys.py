@@ -64,3 +64,29 @@ def rate_limit(origin: str, window: int) -> str:
     """``warden:rl:<origin>:<window>``: requests from one origin server in one window of
     the per-origin rate limit, shared by every gateway replica."""
     return f"{PREFIX}rl:{origin}:{window}"
+
+
+def transaction(origin: str, txn_id: str) -> str:
+    """``warden:txn:<origin>:<txn_id>``: a federation ``/send`` transaction already seen.
+
+    Claimed with SET NX (value ``pending``, TTL 60 s) by the gateway that handles it,
+    then replaced by the JSON answer given (TTL one hour), which a repeat of the same
+    transaction ID from the same origin gets again without being processed. The
+    transaction ID is whatever the origin chose (it may hold ``:``); the origin comes
+    first, so keys of different origins never collide.
+    """
+    return f"{PREFIX}txn:{origin}:{txn_id}"
+
+
+def state_refresh_lock() -> str:
+    """``warden:lock:state_refresh``: held (SET NX with a TTL, renewed while working) by
+    the one filter worker refreshing rooms' state from ``PS_TRUSTED_ORIGINS``."""
+    return f"{PREFIX}lock:state_refresh"
+
+
+def startup_join_lock() -> str:
+    """``warden:lock:startup_joins``: held (SET NX with a 60 s TTL, refreshed while
+    working) by the one gateway replica joining ``PS_JOIN_ROOM_IDS``; the value is that
+    replica's random token, so only the holder refreshes or releases it. Others wait and
+    take over if the holder dies (the TTL runs out)."""
+    return f"{PREFIX}lock:startup_joins"

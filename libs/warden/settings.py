@@ -91,8 +91,21 @@ class Settings(BaseSettings):
     key_fetch_timeout_seconds: float = Field(default=10.0, gt=0)  # Warden
     key_negative_cache_seconds: int = Field(default=60, ge=0)  # Warden
     trusted_origins: CSV = Field(default_factory=lambda: ["matrix.org", "element.io"])
+    # How often one filter worker refreshes every protected room's state with GET
+    # /state from the first answering trusted origin (policyserv's name and default).
+    state_cache_interval_minutes: float = Field(default=60.0, gt=0)
     # The localpart of Warden's own user in protected rooms (policyserv's name/default).
     join_localpart: str = "policyserv"
+    # The server asked to join rooms through when no "via" is given (policyserv's name
+    # and default).
+    join_server: str = "matrix.org"
+    # Rooms joined into the "default" community at start, retried with backoff until
+    # joined (policyserv's name; a failure there is fatal, in Warden it is retried).
+    join_room_ids: CSV = Field(default_factory=list)
+    # Warden: invites to these rooms are accepted into the "default" community.
+    invite_allowed_room_ids: CSV = Field(default_factory=list)
+    # Warden: first delay between start-up join attempts of a room; doubles up to 300 s.
+    join_retry_base_seconds: float = Field(default=5.0, gt=0)
 
     # --- Admin API (/api/v1) ---
     # Bearer key of the admin API (policyserv's name and default); empty disables the API.
@@ -173,6 +186,28 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(cidr, strict=True)
             except ValueError as exc:
                 raise ValueError(f"{cidr!r} is not a valid CIDR network ({exc})") from None
+        return value
+
+    @field_validator("join_room_ids", "invite_allowed_room_ids", mode="before")
+    @classmethod
+    def _room_csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("join_room_ids", "invite_allowed_room_ids")
+    @classmethod
+    def _room_ids(cls, value: list[str]) -> list[str]:
+        for room_id in value:
+            if not room_id.startswith("!") or len(room_id.encode()) > 255 or len(room_id) < 2:
+                raise ValueError(f"{room_id!r} is not a room ID ('!opaque:server' or '!hash')")
+        return value
+
+    @field_validator("join_server")
+    @classmethod
+    def _join_server(cls, value: str) -> str:
+        from warden.federation.xmatrix import is_valid_server_name
+
+        if not is_valid_server_name(value):
+            raise ValueError(f"{value!r} is not a server name (host or host:port)")
         return value
 
     @field_validator("http_bind", "http_metrics_bind")

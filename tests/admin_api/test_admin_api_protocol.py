@@ -31,6 +31,8 @@ from warden_gateway.admin_api import MAX_BODY_BYTES
 ENDPOINTS = {
     "/api/v1/rooms": {"get"},
     "/api/v1/rooms/{room_id}": {"get", "put", "delete"},
+    # join and leave are registered only with a RoomJoiner (tests/membership covers them).
+    "/api/v1/rooms/{room_id}/approve_invite": {"get", "post", "delete"},
     "/api/v1/set_room_moderator": {"post"},
     "/api/v1/communities/new": {"post"},
     "/api/v1/communities/{community_id}": {"get", "patch"},

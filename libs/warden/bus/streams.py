@@ -12,7 +12,12 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from warden.bus.subjects import VERDICT_SUBJECTS, VERDICTS_STREAM
+from warden.bus.subjects import (
+    INBOUND_STREAM,
+    INBOUND_SUBJECTS,
+    VERDICT_SUBJECTS,
+    VERDICTS_STREAM,
+)
 
 # Duplicates (same Nats-Msg-Id = event ID) are dropped within this window.
 DUPLICATE_WINDOW_SECONDS = 120.0
@@ -36,6 +41,34 @@ async def ensure_verdicts_stream(js: JetStreamContext) -> None:
     )
     try:
         await js.stream_info(VERDICTS_STREAM)
+    except NotFoundError:
+        await js.add_stream(config)
+        return
+    await js.update_stream(config)
+
+
+# Inbound PDUs are work for the room-state consumer, not a record: a day covers any
+# realistic outage of the filter workers, and the periodic /state refresh repairs what
+# is lost beyond it. Several servers relay the same event within seconds to minutes,
+# hence a longer duplicate window than the verdicts'.
+INBOUND_MAX_AGE_SECONDS = 24 * 3600.0
+INBOUND_DUPLICATE_WINDOW_SECONDS = 600.0
+INBOUND_MAX_BYTES = 2 * 1024**3
+
+
+async def ensure_inbound_stream(js: JetStreamContext) -> None:
+    """Create the inbound PDU stream if missing, or update it to the current settings."""
+    config = StreamConfig(
+        name=INBOUND_STREAM,
+        subjects=[INBOUND_SUBJECTS],
+        retention=RetentionPolicy.LIMITS,
+        max_age=INBOUND_MAX_AGE_SECONDS,
+        max_bytes=INBOUND_MAX_BYTES,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=INBOUND_DUPLICATE_WINDOW_SECONDS,
+    )
+    try:
+        await js.stream_info(INBOUND_STREAM)
     except NotFoundError:
         await js.add_stream(config)
         return

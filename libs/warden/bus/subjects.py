@@ -15,6 +15,16 @@ Verdicts (JetStream)
     to the event ID so JetStream drops duplicates. The moderator's and the webhooks'
     durable consumers read it.
 
+Inbound federation (JetStream)
+    Stream ``INBOUND_STREAM`` holds ``warden.inbound.>``. The gateway publishes each PDU
+    of a protected room that arrives in a ``/send`` transaction on
+    ``INBOUND_PDU_SUBJECT``: body the PDU JSON as received, headers ``HEADER_ORIGIN``
+    (the transaction's origin), ``HEADER_ROOM_VERSION``, ``HEADER_ROOM_ID``,
+    ``HEADER_EVENT_ID`` and ``Nats-Msg-Id`` = the event ID (a PDU relayed by several
+    servers is kept once). The filter workers read it through the durable consumer
+    ``ROOM_STATE_CONSUMER`` (learned room state, and verdicts for events that bypassed
+    the policy server).
+
 Configuration (core NATS)
     ``CONFIG_CHANGED_SUBJECT`` — published by the admin API after a community's config
     or a room's community changes; every worker drops its cached copy. Body:
@@ -36,6 +46,11 @@ WEBHOOKS_CONSUMER: Final = "warden-webhooks"
 
 CONFIG_CHANGED_SUBJECT: Final = "warden.config.changed"
 
+INBOUND_STREAM: Final = "WARDEN_INBOUND"
+INBOUND_SUBJECTS: Final = "warden.inbound.>"
+INBOUND_PDU_SUBJECT: Final = "warden.inbound.pdu"
+ROOM_STATE_CONSUMER: Final = "warden-room-state"
+
 # Headers on evaluation requests.
 HEADER_ROOM_VERSION: Final = "Warden-Room-Version"
 HEADER_COMMUNITY: Final = "Warden-Community"
@@ -45,6 +60,8 @@ HEADER_SOURCE: Final = "Warden-Source"  # "sign", "check" or "send"
 # Unpadded base64 sha256 of the redacted event: binds a verdict to the event's form, so
 # a reused event ID (room versions 1 and 2) cannot inherit another event's verdict.
 HEADER_REFERENCE_HASH: Final = "Warden-Reference-Hash"
+# On inbound PDUs: the room the PDU belongs to (as the gateway looked it up).
+HEADER_ROOM_ID: Final = "Warden-Room-Id"
 
 
 def verdict_subject(content_class: str) -> str:

@@ -20,6 +20,7 @@ from warden.filters.length import LengthFilter
 from warden.filters.many_ats import ManyAtsFilter
 from warden.filters.media import MediaFilter
 from warden.filters.mentions import MentionsFilter
+from warden.filters.policy_list import PolicyListFilter
 from warden.filters.protect_own_user import ProtectOwnUser
 from warden.filters.sender_prefilter import SenderPrefilter
 from warden.filters.trim_length import TrimLengthFilter
@@ -28,6 +29,7 @@ _ALL: tuple[type[Filter], ...] = (
     ProtectOwnUser,
     EventTypePrefilter,
     SenderPrefilter,
+    PolicyListFilter,
     HellbanPrefilter,
     KeywordFilter,
     MentionsFilter,

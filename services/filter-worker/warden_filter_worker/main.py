@@ -6,18 +6,38 @@ the verdicts stream exists, listen for configuration changes, then join the
 ``FILTER_WORKERS_QUEUE`` queue group on ``EVALUATE_SUBJECT``. On SIGTERM the runtime
 turns not-ready, then this service stops taking requests, finishes those in flight and
 flushes its writes and publishes before NATS is drained.
+
+Each worker also reads inbound PDUs (``room_state_consumer``) and takes its turn at the
+periodic room state refresh (``state_refresh``).
 """
 
 from __future__ import annotations
 
 import sys
 
-from warden.bus.streams import DUPLICATE_WINDOW_SECONDS, ensure_verdicts_stream
+from signedjson.key import get_verify_key
+
+from warden.bus.consumer import (
+    PullConsumer,
+    ensure_durable_consumer,
+    raise_if_failed,
+    run_with_runtime,
+)
+from warden.bus.streams import (
+    DUPLICATE_WINDOW_SECONDS,
+    durable_consumer_config,
+    ensure_inbound_stream,
+    ensure_verdicts_stream,
+)
+from warden.bus.subjects import INBOUND_PDU_SUBJECT, INBOUND_STREAM, ROOM_STATE_CONSUMER
+from warden.federation.client import FederationClient
+from warden.federation.keyring import Keyring
 from warden.filters.base import FilterDeps
 from warden.filters.base import Group as FilterGroup
 from warden.policy.config import ConfigError, instance_defaults
 from warden.policy.pipeline import Pipeline
 from warden.runtime import dependencies
+from warden.runtime.identity import load_identity
 from warden.runtime.service import bootstrap, run_async
 from warden.settings import Settings
 from warden_filter_worker.community_config import CommunityConfigCache
@@ -26,8 +46,15 @@ from warden_filter_worker.group_commit import GroupCommitWriter
 from warden_filter_worker.metrics import observe_outcome
 from warden_filter_worker.outbox import OutboxSweeper, PublishedMarker
 from warden_filter_worker.publisher import VerdictPublisher
+from warden_filter_worker.room_state_consumer import RoomStateConsumer
+from warden_filter_worker.state_refresh import StateRefresher
 
 NAME = "filter-worker"
+
+# Inbound PDUs one worker handles at once (each may wait for a verdict).
+_ROOM_STATE_IN_FLIGHT = 32
+# A /state answer of a large room is big; the default federation cap is 16 MiB.
+_STATE_RESPONSE_MAX_BYTES = 64 * 1024 * 1024
 
 # Slack on top of the longest possible evaluation (every group hitting the filter
 # timeout) for the configuration read and the commit.
@@ -90,7 +117,61 @@ def run(settings: Settings) -> int:
 
         # Hooks run last-added first: this runs before NATS is drained and pools close.
         runtime.add_shutdown_hook("evaluations", stop)
+
+        # Room state: inbound PDUs from the gateway's /send, and the periodic refresh.
+        identity = load_identity(settings)
+        local_user_id = f"@{settings.join_localpart}:{identity.server_name}"
+        federation = FederationClient(
+            settings, identity.federation_key, max_response_size=_STATE_RESPONSE_MAX_BYTES
+        )
+        runtime.add_shutdown_hook("federation-client", federation.aclose)
+        keyring = Keyring(
+            settings,
+            federation,
+            redis,
+            pool,
+            our_server_name=identity.server_name,
+            our_keys={identity.federation_key_id: get_verify_key(identity.federation_key)},
+        )
+        await ensure_inbound_stream(js)
+        await ensure_durable_consumer(
+            js,
+            INBOUND_STREAM,
+            durable_consumer_config(ROOM_STATE_CONSUMER, INBOUND_PDU_SUBJECT, ack_wait=30.0),
+        )
+        room_state = RoomStateConsumer(
+            pool=pool,
+            nc=nc,
+            js=js,
+            keyring=keyring,
+            server_name=identity.server_name,
+            policy_verify_key=get_verify_key(identity.policy_key),
+            local_user_id=local_user_id,
+            verdict_timeout_seconds=settings.verdict_timeout_seconds,
+        )
+        pull = PullConsumer(
+            js,
+            stream=INBOUND_STREAM,
+            durable=ROOM_STATE_CONSUMER,
+            handler=room_state.handle,
+            max_in_flight=_ROOM_STATE_IN_FLIGHT,
+        )
+        task = run_with_runtime(runtime, "room-state-consumer", pull.run)
+        refresher = StateRefresher(
+            pool=pool,
+            redis=redis,
+            client=federation,
+            keyring=keyring,
+            trusted_origins=settings.trusted_origins,
+            interval_seconds=settings.state_cache_interval_minutes * 60,
+            local_user_id=local_user_id,
+        )
+
+        async def refresh() -> None:
+            await refresher.run(runtime.stopping)
+
         runtime.add_http_server("metrics", runtime.health_app(), settings.http_metrics_bind)
-        await runtime.serve(background=[marker.run, sweeper.run])
+        await runtime.serve(background=[marker.run, sweeper.run, refresh])
+        raise_if_failed(task)
 
     return run_async(main)

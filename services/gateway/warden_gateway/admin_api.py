@@ -11,7 +11,12 @@ app includes this router only when ``PS_API_KEY`` is set. Differences from polic
   an override) instead of silently keeping keys;
 - ``PUT``/``DELETE /rooms/{room_id}`` protect, move and unprotect rooms directly;
 - ``GET /events/{event_id}`` shows a stored verdict with every filter's outcome;
-- ``GET /rooms`` answers ``[]``, not ``null``, when no room is protected.
+- ``GET /rooms`` answers ``[]``, not ``null``, when no room is protected;
+- ``POST /rooms/{room_id}/join`` joins over federation (``via``, default
+  ``PS_JOIN_SERVER``) and protects the room, also when it is already known: rejoining
+  after a kick works, and a join naming another community moves the room;
+  ``POST /rooms/{room_id}/leave`` leaves and stops protecting it;
+- ``POST``/``DELETE /rooms/{room_id}/approve_invite`` pre-approve invites to a room.
 
 Request validation errors become Matrix errors here (in the route class), not in an
 app-wide handler, and the key is checked before the body is even read.
@@ -40,6 +45,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive
 
 from warden.bus.subjects import CONFIG_CHANGED_SUBJECT
+from warden.federation.membership import MembershipFailed
 from warden.federation.xmatrix import is_valid_server_name
 from warden.matrix.errors import (
     BadJSON,
@@ -50,6 +56,7 @@ from warden.matrix.errors import (
     TooLarge,
     Unauthorized,
     Unavailable,
+    UnsupportedRoomVersion,
 )
 from warden.matrix.room_versions import RoomVersion, get_room_version
 from warden.policy.config import (
@@ -58,22 +65,29 @@ from warden.policy.config import (
     known_keys,
     validate_community_config,
 )
-from warden.storage import communities, rooms, verdicts
+from warden.storage import communities, room_state, rooms, verdicts
+from warden.storage import membership as membership_store
 from warden.storage import records as storage_records
 from warden.telemetry.tracing import inject_headers
 from warden_gateway.admin_models import (
+    ApproveInviteRequest,
     Community,
     CommunityPatch,
     ConfigBody,
     EmptyBody,
+    InviteApproval,
+    JoinRoomRequest,
+    LeaveRoomRequest,
     MatrixErrorBody,
     NewCommunityRequest,
     ProtectRoomRequest,
     Room,
+    RoomDetail,
     SetRoomModeratorRequest,
     Verdict,
 )
 from warden_gateway.errors import on_matrix_error
+from warden_gateway.room_joins import NotificationFailed, RoomJoiner
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +127,57 @@ _WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
     },
 }
 
+_JOIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_WRITE_ERRORS,
+    502: {
+        "model": MatrixErrorBody,
+        "description": "No server completed the join or leave (M_UNKNOWN; `reasons` maps "
+        "each server tried to its failure)",
+    },
+    503: {
+        "model": MatrixErrorBody,
+        "description": "Every server failed temporarily (M_UNKNOWN with `reasons`; retry "
+        "later), or the change was saved but not announced (repeat the request)",
+    },
+}
+
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+class BadGateway(MatrixError):
+    """502 ``M_UNKNOWN``: the servers Warden asked refused or failed."""
+
+    errcode = "M_UNKNOWN"
+    status = 502
+
+
+def membership_error(exc: MembershipFailed) -> MatrixError:
+    """The admin API's answer when no server completed a join or leave."""
+    if exc.unsupported_version is not None:
+        return UnsupportedRoomVersion(
+            f"Room version {exc.unsupported_version!r} is not supported by Warden",
+            reasons=exc.reasons,
+        )
+    message = str(exc)
+    if not exc.reasons:
+        return BadJSON("via: no valid server to ask (and PS_JOIN_SERVER is Warden itself)")
+    if exc.temporary:
+        return Unavailable(message, reasons=exc.reasons)
+    return BadGateway(message, reasons=exc.reasons)
+
+
+def _check_any_room_id(room_id: str) -> None:
+    """A room ID of any version: ``!opaque:server`` or (v12) ``!`` + 43 base64 characters."""
+    if len(room_id.encode()) > _MAX_ID_BYTES:
+        raise InvalidParam(f"room_id: longer than {_MAX_ID_BYTES} bytes")
+    if _HASH_ROOM_ID_RE.fullmatch(room_id):
+        return
+    opaque, sep, server = room_id.removeprefix("!").partition(":")
+    if not room_id.startswith("!") or not sep or not opaque or not is_valid_server_name(server):
+        raise InvalidParam(
+            "room_id: must be !opaque:server.name, or for room version 12 '!' followed by "
+            "43 URL-safe base64 characters"
+        )
 
 
 def matrix_error_for_validation(exc: RequestValidationError) -> MatrixError:
@@ -255,8 +319,22 @@ def _check_user_id(user_id: str) -> None:
         raise BadJSON('moderator_user_id: must be a user ID like @mod:example.org, or "" to unset')
 
 
-def build_admin_router(*, api_key: str, pool: asyncpg.Pool, nats: NATS) -> APIRouter:
+def build_admin_router(
+    *,
+    api_key: str,
+    pool: asyncpg.Pool,
+    nats: NATS,
+    joiner: RoomJoiner | None = None,
+    server_name: str = "",
+    policy_public_key: str = "",
+) -> APIRouter:
     """The ``/api/v1`` router; every route requires ``Authorization: Bearer <api_key>``.
+
+    ``server_name`` and ``policy_public_key`` (ours) tell ``GET /rooms/{room_id}``
+    whether the room's learned ``m.room.policy`` names Warden with its current key.
+
+    ``joiner`` enables ``/rooms/{room_id}/join`` and ``/leave`` (the gateway always
+    passes one; without it those paths answer 404).
 
     The instance defaults shown by ``/instance/community_config`` are read from the
     environment here, once (as the workers do at start): a bad ``PS_*`` value raises
@@ -379,12 +457,13 @@ def build_admin_router(*, api_key: str, pool: asyncpg.Pool, nats: NATS) -> APIRo
         return [_room(r) for r in await rooms.list_rooms(pool)]
 
     @router.get("/rooms/{room_id}", summary="Get a protected room")
-    async def get_room(room_id: str) -> Room:
-        """One protected room."""
+    async def get_room(room_id: str) -> RoomDetail:
+        """One protected room, with what its learned ``m.room.policy`` says of Warden."""
         room = await rooms.get_room(pool, room_id)
         if room is None:
             raise NotFound("Unknown room")
-        return _room(room)
+        policy = await room_state.get_policy_server(pool, room_id, server_name, policy_public_key)
+        return RoomDetail.model_validate({**room.to_api(), "policy_server": policy.to_api()})
 
     @router.put("/rooms/{room_id}", summary="Protect or move a room", responses=_WRITE_ERRORS)
     async def protect_room(room_id: str, body: ProtectRoomRequest) -> Room:
@@ -410,6 +489,98 @@ def build_admin_router(*, api_key: str, pool: asyncpg.Pool, nats: NATS) -> APIRo
         if not await rooms.delete_room(pool, room_id):
             raise NotFound("Unknown room")
         await notify({"room_id": room_id})
+        return EmptyBody()
+
+    # --- Joining, leaving and invites ------------------------------------------------
+
+    if joiner is not None:
+
+        @router.post(
+            "/rooms/{room_id}/join", summary="Join and protect a room", responses=_JOIN_ERRORS
+        )
+        async def join_room(room_id: str, body: JoinRoomRequest) -> RoomDetail:
+            """Join the room over federation (make_join/send_join) and protect it for the
+            community. A room Warden already knows is joined again (after a kick, say), and
+            moved when the community differs. The answer is the room as ``GET`` shows it,
+            ``policy_server`` learned from the state the join brought."""
+            _check_any_room_id(room_id)
+            if await communities.get_community(pool, body.community_id) is None:
+                raise BadJSON(f"community_id: unknown community {body.community_id!r}")
+            for server in body.via or []:
+                if not is_valid_server_name(server):
+                    raise BadJSON(f"via: {server!r} is not a server name")
+            try:
+                outcome = await joiner.join(room_id, body.community_id, body.via)
+            except MembershipFailed as exc:
+                raise membership_error(exc) from None
+            except NotificationFailed:
+                raise Unavailable(
+                    "Joined and saved, but the gateways could not be notified; repeat the request"
+                ) from None
+            policy = await room_state.get_policy_server(
+                pool, room_id, server_name, policy_public_key
+            )
+            return RoomDetail.model_validate(
+                {**outcome.room.to_api(), "policy_server": policy.to_api()}
+            )
+
+        @router.post("/rooms/{room_id}/leave", summary="Leave a room", responses=_JOIN_ERRORS)
+        async def leave_room(
+            room_id: str, body: Annotated[LeaveRoomRequest | None, Body()] = None
+        ) -> EmptyBody:
+            """Leave the room over federation (make_leave/send_leave) and stop protecting
+            it; an invite approval of the room is withdrawn. When the leave cannot be
+            completed nothing changes: ``DELETE /rooms/{room_id}`` stops protecting a room
+            without leaving it."""
+            _check_any_room_id(room_id)
+            if (
+                await rooms.get_room(pool, room_id) is None
+                and await membership_store.get_membership(pool, room_id) is None
+            ):
+                raise NotFound("Unknown room")
+            via = body.via if body is not None else None
+            for server in via or []:
+                if not is_valid_server_name(server):
+                    raise BadJSON(f"via: {server!r} is not a server name")
+            try:
+                await joiner.leave(room_id, via)
+            except MembershipFailed as exc:
+                raise membership_error(exc) from None
+            except NotificationFailed:
+                raise Unavailable(
+                    "Left the room, but the gateways could not be notified; repeat the request"
+                ) from None
+            return EmptyBody()
+
+    @router.post(
+        "/rooms/{room_id}/approve_invite",
+        summary="Accept invites to a room",
+    )
+    async def approve_invite(room_id: str, body: ApproveInviteRequest) -> InviteApproval:
+        """From now on an invite of Warden's user to this room is accepted, and Warden
+        joins the room into the community. Replaces an earlier approval of the room."""
+        _check_any_room_id(room_id)
+        if await communities.get_community(pool, body.community_id) is None:
+            raise BadJSON(f"community_id: unknown community {body.community_id!r}")
+        try:
+            approval = await membership_store.approve_invites(pool, room_id, body.community_id)
+        except asyncpg.ForeignKeyViolationError:
+            raise BadJSON(f"community_id: unknown community {body.community_id!r}") from None
+        return InviteApproval.model_validate(approval.to_api())
+
+    @router.get("/rooms/{room_id}/approve_invite", summary="Is a room approved for invites")
+    async def get_invite_approval(room_id: str) -> InviteApproval:
+        """The room's invite approval; 404 when invites to it are refused."""
+        approval = await membership_store.get_invite_approval(pool, room_id)
+        if approval is None:
+            raise NotFound("Invites to this room are not approved")
+        return InviteApproval.model_validate(approval.to_api())
+
+    @router.delete("/rooms/{room_id}/approve_invite", summary="Refuse invites to a room again")
+    async def withdraw_invite_approval(room_id: str) -> EmptyBody:
+        """Withdraw the approval: invites to the room are refused again."""
+        if not await membership_store.withdraw_invite_approval(pool, room_id):
+            raise NotFound("Invites to this room are not approved")
         return EmptyBody()
 
     @router.post(

@@ -179,3 +179,62 @@ class Verdict(BaseModel):
 
 class EmptyBody(BaseModel):
     """``{}``."""
+
+
+ServerNameList = Annotated[
+    list[Annotated[str, StringConstraints(strict=True)]], Field(max_length=20)
+]
+
+
+class JoinRoomRequest(_Request):
+    """Body of ``POST /api/v1/rooms/{room_id}/join``."""
+
+    community_id: Annotated[str, StringConstraints(strict=True)] = Field(examples=["default"])
+    via: ServerNameList | None = Field(
+        default=None,
+        description="Resident servers to join through, in order (default: PS_JOIN_SERVER); "
+        "the room ID's server part is tried after them.",
+        examples=[["matrix.org"]],
+    )
+
+
+class LeaveRoomRequest(_Request):
+    """Body of ``POST /api/v1/rooms/{room_id}/leave`` (optional)."""
+
+    via: ServerNameList | None = Field(
+        default=None,
+        description="Servers to leave through first; then those remembered from the join, "
+        "PS_JOIN_SERVER and the room ID's server part.",
+    )
+
+
+class ApproveInviteRequest(_Request):
+    """Body of ``POST /api/v1/rooms/{room_id}/approve_invite``."""
+
+    community_id: Annotated[str, StringConstraints(strict=True)] = Field(examples=["default"])
+
+
+class InviteApproval(BaseModel):
+    """Invites to this room are accepted, and the room joins this community."""
+
+    room_id: str
+    community_id: str
+    created_ts: int = Field(description="When the approval was given (ms since the epoch).")
+
+
+class PolicyServerInfo(BaseModel):
+    """What the room's learned ``m.room.policy`` (state key "") says about Warden."""
+
+    uses_warden: bool = Field(description="`via` is this server's name.")
+    via: str | None = Field(description="The policy server the room names; null if none known.")
+    public_key: str | None = Field(description="`public_keys.ed25519` of the event, or null.")
+    key_matches: bool = Field(
+        description="The room names Warden with Warden's current policy key: homeservers "
+        "accept Warden's signatures."
+    )
+
+
+class RoomDetail(Room):
+    """A protected room with its learned policy server state."""
+
+    policy_server: PolicyServerInfo

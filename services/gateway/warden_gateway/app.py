@@ -21,6 +21,8 @@ from warden.settings import Settings
 from warden.telemetry.http import HttpMetricsMiddleware
 from warden.telemetry.metrics import WARDEN_VERSION
 from warden_gateway.errors import on_http_exception, on_matrix_error, on_unexpected
+from warden_gateway.federation_inbound import FederationInbound
+from warden_gateway.invites import InviteAPI
 from warden_gateway.policy_api import PolicyAPI
 from warden_gateway.server_keys import ServerKeyEndpoint
 from warden_gateway.well_known import WellKnown
@@ -40,13 +42,16 @@ def build_app(
     settings: Settings | None = None,
     policy: PolicyAPI | None = None,
     admin_router: APIRouter | None = None,
+    federation: FederationInbound | None = None,
+    invites: InviteAPI | None = None,
 ) -> FastAPI:
     """Assemble the gateway app for one identity; ``health`` backs /livez and /readyz.
 
     ``settings`` feed the well-known documents (defaults when omitted). ``policy``
     adds ``/sign`` and ``/check``. ``admin_router`` is the admin API router (built by
     ``admin_api.build_admin_router``, which carries the ``/api/v1`` prefix); pass it
-    only when ``PS_API_KEY`` is set.
+    only when ``PS_API_KEY`` is set. ``federation`` adds ``/send`` and the user queries.
+    ``invites`` adds the ``/invite`` routes (v2 and v1).
     """
     settings = settings or Settings(homeserver_name=identity.server_name)
     app = FastAPI(
@@ -65,6 +70,10 @@ def build_app(
     ]
     if policy is not None:
         raw_routes.extend(policy.routes())
+    if federation is not None:
+        raw_routes.extend(federation.routes())
+    if invites is not None:
+        raw_routes.extend(invites.routes())
     app.router.routes.extend(raw_routes)
     if admin_router is not None:
         from warden_gateway.admin_api import install_admin_error_handlers

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from signedjson.key import get_verify_key
 
+from warden.bus.streams import ensure_inbound_stream
 from warden.bus.subjects import CONFIG_CHANGED_SUBJECT
 from warden.federation.client import FederationClient
 from warden.federation.keyring import Keyring
+from warden.federation.membership import MembershipClient
 from warden.runtime import dependencies
 from warden.runtime.identity import load_identity
 from warden.runtime.service import bootstrap, run_async
 from warden.settings import Settings
 from warden_gateway.app import build_app
+from warden_gateway.federation_inbound import FederationInbound
+from warden_gateway.invites import InviteAPI
 from warden_gateway.policy_api import PolicyAPI
 from warden_gateway.rate_limit import OriginRateLimiter
 from warden_gateway.room_cache import RoomCache
+from warden_gateway.room_joins import RoomJoiner, StartupJoins
 from warden_gateway.verdict_source import VerdictSource
 
 NAME = "gateway"
@@ -55,13 +60,54 @@ def run(settings: Settings) -> int:
             ),
             max_body_bytes=settings.max_pdu_bytes,
         )
+        js = nc.jetstream()
+        await ensure_inbound_stream(js)
+        federation_inbound = FederationInbound(
+            server_name=identity.server_name,
+            local_user_id=f"@{settings.join_localpart}:{identity.server_name}",
+            keyring=keyring,
+            rooms=rooms,
+            redis=redis,
+            js=js,
+        )
+        # Joins, leaves and invites (warden.federation.membership), as Warden's user.
+        joiner = RoomJoiner(
+            settings=settings,
+            client=MembershipClient(
+                federation,
+                server_name=identity.server_name,
+                localpart=settings.join_localpart,
+                signing_key=identity.federation_key,
+                key_id=identity.federation_key_id,
+            ),
+            pool=pool,
+            nats=nc,
+        )
+        runtime.add_shutdown_hook("room-joins", joiner.aclose)
+        invites = InviteAPI(
+            identity=identity, settings=settings, keyring=keyring, pool=pool, joiner=joiner
+        )
+        startup_joins = StartupJoins(joiner, redis, settings)
         admin_router = None
         if settings.api_key:
             from warden_gateway.admin_api import build_admin_router
 
-            admin_router = build_admin_router(api_key=settings.api_key, pool=pool, nats=nc)
+            admin_router = build_admin_router(
+                api_key=settings.api_key,
+                pool=pool,
+                nats=nc,
+                joiner=joiner,
+                server_name=identity.server_name,
+                policy_public_key=identity.policy_key_base64,
+            )
         app = build_app(
-            identity, runtime.health, settings=settings, policy=policy, admin_router=admin_router
+            identity,
+            runtime.health,
+            settings=settings,
+            policy=policy,
+            admin_router=admin_router,
+            federation=federation_inbound,
+            invites=invites,
         )
         runtime.add_http_server(
             "api",
@@ -71,6 +117,7 @@ def run(settings: Settings) -> int:
             tls_key=settings.tls_key_path,
         )
         runtime.add_http_server("metrics", runtime.health_app(), settings.http_metrics_bind)
-        await runtime.serve()
+        # PS_JOIN_ROOM_IDS: joined in the background, by one replica at a time.
+        await runtime.serve(background=[startup_joins.run])
 
     return run_async(main)
