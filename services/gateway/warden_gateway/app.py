@@ -22,10 +22,15 @@ from warden.telemetry.http import HttpMetricsMiddleware
 from warden.telemetry.metrics import WARDEN_VERSION
 from warden_gateway.errors import on_http_exception, on_matrix_error, on_unexpected
 from warden_gateway.federation_inbound import FederationInbound
+from warden_gateway.hot_path import HotPathMiddleware
 from warden_gateway.invites import InviteAPI
-from warden_gateway.policy_api import PolicyAPI
+from warden_gateway.policy_api import SIGN_PATH, UNSTABLE_SIGN_PATH, PolicyAPI
 from warden_gateway.server_keys import ServerKeyEndpoint
 from warden_gateway.well_known import WellKnown
+
+# Exact paths served by HotPathMiddleware (``/check`` has a path parameter: it stays
+# with the router).
+HOT_PATHS = frozenset({SIGN_PATH, UNSTABLE_SIGN_PATH})
 
 _VERSION_BODY = orjson.dumps({"server": {"name": "warden", "version": WARDEN_VERSION}})
 
@@ -68,8 +73,10 @@ def build_app(
         *WellKnown(identity, settings).routes(),
         *health.routes(with_metrics=False),
     ]
+    hot_routes: list[Route] = []
     if policy is not None:
         raw_routes.extend(policy.routes())
+        hot_routes = [r for r in policy.routes() if r.path in HOT_PATHS]
     if federation is not None:
         raw_routes.extend(federation.routes())
     if invites is not None:
@@ -83,5 +90,7 @@ def build_app(
     app.add_exception_handler(MatrixError, on_matrix_error)
     app.add_exception_handler(HTTPException, on_http_exception)
     app.add_exception_handler(Exception, on_unexpected)
-    app.add_middleware(HttpMetricsMiddleware)
+    if hot_routes:
+        app.add_middleware(HotPathMiddleware, routes=hot_routes)
+    app.add_middleware(HttpMetricsMiddleware)  # added last: outermost, sees every request
     return app
