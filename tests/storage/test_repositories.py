@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import asyncpg
 
@@ -80,3 +81,25 @@ async def test_rooms_and_communities(pg_pool: asyncpg.Pool) -> None:
     assert await rooms.get_room(pg_pool, room_id) is None
     await displaynames.replace_displaynames(pg_pool, room_id, {"@a:x": "Alice"})
     assert await displaynames.get_displaynames(pg_pool, room_id) == {"@a:x": "Alice"}
+
+
+async def test_pool_releases_connections_without_a_reset_round_trip(
+    make_settings: Any,
+) -> None:
+    from warden.storage.database import create_pool
+
+    pool = await create_pool(make_settings(database_max_open_conns=1, database_max_idle_conns=1))
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute("SET application_name = 'kept'")
+        # One connection in the pool: the same session, not reset on release.
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SHOW application_name") == "kept"
+            # An open transaction is still rolled back on release.
+            tx = conn.transaction()
+            await tx.start()
+            await conn.execute("CREATE TEMP TABLE t_release (x int)")
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT to_regclass('pg_temp.t_release')") is None
+    finally:
+        await pool.close()
