@@ -60,6 +60,19 @@ BODY_EXCERPT_CHARS = 500
 # Redis lost the cached verdict).
 _DB_POLL_EVERY = 8
 
+# One round trip for "is there a verdict, and if not, may I evaluate?": returns the
+# cached verdict, or 1 when this caller now holds the claim, or 0 when another does.
+_VERDICT_OR_CLAIM = """
+local cached = redis.call('get', KEYS[1])
+if cached then
+    return cached
+end
+if redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return 1
+end
+return 0
+"""
+
 _RELEASE_CLAIM = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
     return redis.call('del', KEYS[1])
@@ -105,6 +118,7 @@ class EvaluationService:
         self._claim_ttl_ms = int(claim_ttl_seconds * 1000)
         self._wait_seconds = wait_seconds
         self._release_claim = redis.register_script(_RELEASE_CLAIM)
+        self._verdict_or_claim = redis.register_script(_VERDICT_OR_CLAIM)
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscription: Subscription | None = None
@@ -190,31 +204,34 @@ class EvaluationService:
     async def judge(self, request: EvaluationRequest) -> tuple[Verdict, str]:
         """The event's one verdict, evaluating it only if no worker has yet."""
         event_id = request.event_id
-        cached = await self._from_redis(event_id)
-        if cached is not None:
-            return cached, metrics.OUTCOME_CACHED_REDIS
-        stored = await get_verdict(self._pool, event_id)
-        if stored is not None:
-            await self._cache(stored)
-            return stored, metrics.OUTCOME_CACHED_DB
-
+        verdict_key = redis_keys.verdict(event_id)
+        claim_key = redis_keys.evaluation_claim(event_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait_seconds
         delay = 0.005
         polls = 0
-        claim_key = redis_keys.evaluation_claim(event_id)
+        first_look = True
         while True:
             token = secrets.token_hex(8)
-            if await self._redis.set(claim_key, token, nx=True, px=self._claim_ttl_ms):
+            answer = await self._verdict_or_claim(
+                keys=[verdict_key, claim_key], args=[token, self._claim_ttl_ms]
+            )
+            if isinstance(answer, bytes):
+                cached = self._decode_cached(event_id, answer)
+                if cached is not None:
+                    outcome = metrics.OUTCOME_CACHED_REDIS if first_look else metrics.OUTCOME_WAITED
+                    return cached, outcome
+            elif answer == 1:
                 try:
-                    # The previous holder may have finished between our look and our
-                    # claim (it caches the verdict before releasing).
-                    cached = await self._from_redis(event_id)
-                    if cached is not None:
-                        return cached, metrics.OUTCOME_WAITED
+                    # Redis may have lost a verdict PostgreSQL keeps (eviction, restart).
+                    stored = await get_verdict(self._pool, event_id)
+                    if stored is not None:
+                        await self._cache(stored)
+                        return stored, metrics.OUTCOME_CACHED_DB
                     return await self._evaluate(request)
                 finally:
                     await self._release(claim_key, token)
+            first_look = False
             if loop.time() >= deadline:
                 raise WaitTimeout(
                     f"another worker is still evaluating {event_id} after {self._wait_seconds:g}s"
@@ -222,11 +239,10 @@ class EvaluationService:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
             polls += 1
-            cached = await self._from_redis(event_id)
-            if cached is None and polls % _DB_POLL_EVERY == 0:
-                cached = await get_verdict(self._pool, event_id)
-            if cached is not None:
-                return cached, metrics.OUTCOME_WAITED
+            if polls % _DB_POLL_EVERY == 0:
+                stored = await get_verdict(self._pool, event_id)
+                if stored is not None:
+                    return stored, metrics.OUTCOME_WAITED
 
     async def _evaluate(self, request: EvaluationRequest) -> tuple[Verdict, str]:
         config = await self._configs.get(request.community_id)
@@ -270,10 +286,8 @@ class EvaluationService:
         await self._publisher.publish(verdict)
         return winner, metrics.OUTCOME_FIRST_TIME
 
-    async def _from_redis(self, event_id: str) -> Verdict | None:
-        raw = await self._redis.get(redis_keys.verdict(event_id))
-        if raw is None:
-            return None
+    @staticmethod
+    def _decode_cached(event_id: str, raw: bytes) -> Verdict | None:
         try:
             return Verdict.from_json(raw)
         except (ValueError, KeyError, TypeError):
