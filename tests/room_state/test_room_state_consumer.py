@@ -334,3 +334,60 @@ async def test_refresh_loop_runs_and_stops(
     stopping.set()
     await asyncio.wait_for(task, 10)
     assert r.runs >= 2
+
+
+async def test_refresh_keeps_the_change_made_by_its_anchor_event(
+    pg_pool: asyncpg.Pool,
+    redis_client: aioredis.Redis,
+    federation: FederationClient,
+    keyring: Keyring,
+    https_server: Any,
+) -> None:
+    # /state?event_id=X answers the state *before* X. When X is itself a state event
+    # (here: the power levels change), the refresh must not undo it.
+    from warden.matrix.event_hashes import compute_event_id
+    from warden.matrix.room_versions import get_room_version
+
+    served: dict[str, dict[str, Any]] = {}
+    before: list[dict[str, Any]] = []
+
+    async def state(request: Request) -> Response:
+        return Response(orjson.dumps({"pdus": before, "auth_chain": []}))
+
+    async def event(request: Request) -> Response:
+        pdu = served.get(request.path_params["event_id"])
+        if pdu is None:
+            return Response(b'{"errcode":"M_NOT_FOUND","error":"no"}', status_code=404)
+        return Response(orjson.dumps({"origin": "x", "origin_server_ts": 1, "pdus": [pdu]}))
+
+    origin = await start_origin(
+        https_server,
+        [
+            Route("/_matrix/federation/v1/state/{room_id}", state),
+            Route("/_matrix/federation/v1/event/{event_id:path}", event),
+        ],
+    )
+    rid = (await put_room(pg_pool, new_room_id("11"), "11", "default")).room_id
+    old_pl = origin.event(
+        rid, "11", event_type="m.room.power_levels", state_key="", content={"ban": 50}
+    )
+    new_pl = origin.event(
+        rid, "11", event_type="m.room.power_levels", state_key="", content={"ban": 100}
+    )
+    before.append(old_pl)
+    new_id = compute_event_id(get_room_version("11"), new_pl)
+    served[new_id] = new_pl
+    await room_state.apply_event(pg_pool, rid, new_pl, new_id)  # the latest event seen
+    refresher = StateRefresher(
+        pool=pg_pool,
+        redis=redis_client,
+        client=federation,
+        keyring=keyring,
+        trusted_origins=[origin.name],
+        interval_seconds=3600,
+        local_user_id=OUR_USER,
+    )
+    await redis_client.delete(redis_keys.state_refresh_lock())
+    assert await refresher.refresh_if_due()
+    assert await room_state.get_power_levels(pg_pool, rid) == {"ban": 100}
+    await redis_client.delete(redis_keys.state_refresh_lock())

@@ -39,7 +39,7 @@ from warden import redis_keys
 from warden.federation.client import FederationClient
 from warden.federation.errors import FederationError
 from warden.federation.xmatrix import VerifyKeySource
-from warden.matrix.event_hashes import check_content_hash
+from warden.matrix.event_hashes import check_content_hash, compute_event_id
 from warden.matrix.event_signing import EventSignatureError
 from warden.matrix.room_versions import get_room_version
 from warden.storage.room_state import MEMBER, RefreshTarget, replace_state, rooms_to_refresh
@@ -157,6 +157,10 @@ class StateRefresher:
             if not isinstance(pdus, list):
                 continue
             events = await self._verified(target, [p for p in pdus if isinstance(p, dict)])
+            # /state answers the state *before* the anchor event: when the anchor is
+            # itself a state event (a new rule, power levels, m.room.policy), it must be
+            # applied on top, or every refresh would undo the room's latest change.
+            events.extend(await self._anchor_if_state(origin, target))
             await replace_state(
                 self._pool,
                 target.room_id,
@@ -170,6 +174,35 @@ class StateRefresher:
             return True
         STATE_REFRESHES.labels("failed").inc()
         return False
+
+    async def _anchor_if_state(
+        self, origin: str, target: RefreshTarget
+    ) -> list[Mapping[str, Any]]:
+        """The anchor event, verified, when it is a state event; else nothing."""
+        path = "/_matrix/federation/v1/event/" + urllib.parse.quote(
+            target.last_event_id, safe=""
+        )
+        try:
+            answer = await self._client.get_json(origin, path)
+        except FederationError as exc:
+            logger.info(
+                "state refresh: anchor event not fetched",
+                extra={"room_id": target.room_id, "origin": origin, "error": str(exc)},
+            )
+            return []
+        pdus = answer.get("pdus")
+        if not (isinstance(pdus, list) and pdus and isinstance(pdus[0], dict)):
+            return []
+        pdu = pdus[0]
+        if "state_key" not in pdu:
+            return []
+        try:
+            same = compute_event_id(get_room_version(target.room_version), pdu)
+        except ValueError:
+            return []
+        if same != target.last_event_id:  # the origin sent another event: ignore it
+            return []
+        return await self._verified(target, [pdu])
 
     async def _verified(
         self, target: RefreshTarget, pdus: list[dict[str, Any]]
