@@ -33,6 +33,7 @@ from warden.bus.consumer import ACK, Delivery, Retry
 from warden.bus.streams import ensure_verdicts_stream
 from warden.bus.subjects import (
     EVALUATE_SUBJECT,
+    HEADER_EVENT_ID,
     HEADER_ORIGIN,
     HEADER_ROOM_ID,
     HEADER_SOURCE,
@@ -143,8 +144,21 @@ async def test_state_is_learned_bad_signatures_dropped_and_bypassing_events_judg
             pg_pool, rid, GATEWAY_NAME, warden_identity.policy_key_base64
         )
         assert ps.uses_warden and ps.key_matches
-        # join and power levels were judged (unsigned by Warden); m.room.policy never is.
-        assert len(judged) == 2
+        # Power levels were judged (unsigned by Warden); m.room.policy never is, nor are
+        # membership events: homeservers never ask about their local ones.
+        assert len(judged) == 1
+        assert judged[0].headers[HEADER_EVENT_ID] == compute_event_id(
+            get_room_version("12"), power
+        )
+        kick = origin.event(
+            rid,
+            "12",
+            event_type="m.room.member",
+            state_key=OUR_USER,
+            content={"membership": "leave", "reason": "policy server removed"},
+        )
+        assert await consumer.handle(delivery(kick, rid, origin.name)) == ACK
+        assert len(judged) == 1  # a kick of Warden is learned, not judged or punished
         assert all(m.headers[HEADER_SOURCE] == "send" for m in judged)
         assert all(m.headers[HEADER_ORIGIN] == GATEWAY_NAME for m in judged)
 

@@ -18,8 +18,9 @@ filter worker reads the stream through the shared durable consumer
    bypassed the policy server: it is judged through the very path ``/sign`` uses (an
    evaluation request on ``EVALUATE_SUBJECT``, ``source`` ``send``), so the verdict
    store keeps one verdict per event forever and never gives a second opinion. Not
-   judged: ``m.room.policy`` with an empty state key (always signed) and events of our
-   own server.
+   judged: ``m.room.policy`` with an empty state key (always signed), membership
+   events (homeservers never ask about their local ones, so unsigned is normal), and
+   events of our own server.
 
 The ``origin`` of such an evaluation is our own server name, not the transaction's
 origin: the moderator skips a verdict whose origin is the sender's own server (that
@@ -69,7 +70,7 @@ from warden.matrix.ids import KeyID, ServerName
 from warden.matrix.keys import POLICY_SERVER_KEY_ID, VerifyKey
 from warden.matrix.room_versions import RoomVersion, get_room_version
 from warden.policy.verdict import Verdict
-from warden.storage.room_state import apply_event
+from warden.storage.room_state import MEMBER, apply_event
 from warden.storage.rooms import get_room
 from warden.telemetry.tracing import inject_headers, tracer
 
@@ -267,6 +268,12 @@ class RoomStateConsumer:
             return False  # always signed: a room must be able to change its policy server
         if _sender_server(pdu) == self._server_name:
             return False  # our own events (our joins and leaves)
+        if pdu.get("type") == MEMBER:
+            # Homeservers never ask a policy server about their local membership changes
+            # (joins, leaves, invites, kicks, bans: see synapse-as-client.md), so an
+            # unsigned one did not bypass Warden. Judging it would refuse a kick of
+            # Warden's user, redact the kick and hellban the room admin who made it.
+            return False
         return not verify_event_signature(
             room_version, pdu, self._server_name, POLICY_SERVER_KEY_ID, self._policy_key
         )
