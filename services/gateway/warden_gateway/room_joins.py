@@ -50,7 +50,7 @@ from warden.federation.membership import (
 )
 from warden.settings import Settings
 from warden.storage import membership as membership_store
-from warden.storage import rooms
+from warden.storage import room_state, rooms
 from warden.storage.records import Room
 from warden.telemetry.tracing import inject_headers
 
@@ -226,11 +226,6 @@ class RoomJoiner:
         the state learned from ``/send`` and the periodic refresh fill what is missing.
         """
         try:
-            from warden.storage import room_state
-        except ImportError:  # the room-state module ships separately
-            logger.warning("room state storage unavailable; state not seeded")
-            return
-        try:
             await room_state.seed_from_state(
                 self._pool,
                 result.room_id,
@@ -381,6 +376,9 @@ class StartupJoins:
                     continue
             except (RedisError, asyncpg.PostgresError, OSError) as exc:
                 logger.warning("start-up joins: dependency error", extra={"error": repr(exc)})
+            except Exception:
+                # Never fatal: a failure here must not stop the gateway serving /sign.
+                logger.exception("start-up joins failed; retrying")
             if not waiting_logged:
                 logger.info("another replica holds the start-up join lock; waiting")
                 waiting_logged = True
