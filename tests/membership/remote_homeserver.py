@@ -48,9 +48,9 @@ from warden.matrix.keys import SigningKey, VerifyKey
 from warden.matrix.room_versions import get_room_version
 
 
-def _error(status: int, errcode: str, error: str) -> Response:
+def _error(status: int, errcode: str, error: str, **extra: str) -> Response:
     return Response(
-        orjson.dumps({"errcode": errcode, "error": error}),
+        orjson.dumps({"errcode": errcode, "error": error, **extra}),
         status_code=status,
         media_type="application/json",
     )
@@ -326,7 +326,12 @@ class RemoteHomeserver:
         if room is None:
             return _error(404, "M_NOT_FOUND", "Unknown room")
         if membership == "join" and room.version not in request.query_params.getlist("ver"):
-            return _error(400, "M_INCOMPATIBLE_ROOM_VERSION", "Your server cannot join")
+            return _error(
+                400,
+                "M_INCOMPATIBLE_ROOM_VERSION",
+                "Your homeserver does not support the features required to join this room",
+                room_version=room.version,
+            )
         return _json(
             {"event": self._template(room, user_id, membership), "room_version": room.version}
         )

@@ -179,6 +179,9 @@ async def test_join_failures_are_clear_errors(
     )
     assert r.status_code == 400, r.text
     assert r.json()["errcode"] == "M_UNSUPPORTED_ROOM_VERSION"
+    # The room's real version (from the error's room_version), not the error text.
+    assert "org.example.custom" in r.json()["error"]
+    assert "does not support the features" not in r.json()["error"]
 
 
 async def test_rejoin_and_move_between_communities(

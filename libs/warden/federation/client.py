@@ -344,5 +344,9 @@ class FederationClient:
             if isinstance(document.get("error"), str):
                 error = document["error"][:500]
         return HttpResponseError.create(
-            destination, response.status_code, errcode=errcode, error=error
+            destination,
+            response.status_code,
+            errcode=errcode,
+            error=error,
+            body=document if isinstance(document, dict) and errcode else None,
         )

@@ -10,6 +10,9 @@ metrics and tests. Every message names the destination.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class FederationError(Exception):
     """A request to another server failed."""
@@ -74,7 +77,8 @@ class ResponseTooLarge(PermanentFederationError):
 class HttpResponseError(FederationError):
     """The destination answered with a non-2xx status.
 
-    ``errcode`` and ``error`` are set when the body was a Matrix error object. Use
+    ``errcode`` and ``error`` are set when the body was a Matrix error object, and
+    ``body`` holds that whole object (its extra fields, e.g. ``room_version``). Use
     ``HttpResponseError.create`` so that the instance is also Temporary (5xx, 429) or
     Permanent (everything else).
     """
@@ -86,6 +90,7 @@ class HttpResponseError(FederationError):
         *,
         errcode: str | None = None,
         error: str | None = None,
+        body: Mapping[str, Any] | None = None,
     ) -> None:
         detail = f"HTTP {status}"
         if errcode:
@@ -96,6 +101,7 @@ class HttpResponseError(FederationError):
         self.status = status
         self.errcode = errcode
         self.error = error
+        self.body: Mapping[str, Any] = body or {}
 
     @staticmethod
     def create(
@@ -104,6 +110,7 @@ class HttpResponseError(FederationError):
         *,
         errcode: str | None = None,
         error: str | None = None,
+        body: Mapping[str, Any] | None = None,
     ) -> HttpResponseError:
         """Build the Temporary or Permanent variant that fits ``status``."""
         cls: type[HttpResponseError]
@@ -111,7 +118,7 @@ class HttpResponseError(FederationError):
             cls = TemporaryHttpResponseError
         else:
             cls = PermanentHttpResponseError
-        return cls(destination, status, errcode=errcode, error=error)
+        return cls(destination, status, errcode=errcode, error=error, body=body)
 
 
 class TemporaryHttpResponseError(HttpResponseError, TemporaryFederationError):

@@ -377,7 +377,11 @@ class MembershipClient:
             return await self._transport.get_json(server, path, query=query)
         except HttpResponseError as exc:
             if exc.errcode == "M_INCOMPATIBLE_ROOM_VERSION":
-                raise _UnsupportedVersion(str(exc.error or "unknown")) from None
+                # The spec's error carries the room's version in ``room_version``.
+                version = exc.body.get("room_version")
+                raise _UnsupportedVersion(
+                    version if isinstance(version, str) else "unknown"
+                ) from None
             raise
 
     def _build_event(
