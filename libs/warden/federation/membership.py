@@ -28,9 +28,9 @@ import logging
 import secrets
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from warden.federation.errors import (
     FederationError,
@@ -59,6 +59,7 @@ from warden.matrix.room_versions import (
     get_room_version,
 )
 
+_T = TypeVar("_T")
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -255,38 +256,18 @@ class MembershipClient:
 
         Raises ``MembershipFailed`` with every server's reason when none does.
         """
-        failure = MembershipFailed("join", room_id)
-        temporary = True
-        for server in servers:
-            try:
-                return await self._join_through(room_id, server)
-            except _ServerFailure as exc:
-                self._note_failure(failure, server, exc)
-                temporary = temporary and exc.temporary
-            except FederationError as exc:
-                failure.reasons[server] = exc.reason
-                temporary = temporary and isinstance(exc, TemporaryFederationError)
-        failure.temporary = temporary and bool(servers) and failure.unsupported_version is None
-        raise failure
+        return await self._first_server(
+            "join", room_id, servers, lambda server: self._join_through(room_id, server)
+        )
 
     async def _join_through(self, room_id: str, server: str) -> JoinResult:
         path = f"/_matrix/federation/v1/make_join/{_quote(room_id)}/{_quote(self.user_id)}"
         template = await self._make_membership(server, path, {"ver": list(SUPPORTED_ROOM_VERSIONS)})
         room_version, event = self._build_event(room_id, server, template, "join")
         event_id = compute_event_id(room_version, event)
-        suffix = f"send_join/{_quote(room_id)}/{_quote(event_id)}"
-        api_version = "v2"
-        try:
-            answer = await self._transport.put_json(
-                server, f"/_matrix/federation/v2/{suffix}", event
-            )
-        except FederationError as exc:
-            if not is_unknown_endpoint(exc):
-                raise
-            api_version = "v1"
-            answer = await self._transport.put_json_legacy_pair(
-                server, f"/_matrix/federation/v1/{suffix}", event
-            )
+        answer, api_version = await self._send_membership(
+            server, "send_join", room_id, event_id, event
+        )
         state = _event_list(answer, "state", server, required=True)
         auth_chain = _event_list(answer, "auth_chain", server, required=False)
         # A restricted join comes back signed by the authorising server too: keep that
@@ -326,11 +307,41 @@ class MembershipClient:
 
         Raises ``MembershipFailed`` with every server's reason when none does.
         """
-        failure = MembershipFailed("leave", room_id)
+        return await self._first_server(
+            "leave", room_id, servers, lambda server: self._leave_through(room_id, server)
+        )
+
+    async def _leave_through(self, room_id: str, server: str) -> LeaveResult:
+        path = f"/_matrix/federation/v1/make_leave/{_quote(room_id)}/{_quote(self.user_id)}"
+        template = await self._make_membership(server, path, None)
+        room_version, event = self._build_event(room_id, server, template, "leave")
+        event_id = compute_event_id(room_version, event)
+        _, api_version = await self._send_membership(server, "send_leave", room_id, event_id, event)
+        logger.info(
+            "left room",
+            extra={"room_id": room_id, "server": server, "api": api_version},
+        )
+        return LeaveResult(room_id, room_version.identifier, event_id, server, api_version)
+
+    # --- shared ---
+
+    async def _first_server(
+        self,
+        action: str,
+        room_id: str,
+        servers: Sequence[str],
+        attempt: Callable[[str], Awaitable[_T]],
+    ) -> _T:
+        """``attempt`` through each server in turn; the first success wins.
+
+        Raises ``MembershipFailed`` with every server's reason when none succeeds
+        (temporary only when every failure was).
+        """
+        failure = MembershipFailed(action, room_id)
         temporary = True
         for server in servers:
             try:
-                return await self._leave_through(room_id, server)
+                return await attempt(server)
             except _ServerFailure as exc:
                 self._note_failure(failure, server, exc)
                 temporary = temporary and exc.temporary
@@ -340,29 +351,23 @@ class MembershipClient:
         failure.temporary = temporary and bool(servers) and failure.unsupported_version is None
         raise failure
 
-    async def _leave_through(self, room_id: str, server: str) -> LeaveResult:
-        path = f"/_matrix/federation/v1/make_leave/{_quote(room_id)}/{_quote(self.user_id)}"
-        template = await self._make_membership(server, path, None)
-        room_version, event = self._build_event(room_id, server, template, "leave")
-        event_id = compute_event_id(room_version, event)
-        suffix = f"send_leave/{_quote(room_id)}/{_quote(event_id)}"
-        api_version = "v2"
+    async def _send_membership(
+        self, server: str, endpoint: str, room_id: str, event_id: str, event: dict[str, Any]
+    ) -> tuple[dict[str, Any], str]:
+        """``PUT`` ``send_join``/``send_leave``: v2, falling back to v1 where v2 is unknown
+        (v1 answers ``[200, {...}]``). Returns the answer and the API version used."""
+        suffix = f"{endpoint}/{_quote(room_id)}/{_quote(event_id)}"
         try:
-            await self._transport.put_json(server, f"/_matrix/federation/v2/{suffix}", event)
+            return await self._transport.put_json(
+                server, f"/_matrix/federation/v2/{suffix}", event
+            ), "v2"
         except FederationError as exc:
             if not is_unknown_endpoint(exc):
                 raise
-            api_version = "v1"
-            await self._transport.put_json_legacy_pair(
-                server, f"/_matrix/federation/v1/{suffix}", event
-            )
-        logger.info(
-            "left room",
-            extra={"room_id": room_id, "server": server, "api": api_version},
+        answer = await self._transport.put_json_legacy_pair(
+            server, f"/_matrix/federation/v1/{suffix}", event
         )
-        return LeaveResult(room_id, room_version.identifier, event_id, server, api_version)
-
-    # --- shared ---
+        return answer, "v1"
 
     @staticmethod
     def _note_failure(failure: MembershipFailed, server: str, exc: _ServerFailure) -> None:
