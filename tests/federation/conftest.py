@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import socket
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +25,8 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 import trustme
-import uvicorn
+
+from tests.local_servers import ThreadedServer, start_threaded, stop_all
 
 # --------------------------------------------------------------------------------------
 # Resolver / network guard / client fixtures
@@ -139,20 +138,7 @@ async def dns_server() -> AsyncIterator[LocalDNSServer]:
         transport.close()
 
 
-@dataclass
-class LocalHTTPSServer:
-    """A uvicorn server running an ASGI app in a thread, with a ``tls_ca`` certificate."""
-
-    host: str
-    port: int
-    server: uvicorn.Server
-    thread: threading.Thread
-
-    @property
-    def address(self) -> str:
-        """``host:port`` (IPv6 in brackets), usable as a server name."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+LocalHTTPSServer = ThreadedServer
 
 
 HTTPSServerFactory = Callable[..., Awaitable[LocalHTTPSServer]]
@@ -182,38 +168,16 @@ async def https_server(tls_ca: trustme.CA, tmp_path: Path) -> AsyncIterator[HTTP
         keyfile = tmp_path / f"server{index}.key"
         leaf.cert_chain_pems[0].write_to_path(str(certfile))
         leaf.private_key_pem.write_to_path(str(keyfile))
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        config = uvicorn.Config(
-            app,
-            ssl_certfile=str(certfile),
-            ssl_keyfile=str(keyfile),
-            log_level="warning",
-            lifespan="off",
-            access_log=False,
-            timeout_graceful_shutdown=1,
+        entry = await start_threaded(
+            app, host=host, port=port, certfile=str(certfile), keyfile=str(keyfile)
         )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        for _ in range(500):
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
-        assert server.started, "HTTPS test server did not start"
-        entry = LocalHTTPSServer(host, sock.getsockname()[1], server, thread)
         started.append(entry)
         return entry
 
     try:
         yield start
     finally:
-        for entry in started:
-            entry.server.should_exit = True
-        for entry in started:
-            await asyncio.to_thread(entry.thread.join, 5)
+        stop_all(started)
 
 
 @dataclass

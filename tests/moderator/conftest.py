@@ -9,7 +9,6 @@ first redaction's event ID. Tests can script answers (status, body, delay) per r
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,9 +17,9 @@ from urllib.parse import unquote
 
 import orjson
 import pytest
-import uvicorn
 from nats.aio.client import Client as NATS
 
+from tests.local_servers import ThreadedServer, start_threaded, stop_all
 from warden.bus.streams import ensure_verdicts_stream
 
 
@@ -122,18 +121,7 @@ class FakeClientAPI:
         return 404, {"errcode": "M_UNRECOGNIZED", "error": "not here"}, 0.0
 
 
-@dataclass
-class LocalHTTPServer:
-    """A uvicorn server in a thread on 127.0.0.1 (plain HTTP)."""
-
-    port: int
-    server: uvicorn.Server
-    thread: threading.Thread
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:<port>``."""
-        return f"http://127.0.0.1:{self.port}"
+LocalHTTPServer = ThreadedServer
 
 
 @pytest.fixture
@@ -148,29 +136,12 @@ def http_server() -> Iterator[Callable[[Any], Awaitable[LocalHTTPServer]]]:
     started: list[LocalHTTPServer] = []
 
     async def start(app: Any) -> LocalHTTPServer:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        config = uvicorn.Config(
-            app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        for _ in range(500):
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
-        assert server.started, "test HTTP server did not start"
-        entry = LocalHTTPServer(sock.getsockname()[1], server, thread)
+        entry = await start_threaded(app)
         started.append(entry)
         return entry
 
     yield start
-    for entry in started:
-        entry.server.should_exit = True
-    for entry in started:
-        entry.thread.join(5)
+    stop_all(started)
 
 
 @pytest.fixture

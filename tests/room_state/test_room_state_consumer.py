@@ -147,9 +147,7 @@ async def test_state_is_learned_bad_signatures_dropped_and_bypassing_events_judg
         # Power levels were judged (unsigned by Warden); m.room.policy never is, nor are
         # membership events: homeservers never ask about their local ones.
         assert len(judged) == 1
-        assert judged[0].headers[HEADER_EVENT_ID] == compute_event_id(
-            get_room_version("12"), power
-        )
+        assert judged[0].headers[HEADER_EVENT_ID] == compute_event_id(get_room_version("12"), power)
         kick = origin.event(
             rid,
             "12",

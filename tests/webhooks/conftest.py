@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,9 +17,9 @@ from typing import Any
 import orjson
 import pytest
 import trustme
-import uvicorn
 from nats.aio.client import Client as NATS
 
+from tests.local_servers import ThreadedServer, start_threaded, stop_all
 from warden.bus.streams import ensure_verdicts_stream
 from warden.settings import DEFAULT_DENIED_NETWORKS
 
@@ -88,17 +87,7 @@ class WebhookReceiver:
         await send({"type": "http.response.body", "body": b"{}"})
 
 
-@dataclass
-class LocalHTTPSServer:
-    """A uvicorn HTTPS server in a thread on 127.0.0.1."""
-
-    port: int
-    server: uvicorn.Server
-    thread: threading.Thread
-
-    def url(self, path: str = "/hook", host: str = "localhost", scheme: str = "https") -> str:
-        """A URL on this server."""
-        return f"{scheme}://{host}:{self.port}{path}"
+LocalHTTPSServer = ThreadedServer
 
 
 @pytest.fixture(scope="session")
@@ -133,35 +122,12 @@ def https_target(
         certfile, keyfile = tmp_path / f"t{len(started)}.pem", tmp_path / f"t{len(started)}.key"
         leaf.cert_chain_pems[0].write_to_path(str(certfile))
         leaf.private_key_pem.write_to_path(str(keyfile))
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        config = uvicorn.Config(
-            app,
-            ssl_certfile=str(certfile),
-            ssl_keyfile=str(keyfile),
-            log_level="warning",
-            lifespan="off",
-            access_log=False,
-            timeout_graceful_shutdown=1,
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        for _ in range(500):
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
-        assert server.started, "test HTTPS server did not start"
-        entry = LocalHTTPSServer(sock.getsockname()[1], server, thread)
+        entry = await start_threaded(app, certfile=str(certfile), keyfile=str(keyfile))
         started.append(entry)
         return entry
 
     yield start
-    for entry in started:
-        entry.server.should_exit = True
-    for entry in started:
-        entry.thread.join(5)
+    stop_all(started)
 
 
 @pytest.fixture
