@@ -110,7 +110,7 @@ def test_deployment_probes_ports_and_shutdown(
         config["PS_HOMESERVER_EVENT_SIGNING_KEY_PATH"],
     }
     secret = find(k8s, "Secret", "warden-secrets")
-    assert {item["key"] for item in volume["secret"]["items"]} | {"database"} == set(
+    assert {item["key"] for item in volume["secret"]["items"]} | {"database", "api-key"} == set(
         secret["stringData"]
     )
 
@@ -196,3 +196,19 @@ def test_dockerfile() -> None:
     for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.MULTILINE):
         for part in source.split():
             assert (ROOT / part).exists(), part
+
+
+def test_the_admin_api_key_comes_from_a_secret(k8s: list[dict[str, Any]]) -> None:
+    # Kubernetes: the gateway reads PS_API_KEY from the Secret, optional (API off without).
+    (container,) = find(k8s, "Deployment", "warden-gateway")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    env = {e["name"]: e for e in container["env"]}
+    ref = env["PS_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == "warden-secrets"
+    assert ref["optional"] is True
+    secret = find(k8s, "Secret", "warden-secrets")
+    assert ref["key"] in secret["stringData"]
+    # Compose: passed through from the environment, empty (off) by default.
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert compose["services"]["gateway"]["environment"]["PS_API_KEY"] == "${PS_API_KEY:-}"
