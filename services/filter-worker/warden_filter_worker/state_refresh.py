@@ -175,13 +175,9 @@ class StateRefresher:
         STATE_REFRESHES.labels("failed").inc()
         return False
 
-    async def _anchor_if_state(
-        self, origin: str, target: RefreshTarget
-    ) -> list[Mapping[str, Any]]:
+    async def _anchor_if_state(self, origin: str, target: RefreshTarget) -> list[Mapping[str, Any]]:
         """The anchor event, verified, when it is a state event; else nothing."""
-        path = "/_matrix/federation/v1/event/" + urllib.parse.quote(
-            target.last_event_id, safe=""
-        )
+        path = "/_matrix/federation/v1/event/" + urllib.parse.quote(target.last_event_id, safe="")
         try:
             answer = await self._client.get_json(origin, path)
         except FederationError as exc:
