@@ -172,6 +172,12 @@ class Settings(BaseSettings):
         "homeserver_allowed_networks",
         "homeserver_denied_networks",
         "trusted_origins",
+        "join_room_ids",
+        "invite_allowed_room_ids",
+        "moderator_access_tokens",
+        "allowed_webhook_domains",
+        "support_admin_contacts",
+        "support_security_contacts",
         mode="before",
     )
     @classmethod
@@ -187,11 +193,6 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"{cidr!r} is not a valid CIDR network ({exc})") from None
         return value
-
-    @field_validator("join_room_ids", "invite_allowed_room_ids", mode="before")
-    @classmethod
-    def _room_csv(cls, value: Any) -> Any:
-        return _split_csv(value)
 
     @field_validator("join_room_ids", "invite_allowed_room_ids")
     @classmethod
@@ -248,11 +249,6 @@ class Settings(BaseSettings):
             raise ValueError("must be 'none' or 'console'")
         return value
 
-    @field_validator("moderator_access_tokens", "allowed_webhook_domains", mode="before")
-    @classmethod
-    def _delivery_csv(cls, value: Any) -> Any:
-        return _split_csv(value)
-
     @field_validator("moderator_access_tokens")
     @classmethod
     def _moderator_tokens(cls, value: list[str]) -> list[str]:
@@ -268,11 +264,6 @@ class Settings(BaseSettings):
     @classmethod
     def _webhook_ca_file(cls, value: str | None) -> str | None:
         return _load_ca_file(value)
-
-    @field_validator("support_admin_contacts", "support_security_contacts", mode="before")
-    @classmethod
-    def _support_csv(cls, value: Any) -> Any:
-        return _split_csv(value)
 
     @field_validator("support_admin_contacts", "support_security_contacts")
     @classmethod

@@ -39,12 +39,7 @@ async def ensure_verdicts_stream(js: JetStreamContext) -> None:
         discard=DiscardPolicy.OLD,
         duplicate_window=DUPLICATE_WINDOW_SECONDS,
     )
-    try:
-        await js.stream_info(VERDICTS_STREAM)
-    except NotFoundError:
-        await js.add_stream(config)
-        return
-    await js.update_stream(config)
+    await _create_or_update(js, config)
 
 
 # Inbound PDUs are work for the room-state consumer, not a record: a day covers any
@@ -67,8 +62,14 @@ async def ensure_inbound_stream(js: JetStreamContext) -> None:
         discard=DiscardPolicy.OLD,
         duplicate_window=INBOUND_DUPLICATE_WINDOW_SECONDS,
     )
+    await _create_or_update(js, config)
+
+
+async def _create_or_update(js: JetStreamContext, config: StreamConfig) -> None:
+    """Declarative: the stream ends up with ``config`` whether it existed or not."""
+    assert config.name is not None
     try:
-        await js.stream_info(INBOUND_STREAM)
+        await js.stream_info(config.name)
     except NotFoundError:
         await js.add_stream(config)
         return
