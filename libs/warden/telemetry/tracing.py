@@ -2,6 +2,12 @@
 
 ``PS_OTEL_EXPORTER=console`` prints finished spans (for debugging); ``none`` keeps the
 SDK (so context still propagates through every hop) without exporting.
+
+With no exporter, spans are not recorded unless their parent was sampled upstream
+(``ParentBased(ALWAYS_OFF)``): a recording span costs tens of microseconds that nobody
+would ever read (``make bench`` measured about 8% of the gateway's CPU per ``/sign``),
+while the non-recording span still carries a trace ID, so ``traceparent`` still
+reaches the next hop, and a trace sampled by a caller stays sampled through Warden.
 """
 
 from __future__ import annotations
@@ -12,10 +18,22 @@ from opentelemetry import context, propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _configured = False
+
+
+def build_tracer_provider(service: str, exporter: str = "none") -> TracerProvider:
+    """The tracer provider for ``service`` with ``PS_OTEL_EXPORTER``'s exporter."""
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": f"warden-{service}"}),
+        sampler=ParentBased(ALWAYS_ON if exporter != "none" else ALWAYS_OFF),
+    )
+    if exporter == "console":
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+    return provider
 
 
 def configure_tracing(service: str, exporter: str = "none") -> None:
@@ -23,10 +41,7 @@ def configure_tracing(service: str, exporter: str = "none") -> None:
     global _configured
     if _configured:
         return
-    provider = TracerProvider(resource=Resource.create({"service.name": f"warden-{service}"}))
-    if exporter == "console":
-        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
-    trace.set_tracer_provider(provider)
+    trace.set_tracer_provider(build_tracer_provider(service, exporter))
     propagate.set_global_textmap(_PROPAGATOR)
     _configured = True
 
