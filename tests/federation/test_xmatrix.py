@@ -12,6 +12,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from signedjson.key import generate_signing_key, get_verify_key
 from signedjson.sign import verify_signed_json
 from synapse.api.errors import SynapseError
@@ -22,15 +24,21 @@ from synapse.federation.transport.server._base import (
 )
 from synapse.http.matrixfederationclient import MatrixFederationHttpClient
 
+from tests.matrix.event_strategies import json_objects
+from tests.matrix.event_strategies import text as json_text
 from warden.federation.keyring_errors import KeyExpired, KeyNotFound
 from warden.federation.xmatrix import (
     MalformedAuthorization,
     XMatrixCredentials,
+    _signing_payload,
+    _signing_payload_from_json,
     is_valid_server_name,
     parse_authorization_headers,
     sign_request,
     verify_request,
+    verify_request_json,
 )
+from warden.matrix.canonical_json import encode_canonical_json
 from warden.matrix.errors import Unauthorized
 from warden.matrix.ids import KeyID, ServerName
 from warden.matrix.keys import VerifyKey, key_id_of
@@ -358,3 +366,36 @@ async def test_verify_is_fast_enough() -> None:
     for _ in range(500):
         await verify_request("POST", URI, BODY, [header], US, keyring)
     assert loop.time() - start < 2.0
+
+
+# --- the signed bytes assembled around a body already in canonical JSON ---
+
+
+@given(
+    method=json_text,
+    uri=json_text,
+    origin=json_text,
+    destination=json_text,
+    content=st.one_of(st.none(), json_objects),
+)
+def test_payload_from_body_bytes_is_the_canonical_encoding(
+    method: str, uri: str, origin: str, destination: str, content: dict[str, Any] | None
+) -> None:
+    content_json = None if content is None else encode_canonical_json(content)
+    assert _signing_payload_from_json(
+        method, uri, origin, destination, content_json
+    ) == _signing_payload(method, uri, origin, destination, content)
+
+
+async def test_verify_request_json_accepts_synapse_headers_and_refuses_other_bytes() -> None:
+    content = {"room_id": "!r:example.org", "body": "caf\u00e9 \U0001f600", "n": 1}
+    keyring = origin_keyring()
+    headers = synapse_headers("POST", URI, content)
+    origin = await verify_request_json(
+        "POST", URI, encode_canonical_json(content), headers, US, keyring
+    )
+    assert origin == ORIGIN
+    with pytest.raises(Unauthorized):
+        await verify_request_json(
+            "POST", URI, encode_canonical_json({**content, "n": 2}), headers, US, keyring
+        )
