@@ -112,23 +112,24 @@ async def make_gateway(
         sub = await nats_client.subscribe(CONFIG_CHANGED_SUBJECT, cb=rooms.on_config_changed)
         closers.append(sub.unsubscribe)
         verdicts = VerdictSource(
-            redis_client,
             nats_client,
             timeout_seconds=settings.verdict_timeout_seconds,
             subject=evaluate_subject,
         )
         limiter_kwargs = {"clock": rate_clock} if rate_clock is not None else {}
+        rate_limiter = OriginRateLimiter(
+            redis_client,
+            settings.sign_rate_limit_per_origin,
+            settings.sign_rate_limit_window_seconds,
+            **limiter_kwargs,
+        )
+        closers.append(rate_limiter.aclose)
         policy = PolicyAPI(
             identity=identity,
             keyring=keyring,
             rooms=rooms,
             verdicts=verdicts,
-            rate_limiter=OriginRateLimiter(
-                redis_client,
-                settings.sign_rate_limit_per_origin,
-                settings.sign_rate_limit_window_seconds,
-                **limiter_kwargs,
-            ),
+            rate_limiter=rate_limiter,
             max_body_bytes=settings.max_pdu_bytes,
         )
         app = build_app(identity, Health("gateway"), settings=settings, policy=policy)
@@ -136,7 +137,9 @@ async def make_gateway(
             transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=30
         )
         closers.append(client.aclose)
-        return Gateway(app, client, identity, settings, verdicts, rooms, evaluate_subject)
+        return Gateway(
+            app, client, identity, settings, verdicts, rooms, evaluate_subject, rate_limiter
+        )
 
     try:
         yield build

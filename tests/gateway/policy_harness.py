@@ -23,7 +23,6 @@ from typing import Any
 import httpx
 import orjson
 import redis.asyncio as aioredis
-from fastapi import FastAPI
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -51,6 +50,8 @@ from warden.matrix.keys import POLICY_SERVER_KEY_ID, SigningKey
 from warden.policy.verdict import ContentClass, Verdict
 from warden.runtime.identity import Identity
 from warden.settings import DEFAULT_DENIED_NETWORKS, Settings
+from warden_gateway.app import GatewayApp
+from warden_gateway.rate_limit import OriginRateLimiter
 from warden_gateway.room_cache import RoomCache
 from warden_gateway.verdict_source import VerdictSource
 
@@ -192,13 +193,14 @@ def synapse_verifies(
 class Gateway:
     """One in-process gateway app and what it was built from."""
 
-    app: FastAPI
+    app: GatewayApp
     client: httpx.AsyncClient
     identity: Identity
     settings: Settings
     verdicts: VerdictSource
     rooms: RoomCache
     subject: str
+    rate_limiter: OriginRateLimiter
 
     @property
     def policy_key(self) -> Any:
@@ -235,8 +237,10 @@ class StandInWorker:
     """A NATS subscriber in the workers' queue group, answering with ``decide``'s verdict.
 
     ``decide`` returns a ``Verdict`` (sent as JSON), a dict or bytes (sent as they are),
-    or None (no reply: the gateway times out). ``delay`` holds each reply back;
-    ``write_redis`` also caches the verdict in Redis as the real worker does.
+    or None (no reply: the gateway times out). ``delay`` holds each new decision back.
+    With ``redis``, verdicts are cached there and a cached verdict is answered at once
+    without deciding again, as the real worker does. ``count`` is how many requests
+    arrived; ``decided`` how many of them were decided.
     """
 
     nc: NATS
@@ -245,6 +249,7 @@ class StandInWorker:
     delay: float = 0.0
     redis: aioredis.Redis | None = None
     requests: list[Msg] = field(default_factory=list)
+    decided: int = 0
     _sub: Subscription | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -274,8 +279,15 @@ class StandInWorker:
         task.add_done_callback(self._tasks.discard)
 
     async def _reply(self, msg: Msg) -> None:
+        event_id = (msg.headers or {}).get(HEADER_EVENT_ID, "")
+        if self.redis is not None and event_id:
+            cached = await self.redis.get(redis_keys.verdict(event_id))
+            if cached is not None:
+                await msg.respond(cached)
+                return
         if self.delay:
             await asyncio.sleep(self.delay)
+        self.decided += 1
         answer = self.decide(msg)
         if answer is None:
             return

@@ -1,14 +1,16 @@
-"""The per-origin rate limit: shared by gateway replicas through Redis, counted only
-after authentication."""
+"""The per-origin rate limit: counted locally, shared by gateway replicas through Redis
+at each sync, counted only after authentication."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
 from tests.gateway.policy_harness import (
     SIGN_PATH,
@@ -58,6 +60,10 @@ async def test_limit_is_shared_by_replicas_and_per_origin(
         r = await post_sign(replica, busy, busy.event(room_id, "12", body=f"m{i}"))
         statuses.append(r.status_code)
     assert statuses == [200, 200, 200, 200]
+    # Each replica has counted two; once both have synced, each knows of all four.
+    await one.rate_limiter.sync()
+    await two.rate_limiter.sync()
+    await one.rate_limiter.sync()  # learns what two added
 
     for replica in (one, two):
         r = await post_sign(replica, busy, busy.event(room_id, "12", body="one too many"))
@@ -97,10 +103,12 @@ async def test_unauthenticated_requests_do_not_spend_an_origins_budget(
         assert r.status_code == 401
 
     window = int(NOW // 60)
+    await gateway.rate_limiter.sync()
     assert await redis_client.get(redis_keys.rate_limit(origin.name, window)) is None
     for i in range(2):
         r = await post_sign(gateway, origin, origin.event(room_id, "12", body=f"m{i}"))
         assert r.status_code == 200
+    await gateway.rate_limiter.sync()
     assert int(await redis_client.get(redis_keys.rate_limit(origin.name, window))) == 2
     # Unknown rooms count too: the limit protects the gateway, not the rooms.
     r = await post_sign(gateway, origin, origin.event(new_room_id("12"), "12"))
@@ -110,21 +118,76 @@ async def test_unauthenticated_requests_do_not_spend_an_origins_budget(
 async def test_limiter_uses_one_expiring_key_per_window(redis_client: aioredis.Redis) -> None:
     now = [1_000_000_005.5]
     limiter = OriginRateLimiter(redis_client, 2, 10, clock=lambda: now[0])
-    await limiter.check("a.example")
-    await limiter.check("a.example")
+    limiter.check("a.example")
+    limiter.check("a.example")
+    # Refused before any sync: this replica's own count is enough.
+    with pytest.raises(LimitExceeded) as caught:
+        limiter.check("a.example")
+    assert caught.value.extra["retry_after_ms"] == 4_500
+    await limiter.sync()
     key = redis_keys.rate_limit("a.example", 100_000_000)
-    assert int(await redis_client.get(key)) == 2
+    assert int(await redis_client.get(key)) == 3  # refused requests count too
     ttl = await redis_client.pttl(key)
     assert 0 < ttl <= 20_000
-    with pytest.raises(LimitExceeded) as caught:
-        await limiter.check("a.example")
-    assert caught.value.extra["retry_after_ms"] == 4_500
     now[0] += 10  # the next window starts afresh
-    await limiter.check("a.example")
+    limiter.check("a.example")
+    await limiter.aclose()
+
+
+async def test_replicas_learn_each_others_counts_at_sync(redis_client: aioredis.Redis) -> None:
+    now = 2_000_000_003.0
+    one = OriginRateLimiter(redis_client, 5, 10, clock=lambda: now)
+    two = OriginRateLimiter(redis_client, 5, 10, clock=lambda: now)
+    for _ in range(4):
+        one.check("busy.example")
+    two.check("busy.example")  # two knows nothing of one's four yet
+    await one.sync()  # Redis holds 4
+    await two.sync()  # Redis holds 5; two learns it
+    await one.sync()  # one learns it too (adding nothing)
+    for limiter in (one, two):
+        with pytest.raises(LimitExceeded):
+            limiter.check("busy.example")
+    one.check("quiet.example")  # per origin
+    # Counts are kept for the whole window, not only until the next sync: a slow
+    # origin at its limit stays refused.
+    await one.sync()
+    await one.sync()
+    with pytest.raises(LimitExceeded):
+        one.check("busy.example")
+    await one.aclose()
+    await two.aclose()
+
+
+async def test_counts_are_synced_in_the_background(redis_client: aioredis.Redis) -> None:
+    now = 2_100_000_003.0
+    limiter = OriginRateLimiter(redis_client, 100, 10, clock=lambda: now, sync_interval=0.01)
+    key = redis_keys.rate_limit("bg.example", int(now // 10))
+    limiter.check("bg.example")
+    limiter.check("bg.example")
+    for _ in range(500):  # bounded wait for the sync task; nothing timed is asserted
+        if await redis_client.get(key) is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert int(await redis_client.get(key)) == 2
+    await limiter.aclose()
+
+
+async def test_redis_down_lets_requests_through_and_counts_the_error() -> None:
+    unreachable = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    limiter = OriginRateLimiter(unreachable, 1, 10, sync_interval=3600)
+    errors = REGISTRY.get_sample_value("warden_sign_rate_limit_errors_total") or 0.0
+    limiter.check("a.example")
+    await limiter.sync()
+    assert REGISTRY.get_sample_value("warden_sign_rate_limit_errors_total") == errors + 1
+    # The unshared count is dropped: the next request is allowed.
+    limiter.check("a.example")
+    await limiter.aclose()
+    await unreachable.aclose()
 
 
 async def test_zero_disables_the_limit(redis_client: aioredis.Redis) -> None:
     limiter = OriginRateLimiter(redis_client, 0, 10)
     for _ in range(20):
-        await limiter.check("a.example")
+        limiter.check("a.example")
+    await limiter.aclose()
     assert await redis_client.keys("warden:rl:*") == []

@@ -408,11 +408,11 @@ async def test_reused_event_id_with_other_content_is_refused(
     assert r.status_code == 400
     assert r.json()["errcode"] == "M_FORBIDDEN"
     assert "already judged" in r.json()["error"]
-    # Another replica (empty memory) finds the verdict in Redis and refuses too.
+    # Another replica (empty memory) is answered the stored verdict and refuses too.
     other = await make_gateway()
     r = await post_sign(other, origin, second)
     assert r.status_code == 400
     assert r.json()["errcode"] == "M_FORBIDDEN"
     r = await post_sign(other, origin, first)
     assert r.status_code == 200
-    assert worker.count == 1
+    assert worker.decided == 1

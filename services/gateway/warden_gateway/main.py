@@ -48,16 +48,16 @@ def run(settings: Settings) -> int:
         rooms = RoomCache(pool)
         # Room records change through the admin API of any replica: drop ours at once.
         await nc.subscribe(CONFIG_CHANGED_SUBJECT, cb=rooms.on_config_changed)
+        rate_limiter = OriginRateLimiter(
+            redis, settings.sign_rate_limit_per_origin, settings.sign_rate_limit_window_seconds
+        )
+        runtime.add_shutdown_hook("rate-limit", rate_limiter.aclose)
         policy = PolicyAPI(
             identity=identity,
             keyring=keyring,
             rooms=rooms,
-            verdicts=VerdictSource(redis, nc, timeout_seconds=settings.verdict_timeout_seconds),
-            rate_limiter=OriginRateLimiter(
-                redis,
-                settings.sign_rate_limit_per_origin,
-                settings.sign_rate_limit_window_seconds,
-            ),
+            verdicts=VerdictSource(nc, timeout_seconds=settings.verdict_timeout_seconds),
+            rate_limiter=rate_limiter,
             max_body_bytes=settings.max_pdu_bytes,
         )
         js = nc.jetstream()

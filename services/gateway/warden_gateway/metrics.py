@@ -40,7 +40,6 @@ class CacheLayer(enum.StrEnum):
 
     MEMORY = "memory"
     IN_FLIGHT = "in_flight"  # joined a lookup already running in this process
-    REDIS = "redis"
     NATS = "nats"
 
 
@@ -68,7 +67,7 @@ SIGN_SECONDS = Histogram(
 VERDICT_CACHE = Counter(
     "warden_verdict_cache_total",
     "Verdicts the gateway obtained, by where they were found: the in-process cache, "
-    "Redis, or a filter worker over NATS.",
+    "a lookup already in flight, or a filter worker over NATS.",
     ["layer"],
 )
 VERDICT_FAILURES = Counter(
@@ -79,4 +78,10 @@ VERDICT_FAILURES = Counter(
 RATE_LIMIT_ERRORS = Counter(
     "warden_sign_rate_limit_errors_total",
     "Per-origin rate limit checks that could not reach Redis (the request was let through).",
+)
+EVENT_CHECK_CACHE = Counter(
+    "warden_sign_event_check_cache_total",
+    "Policy API bodies whose event-level checks (content hash, event ID, sender's "
+    "signature) were already done for the same bytes (hit) or had to be done (miss).",
+    ["result"],
 )

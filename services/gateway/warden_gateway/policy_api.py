@@ -22,6 +22,11 @@ workers cannot answer):
 10. the verdict (``VerdictSource``); a verdict whose reference hash differs from the
     event's (a reused room v1/v2 event ID) is a refusal, never a signature.
 
+Steps 2 and 6 to 8 depend only on the body's bytes and the room version: a body that
+passed them is remembered by its digest (``event_checks``), and a repeat of it (every
+server in the room asks for the same event) goes from step 1 to steps 3, 4, 5 and 10,
+with the X-Matrix signature checked over the remembered canonical bytes.
+
 Refusals: stable ``/sign`` answers 400 ``M_FORBIDDEN`` with the harm IDs in
 ``org.matrix.msc4387.harms``; unstable ``/sign`` answers 200 ``{}`` (MSC4284's unstable
 form); ``/check`` answers ``{"recommendation": "spam"}``.
@@ -45,8 +50,12 @@ from unpaddedbase64 import encode_base64
 
 from warden.bus.evaluation import EvaluationRequest
 from warden.federation.keyring_errors import KeyringError
-from warden.federation.xmatrix import VerifyKeySource, verify_request
-from warden.matrix.canonical_json import CanonicalJSONError, parse_canonical
+from warden.federation.xmatrix import VerifyKeySource, verify_request_json
+from warden.matrix.canonical_json import (
+    CanonicalJSONError,
+    encode_canonical_json,
+    parse_canonical,
+)
 from warden.matrix.errors import (
     BadJSON,
     Forbidden,
@@ -80,6 +89,7 @@ from warden.runtime.identity import Identity
 from warden.storage.records import Room
 from warden.telemetry.tracing import tracer
 from warden_gateway.errors import TemporarilyUnavailable, error_response
+from warden_gateway.event_checks import CheckedEvent, CheckedEvents
 from warden_gateway.metrics import SIGN_REQUESTS, SIGN_SECONDS, Endpoint, Outcome
 from warden_gateway.rate_limit import OriginRateLimiter
 from warden_gateway.request_body import read_limited_body
@@ -198,6 +208,7 @@ class PolicyAPI:
         verdicts: VerdictSource,
         rate_limiter: OriginRateLimiter | None,
         max_body_bytes: int,
+        checked_events: CheckedEvents | None = None,
     ) -> None:
         self._identity = identity
         self._server_name = identity.server_name
@@ -206,6 +217,7 @@ class PolicyAPI:
         self._verdicts = verdicts
         self._rate_limiter = rate_limiter
         self._max_body_bytes = max_body_bytes
+        self._checked = checked_events if checked_events is not None else CheckedEvents()
 
     def routes(self) -> list[Route]:
         """The policy API's routes."""
@@ -277,18 +289,27 @@ class PolicyAPI:
         self, request: Request, endpoint: Endpoint, path_event_id: str | None
     ) -> Decision:
         body = await read_limited_body(request, self._max_body_bytes)
-        pdu = _parse_body(body)
-        origin = await verify_request(
-            request.method,
-            _request_target(request),
-            pdu,
-            request.headers.getlist("authorization"),
-            self._server_name,
-            self._keyring,
-        )
-        if self._rate_limiter is not None:
-            await self._rate_limiter.check(origin)
-        room = await self._room_for(pdu)
+        digest = hashlib.sha256(body).digest()
+        checked = self._checked.get(digest)
+        if checked is not None:
+            origin = await self._authenticate(request, checked.content_json)
+            room = await self._rooms.get(checked.room_id)
+            if room is None:
+                raise NotFound("This room is not protected by this policy server")
+            if room.room_version == checked.room_version:
+                self._check_path_event_id(path_event_id, checked.event_id)
+                return await self._judge(endpoint, checked, room, origin, body, None)
+            # The room was protected again under another version: check from scratch.
+            pdu = _parse_body(body)
+            content_json = checked.content_json
+        else:
+            pdu = _parse_body(body)
+            try:
+                content_json = encode_canonical_json(pdu)
+            except CanonicalJSONError as exc:  # parse_canonical already checked the values
+                raise BadJSON(f"Request body is not valid Matrix JSON: {exc}") from None
+            origin = await self._authenticate(request, content_json)
+            room = await self._room_for(pdu)
         room_version = get_room_version(room.room_version)
         validate_pdu(room_version, pdu)
         if not check_content_hash(pdu):
@@ -302,22 +323,63 @@ class PolicyAPI:
             event_id = str(pdu["event_id"])  # validate_pdu checked its shape
         else:
             event_id = event_id_from_reference_hash(room_version, reference_hash)
+        self._check_path_event_id(path_event_id, event_id)
+        await self._verify_event_signatures(room_version, pdu, signing_bytes)
+        checked = CheckedEvent(
+            content_json=content_json,
+            room_id=room.room_id,
+            room_version=room.room_version,
+            event_id=event_id,
+            reference_hash=encode_base64(reference_hash),
+            policy_state=_is_policy_state_event(pdu),
+        )
+        self._checked.put(digest, checked)
+        return await self._judge(endpoint, checked, room, origin, body, signing_bytes)
+
+    async def _authenticate(self, request: Request, content_json: bytes) -> ServerName:
+        """The request's X-Matrix origin (every request), then its rate limit."""
+        origin = await verify_request_json(
+            request.method,
+            _request_target(request),
+            content_json,
+            request.headers.getlist("authorization"),
+            self._server_name,
+            self._keyring,
+        )
+        if self._rate_limiter is not None:
+            self._rate_limiter.check(origin)
+        return origin
+
+    @staticmethod
+    def _check_path_event_id(path_event_id: str | None, event_id: str) -> None:
         if path_event_id is not None and path_event_id != event_id:
             raise InvalidParam(
                 f"The event ID in the path ({path_event_id}) is not the event's ID ({event_id})"
             )
-        await self._verify_event_signatures(room_version, pdu, signing_bytes)
 
-        if _is_policy_state_event(pdu):
+    async def _judge(
+        self,
+        endpoint: Endpoint,
+        checked: CheckedEvent,
+        room: Room,
+        origin: str,
+        body: bytes,
+        signing_bytes: bytes | None,
+    ) -> Decision:
+        """The decision for an event that passed every check.
+
+        ``signing_bytes`` are the redacted event's canonical bytes when this request
+        computed them; a repeat that needs a signature nobody cached makes them again.
+        """
+        event_id = checked.event_id
+        if checked.policy_state:
             # Always signed: a room must be able to replace or remove its policy server.
-            return Decision(event_id, signature=self._sign(signing_bytes))
-
-        reference_b64 = encode_base64(reference_hash)
+            return Decision(event_id, signature=self._sign(checked, signing_bytes))
         entry = await self._verdicts.get(
             EvaluationRequest(
                 event_id=event_id,
-                reference_hash=reference_b64,
-                room_version=room_version.identifier,
+                reference_hash=checked.reference_hash,
+                room_version=checked.room_version,
                 community_id=room.community_id,
                 origin=origin,
                 source="check" if endpoint is Endpoint.CHECK else "sign",
@@ -325,7 +387,7 @@ class PolicyAPI:
             )
         )
         verdict = entry.verdict
-        if verdict.reference_hash != reference_b64:
+        if verdict.reference_hash != checked.reference_hash:
             logger.warning(
                 "refused: event ID reused for different content",
                 extra={"event_id": event_id, "origin": origin},
@@ -339,7 +401,7 @@ class PolicyAPI:
             return Decision(event_id, refusal=REFUSED_MESSAGE, harms=verdict.harms)
         if entry.signature is None:
             # Same reference hash, same signing bytes: the signature can be reused.
-            entry.signature = self._sign(signing_bytes)
+            entry.signature = self._sign(checked, signing_bytes)
         return Decision(event_id, signature=entry.signature)
 
     async def _room_for(self, pdu: dict[str, Any]) -> Room:
@@ -398,10 +460,14 @@ class PolicyAPI:
         except EventSignatureError as exc:
             raise BadJSON(f"The event's signatures do not verify: {exc}") from None
 
-    def _sign(self, signing_bytes: bytes) -> str:
+    def _sign(self, checked: CheckedEvent, signing_bytes: bytes | None) -> str:
         """Our policy signature over the redacted event's canonical bytes.
 
         The same as ``compute_event_signature(room_version, pdu, server, policy_key,
-        "ed25519:policy_server")``, without redacting and encoding the event again.
+        "ed25519:policy_server")``, without redacting and encoding the event again when
+        this request already did.
         """
+        if signing_bytes is None:
+            pdu = parse_canonical(checked.content_json)
+            signing_bytes = redacted_signing_bytes(get_room_version(checked.room_version), pdu)
         return encode_base64(self._identity.policy_key.sign(signing_bytes).signature)

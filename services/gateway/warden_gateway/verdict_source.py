@@ -4,10 +4,13 @@ Lookup order for an event ID:
 
 1. an in-process LRU (event ID -> verdict, and the policy signature once made: ed25519
    is deterministic, so signing the same bytes again would give the same signature);
-2. Redis ``redis_keys.verdict(event_id)``, written by the worker once the verdict is
-   durable in PostgreSQL;
-3. a NATS request on ``EVALUATE_SUBJECT``, answered by one filter worker of the queue
-   group. The workers make sure an event is evaluated once across all of them.
+2. a NATS request on ``EVALUATE_SUBJECT``, answered by one filter worker of the queue
+   group. The workers make sure an event is evaluated once across all of them, and
+   answer a verdict already given from Redis (``redis_keys.verdict``) in one round trip.
+
+The gateway does not look in Redis itself: for a first-time event (the costly case)
+that lookup always missed and cost a round trip before the NATS request; a verdict
+another replica obtained costs one NATS request to a worker instead, once per replica.
 
 Concurrent requests for one event ID in this process share a single lookup
 (single-flight). The lookup runs in its own task, so it carries on when the HTTP
@@ -27,11 +30,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import nats.errors
-import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
-from redis.exceptions import RedisError
 
-from warden import redis_keys
 from warden.bus.evaluation import EvaluationRequest, WorkerError, decode_reply
 from warden.bus.subjects import EVALUATE_SUBJECT
 from warden.policy.verdict import Verdict
@@ -57,18 +57,16 @@ class CachedVerdict:
 
 
 class VerdictSource:
-    """Find the verdict for an event: memory, then Redis, then a filter worker."""
+    """Find the verdict for an event: memory, then a filter worker."""
 
     def __init__(
         self,
-        redis: aioredis.Redis,
         nc: NATS,
         *,
         timeout_seconds: float,
         subject: str = EVALUATE_SUBJECT,
         memory_size: int = DEFAULT_MEMORY_SIZE,
     ) -> None:
-        self._redis = redis
         self._nc = nc
         self._timeout = timeout_seconds
         self._subject = subject
@@ -114,36 +112,13 @@ class VerdictSource:
             self._memory.popitem(last=False)
 
     async def _lookup(self, request: EvaluationRequest) -> CachedVerdict:
-        verdict = await self._from_redis(request.event_id)
-        if verdict is not None:
-            VERDICT_CACHE.labels(CacheLayer.REDIS).inc()
-        else:
-            verdict = await self._ask_workers(request)
-            VERDICT_CACHE.labels(CacheLayer.NATS).inc()
+        verdict = await self._ask_workers(request)
+        VERDICT_CACHE.labels(CacheLayer.NATS).inc()
         # Filter outcomes are for the moderator and webhooks; keep memory entries small.
         slim = dataclasses.replace(verdict, filters=(), extra={})
         entry = CachedVerdict(slim)
         self._remember(request.event_id, entry)
         return entry
-
-    async def _from_redis(self, event_id: str) -> Verdict | None:
-        try:
-            raw = await self._redis.get(redis_keys.verdict(event_id))
-        except (RedisError, OSError) as exc:
-            # The workers still answer from PostgreSQL; Redis is only a shortcut.
-            logger.warning("Redis unavailable for verdict lookup", extra={"error": str(exc)})
-            return None
-        if raw is None:
-            return None
-        try:
-            verdict = Verdict.from_json(raw)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            logger.warning(
-                "unreadable verdict in Redis; asking a worker",
-                extra={"event_id": event_id, "error": str(exc)},
-            )
-            return None
-        return verdict if verdict.event_id == event_id else None
 
     async def _ask_workers(self, request: EvaluationRequest) -> Verdict:
         headers = inject_headers(request.headers())

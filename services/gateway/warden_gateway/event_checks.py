@@ -1,0 +1,65 @@
+"""What the event-level checks of ``/sign`` established, remembered per request body.
+
+During a spam wave every server in a room asks for the same event within a second or
+so: the same PDU bytes, each time with a different origin's X-Matrix signature. The
+event-level work (parse, PDU structure, content hash, redaction, reference hash and
+event ID, the sender's signature) gives the same answer for the same bytes, so it is
+done once per body and remembered here, keyed by the SHA-256 of the body. The
+request-level checks still run for every request: the X-Matrix signature (over the
+remembered canonical bytes), the rate limit, and whether the room is still protected
+with the same room version.
+
+Only bodies that passed every event-level check are remembered; a body that failed is
+checked again each time (an attacker repeating a bad body pays for its own parsing).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from warden_gateway.metrics import EVENT_CHECK_CACHE
+
+DEFAULT_SIZE = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedEvent:
+    """A body that passed the event-level checks, and what they found."""
+
+    content_json: bytes  # the PDU in canonical JSON: what X-Matrix signatures cover
+    room_id: str
+    room_version: str
+    event_id: str
+    reference_hash: str  # unpadded base64 of the redacted event's SHA-256
+    policy_state: bool  # m.room.policy with an empty state key: signed without a verdict
+
+
+class CheckedEvents:
+    """A bounded LRU of ``CheckedEvent`` by body digest."""
+
+    def __init__(self, size: int = DEFAULT_SIZE) -> None:
+        self._size = size
+        self._entries: OrderedDict[bytes, CheckedEvent] = OrderedDict()
+
+    def get(self, digest: bytes) -> CheckedEvent | None:
+        """The entry for a body's digest, if remembered (counted as a hit or a miss)."""
+        entry = self._entries.get(digest)
+        if entry is None:
+            EVENT_CHECK_CACHE.labels("miss").inc()
+            return None
+        self._entries.move_to_end(digest)
+        EVENT_CHECK_CACHE.labels("hit").inc()
+        return entry
+
+    def put(self, digest: bytes, entry: CheckedEvent) -> None:
+        """Remember a body that passed every event-level check."""
+        if self._size <= 0:
+            return
+        self._entries[digest] = entry
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
