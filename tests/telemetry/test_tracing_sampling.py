@@ -27,9 +27,7 @@ def test_without_an_exporter_a_trace_sampled_upstream_stays_sampled() -> None:
         "filter-worker.evaluate", context=extract_context(SAMPLED_PARENT)
     ) as span:
         assert span.is_recording()
-        assert span.get_span_context().trace_id == int(
-            "4bf92f3577b34da6a3ce929d0e0e4736", 16
-        )
+        assert span.get_span_context().trace_id == int("4bf92f3577b34da6a3ce929d0e0e4736", 16)
         assert inject_headers()["traceparent"].endswith("-01")
     with tracer.start_as_current_span(
         "filter-worker.evaluate", context=extract_context(UNSAMPLED_PARENT)
