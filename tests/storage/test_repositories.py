@@ -61,6 +61,43 @@ async def test_batch_insert_returns_each_winner(pg_pool: asyncpg.Pool) -> None:
     assert won[b].content_class is ContentClass.NEUTRAL
 
 
+async def test_an_inserted_verdict_comes_back_as_itself(pg_pool: asyncpg.Pool) -> None:
+    a, b, c = (f"${uuid.uuid4().hex}" for _ in range(3))
+    first = make_verdict(b, ContentClass.PROHIBITED, "first")
+    await verdicts.insert_verdicts(pg_pool, [first])
+    mine = make_verdict(a, ContentClass.NEUTRAL, "mine")
+    twice = [
+        make_verdict(c, ContentClass.NEUTRAL, "c1"),
+        make_verdict(c, ContentClass.ALLOWED, "c2"),
+    ]
+    won = await verdicts.insert_verdicts(
+        pg_pool, [mine, make_verdict(b, ContentClass.NEUTRAL, "second"), *twice]
+    )
+    assert won[a] is mine  # inserted: no need to read it back
+    assert won[b].origin == "first"  # lost: the stored row
+    # Given twice in one call: the row that went in, read back.
+    stored = await verdicts.get_verdict(pg_pool, c)
+    assert stored is not None and won[c].to_json() == stored.to_json()
+    assert stored.origin in {"c1", "c2"}
+
+
+async def test_get_verdicts_reads_many_in_one_query(pg_pool: asyncpg.Pool) -> None:
+    ids = [f"${uuid.uuid4().hex}" for _ in range(3)]
+    await verdicts.insert_verdicts(
+        pg_pool,
+        [
+            make_verdict(ids[0], ContentClass.PROHIBITED, "x"),
+            make_verdict(ids[1], ContentClass.NEUTRAL, "y"),
+        ],
+    )
+    got = await verdicts.get_verdicts(pg_pool, ids)
+    assert set(got) == set(ids[:2])  # the third has no verdict
+    for event_id in ids[:2]:
+        one = await verdicts.get_verdict(pg_pool, event_id)
+        assert one is not None and got[event_id].to_json() == one.to_json()
+    assert await verdicts.get_verdicts(pg_pool, []) == {}
+
+
 async def test_rooms_and_communities(pg_pool: asyncpg.Pool) -> None:
     assert (await communities.get_community(pg_pool, "default")) is not None
     c = await communities.create_community(pg_pool, "Test community")

@@ -127,6 +127,18 @@ class Verdict:
         """Compact JSON bytes."""
         return orjson.dumps(self.to_dict())
 
+    def to_json_pair(self) -> tuple[bytes, bytes]:
+        """``to_json`` of this verdict without its ``extra``, then with it (equal when it
+        has none): what a store that keeps no extras returns, and the full message, at
+        the cost of one ``to_dict``."""
+        d = self.to_dict()
+        extra = d.pop("extra", None)
+        plain = orjson.dumps(d)
+        if not extra:
+            return plain, plain
+        d["extra"] = extra  # last, as in ``to_dict``
+        return plain, orjson.dumps(d)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Verdict:
         """Inverse of ``to_dict``."""

@@ -41,17 +41,36 @@ async def get_verdict(pool: asyncpg.Pool, event_id: str) -> Verdict | None:
     return _verdict(row) if row else None
 
 
+async def get_verdicts(pool: asyncpg.Pool, event_ids: Sequence[str]) -> dict[str, Verdict]:
+    """The stored verdicts of these event IDs (one query); IDs without one are absent."""
+    if not event_ids:
+        return {}
+    rows = await pool.fetch(
+        f"SELECT {_COLUMNS} FROM verdicts WHERE event_id = ANY($1::text[])", list(event_ids)
+    )
+    return {r["event_id"]: _verdict(r) for r in rows}
+
+
 async def insert_verdicts(pool: asyncpg.Pool, verdicts: Sequence[Verdict]) -> dict[str, Verdict]:
     """Insert many verdicts in one transaction (one fsync); return what won per event ID.
 
-    ``ON CONFLICT DO NOTHING`` keeps the first verdict ever written for an event ID; the
-    returned mapping holds the stored row for every given ID, which may be another
-    writer's verdict rather than the one passed in.
+    ``ON CONFLICT DO NOTHING`` keeps the first verdict ever written for an event ID. The
+    returned mapping holds, for every given ID, either the very ``Verdict`` object passed
+    in (when this call inserted it; its ``extra`` went to the outbox column, not the row)
+    or the stored row of another writer, read back. ``winner is mine`` therefore tells a
+    caller whether its own verdict won.
     """
     if not verdicts:
         return {}
+    mine: dict[str, Verdict] = {}
+    repeated: set[str] = set()
+    for v in verdicts:
+        if v.event_id in mine:
+            repeated.add(v.event_id)
+        else:
+            mine[v.event_id] = v
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute(
+        inserted = await conn.fetch(
             """
             INSERT INTO verdicts (event_id, room_id, community_id, reference_hash, class,
                 harms, filters, sender, event_type, origin, first_seen_ts, outbox_extra)
@@ -63,6 +82,7 @@ async def insert_verdicts(pool: asyncpg.Pool, verdicts: Sequence[Verdict]) -> di
                 filters jsonb, sender text, event_type text, origin text, first_seen_ts bigint,
                 extra jsonb)
             ON CONFLICT (event_id) DO NOTHING
+            RETURNING event_id
             """,
             orjson.dumps(
                 [
@@ -84,11 +104,17 @@ async def insert_verdicts(pool: asyncpg.Pool, verdicts: Sequence[Verdict]) -> di
                 ]
             ).decode(),
         )
-        rows = await conn.fetch(
-            f"SELECT {_COLUMNS} FROM verdicts WHERE event_id = ANY($1::text[])",
-            [v.event_id for v in verdicts],
-        )
-    return {r["event_id"]: _verdict(r) for r in rows}
+        # What we inserted is what we passed: no need to read it back. An ID given twice
+        # in one call is read back too, as which of its rows went in is not ours to know.
+        won = {r["event_id"] for r in inserted} - repeated
+        winners = {event_id: mine[event_id] for event_id in won}
+        lost = [event_id for event_id in mine if event_id not in won]
+        if lost:
+            rows = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM verdicts WHERE event_id = ANY($1::text[])", lost
+            )
+            winners.update((r["event_id"], _verdict(r)) for r in rows)
+    return winners
 
 
 Executor = asyncpg.Pool | asyncpg.Connection | asyncpg.pool.PoolConnectionProxy

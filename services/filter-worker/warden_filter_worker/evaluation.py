@@ -1,17 +1,23 @@
 """Answering evaluation requests: one verdict per event ID, forever, across all workers.
 
-For each request (core NATS request/reply on ``EVALUATE_SUBJECT``, queue group
-``FILTER_WORKERS_QUEUE``):
+Requests (core NATS request/reply on ``EVALUATE_SUBJECT``, queue group
+``FILTER_WORKERS_QUEUE``) that arrive together, that is every message NATS has buffered
+by the time the event loop gets to them, are answered as one batch, so that Redis and
+PostgreSQL round trips are paid per batch rather than per event:
 
-1. Redis ``verdict(event_id)`` holds the verdict → reply it.
-2. PostgreSQL holds it → cache it in Redis, reply it.
-3. Otherwise claim ``evaluation_claim(event_id)`` (SET NX PX). If another worker holds
-   the claim, wait for its verdict to appear (Redis polled with backoff, PostgreSQL now
-   and then), taking the claim over if it lapses (its holder died), up to a bound; then
-   reply an error (the gateway answers 503 and the homeserver retries).
-4. The claimer runs the pipeline, commits the verdict through the group-commit writer
-   (first writer wins), caches the winner in Redis, publishes a first-time verdict to
-   JetStream, releases the claim and replies.
+1. Requests for the same event ID share one answer (gateway replicas may ask at once).
+2. One Redis script looks at every event: its cached ``verdict(event_id)`` (reply it),
+   or else claim ``evaluation_claim(event_id)`` (SET NX PX) for this worker, or else
+   another worker holds the claim.
+3. For the claimed events, one PostgreSQL query finds the verdicts Redis lost; the other
+   events run through the pipeline concurrently and are committed through the
+   group-commit writer (first writer wins).
+4. One Redis script caches the committed verdicts and releases our claims. Then every
+   request is replied to, and first-time verdicts are published to JetStream in the
+   background (the verdict outbox guarantees their delivery).
+5. An event claimed by another worker is waited for (Redis polled with backoff,
+   PostgreSQL now and then), taking the claim over if it lapses (its holder died), up to
+   a bound; then an error reply (the gateway answers 503 and the homeserver retries).
 
 Nothing is replied before it is committed in PostgreSQL, and Redis only ever holds
 committed verdicts. The work runs in its own task, so it completes even when the
@@ -21,10 +27,13 @@ requester has given up waiting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import asyncpg
@@ -32,7 +41,8 @@ import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from opentelemetry.trace import SpanKind
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
 
 from warden import redis_keys
 from warden.bus.evaluation import (
@@ -44,7 +54,7 @@ from warden.bus.evaluation import (
 from warden.bus.subjects import EVALUATE_SUBJECT, FILTER_WORKERS_QUEUE
 from warden.policy.pipeline import Pipeline
 from warden.policy.verdict import Verdict
-from warden.storage.verdicts import get_verdict
+from warden.storage.verdicts import get_verdict, get_verdicts
 from warden.telemetry.tracing import extract_context, tracer
 from warden_filter_worker import metrics
 from warden_filter_worker.community_config import CommunityConfigCache, UnknownCommunity
@@ -60,37 +70,104 @@ BODY_EXCERPT_CHARS = 500
 # Redis lost the cached verdict).
 _DB_POLL_EVERY = 8
 
-# One round trip for "is there a verdict, and if not, may I evaluate?": returns the
-# cached verdict, or 1 when this caller now holds the claim, or 0 when another does.
-_VERDICT_OR_CLAIM = """
-local cached = redis.call('get', KEYS[1])
-if cached then
-    return cached
+# Per event, in one round trip for the whole batch: "is there a verdict, and if not, may
+# I evaluate?". KEYS: n verdict keys, then the n claim keys; ARGV: the claim TTL (ms),
+# then one token per event. Returns per event the cached verdict, or 1 when this caller
+# now holds the claim, or 0 when another does.
+_LOOK = """
+local n = #KEYS / 2
+local out = {}
+for i = 1, n do
+    local cached = redis.call('get', KEYS[i])
+    if cached then
+        out[i] = cached
+    elseif redis.call('set', KEYS[n + i], ARGV[i + 1], 'NX', 'PX', ARGV[1]) then
+        out[i] = 1
+    else
+        out[i] = 0
+    end
 end
-if redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    return 1
+return out
+"""
+
+# Cache committed verdicts and release our claims (only those our token still holds: a
+# lapsed claim may be another worker's now), in one round trip. KEYS: n verdict keys,
+# then claim keys; ARGV: the cache TTL (s), n, the n verdicts, then one token per claim.
+_SETTLE = """
+local n = tonumber(ARGV[2])
+for i = 1, n do
+    redis.call('set', KEYS[i], ARGV[2 + i], 'EX', ARGV[1])
+end
+for j = n + 1, #KEYS do
+    if redis.call('get', KEYS[j]) == ARGV[2 + j] then
+        redis.call('del', KEYS[j])
+    end
 end
 return 0
 """
 
-_RELEASE_CLAIM = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-    return redis.call('del', KEYS[1])
-end
-return 0
-"""
+# The metric children, bound once rather than looked up per request.
+_EVALUATIONS = {o: metrics.EVALUATIONS.labels(o) for o in metrics.OUTCOMES}
+_EVALUATION_SECONDS = {o: metrics.EVALUATION_SECONDS.labels(o) for o in metrics.OUTCOMES}
 
 
-class WaitTimeout(RuntimeError):
-    """Another worker's evaluation did not finish within the wait bound."""
+@dataclasses.dataclass(slots=True)
+class _Answer:
+    """One event's reply body and how it was obtained (a metrics outcome)."""
+
+    reply: bytes
+    outcome: str
+    cache: bool = False  # ``reply`` is a committed verdict to cache in Redis
+    publish: Verdict | None = None  # a first-time verdict, to publish after replying
+    message: bytes = b""  # its JSON with extras, as published
+
+
+@dataclasses.dataclass(slots=True)
+class _Event:
+    """One event ID to answer: the request to judge it by, and that request's span."""
+
+    request: EvaluationRequest
+    span: Span | None = None
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Job:
+    """One NATS message being answered; ``done`` once its reply went out."""
+
+    msg: Msg
+    start: float
+    span: Span
+    done: bool = False
+
+
+Deliver = Callable[[str, _Answer], Awaitable[None]]
+
+
+def _failure(exc: Exception) -> _Answer:
+    reply = encode_error_reply(f"evaluation failed: {type(exc).__name__}")
+    return _Answer(reply, metrics.OUTCOME_ERROR)
+
+
+def _duplicate_outcome(outcome: str) -> str:
+    # A second request for an event evaluated for the first is a wait on that
+    # evaluation; one first_time per event keeps the metric a count of evaluations.
+    return metrics.OUTCOME_WAITED if outcome == metrics.OUTCOME_FIRST_TIME else outcome
 
 
 def _same_verdict(stored: Verdict, ours: Verdict) -> bool:
-    # The table keeps no ``extra``; everything else round-trips exactly.
-    a, b = stored.to_dict(), ours.to_dict()
-    a.pop("extra", None)
-    b.pop("extra", None)
-    return a == b
+    if stored is ours:  # the writer hands back the very verdict it inserted
+        return True
+    # Read back from the table: no ``extra``, durations rounded as the JSON form does.
+    rounded = tuple(
+        dataclasses.replace(f, duration_ms=round(f.duration_ms, 3)) for f in ours.filters
+    )
+    return stored == dataclasses.replace(ours, filters=rounded, extra=stored.extra)
+
+
+def _in_span(span: Span | None) -> AbstractContextManager[object]:
+    if span is None:
+        return contextlib.nullcontext()
+    return trace.use_span(span, end_on_exit=False)
 
 
 class EvaluationService:
@@ -108,6 +185,7 @@ class EvaluationService:
         claim_ttl_seconds: float,
         wait_seconds: float,
         max_in_flight: int = 512,
+        max_batch: int = 256,
     ) -> None:
         self._redis = redis
         self._pool = pool
@@ -117,32 +195,46 @@ class EvaluationService:
         self._publisher = publisher
         self._claim_ttl_ms = int(claim_ttl_seconds * 1000)
         self._wait_seconds = wait_seconds
-        self._release_claim = redis.register_script(_RELEASE_CLAIM)
-        self._verdict_or_claim = redis.register_script(_VERDICT_OR_CLAIM)
+        # Scripts run as EVALSHA (loaded on NOSCRIPT): one round trip each.
+        self._look = redis.register_script(_LOOK)
+        self._settle_claims = redis.register_script(_SETTLE)
         self._slots = asyncio.Semaphore(max_in_flight)
+        self._max_batch = max_batch
+        self._pending: list[tuple[Msg, float]] = []
+        self._dispatch_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._nc: NATS | None = None
         self._subscription: Subscription | None = None
 
     # --- NATS wiring ---
 
     async def start(self, nc: NATS) -> None:
         """Join the workers' queue group."""
-
-        async def on_message(msg: Msg) -> None:
-            # Hand each request to its own task so requests run concurrently; the slots
-            # bound the work in flight (NATS buffers the rest).
-            await self._slots.acquire()
-            task = asyncio.create_task(self._handle(msg))
-            self._tasks.add(task)
-            task.add_done_callback(self._done)
-
+        self._nc = nc
         self._subscription = await nc.subscribe(
-            EVALUATE_SUBJECT, queue=FILTER_WORKERS_QUEUE, cb=on_message
+            EVALUATE_SUBJECT, queue=FILTER_WORKERS_QUEUE, cb=self._on_message
         )
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
+    async def _on_message(self, msg: Msg) -> None:
+        # The slots bound the requests in flight (NATS buffers the rest). Taking a free
+        # one does not yield, so NATS hands over every message it has already buffered
+        # before the batch starts at the end of this loop iteration.
+        await self._slots.acquire()
+        self._pending.append((msg, time.perf_counter()))
+        if len(self._pending) >= self._max_batch:
+            self._dispatch()
+        elif not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._dispatch_scheduled = False
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        task = asyncio.create_task(self._run_batch(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
         """Stop taking requests, finish those in flight, flush writes and publishes."""
@@ -151,100 +243,211 @@ class EvaluationService:
                 await self._subscription.drain()  # type: ignore[no-untyped-call]
             except Exception as exc:  # closing anyway; the rest must still run
                 logger.warning("draining the subscription failed", extra={"error": str(exc)})
-        if self._tasks:
+        self._dispatch()  # what the subscription handed over last
+        while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._writer.close()
         await self._publisher.close()
 
-    async def _handle(self, msg: Msg) -> None:
-        start = time.perf_counter()
-        outcome = metrics.OUTCOME_ERROR
+    async def _run_batch(self, batch: list[tuple[Msg, float]]) -> None:
+        jobs = [
+            _Job(
+                msg,
+                start,
+                _tracer.start_span(
+                    "filter-worker.evaluate",
+                    context=extract_context(msg.headers),
+                    kind=SpanKind.SERVER,
+                ),
+            )
+            for msg, start in batch
+        ]
+        by_event: dict[str, list[_Job]] = {}
+        events: dict[str, _Event] = {}
         try:
-            parent = extract_context(msg.headers)
-            with _tracer.start_as_current_span(
-                "filter-worker.evaluate", context=parent, kind=SpanKind.SERVER
-            ) as span:
+            for job in jobs:
                 try:
-                    request = decode_request(msg.data, msg.headers)
+                    request = decode_request(job.msg.data, job.msg.headers)
                 except BadRequest as exc:
-                    reply = encode_error_reply(str(exc))
+                    await self._reply(job, encode_error_reply(str(exc)), metrics.OUTCOME_ERROR)
+                    continue
+                job.span.set_attribute("warden.event_id", request.event_id)
+                same = by_event.get(request.event_id)
+                if same is None:
+                    by_event[request.event_id] = [job]
+                    events[request.event_id] = _Event(request, job.span)
                 else:
-                    span.set_attribute("warden.event_id", request.event_id)
-                    reply, outcome = await self.answer(request)
-                span.set_attribute("warden.outcome", outcome)
-            if msg.reply:
-                await msg.respond(reply)
+                    same.append(job)
+
+            async def deliver(event_id: str, answer: _Answer) -> None:
+                first, *duplicates = by_event[event_id]
+                await self._reply(first, answer.reply, answer.outcome)
+                for job in duplicates:
+                    await self._reply(job, answer.reply, _duplicate_outcome(answer.outcome))
+
+            await self._answer_events(events, deliver)
+        except Exception:
+            logger.exception("evaluation batch failed")
+        finally:
+            for job in jobs:
+                if not job.done:  # only after an unexpected failure
+                    await self._reply(
+                        job, encode_error_reply("evaluation failed"), metrics.OUTCOME_ERROR
+                    )
+
+    async def _reply(self, job: _Job, reply: bytes, outcome: str) -> None:
+        if job.done:  # one reply per message, and one slot back
+            return
+        job.done = True
+        try:
+            if job.msg.reply and self._nc is not None:
+                # Not ``msg.respond``: it echoes the request's headers, which the gateway
+                # does not read and both sides would encode and parse.
+                await self._nc.publish(job.msg.reply, reply)
         except Exception:
             # Replying failed (NATS gone); the verdict, if any, is stored and cached.
             logger.exception("could not reply to an evaluation request")
         finally:
-            metrics.EVALUATIONS.labels(outcome).inc()
-            metrics.EVALUATION_SECONDS.labels(outcome).observe(time.perf_counter() - start)
+            job.span.set_attribute("warden.outcome", outcome)
+            job.span.end()
+            _EVALUATIONS[outcome].inc()
+            _EVALUATION_SECONDS[outcome].observe(time.perf_counter() - job.start)
+            self._slots.release()
 
     # --- the decision ---
 
     async def answer(self, request: EvaluationRequest) -> tuple[bytes, str]:
         """The reply body for a request and how it was obtained (a metrics outcome)."""
+        return (await self.answer_many([request]))[0]
+
+    async def answer_many(self, requests: Sequence[EvaluationRequest]) -> list[tuple[bytes, str]]:
+        """Answer requests received together, as one batch; the replies in order.
+
+        Requests for one event ID share its answer; after the first, a ``first_time``
+        outcome reads ``waited``. First-time verdicts are published after this returns.
+        """
+        events: dict[str, _Event] = {}
+        for request in requests:
+            events.setdefault(request.event_id, _Event(request))
+        answers: dict[str, _Answer] = {}
+
+        async def deliver(event_id: str, answer: _Answer) -> None:
+            answers[event_id] = answer
+
+        await self._answer_events(events, deliver)
+        out: list[tuple[bytes, str]] = []
+        seen: set[str] = set()
+        for request in requests:
+            answer = answers[request.event_id]
+            outcome = answer.outcome
+            if request.event_id in seen:
+                outcome = _duplicate_outcome(outcome)
+            seen.add(request.event_id)
+            out.append((answer.reply, outcome))
+        return out
+
+    async def _answer_events(self, events: dict[str, _Event], deliver: Deliver) -> None:
+        """Deliver exactly one answer per event, each as soon as it is known."""
+        if not events:
+            return
+        tokens = {event_id: secrets.token_hex(8) for event_id in events}
         try:
-            verdict, outcome = await self.judge(request)
-        except UnknownCommunity:
-            return (
-                encode_error_reply(f"unknown community {request.community_id!r}"),
-                metrics.OUTCOME_ERROR,
-            )
-        except WaitTimeout as exc:
-            return encode_error_reply(str(exc)), metrics.OUTCOME_ERROR
+            looks = await self._look_up(tokens)
         except Exception as exc:
-            logger.exception("evaluation failed", extra={"event_id": request.event_id})
-            return encode_error_reply(
-                f"evaluation failed: {type(exc).__name__}"
-            ), metrics.OUTCOME_ERROR
-        return verdict.to_json(), outcome
+            logger.exception("looking up verdicts and claims failed")
+            for event_id in events:
+                await deliver(event_id, _failure(exc))
+            return
+        claimed: dict[str, _Event] = {}
+        waits: list[asyncio.Task[None]] = []
+        for event_id, look in looks.items():
+            if isinstance(look, bytes) and self._readable(event_id, look):
+                await deliver(event_id, _Answer(look, metrics.OUTCOME_CACHED_REDIS))
+            elif look == 1:
+                claimed[event_id] = events[event_id]
+            else:
+                event = events[event_id]
+                with _in_span(event.span):  # the task takes the context it is made in
+                    waits.append(asyncio.create_task(self._wait(event, deliver)))
+        try:
+            if claimed:
+                await self._settle(claimed, tokens, deliver)
+        finally:
+            if waits:
+                await asyncio.gather(*waits)
 
-    async def judge(self, request: EvaluationRequest) -> tuple[Verdict, str]:
-        """The event's one verdict, evaluating it only if no worker has yet."""
-        event_id = request.event_id
-        verdict_key = redis_keys.verdict(event_id)
-        claim_key = redis_keys.evaluation_claim(event_id)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._wait_seconds
-        delay = 0.005
-        polls = 0
-        first_look = True
-        while True:
-            token = secrets.token_hex(8)
-            answer = await self._verdict_or_claim(
-                keys=[verdict_key, claim_key], args=[token, self._claim_ttl_ms]
-            )
-            if isinstance(answer, bytes):
-                cached = self._decode_cached(event_id, answer)
-                if cached is not None:
-                    outcome = metrics.OUTCOME_CACHED_REDIS if first_look else metrics.OUTCOME_WAITED
-                    return cached, outcome
-            elif answer == 1:
-                try:
-                    # Redis may have lost a verdict PostgreSQL keeps (eviction, restart).
-                    stored = await get_verdict(self._pool, event_id)
-                    if stored is not None:
-                        await self._cache(stored)
-                        return stored, metrics.OUTCOME_CACHED_DB
-                    return await self._evaluate(request)
-                finally:
-                    await self._release(claim_key, token)
-            first_look = False
-            if loop.time() >= deadline:
-                raise WaitTimeout(
-                    f"another worker is still evaluating {event_id} after {self._wait_seconds:g}s"
+    async def _look_up(self, tokens: dict[str, str]) -> dict[str, bytes | int]:
+        """Per event: its cached verdict, 1 (now claimed with its token) or 0 (held)."""
+        keys = [redis_keys.verdict(e) for e in tokens]
+        keys += [redis_keys.evaluation_claim(e) for e in tokens]
+        answers = await self._look(keys=keys, args=[self._claim_ttl_ms, *tokens.values()])
+        return dict(zip(tokens, answers, strict=True))
+
+    async def _settle(
+        self, claimed: dict[str, _Event], tokens: dict[str, str], deliver: Deliver
+    ) -> None:
+        """Answer the events we hold the claims of, then release the claims."""
+        answers: dict[str, _Answer] = {}
+        try:
+            # Redis may have lost a verdict PostgreSQL keeps (eviction, restart).
+            stored = await get_verdicts(self._pool, list(claimed))
+            for event_id, verdict in stored.items():
+                answers[event_id] = _Answer(
+                    verdict.to_json(), metrics.OUTCOME_CACHED_DB, cache=True
                 )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
-            polls += 1
-            if polls % _DB_POLL_EVERY == 0:
-                stored = await get_verdict(self._pool, event_id)
-                if stored is not None:
-                    return stored, metrics.OUTCOME_WAITED
+            fresh = [event for event_id, event in claimed.items() if event_id not in stored]
+            if len(fresh) == 1:
+                answers[fresh[0].request.event_id] = await self._evaluate(fresh[0])
+            elif fresh:
+                results = await asyncio.gather(*(self._evaluate(event) for event in fresh))
+                answers.update(zip((e.request.event_id for e in fresh), results, strict=True))
+        except Exception as exc:
+            logger.exception("answering claimed events failed")
+            for event_id in claimed:
+                answers.setdefault(event_id, _failure(exc))
+        finally:
+            await self._cache_and_release(
+                {e: a.reply for e, a in answers.items() if a.cache},
+                {e: tokens[e] for e in claimed},
+            )
+        for event_id, answer in answers.items():
+            await deliver(event_id, answer)
+        for event_id, answer in answers.items():
+            if answer.publish is not None:
+                span = claimed[event_id].span
+                self._publisher.publish_later(
+                    answer.publish,
+                    answer.message,
+                    None if span is None else trace.set_span_in_context(span),
+                )
 
-    async def _evaluate(self, request: EvaluationRequest) -> tuple[Verdict, str]:
+    async def _cache_and_release(self, verdicts: dict[str, bytes], claims: dict[str, str]) -> None:
+        keys = [redis_keys.verdict(e) for e in verdicts]
+        keys += [redis_keys.evaluation_claim(e) for e in claims]
+        args: list[Any] = [VERDICT_CACHE_SECONDS, len(verdicts), *verdicts.values()]
+        args += claims.values()
+        try:
+            await self._settle_claims(keys=keys, args=args)
+        except Exception as exc:
+            # The verdicts are committed, so they are still replied: waiting workers find
+            # them in PostgreSQL, and the claims expire by themselves.
+            logger.warning("could not cache verdicts or release claims", extra={"error": str(exc)})
+
+    async def _evaluate(self, event: _Event) -> _Answer:
+        request = event.request
+        with _in_span(event.span):
+            try:
+                return await self._judge_new(request)
+            except UnknownCommunity:
+                return _Answer(
+                    encode_error_reply(f"unknown community {request.community_id!r}"),
+                    metrics.OUTCOME_ERROR,
+                )
+            except Exception as exc:
+                logger.exception("evaluation failed", extra={"event_id": request.event_id})
+                return _failure(exc)
+
+    async def _judge_new(self, request: EvaluationRequest) -> _Answer:
         config = await self._configs.get(request.community_id)
         extra: dict[str, Any] = {}
         if request.source:
@@ -268,10 +471,9 @@ class EvaluationService:
                 verdict, extra={**verdict.extra, "body_excerpt": body[:BODY_EXCERPT_CHARS]}
             )
         winner = await self._writer.write(verdict)  # durable from here on
-        await self._cache(winner)
         if not _same_verdict(winner, verdict):
             # A worker whose claim had lapsed committed first; its verdict stands.
-            return winner, metrics.OUTCOME_CACHED_DB
+            return _Answer(winner.to_json(), metrics.OUTCOME_CACHED_DB, cache=True)
         metrics.VERDICTS.labels(verdict.content_class.label).inc()
         logger.info(
             "verdict",
@@ -283,24 +485,50 @@ class EvaluationService:
                 "harms": list(verdict.harms),
             },
         )
-        await self._publisher.publish(verdict)
-        return winner, metrics.OUTCOME_FIRST_TIME
-
-    @staticmethod
-    def _decode_cached(event_id: str, raw: bytes) -> Verdict | None:
-        try:
-            return Verdict.from_json(raw)
-        except (ValueError, KeyError, TypeError):
-            logger.warning("unreadable cached verdict ignored", extra={"event_id": event_id})
-            return None
-
-    async def _cache(self, verdict: Verdict) -> None:
-        await self._redis.set(
-            redis_keys.verdict(verdict.event_id), verdict.to_json(), ex=VERDICT_CACHE_SECONDS
+        # Serialised once: the reply and the cache hold what the table holds (no
+        # extras), the JetStream message carries them.
+        stored, message = verdict.to_json_pair()
+        return _Answer(
+            stored, metrics.OUTCOME_FIRST_TIME, cache=True, publish=verdict, message=message
         )
 
-    async def _release(self, claim_key: str, token: str) -> None:
+    async def _wait(self, event: _Event, deliver: Deliver) -> None:
+        """Wait for another worker's verdict; take the claim over if it lapses."""
+        event_id = event.request.event_id
         try:
-            await self._release_claim(keys=[claim_key], args=[token])
-        except Exception as exc:  # it expires by itself
-            logger.warning("could not release a claim", extra={"error": str(exc)})
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._wait_seconds
+            delay = 0.005
+            polls = 0
+            while loop.time() < deadline:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+                polls += 1
+                if polls % _DB_POLL_EVERY == 0:
+                    stored = await get_verdict(self._pool, event_id)
+                    if stored is not None:
+                        await deliver(event_id, _Answer(stored.to_json(), metrics.OUTCOME_WAITED))
+                        return
+                token = secrets.token_hex(8)
+                look = (await self._look_up({event_id: token}))[event_id]
+                if isinstance(look, bytes) and self._readable(event_id, look):
+                    await deliver(event_id, _Answer(look, metrics.OUTCOME_WAITED))
+                    return
+                if look == 1:  # the holder's claim lapsed (it died): ours now
+                    await self._settle({event_id: event}, {event_id: token}, deliver)
+                    return
+        except Exception as exc:
+            logger.exception("waiting for a verdict failed", extra={"event_id": event_id})
+            await deliver(event_id, _failure(exc))
+            return
+        error = f"another worker is still evaluating {event_id} after {self._wait_seconds:g}s"
+        await deliver(event_id, _Answer(encode_error_reply(error), metrics.OUTCOME_ERROR))
+
+    @staticmethod
+    def _readable(event_id: str, raw: bytes) -> bool:
+        try:
+            Verdict.from_json(raw)
+        except (ValueError, KeyError, TypeError):
+            logger.warning("unreadable cached verdict ignored", extra={"event_id": event_id})
+            return False
+        return True

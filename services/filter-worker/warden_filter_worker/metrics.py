@@ -13,6 +13,13 @@ OUTCOME_CACHED_REDIS = "cached_redis"
 OUTCOME_CACHED_DB = "cached_db"
 OUTCOME_WAITED = "waited"  # another worker evaluated it; we waited for its verdict
 OUTCOME_ERROR = "error"
+OUTCOMES = (
+    OUTCOME_FIRST_TIME,
+    OUTCOME_CACHED_REDIS,
+    OUTCOME_CACHED_DB,
+    OUTCOME_WAITED,
+    OUTCOME_ERROR,
+)
 
 EVALUATIONS = Counter(
     "warden_evaluations_total",
@@ -50,6 +57,11 @@ VERDICT_PUBLISH_FAILURES = Counter(
     "warden_verdict_publish_failures_total",
     "Failed attempts to publish a verdict to JetStream, by whether it was then given up.",
     ["final"],
+)
+VERDICT_PUBLISH_DEFERRED = Counter(
+    "warden_verdict_publish_deferred_total",
+    "First-time verdicts not published at once because too many publishes were pending"
+    " (the outbox sweeper publishes them).",
 )
 CONFIG_INVALIDATIONS = Counter(
     "warden_config_invalidations_total",

@@ -1,0 +1,398 @@
+"""Requests answered together: one Redis look and one settle per batch, one PostgreSQL
+lookup, one evaluation per event ID, and JetStream publication after the reply."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import asyncpg
+import nats
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from nats.aio.client import Client as NATS
+from prometheus_client import REGISTRY
+
+from tests.conftest import NATS_URL, REDIS_URL
+from tests.filter_worker.test_evaluation_dedup import request
+from tests.filter_worker.test_worker_processes import stream_messages_for
+from tests.filters.filter_helpers import OWN_USER, message
+from warden import redis_keys
+from warden.bus.streams import ensure_verdicts_stream
+from warden.bus.subjects import (
+    EVALUATE_SUBJECT,
+    HEADER_COMMUNITY,
+    HEADER_EVENT_ID,
+    HEADER_ORIGIN,
+    HEADER_SOURCE,
+    VERDICTS_STREAM,
+)
+from warden.filters.base import FilterDeps
+from warden.policy.config import instance_defaults
+from warden.policy.harms import OTHER
+from warden.policy.pipeline import Pipeline
+from warden.policy.verdict import ContentClass, Verdict
+from warden.storage.verdicts import get_verdict, insert_verdicts
+from warden_filter_worker.community_config import CommunityConfigCache
+from warden_filter_worker.evaluation import EvaluationService
+from warden_filter_worker.group_commit import GroupCommitWriter, InsertFn
+from warden_filter_worker.outbox import OutboxSweeper, PublishedMarker
+from warden_filter_worker.publisher import VerdictPublisher
+
+
+class CountingRedis(aioredis.Redis):
+    """A real Redis client that records each command once its round trip is over."""
+
+    commands: list[str]
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **options)
+        finally:
+            self.commands.append(str(args[0]).upper())
+
+
+class CountingPool:
+    """A real asyncpg pool that counts the queries made through it."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.queries = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.pool, name)
+        if name in {"fetch", "fetchrow", "fetchval", "execute"}:
+            self.queries += 1
+        return attr
+
+
+class CountingPipeline(Pipeline):
+    """The real pipeline, noting each event ID it evaluates."""
+
+    evaluated: list[str]
+
+    async def evaluate(self, event: dict[str, Any], **kwargs: Any) -> Verdict:
+        self.evaluated.append(kwargs["event_id"])
+        return await super().evaluate(event, **kwargs)
+
+
+class Worker:
+    def __init__(
+        self,
+        service: EvaluationService,
+        redis: CountingRedis,
+        pool: CountingPool,
+        pipeline: CountingPipeline,
+        publisher: VerdictPublisher,
+    ) -> None:
+        self.service, self.redis, self.pool = service, redis, pool
+        self.pipeline, self.publisher = pipeline, publisher
+
+    def reset_counts(self) -> None:
+        self.redis.commands.clear()
+        self.pool.queries = 0
+        self.pipeline.evaluated.clear()
+
+
+@pytest.fixture
+async def make_worker(
+    redis_client: aioredis.Redis, pg_pool: asyncpg.Pool, nats_client: NATS
+) -> AsyncIterator[Callable[..., Any]]:
+    """Build evaluation services on real Redis, PostgreSQL and NATS; stopped after."""
+    await ensure_verdicts_stream(nats_client.jetstream())
+    made: list[tuple[EvaluationService, CountingRedis]] = []
+
+    async def factory(
+        *,
+        publisher: VerdictPublisher | None = None,
+        insert: InsertFn | None = None,
+        wait_seconds: float = 5,
+    ) -> Worker:
+        counting = CountingRedis.from_url(REDIS_URL)
+        counting.commands = []
+        pipeline = CountingPipeline(
+            FilterDeps(redis=redis_client, pool=pg_pool, local_user_id=OWN_USER),
+            timeout_seconds=2,
+        )
+        pipeline.evaluated = []
+        pool = CountingPool(pg_pool)
+        publisher = publisher or VerdictPublisher(nats_client.jetstream())
+        writer = (
+            GroupCommitWriter(pg_pool)
+            if insert is None
+            else GroupCommitWriter(pg_pool, insert=insert)
+        )
+        service = EvaluationService(
+            redis=counting,
+            pool=pool,  # type: ignore[arg-type]
+            pipeline=pipeline,
+            configs=CommunityConfigCache(pg_pool, instance_defaults({})),
+            writer=writer,
+            publisher=publisher,
+            claim_ttl_seconds=10,
+            wait_seconds=wait_seconds,
+        )
+        made.append((service, counting))
+        worker = Worker(service, counting, pool, pipeline, publisher)
+        # Load the scripts, so every later command counted is one the batch needed, and
+        # see the warm-up's publication through.
+        await service.answer(request("warm up"))
+        await publisher.close()
+        worker.reset_counts()
+        return worker
+
+    yield factory
+    for service, counting in made:
+        await service.stop()
+        await counting.aclose()
+
+
+def outcome_count(outcome: str) -> float:
+    value = REGISTRY.get_sample_value("warden_evaluations_total", {"outcome": outcome})
+    return value or 0.0
+
+
+async def test_duplicates_in_a_batch_share_one_evaluation_and_two_redis_round_trips(
+    make_worker: Callable[..., Any], redis_client: aioredis.Redis, pg_pool: asyncpg.Pool
+) -> None:
+    worker: Worker = await make_worker()
+    event_ids = [f"${uuid.uuid4().hex}" for _ in range(12)]
+    requests = [
+        request("buy spam" if i % 4 == 0 else f"hello {i}", event_id)
+        for i, event_id in enumerate(event_ids)
+        for _ in range(3)
+    ]
+    random.Random(7).shuffle(requests)
+
+    replies = await worker.service.answer_many(requests)
+
+    # One evaluation per event ID; every duplicate has the same bytes.
+    assert sorted(worker.pipeline.evaluated) == sorted(event_ids)
+    by_event: dict[str, set[bytes]] = {}
+    outcomes: dict[str, list[str]] = {}
+    for req, (reply, outcome) in zip(requests, replies, strict=True):
+        by_event.setdefault(req.event_id, set()).add(reply)
+        outcomes.setdefault(req.event_id, []).append(outcome)
+    for event_id in event_ids:
+        (reply,) = by_event[event_id]
+        assert Verdict.from_json(reply).event_id == event_id
+        assert outcomes[event_id] == ["first_time", "waited", "waited"]
+        assert await redis_client.get(redis_keys.verdict(event_id)) == reply
+        assert not await redis_client.exists(redis_keys.evaluation_claim(event_id))
+        stored = await get_verdict(pg_pool, event_id)
+        assert stored is not None and stored.to_json() == reply
+
+    # Round trips: one Redis look and one settle for the whole batch, one PostgreSQL
+    # lookup (the group-commit writer has its own pool), not one of each per event.
+    assert worker.redis.commands == ["EVALSHA", "EVALSHA"]
+    assert worker.pool.queries == 1
+
+
+async def test_a_batch_mixing_every_kind_of_event(
+    make_worker: Callable[..., Any], redis_client: aioredis.Redis, pg_pool: asyncpg.Pool
+) -> None:
+    worker: Worker = await make_worker()
+    in_redis, in_db = request("hello from redis"), request("buy spam from the database")
+    before = {r.event_id: (await worker.service.answer(r))[0] for r in (in_redis, in_db)}
+    await redis_client.delete(redis_keys.verdict(in_db.event_id))  # Redis lost it
+    new = request("something new")
+    held = request("someone else is on it")
+    claim = redis_keys.evaluation_claim(held.event_id)
+    await redis_client.set(claim, "other-worker", px=10_000)
+    theirs = Verdict(
+        event_id=held.event_id,
+        content_class=ContentClass.PROHIBITED,
+        harms=(OTHER,),
+        room_id="!r:x",
+        community_id="default",
+        sender="@u:x",
+        event_type="m.room.message",
+        origin="someone",
+        reference_hash="refhash",
+        first_seen_ts=5,
+    )
+    worker.reset_counts()
+
+    async def other_worker_finishes() -> None:
+        while "EVALSHA" not in worker.redis.commands:  # our batch has looked
+            await asyncio.sleep(0.001)
+        stored = (await insert_verdicts(pg_pool, [theirs]))[held.event_id]
+        await redis_client.set(redis_keys.verdict(held.event_id), stored.to_json())
+
+    finishing = asyncio.create_task(other_worker_finishes())
+    replies = await worker.service.answer_many([in_redis, in_db, new, held])
+    await finishing
+
+    outcomes = [outcome for _, outcome in replies]
+    assert outcomes == ["cached_redis", "cached_db", "first_time", "waited"]
+    assert replies[0][0] == before[in_redis.event_id]
+    assert replies[1][0] == before[in_db.event_id]
+    assert Verdict.from_json(replies[2][0]).event_id == new.event_id
+    assert replies[3][0] == theirs.to_json()
+    assert worker.pipeline.evaluated == [new.event_id]  # nothing else was judged again
+    # The stored one is cached again, the new one cached; our claims are released and
+    # the other worker's claim is left alone.
+    assert await redis_client.get(redis_keys.verdict(in_db.event_id)) == replies[1][0]
+    assert await redis_client.get(redis_keys.verdict(new.event_id)) == replies[2][0]
+    for r in (in_db, new):
+        assert not await redis_client.exists(redis_keys.evaluation_claim(r.event_id))
+    assert await redis_client.get(claim) == b"other-worker"
+
+
+async def test_the_reply_does_not_wait_for_jetstream(
+    make_worker: Callable[..., Any], nats_client: NATS, pg_pool: asyncpg.Pool
+) -> None:
+    js = nats_client.jetstream()
+    first_seq = (await js.stream_info(VERDICTS_STREAM)).state.last_seq + 1
+    acked: list[str] = []
+    worker: Worker = await make_worker(publisher=VerdictPublisher(js, on_published=acked.append))
+    acked.clear()  # the warm-up's
+    req = request("buy spam now")
+
+    reply, outcome = await worker.service.answer(req)
+
+    # Replied before the publication was even attempted...
+    assert outcome == "first_time"
+    assert acked == [] and worker.publisher.pending == 1
+    # ...which then goes out with its extras, once, and is reported to the outbox marker.
+    await worker.publisher.close()
+    assert acked == [req.event_id]
+    (published,) = await stream_messages_for(nats_client, first_seq, req.event_id)
+    on_stream = orjson.loads(published.data)
+    assert on_stream["extra"] == {"source": "sign", "body_excerpt": "buy spam now"}
+    del on_stream["extra"]
+    assert orjson.dumps(on_stream) == reply  # the same verdict; the reply carries no extras
+
+
+async def test_a_failing_jetstream_leaves_the_verdict_to_the_outbox_sweeper(
+    make_worker: Callable[..., Any], nats_client: NATS, pg_pool: asyncpg.Pool
+) -> None:
+    broken = await nats.connect(NATS_URL)
+    await broken.close()  # every publish through it fails
+    marker = PublishedMarker(pg_pool)
+    worker: Worker = await make_worker(
+        publisher=VerdictPublisher(
+            broken.jetstream(), retry_budget_seconds=0.3, on_published=marker.add
+        )
+    )
+    failed = REGISTRY.get_sample_value("warden_verdict_publish_failures_total", {"final": "false"})
+    req = request("buy spam again")
+
+    reply, outcome = await worker.service.answer(req)
+
+    assert outcome == "first_time" and Verdict.from_json(reply).prohibited
+    # Not attempted yet when the reply is ready.
+    assert (
+        REGISTRY.get_sample_value("warden_verdict_publish_failures_total", {"final": "false"})
+        == failed
+    )
+    await worker.service.stop()  # flushes the publication: it fails, retries, gives up
+    assert REGISTRY.get_sample_value(
+        "warden_verdict_publish_failures_total", {"final": "false"}
+    ) > (failed or 0)
+    await marker.flush()
+    published = await pg_pool.fetchval(
+        "SELECT published FROM verdicts WHERE event_id = $1", req.event_id
+    )
+    assert published is False
+
+    # The sweeper publishes it.
+    js = nats_client.jetstream()
+    first_seq = (await js.stream_info(VERDICTS_STREAM)).state.last_seq + 1
+    sweeper = OutboxSweeper(
+        pg_pool, VerdictPublisher(js).publish_now, interval_seconds=1, min_age_seconds=0
+    )
+    while await sweeper.sweep_once():
+        pass
+    (message_,) = await stream_messages_for(nats_client, first_seq, req.event_id)
+    assert orjson.loads(message_.data)["extra"]["body_excerpt"] == "buy spam again"
+    assert await pg_pool.fetchval(
+        "SELECT published FROM verdicts WHERE event_id = $1", req.event_id
+    )
+
+
+async def test_a_lapsed_claimer_that_committed_first_wins(
+    make_worker: Callable[..., Any], pg_pool: asyncpg.Pool, redis_client: aioredis.Redis
+) -> None:
+    event_id = f"${uuid.uuid4().hex}"
+    theirs = Verdict(
+        event_id=event_id,
+        content_class=ContentClass.ALLOWED,
+        room_id="!r:x",
+        community_id="default",
+        sender="@u:x",
+        event_type="m.room.message",
+        origin="the-lapsed-worker",
+        first_seen_ts=9,
+    )
+
+    async def racing(pool: asyncpg.Pool, batch: Sequence[Verdict]) -> dict[str, Verdict]:
+        # Between our lookup and our commit, a worker whose claim had lapsed commits.
+        if any(v.event_id == event_id for v in batch):
+            await insert_verdicts(pool, [theirs])
+        return await insert_verdicts(pool, batch)
+
+    worker: Worker = await make_worker(insert=racing)
+    reply, outcome = await worker.service.answer(request("hello", event_id))
+    assert outcome == "cached_db"
+    assert reply == theirs.to_json()
+    assert await redis_client.get(redis_keys.verdict(event_id)) == reply
+    assert worker.publisher.pending == 0  # theirs, not ours, to publish
+
+
+async def test_a_verdict_read_back_from_the_table_is_still_ours(
+    make_worker: Callable[..., Any], pg_pool: asyncpg.Pool
+) -> None:
+    async def reading_back(pool: asyncpg.Pool, batch: Sequence[Verdict]) -> dict[str, Verdict]:
+        await insert_verdicts(pool, batch)
+        rows = {v.event_id: await get_verdict(pool, v.event_id) for v in batch}
+        return {k: v for k, v in rows.items() if v is not None}
+
+    worker: Worker = await make_worker(insert=reading_back)
+    reply, outcome = await worker.service.answer(request("buy spam", f"${uuid.uuid4().hex}"))
+    # No extras and rounded durations in the row, yet the verdict is the one we made.
+    assert outcome == "first_time" and Verdict.from_json(reply).prohibited
+    assert worker.publisher.pending == 1
+
+
+async def test_requests_over_nats_are_answered_each_once(
+    make_worker: Callable[..., Any], nats_client: NATS, pg_pool: asyncpg.Pool
+) -> None:
+    worker: Worker = await make_worker()
+    js = nats_client.jetstream()
+    first_seq = (await js.stream_info(VERDICTS_STREAM)).state.last_seq + 1
+    counts = {o: outcome_count(o) for o in ("first_time", "waited", "cached_redis", "error")}
+    await worker.service.start(nats_client)
+    event_ids = [f"${uuid.uuid4().hex}" for _ in range(8)]
+
+    async def ask(event_id: str, body: bytes) -> Any:
+        hdrs = {
+            HEADER_EVENT_ID: event_id,
+            HEADER_COMMUNITY: "default",
+            HEADER_ORIGIN: "origin.example",
+            HEADER_SOURCE: "sign",
+        }
+        return await nats_client.request(EVALUATE_SUBJECT, body, timeout=20, headers=hdrs)
+
+    asks = [ask(e, orjson.dumps(message(f"hi {e}"))) for e in event_ids for _ in range(3)]
+    asks.append(ask(f"${uuid.uuid4().hex}", b"not json"))
+    *replies, bad = await asyncio.gather(*asks)
+
+    assert "error" in orjson.loads(bad.data)
+    for i, event_id in enumerate(event_ids):
+        same = {r.data for r in replies[3 * i : 3 * i + 3]}
+        assert len(same) == 1
+        assert Verdict.from_json(same.pop()).event_id == event_id
+    # The request's headers are not echoed back: the gateway reads only the body.
+    assert all(not r.headers for r in replies)
+    assert sorted(worker.pipeline.evaluated) == sorted(event_ids)
+    await worker.service.stop()  # flushes the publications
+    for event_id in event_ids:
+        assert len(await stream_messages_for(nats_client, first_seq, event_id)) == 1
+    delta = {o: outcome_count(o) - n for o, n in counts.items()}
+    assert delta["first_time"] == 8 and delta["error"] == 1
+    assert delta["waited"] + delta["cached_redis"] == 16
