@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import ClassVar
 
+import pytest
+
 from tests.filters.filter_helpers import ALICE, OWN_USER, config, event, message, new_event_id
 from warden.filters.base import Filter, FilterContext, FilterDeps, FilterResult, Group
 from warden.filters.registry import FILTERS
@@ -178,3 +180,65 @@ async def test_filters_in_a_group_run_concurrently(deps: FilterDeps) -> None:
     assert outcomes["test_rendezvous_a"].error is None
     assert outcomes["test_rendezvous_b"].error is None
     assert v.content_class is N
+
+
+class Inline(Filter):
+    """Computes only: records which task ran it."""
+
+    name = "test_inline"
+    group = Group.MAIN
+    waits_on_io = False
+    tasks: ClassVar[list[asyncio.Task[object] | None]] = []
+
+    async def check(self, ctx: FilterContext) -> FilterResult:
+        self.tasks.append(asyncio.current_task())
+        return FilterResult.neutral()
+
+
+async def test_filters_that_only_compute_run_in_the_evaluations_own_task(
+    deps: FilterDeps,
+) -> None:
+    Inline.tasks.clear()
+    Rendezvous.started.clear()
+    p = pipeline(deps, Inline, RendezvousA, RendezvousB, timeout=5.0)
+    # The I/O filters of the group still run concurrently beside it.
+    v = await asyncio.ensure_future(judge(p, message("hello")))
+    assert v.content_class is N
+    assert [f.name for f in v.filters if f.name.startswith("test_")] == [
+        "test_inline",
+        "test_rendezvous_a",
+        "test_rendezvous_b",
+    ]
+    assert len(Inline.tasks) == 1
+    evaluation = asyncio.current_task()
+    assert Inline.tasks[0] is not evaluation  # ensure_future made the evaluation's task
+    assert Inline.tasks[0] is not None and Inline.tasks[0].get_coro().__name__ == "judge"
+
+
+@pytest.mark.parametrize(
+    "ev",
+    [
+        message("hello"),
+        message("@alice:example.org @bob:example.org " * 20),
+        message("x" * 5000),
+        message("img", msgtype="m.image"),
+        event("m.room.member", {"membership": "ban"}, state_key=OWN_USER),
+        event("m.reaction", {"m.relates_to": {"rel_type": "m.annotation", "key": "x"}}),
+    ],
+)
+async def test_filters_declared_not_to_wait_on_io_never_suspend(
+    deps: FilterDeps, ev: dict[str, object]
+) -> None:
+    """``waits_on_io = False`` is a promise: ``check`` finishes without suspending."""
+    from tests.filters.filter_helpers import context
+
+    inline = [cls for cls in FILTERS if not cls.waits_on_io]
+    assert len(inline) >= 5
+    for cls in inline:
+        coro = cls().check(context(dict(ev), deps))
+        try:
+            coro.send(None)
+        except StopIteration:
+            continue
+        coro.close()
+        raise AssertionError(f"{cls.name} suspended: it waits on something")

@@ -204,6 +204,9 @@ class Filter(abc.ABC):
     group: ClassVar[Group] = Group.MAIN
     harm_ids: ClassVar[tuple[str, ...]] = ()
     fail_secure_key: ClassVar[ConfigKey]
+    # False for a filter whose ``check`` never awaits I/O (it only computes): the
+    # pipeline then runs it in the evaluation's own task instead of a task of its own.
+    waits_on_io: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -33,6 +33,7 @@ class DensityFilter(Filter):
     """Prohibits long, dense bodies."""
 
     name = "density"
+    waits_on_io = False
     group = Group.MAIN
     harm_ids = (SPAM_FLOODING,)
 

@@ -42,6 +42,7 @@ class EventTypePrefilter(Filter):
     """Allows the configured event types."""
 
     name = "event_type_prefilter"
+    waits_on_io = False
     group = Group.PREFILTER
     harm_ids = ()
 

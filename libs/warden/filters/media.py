@@ -20,6 +20,7 @@ class MediaFilter(Filter):
     """Prohibits the listed event types and ``m.room.message`` msgtypes."""
 
     name = "media"
+    waits_on_io = False
     group = Group.MAIN
     harm_ids = (SPAM, MEDIA)
 

@@ -20,6 +20,7 @@ class ProtectOwnUser(Filter):
     """Refuses kicks and bans of Warden's user."""
 
     name = "protect_own_user"
+    waits_on_io = False
     group = Group.PREFILTER
     harm_ids = (OTHER,)
 

@@ -19,6 +19,7 @@ class SenderPrefilter(Filter):
     """Allows events from the configured senders."""
 
     name = "sender_prefilter"
+    waits_on_io = False
     group = Group.PREFILTER
     harm_ids = ()
 
