@@ -8,6 +8,7 @@ the header format and the signed JSON are Synapse's, not a copy of them.
 from __future__ import annotations
 
 import asyncio
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -28,6 +29,7 @@ from tests.matrix.event_strategies import json_objects
 from tests.matrix.event_strategies import text as json_text
 from warden.federation.keyring_errors import KeyExpired, KeyNotFound
 from warden.federation.xmatrix import (
+    _PARAM_RE,
     MalformedAuthorization,
     XMatrixCredentials,
     _signing_payload,
@@ -399,3 +401,50 @@ async def test_verify_request_json_accepts_synapse_headers_and_refuses_other_byt
         await verify_request_json(
             "POST", URI, encode_canonical_json({**content, "n": 2}), headers, US, keyring
         )
+
+
+def _sequential_params(rest: str) -> dict[str, str] | None:
+    """The parameter list parsed one match at a time (the oracle); None if malformed."""
+    params: dict[str, str] = {}
+    pos = 0
+    while pos < len(rest):
+        match = _PARAM_RE.match(rest, pos)
+        if match is None:
+            return None
+        name, raw = match.group(1).lower(), match.group(2)
+        if raw.startswith('"'):
+            raw = re.sub(r"\\(.)", r"\1", raw[1:-1], flags=re.DOTALL)
+        if name in params:
+            return None
+        params[name] = raw
+        pos = match.end()
+        if pos == len(rest):
+            break
+        sep = re.compile(r"[ \t]*,[ \t]*").match(rest, pos)
+        if sep is None or sep.end() == len(rest):
+            return None
+        pos = sep.end()
+    return params
+
+
+@given(st.text(alphabet=' \t,="\\oOrigink=sdeyt:1.a-', max_size=60))
+def test_header_parser_agrees_with_a_parameter_at_a_time_parse(tail: str) -> None:
+    value = "X-Matrix " + tail
+    expected = _sequential_params(value[len("X-Matrix ") :].strip(" \t"))
+    try:
+        [creds] = parse_authorization_headers([value])
+    except MalformedAuthorization:
+        ok = (
+            expected is not None
+            and all(expected.get(k) for k in ("origin", "key", "sig"))
+            and is_valid_server_name(expected["origin"])
+        )
+        assert not ok
+        return
+    assert expected is not None
+    assert (creds.origin, creds.key_id, creds.signature) == (
+        expected["origin"],
+        expected["key"],
+        expected["sig"],
+    )
+    assert creds.destination == expected.get("destination")

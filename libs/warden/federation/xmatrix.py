@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import nacl.exceptions
 import orjson
@@ -47,6 +47,9 @@ _QUOTED = r'"(?:[^"\\]|\\.)*"'
 _OWS = r"[ \t]*"
 _PARAM_RE = re.compile(rf"({_TOKEN}){_OWS}={_OWS}({_TOKEN}|{_QUOTED})")
 _SEP_RE = re.compile(rf"{_OWS},{_OWS}")
+# A whole parameter list: checked with one match, then split with ``findall``.
+_PARAM = rf"{_TOKEN}{_OWS}={_OWS}(?:{_TOKEN}|{_QUOTED})"
+_PARAMS_RE = re.compile(rf"{_PARAM}(?:{_OWS},{_OWS}{_PARAM})*")
 _UNESCAPE_RE = re.compile(r"\\(.)", re.DOTALL)
 _ESCAPE_RE = re.compile(r'(["\\])')
 
@@ -176,28 +179,20 @@ def _parse_one(value: str) -> XMatrixCredentials:
     if not rest or rest[0] not in " \t":
         raise MalformedAuthorization("no parameters after the X-Matrix scheme")
     rest = rest.lstrip(" \t")
+    if _PARAMS_RE.fullmatch(rest) is None:
+        _explain_malformed(rest)
+    # The whole list is well formed, so the parameters are exactly the non-overlapping
+    # matches from the start: a separator (",", spaces) cannot begin a parameter.
     params: dict[str, str] = {}
-    pos = 0
-    while pos < len(rest):
-        match = _PARAM_RE.match(rest, pos)
-        if match is None:
-            raise MalformedAuthorization(f"cannot parse parameter at offset {pos}")
-        name = match.group(1).lower()
-        raw = match.group(2)
+    for name, raw in _PARAM_RE.findall(rest):
+        name = name.lower()
         if raw.startswith('"'):
-            raw = _UNESCAPE_RE.sub(r"\1", raw[1:-1])
+            raw = raw[1:-1]
+            if "\\" in raw:
+                raw = _UNESCAPE_RE.sub(r"\1", raw)
         if name in params:
             raise MalformedAuthorization(f"parameter {name!r} given twice")
         params[name] = raw
-        pos = match.end()
-        if pos == len(rest):
-            break
-        sep = _SEP_RE.match(rest, pos)
-        if sep is None:
-            raise MalformedAuthorization(f"expected ',' at offset {pos}")
-        pos = sep.end()
-        if pos == len(rest):
-            raise MalformedAuthorization("trailing ','")
     for required in ("origin", "key", "sig"):
         if not params.get(required):
             raise MalformedAuthorization(f"missing parameter {required!r}")
@@ -211,6 +206,25 @@ def _parse_one(value: str) -> XMatrixCredentials:
         signature=params["sig"],
         destination=ServerName(destination) if destination is not None else None,
     )
+
+
+def _explain_malformed(rest: str) -> NoReturn:
+    """Raise ``MalformedAuthorization`` saying where a parameter list goes wrong."""
+    pos = 0
+    while pos < len(rest):
+        match = _PARAM_RE.match(rest, pos)
+        if match is None:
+            raise MalformedAuthorization(f"cannot parse parameter at offset {pos}")
+        pos = match.end()
+        if pos == len(rest):
+            break
+        sep = _SEP_RE.match(rest, pos)
+        if sep is None:
+            raise MalformedAuthorization(f"expected ',' at offset {pos}")
+        pos = sep.end()
+        if pos == len(rest):
+            raise MalformedAuthorization("trailing ','")
+    raise MalformedAuthorization("malformed parameters")
 
 
 def parse_authorization_headers(values: list[str]) -> list[XMatrixCredentials]:
