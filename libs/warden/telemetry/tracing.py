@@ -23,6 +23,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _configured = False
+_exporting = False
 
 
 def build_tracer_provider(service: str, exporter: str = "none") -> TracerProvider:
@@ -38,12 +39,22 @@ def build_tracer_provider(service: str, exporter: str = "none") -> TracerProvide
 
 def configure_tracing(service: str, exporter: str = "none") -> None:
     """Install the tracer provider for this process (once)."""
-    global _configured
+    global _configured, _exporting
     if _configured:
         return
     trace.set_tracer_provider(build_tracer_provider(service, exporter))
+    _exporting = exporter != "none"
     propagate.set_global_textmap(_PROPAGATOR)
     _configured = True
+
+
+def exporting() -> bool:
+    """Whether this process exports spans (``PS_OTEL_EXPORTER`` is not ``none``).
+
+    Per-request spans on the hottest paths are made only then; the spans around each
+    hop to another service are always made, so trace context still travels.
+    """
+    return _exporting
 
 
 def tracer(name: str) -> trace.Tracer:

@@ -87,7 +87,7 @@ from warden.matrix.room_versions import RoomVersion, get_room_version
 from warden.policy.harms import HARMS_FIELD
 from warden.runtime.identity import Identity
 from warden.storage.records import Room
-from warden.telemetry.tracing import tracer
+from warden.telemetry.tracing import exporting, tracer
 from warden_gateway.errors import TemporarilyUnavailable, error_response
 from warden_gateway.event_checks import CheckedEvent, CheckedEvents
 from warden_gateway.metrics import SIGN_REQUESTS, SIGN_SECONDS, Endpoint, Outcome
@@ -134,6 +134,11 @@ _OUTCOMES: tuple[tuple[type[MatrixError], Outcome], ...] = (
     (InvalidParam, Outcome.INVALID_PARAM),
     (Unavailable, Outcome.UNAVAILABLE),
 )
+
+
+# Metric children bound once: ``labels()`` costs a lock and a lookup per call.
+_SIGN_REQUESTS = {(e, o): SIGN_REQUESTS.labels(e, o) for e in Endpoint for o in Outcome}
+_SIGN_SECONDS = {e: SIGN_SECONDS.labels(e) for e in Endpoint}
 
 
 class RoomLookup(Protocol):
@@ -247,9 +252,14 @@ class PolicyAPI:
         start = time.perf_counter()
         outcome = Outcome.OTHER_ERROR
         try:
-            with _tracer.start_as_current_span(
-                "policy." + endpoint.value, attributes={"warden.endpoint": endpoint.value}
-            ):
+            if exporting():
+                with _tracer.start_as_current_span(
+                    "policy." + endpoint.value, attributes={"warden.endpoint": endpoint.value}
+                ):
+                    decision = await self._decide(request, endpoint, path_event_id)
+            else:
+                # No exporter: a span per request would cost CPU for nobody; the NATS
+                # request still opens one (``VerdictSource``), so context travels on.
                 decision = await self._decide(request, endpoint, path_event_id)
             outcome = Outcome.SIGNED if decision.signature is not None else Outcome.REFUSED
             return self._render(endpoint, decision)
@@ -269,8 +279,8 @@ class PolicyAPI:
                 )
             )
         finally:
-            SIGN_REQUESTS.labels(endpoint, outcome).inc()
-            SIGN_SECONDS.labels(endpoint).observe(time.perf_counter() - start)
+            _SIGN_REQUESTS[endpoint, outcome].inc()
+            _SIGN_SECONDS[endpoint].observe(time.perf_counter() - start)
 
     def _render(self, endpoint: Endpoint, decision: Decision) -> Response:
         if endpoint is Endpoint.CHECK:

@@ -31,17 +31,20 @@ from dataclasses import dataclass
 
 import nats.errors
 from nats.aio.client import Client as NATS
+from opentelemetry.trace import SpanKind
 
 from warden.bus.evaluation import EvaluationRequest, WorkerError, decode_reply
 from warden.bus.subjects import EVALUATE_SUBJECT
 from warden.policy.verdict import Verdict
-from warden.telemetry.tracing import inject_headers
+from warden.telemetry.tracing import inject_headers, tracer
 from warden_gateway.errors import TemporarilyUnavailable
 from warden_gateway.metrics import VERDICT_CACHE, VERDICT_FAILURES, CacheLayer, VerdictFailure
 
 logger = logging.getLogger(__name__)
+_tracer = tracer(__name__)
 
 DEFAULT_MEMORY_SIZE = 50_000
+_CACHE_HITS = {layer: VERDICT_CACHE.labels(layer) for layer in CacheLayer}
 # After a timeout the evaluation is still running; a retry a moment later usually finds
 # the verdict in Redis.
 RETRY_AFTER_TIMEOUT_SECONDS = 2
@@ -86,7 +89,7 @@ class VerdictSource:
         entry = self._memory.get(request.event_id)
         if entry is not None:
             self._memory.move_to_end(request.event_id)
-            VERDICT_CACHE.labels(CacheLayer.MEMORY).inc()
+            _CACHE_HITS[CacheLayer.MEMORY].inc()
             return entry
         task = self._inflight.get(request.event_id)
         if task is None:
@@ -94,7 +97,7 @@ class VerdictSource:
             self._inflight[request.event_id] = task
             task.add_done_callback(lambda done: self._finished(request.event_id, done))
         else:
-            VERDICT_CACHE.labels(CacheLayer.IN_FLIGHT).inc()
+            _CACHE_HITS[CacheLayer.IN_FLIGHT].inc()
         # Shielded: a caller that goes away must not cancel the lookup for the others,
         # nor the caching of its result.
         return await asyncio.shield(task)
@@ -113,7 +116,7 @@ class VerdictSource:
 
     async def _lookup(self, request: EvaluationRequest) -> CachedVerdict:
         verdict = await self._ask_workers(request)
-        VERDICT_CACHE.labels(CacheLayer.NATS).inc()
+        _CACHE_HITS[CacheLayer.NATS].inc()
         # Filter outcomes are for the moderator and webhooks; keep memory entries small.
         slim = dataclasses.replace(verdict, filters=(), extra={})
         entry = CachedVerdict(slim)
@@ -121,7 +124,8 @@ class VerdictSource:
         return entry
 
     async def _ask_workers(self, request: EvaluationRequest) -> Verdict:
-        headers = inject_headers(request.headers())
+        with _tracer.start_as_current_span("policy.evaluate", kind=SpanKind.CLIENT):
+            headers = inject_headers(request.headers())
         try:
             msg = await self._nc.request(
                 self._subject, request.pdu, timeout=self._timeout, headers=headers
