@@ -69,8 +69,15 @@ CONFIG_INVALIDATIONS = Counter(
 )
 
 
+_FILTER_SECONDS: dict[str, Histogram] = {}
+
+
 def observe_outcome(outcome: FilterOutcome) -> None:
     """The pipeline's per-filter hook."""
-    FILTER_SECONDS.labels(outcome.name).observe(outcome.duration_ms / 1000)
+    # Children bound once per filter name (a fixed set: the registered filters).
+    child = _FILTER_SECONDS.get(outcome.name)
+    if child is None:
+        child = _FILTER_SECONDS[outcome.name] = FILTER_SECONDS.labels(outcome.name)
+    child.observe(outcome.duration_ms / 1000)
     if outcome.error is not None:
         FILTER_ERRORS.labels(outcome.name).inc()
