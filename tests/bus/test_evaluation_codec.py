@@ -14,7 +14,7 @@ from warden.bus.evaluation import (
     encode_error_reply,
 )
 from warden.policy.harms import SPAM
-from warden.policy.verdict import ContentClass, Verdict
+from warden.policy.verdict import ContentClass, FilterOutcome, Verdict
 
 
 def test_request_round_trip() -> None:
@@ -55,3 +55,16 @@ def test_replies() -> None:
     for garbage in (b"", b"[]", b'{"event_id": "$e"}'):
         with pytest.raises(ValueError):  # noqa: PT011 - any unreadable reply
             decode_reply(garbage)
+
+
+def test_reply_without_filter_outcomes_keeps_the_decision() -> None:
+    outcome = FilterOutcome("keyword", ContentClass.PROHIBITED, (SPAM,), None, 0.5)
+    verdict = Verdict("$e", ContentClass.PROHIBITED, (SPAM,), filters=(outcome,))
+    assert decode_reply(verdict.to_json()).filters == (outcome,)
+    slim = decode_reply(verdict.to_json(), with_filters=False)
+    assert slim.filters == ()
+    assert (slim.event_id, slim.content_class, slim.harms) == (
+        verdict.event_id,
+        verdict.content_class,
+        verdict.harms,
+    )

@@ -91,8 +91,9 @@ def encode_error_reply(message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
-def decode_reply(data: bytes) -> Verdict:
-    """A worker's reply as a verdict.
+def decode_reply(data: bytes, *, with_filters: bool = True) -> Verdict:
+    """A worker's reply as a verdict (without its filter outcomes if ``with_filters`` is
+    false: the gateway only needs the decision, and decoding them cost it CPU).
 
     Raises ``WorkerError`` for an error reply and ``ValueError`` for anything unreadable.
     """
@@ -104,6 +105,8 @@ def decode_reply(data: bytes) -> Verdict:
         raise ValueError("reply is not a JSON object")
     if "error" in body and "class" not in body:
         raise WorkerError(str(body["error"])[:500])
+    if not with_filters:
+        body["filters"] = []
     try:
         return Verdict.from_dict(body)
     except (KeyError, TypeError, AttributeError) as exc:

@@ -154,7 +154,7 @@ class VerdictSource:
 
     def _parse_reply(self, request: EvaluationRequest, data: bytes) -> Verdict:
         try:
-            verdict = decode_reply(data)
+            verdict = decode_reply(data, with_filters=False)
         except WorkerError as exc:
             logger.warning(
                 "filter worker could not judge event",
