@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from warden.telemetry.metrics import HTTP_DURATION, HTTP_REQUESTS
@@ -21,6 +22,7 @@ class HttpMetricsMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self._paths: dict[object, str] | None = None
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def _template(self, scope: Scope) -> str:
         route = scope.get("route")
@@ -57,8 +59,17 @@ class HttpMetricsMiddleware:
         finally:
             template = self._template(scope)
             method = scope["method"] if scope["method"] in _METHODS else "other"
-            HTTP_REQUESTS.labels(template, method, str(status)).inc()
-            HTTP_DURATION.labels(template, method).observe(time.perf_counter() - start)
+            key = (template, method, status)
+            children = self._children.get(key)
+            if children is None:
+                # Bound once per label set (bounded: templates, methods and statuses):
+                # ``labels()`` takes a lock and builds a key on every call.
+                children = self._children[key] = (
+                    HTTP_REQUESTS.labels(template, method, str(status)),
+                    HTTP_DURATION.labels(template, method),
+                )
+            children[0].inc()
+            children[1].observe(time.perf_counter() - start)
 
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"})
