@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 from signedjson.key import generate_signing_key
 
 from warden.federation.xmatrix import sign_request
+from warden.matrix.canonical_json import encode_canonical_json
 from warden.matrix.event_hashes import add_content_hash, compute_event_id
 from warden.matrix.event_signing import sign_event
 from warden.matrix.keys import SigningKey, verify_key_base64
@@ -245,8 +245,12 @@ class RequestFile:
     kinds: dict[str, int] = field(default_factory=dict)
 
     def add_body(self, event: dict[str, Any]) -> int:
-        """Store ``event`` as a body; return its index."""
-        self.bodies.append(orjson.dumps(event))
+        """Store ``event`` as a body; return its index.
+
+        Bodies are canonical JSON, as Synapse sends every federation request body
+        (``MatrixFederationHttpClient`` encodes with ``encode_canonical_json``).
+        """
+        self.bodies.append(encode_canonical_json(event))
         return len(self.bodies) - 1
 
     def add_request(self, body_index: int, event: dict[str, Any], asker: Origin, kind: str) -> None:

@@ -23,6 +23,7 @@ from bench import events
 from bench.events import GATEWAY_NAME, SIGN_PATH, EventFactory, Origin, RequestFile
 from bench.floors import CryptoFloor
 from tests.conftest import NATS_URL, PG_ADMIN
+from warden.matrix.canonical_json import encode_canonical_json
 from warden.matrix.event_signing import verify_event_signature
 from warden.matrix.keys import POLICY_SERVER_KEY_ID
 from warden.matrix.room_versions import get_room_version
@@ -64,6 +65,8 @@ async def test_crypto_floor_signs_what_the_request_file_holds(tmp_path: Path) ->
             headers, body = _split(raw)
             assert int(headers["content-length"]) == len(body)
             pdu = orjson.loads(body)
+            # Bodies are canonical JSON, as Synapse sends them.
+            assert body == encode_canonical_json(pdu)
             assert 400 <= len(body) <= events.MAX_PDU_BYTES + 200
             r = await client.post(SIGN_PATH, content=body, headers=headers)
             assert r.status_code == 200, r.text
