@@ -19,6 +19,7 @@ from warden.matrix.canonical_json import (
     check_canonical,
     encode_canonical_json,
     parse_canonical,
+    parse_canonical_encoded,
     parse_canonical_stdlib,
 )
 
@@ -176,3 +177,39 @@ def test_canonical_text_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> 
     # Non-canonical text (here: unsorted keys) is re-checked by the stdlib parser.
     with pytest.raises(AssertionError, match="fallback"):
         module.parse_canonical(b'{"type":"x","depth":3}')
+
+
+@PROPERTY
+@given(
+    value=st.one_of(json_values, awkward_objects),
+    indent=st.sampled_from([None, 1]),
+    ensure_ascii=st.booleans(),
+    sort_keys=st.booleans(),
+)
+def test_parse_encoded_returns_the_canonical_encoding(
+    value: Any, indent: Any, ensure_ascii: bool, sort_keys: bool
+) -> None:
+    canonical = encode_canonical_json(value)
+    layouts = [
+        canonical,
+        json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys).encode(),
+    ]
+    for data in layouts:
+        parsed, encoded = parse_canonical_encoded(data)
+        assert parsed == parse_canonical(data) == value
+        assert encoded == canonical
+
+
+@pytest.mark.parametrize(("data", "error", "match"), BAD_DOCUMENTS)
+def test_parse_encoded_rejects_what_parse_canonical_rejects(
+    data: bytes | str, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match or None):
+        parse_canonical_encoded(data)
+
+
+def test_parse_encoded_detects_duplicate_keys() -> None:
+    with pytest.raises(CanonicalJSONError, match="'a'"):
+        parse_canonical_encoded(b'{"a":1,"a":1}')
+    with pytest.raises(CanonicalJSONError, match="'b'"):
+        parse_canonical_encoded(b'{"x":[{"b":2,"b":2}]}')

@@ -53,8 +53,8 @@ from warden.federation.keyring_errors import KeyringError
 from warden.federation.xmatrix import VerifyKeySource, verify_request_json
 from warden.matrix.canonical_json import (
     CanonicalJSONError,
-    encode_canonical_json,
     parse_canonical,
+    parse_canonical_encoded,
 )
 from warden.matrix.errors import (
     BadJSON,
@@ -181,16 +181,17 @@ def _request_target(request: Request) -> str:
     return f"{path}?{query.decode('latin-1')}" if query else path
 
 
-def _parse_body(body: bytes) -> dict[str, Any]:
+def _parse_body(body: bytes) -> tuple[dict[str, Any], bytes]:
+    """The PDU, and its canonical JSON (what X-Matrix signed: usually the body itself)."""
     try:
-        value = parse_canonical(body)
+        value, content_json = parse_canonical_encoded(body)
     except CanonicalJSONError as exc:
         raise BadJSON(f"Request body is not valid Matrix JSON: {exc}") from None
     except ValueError:
         raise NotJSON("Request body is not JSON") from None
     if not isinstance(value, dict):
         raise NotJSON("Request body must be a JSON object (the PDU)")
-    return value
+    return value, content_json
 
 
 def _is_policy_state_event(pdu: dict[str, Any]) -> bool:
@@ -310,14 +311,9 @@ class PolicyAPI:
                 self._check_path_event_id(path_event_id, checked.event_id)
                 return await self._judge(endpoint, checked, room, origin, body, None)
             # The room was protected again under another version: check from scratch.
-            pdu = _parse_body(body)
-            content_json = checked.content_json
+            pdu, content_json = _parse_body(body)
         else:
-            pdu = _parse_body(body)
-            try:
-                content_json = encode_canonical_json(pdu)
-            except CanonicalJSONError as exc:  # parse_canonical already checked the values
-                raise BadJSON(f"Request body is not valid Matrix JSON: {exc}") from None
+            pdu, content_json = _parse_body(body)
             origin = await self._authenticate(request, content_json)
             room = await self._room_for(pdu)
         room_version = get_room_version(room.room_version)
