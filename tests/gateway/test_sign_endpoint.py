@@ -44,6 +44,7 @@ from warden.matrix.keys import POLICY_SERVER_KEY_ID
 from warden.matrix.room_versions import get_room_version
 from warden.policy import harms
 from warden.policy.verdict import ContentClass
+from warden.telemetry import tracing
 
 StartWorker = Callable[..., Awaitable[StandInWorker]]
 Protect = Callable[..., Awaitable[str]]
@@ -120,9 +121,28 @@ async def test_evaluation_request_carries_the_event_and_its_context(
     assert headers[HEADER_COMMUNITY] == "default"
     assert headers[HEADER_ORIGIN] == origin.name
     assert headers[HEADER_SOURCE] == "sign"
-    # W3C trace context travels with the request.
-    traceparent = headers["traceparent"]
-    assert traceparent.startswith("00-") and len(traceparent.split("-")) == 4
+    # No exporter and no trace from upstream: no trace context to carry.
+    assert "traceparent" not in headers
+
+
+async def test_evaluation_request_carries_trace_context_when_exporting(
+    gateway: Gateway,
+    origin: Origin,
+    start_worker: StartWorker,
+    protect_room: Protect,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tracing, "_exporting", True)
+    worker = await start_worker()
+    room_id = await protect_room(new_room_id("10"), "10", "default")
+
+    r = await post_sign(gateway, origin, origin.event(room_id, "10"))
+    assert r.status_code == 200, r.text
+
+    # W3C trace context travels with the request: the gateway's span is its parent.
+    traceparent = (worker.requests[0].headers or {})["traceparent"]
+    version, trace_id, span_id, _flags = traceparent.split("-")
+    assert version == "00" and int(trace_id, 16) and int(span_id, 16)
 
 
 async def test_prohibited_event_is_refused_with_its_harms(

@@ -1,13 +1,14 @@
 """OpenTelemetry tracing with W3C trace context carried in NATS message headers.
 
 ``PS_OTEL_EXPORTER=console`` prints finished spans (for debugging); ``none`` keeps the
-SDK (so context still propagates through every hop) without exporting.
+SDK (so a trace sampled upstream still propagates through every hop) without exporting.
 
 With no exporter, spans are not recorded unless their parent was sampled upstream
 (``ParentBased(ALWAYS_OFF)``): a recording span costs tens of microseconds that nobody
-would ever read (``make bench`` measured about 8% of the gateway's CPU per ``/sign``),
-while the non-recording span still carries a trace ID, so ``traceparent`` still
-reaches the next hop, and a trace sampled by a caller stays sampled through Warden.
+would ever read (``make bench`` measured about 8% of the gateway's CPU per ``/sign``).
+The gateway's ``/sign`` path goes further and makes no span at all then (``exporting``);
+the other services' spans around each hop remain, non-recording, and a trace sampled by
+a caller stays sampled through Warden.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def configure_tracing(service: str, exporter: str = "none") -> None:
 def exporting() -> bool:
     """Whether this process exports spans (``PS_OTEL_EXPORTER`` is not ``none``).
 
-    Per-request spans on the hottest paths are made only then; the spans around each
-    hop to another service are always made, so trace context still travels.
+    Spans on the hottest path (``/sign``, including its hop to the workers) are made
+    only then; elsewhere the spans around each hop to another service are always made.
     """
     return _exporting
 

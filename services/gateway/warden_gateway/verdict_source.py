@@ -36,7 +36,7 @@ from opentelemetry.trace import SpanKind
 from warden.bus.evaluation import EvaluationRequest, WorkerError, decode_reply
 from warden.bus.subjects import EVALUATE_SUBJECT
 from warden.policy.verdict import Verdict
-from warden.telemetry.tracing import inject_headers, tracer
+from warden.telemetry.tracing import exporting, inject_headers, tracer
 from warden_gateway.errors import TemporarilyUnavailable
 from warden_gateway.metrics import VERDICT_CACHE, VERDICT_FAILURES, CacheLayer, VerdictFailure
 
@@ -124,7 +124,13 @@ class VerdictSource:
         return entry
 
     async def _ask_workers(self, request: EvaluationRequest) -> Verdict:
-        with _tracer.start_as_current_span("policy.evaluate", kind=SpanKind.CLIENT):
+        if exporting():
+            with _tracer.start_as_current_span("policy.evaluate", kind=SpanKind.CLIENT):
+                headers = inject_headers(request.headers())
+        else:
+            # Nobody would read the span, and a trace ID that nobody records is no use
+            # downstream (an unsampled parent would even stop a worker that exports
+            # from sampling). A trace a caller sampled still travels on.
             headers = inject_headers(request.headers())
         try:
             msg = await self._nc.request(
