@@ -24,7 +24,7 @@ One run:
 7. Writes ``bench/results/<UTC timestamp>.json`` and prints a markdown table.
 
 Knobs (environment): ``BENCH_DURATION`` (seconds per window, 10), ``BENCH_CONNECTIONS``
-(64), ``BENCH_PACED_RPS`` (500), ``BENCH_PACED_CONNECTIONS`` (50), ``BENCH_ORIGINS`` (50),
+(64), ``BENCH_PACED_RPS`` (500), ``BENCH_PACED_CONNECTIONS`` (100), ``BENCH_ORIGINS`` (50),
 ``BENCH_ROOMS`` (20), ``BENCH_SPAM_EVENTS`` (3000), ``BENCH_GATEWAYS`` (1),
 ``BENCH_WORKERS`` (1), ``BENCH_SCALING`` (1: run it), ``BENCH_LOADGEN`` (``auto``, ``wrk``
 or ``python``), ``BENCH_LOADGEN_CPUS`` (the last CPU when there are several),
@@ -134,7 +134,7 @@ class BenchConfig:
             duration=_env_float("BENCH_DURATION", 1.0 if quick else 10.0),
             connections=_env_int("BENCH_CONNECTIONS", 8 if quick else 64),
             paced_rps=_env_int("BENCH_PACED_RPS", 50 if quick else 500),
-            paced_connections=_env_int("BENCH_PACED_CONNECTIONS", 5 if quick else 50),
+            paced_connections=_env_int("BENCH_PACED_CONNECTIONS", 5 if quick else 100),
             n_origins=origins,
             n_rooms=_env_int("BENCH_ROOMS", 5 if quick else 20),
             spam_events=_env_int("BENCH_SPAM_EVENTS", 20 if quick else 3000),
@@ -596,31 +596,38 @@ class Bench:
         """The mean per-request pause that gives ``rate`` over ``conns`` connections.
 
         wrk has no fixed-rate mode: each connection waits ``delay`` then sends, so the
-        rate is ``conns / (delay + latency)``. An untimed pass (its own fresh events)
-        at ``delay = conns / rate`` measures the latency; the pause is then reduced by it.
+        rate is ``conns / (delay + latency)``. Untimed passes (each with its own fresh
+        events) measure the latency at the current pause, and the pause is set to leave
+        room for it; two passes, because the latency itself grows with the rate.
         """
         factory, origins = self.factory, self.origins
         assert factory is not None
-        first = 1000.0 * conns / rate
-        count = self.unique_count(rate)
-        path, _ = self._new_file(lambda out: events.unique_requests(factory, origins, count, out))
-        trial = await self.measure(
-            "pacing calibration",
-            path,
-            self.gateways,
-            self.stack,
-            connections=conns,
-            delay_ms=first,
-            duration=max(1.0, self.config.duration / 3),
-        )
-        latency_ms = max(0.0, 1000.0 * conns / max(trial.load.rps, 1e-6) - first)
-        delay = first - latency_ms
-        if delay < 0.1 * first:
-            self.notes.append(
-                f"pacing: latency ({latency_ms:.0f} ms) leaves too little pause at {rate} req/s "
-                f"over {conns} connections; raise BENCH_PACED_CONNECTIONS"
+        cycle = 1000.0 * conns / rate
+        delay = cycle
+        for _ in range(2):
+            count = self.unique_count(rate)
+
+            def build(out: RequestFile, n: int = count) -> None:
+                events.unique_requests(factory, origins, n, out)
+
+            path, _ = self._new_file(build)
+            trial = await self.measure(
+                "pacing calibration",
+                path,
+                self.gateways,
+                self.stack,
+                connections=conns,
+                delay_ms=delay,
+                duration=max(1.0, self.config.duration / 3),
             )
-            delay = 0.1 * first
+            latency_ms = max(0.0, 1000.0 * conns / max(trial.load.rps, 1e-6) - delay)
+            delay = cycle - latency_ms
+            if delay < 0.1 * cycle:
+                self.notes.append(
+                    f"pacing: latency ({latency_ms:.0f} ms) leaves too little pause at {rate} "
+                    f"req/s over {conns} connections; raise BENCH_PACED_CONNECTIONS"
+                )
+                return 0.1 * cycle
         return delay
 
     async def workload_spam_wave(self) -> Window:
