@@ -22,6 +22,10 @@ from warden_gateway.metrics import EVENT_CHECK_CACHE
 
 DEFAULT_SIZE = 20_000
 
+# Bound once: ``labels()`` takes a lock and builds a key on every call.
+_HIT = EVENT_CHECK_CACHE.labels("hit")
+_MISS = EVENT_CHECK_CACHE.labels("miss")
+
 
 @dataclass(frozen=True, slots=True)
 class CheckedEvent:
@@ -46,10 +50,10 @@ class CheckedEvents:
         """The entry for a body's digest, if remembered (counted as a hit or a miss)."""
         entry = self._entries.get(digest)
         if entry is None:
-            EVENT_CHECK_CACHE.labels("miss").inc()
+            _MISS.inc()
             return None
         self._entries.move_to_end(digest)
-        EVENT_CHECK_CACHE.labels("hit").inc()
+        _HIT.inc()
         return entry
 
     def put(self, digest: bytes, entry: CheckedEvent) -> None:
