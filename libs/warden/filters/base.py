@@ -9,11 +9,14 @@ listed in ``warden.filters.registry``. Next to its code it declares:
 * ``group`` — where it runs in the pipeline (``Group``);
 * ``harm_ids`` — every harm ID it can emit;
 * its configuration keys (``warden.policy.config.declare``);
-* ``enabled(config)`` — whether the community's configuration turns it on;
+* ``enabled(config)`` — whether the community's configuration turns it on (a function
+  of the configuration alone: the pipeline remembers the answer per configuration);
 * ``async check(ctx) -> FilterResult``.
 
 Filters are stateless: one instance serves every event and community. Shared state
-(hellbans, rate windows) lives in Redis so every worker sees the same thing.
+(hellbans, rate windows) lives in Redis so every worker sees the same thing. Filters send
+their Redis commands through ``FilterDeps.auto_pipeline``: the commands of all events
+under evaluation at once then share one round trip.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from warden.matrix.canonical_json import encode_canonical_json
 from warden.policy.config import ConfigKey, EffectiveConfig, declare
 from warden.policy.verdict import ContentClass, FilterOutcome
 from warden.storage.displaynames import get_displaynames
+from warden.storage.redis_autopipeline import RedisAutoPipeline
 
 FAIL_SECURE_SUFFIX = "_fail_secure"
 
@@ -100,16 +104,22 @@ class DisplaynameCache:
 
 @dataclass
 class FilterDeps:
-    """What filters may use besides the event: shared stores and our identity."""
+    """What filters may use besides the event: shared stores and our identity.
+
+    ``auto_pipeline`` sends ``redis`` commands issued in the same loop iteration as one
+    pipeline; filters use it rather than ``redis`` for their per-event commands.
+    """
 
     redis: aioredis.Redis
     pool: asyncpg.Pool
     local_user_id: str  # @<PS_JOIN_LOCALPART>:<PS_HOMESERVER_NAME>
     displaynames: DisplaynameCache = field(init=False)
+    auto_pipeline: RedisAutoPipeline = field(init=False)
     displayname_ttl_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         self.displaynames = DisplaynameCache(self.pool, self.displayname_ttl_seconds)
+        self.auto_pipeline = RedisAutoPipeline(self.redis)
 
 
 @dataclass
@@ -162,7 +172,12 @@ class FilterContext:
     @cached_property
     def event_json(self) -> str:
         """The whole event as canonical JSON text."""
-        return _canonical_text(self.event)
+        return self.event_json_bytes.decode("utf-8")
+
+    @cached_property
+    def event_json_bytes(self) -> bytes:
+        """The whole event as canonical JSON, UTF-8: for its length, with no text made."""
+        return _canonical_bytes(self.event)
 
     def string_field(self, key: str) -> str:
         """A string field of ``content`` ("" when absent or not a string)."""
@@ -171,12 +186,16 @@ class FilterContext:
 
 
 def _canonical_text(value: Any) -> str:
+    return _canonical_bytes(value).decode("utf-8")
+
+
+def _canonical_bytes(value: Any) -> bytes:
     try:
-        return encode_canonical_json(value).decode("utf-8")
+        return encode_canonical_json(value)
     except ValueError:
         # Not representable canonically (the gateway validates PDUs, so only direct
         # callers reach this); fall back to plain JSON rather than failing the filter.
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode("utf-8")
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
 def fail_secure_key_name(filter_name: str) -> str:

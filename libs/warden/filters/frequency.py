@@ -4,6 +4,10 @@ The window is a Redis sorted set per (community, sender), shared by every worker
 members are event IDs scored by the time (ms) Warden first counted them. ``ZADD NX``
 keeps the first score, so the same event evaluated twice counts once. Members older
 than 60 s are pruned on each check; the key expires when the sender goes quiet.
+
+The four steps (add the event, prune, count, extend the expiry) are one Lua script, so
+they stay atomic as the MULTI/EXEC they replace, and one command: it goes through the
+auto-pipeline, so the events evaluated together share one round trip.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from warden import redis_keys
 from warden.filters.base import Filter, FilterContext, FilterResult, Group
 from warden.policy.config import ConfigKey, EffectiveConfig, declare
 from warden.policy.harms import SPAM_FLOODING
+from warden.storage.redis_autopipeline import Script
 
 EVENT_TYPES, RATE_LIMIT = declare(
     ConfigKey(
@@ -30,6 +35,16 @@ EVENT_TYPES, RATE_LIMIT = declare(
 )
 
 WINDOW_MS = 60_000
+
+# KEYS: the window; ARGV: the event ID, now (ms), the newest score to prune (now minus
+# the window), the key's expiry (ms). Returns how many events the window holds now.
+_COUNT = Script("""
+redis.call('zadd', KEYS[1], 'NX', ARGV[2], ARGV[1])
+redis.call('zremrangebyscore', KEYS[1], '-inf', ARGV[3])
+local count = redis.call('zcard', KEYS[1])
+redis.call('pexpire', KEYS[1], ARGV[4])
+return count
+""")
 
 
 class FrequencyFilter(Filter):
@@ -50,13 +65,11 @@ class FrequencyFilter(Filter):
             return FilterResult.neutral()
         key = redis_keys.frequency(self.name, ctx.community_id, ctx.sender)
         now = ctx.now_ms
-        async with ctx.deps.redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(key, {ctx.event_id: now}, nx=True)
-            pipe.zremrangebyscore(key, "-inf", now - WINDOW_MS)
-            pipe.zcard(key)
-            pipe.pexpire(key, WINDOW_MS * 2)
-            results = await pipe.execute()
-        count = int(results[2])
+        count = int(
+            await ctx.deps.auto_pipeline.run_script(
+                _COUNT, keys=[key], args=[ctx.event_id, now, now - WINDOW_MS, WINDOW_MS * 2]
+            )
+        )
         if count / 60 > ctx.config.get_float(RATE_LIMIT.name):
             return FilterResult.prohibited(SPAM_FLOODING)
         return FilterResult.neutral()

@@ -49,7 +49,6 @@ class HellbanPostfilter(Filter):
         )
         if judged and ctx.sender:
             minutes = ctx.config.get_int(HELLBAN_MINUTES.name)
-            await ctx.deps.redis.set(
-                redis_keys.hellban(ctx.community_id, ctx.sender), b"1", nx=True, ex=minutes * 60
-            )
+            key = redis_keys.hellban(ctx.community_id, ctx.sender)
+            await ctx.deps.auto_pipeline.execute_command("SET", key, b"1", "NX", "EX", minutes * 60)
         return FilterResult.neutral()

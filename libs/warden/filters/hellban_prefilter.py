@@ -4,6 +4,9 @@ The ban is set by ``hellban_postfilter`` (same switch, ``hellban_postfilter_minu
 in Redis, shared by every worker. Runs after the prefilters and only while the class is
 neutral, so allow-listed senders and event types (a user leaving a room, a redaction)
 are never hellbanned.
+
+The lookup goes through the auto-pipeline: the events evaluated together ask Redis in
+one round trip.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ class HellbanPrefilter(Filter):
 
     async def check(self, ctx: FilterContext) -> FilterResult:
         """Prohibited (spam.flooding) while the sender's ban exists."""
-        if ctx.sender and await ctx.deps.redis.exists(
-            redis_keys.hellban(ctx.community_id, ctx.sender)
+        if ctx.sender and await ctx.deps.auto_pipeline.execute_command(
+            "EXISTS", redis_keys.hellban(ctx.community_id, ctx.sender)
         ):
             return FilterResult.prohibited(SPAM_FLOODING)
         return FilterResult.neutral()

@@ -34,6 +34,6 @@ class LengthFilter(Filter):
         """Prohibited when the event's canonical JSON is longer than the maximum (>)."""
         if ctx.event_type != "m.room.message":
             return FilterResult.neutral()
-        if len(ctx.event_json.encode("utf-8")) > ctx.config.get_int(MAX_LENGTH.name):
+        if len(ctx.event_json_bytes) > ctx.config.get_int(MAX_LENGTH.name):
             return FilterResult.prohibited(SPAM_FLOODING)
         return FilterResult.neutral()
