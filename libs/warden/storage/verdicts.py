@@ -93,7 +93,8 @@ async def insert_verdicts(pool: asyncpg.Pool, verdicts: Sequence[Verdict]) -> di
                         "reference_hash": v.reference_hash,
                         "class": int(v.content_class),
                         "harms": list(v.harms),
-                        "filters": [f.to_dict() for f in v.filters],
+                        # Serialised once per verdict, shared with its reply and message.
+                        "filters": orjson.Fragment(v.filters_json),
                         "sender": v.sender,
                         "event_type": v.event_type,
                         "origin": v.origin,
