@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 from warden.filters.base import Filter, FilterContext, FilterResult, Group
 from warden.policy.config import ConfigKey, EffectiveConfig, declare
 from warden.policy.harms import SPAM_FLOODING
@@ -25,8 +23,9 @@ MAX_DENSITY, MIN_TRIGGER_LENGTH = declare(
 )
 
 # The whitespace policyserv removes (Go RE2 ``\s``): ASCII tab, newline, form feed,
-# carriage return and space.
-_WHITESPACE = re.compile(rb"[\t\n\f\r ]")
+# carriage return and space. Deleted with ``bytes.translate``: one pass in C, without
+# the regex engine (which was most of this filter's cost).
+_WHITESPACE = b"\t\n\f\r "
 
 
 class DensityFilter(Filter):
@@ -49,7 +48,7 @@ class DensityFilter(Filter):
         body = ctx.string_field("body").encode("utf-8")
         if not body or len(body) < ctx.config.get_int(MIN_TRIGGER_LENGTH.name):
             return FilterResult.neutral()
-        density = len(_WHITESPACE.sub(b"", body)) / len(body)
+        density = len(body.translate(None, _WHITESPACE)) / len(body)
         if density >= ctx.config.get_float(MAX_DENSITY.name):
             return FilterResult.prohibited(SPAM_FLOODING)
         return FilterResult.neutral()
