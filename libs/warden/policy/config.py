@@ -156,7 +156,10 @@ def validate_community_config(data: object) -> dict[str, Any]:
 
 
 class EffectiveConfig(Mapping[str, Any]):
-    """A community's configuration after layering, with typed getters for filters."""
+    """A community's configuration after layering, with typed getters for filters.
+
+    Immutable: the pipeline remembers which filters an instance enables.
+    """
 
     def __init__(self, instance: Mapping[str, Any], community: Mapping[str, Any]) -> None:
         self._values = {**instance, **community}

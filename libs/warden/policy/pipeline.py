@@ -52,6 +52,9 @@ _RUNS_WHEN: dict[Group, frozenset[ContentClass]] = {
 
 OutcomeHook = Callable[[FilterOutcome], None]
 
+# Configurations whose enabled filters a pipeline remembers (one per community in use).
+_ACTIVE_CACHE_SIZE = 256
+
 
 def is_user_id(value: object) -> bool:
     """A plausible user ID: ``@localpart:server`` (the gateway validated the rest)."""
@@ -88,6 +91,11 @@ class Pipeline:
         self._groups: list[tuple[Group, list[Filter]]] = [
             (g, [f for f in instances if f.group is g]) for g in Group
         ]
+        # The filters each group runs, per configuration object (``id`` → the object,
+        # kept so its ``id`` is not reused, and the groups). ``enabled`` depends on the
+        # configuration alone, and the worker reuses one object per community until it
+        # changes, so this is worked out once rather than for every event.
+        self._active: dict[int, tuple[EffectiveConfig, list[tuple[Group, list[Filter]]]]] = {}
 
     async def evaluate(
         self,
@@ -147,11 +155,8 @@ class Pipeline:
         content_class = ContentClass.NEUTRAL
         harms: list[str] = []
         outcomes: list[FilterOutcome] = []
-        for group, members in self._groups:
-            if content_class not in _RUNS_WHEN[group]:
-                continue
-            active = [f for f in members if f.enabled(ctx.config)]
-            if not active:
+        for group, active in self._active_groups(ctx.config):
+            if not active or content_class not in _RUNS_WHEN[group]:
                 continue
             ctx.earlier = list(outcomes)
             for outcome in await self._run_group(active, ctx):
@@ -159,6 +164,17 @@ class Pipeline:
                 content_class = max(content_class, outcome.content_class)
                 harms.extend(outcome.harms)
         return content_class, harms, outcomes
+
+    def _active_groups(self, config: EffectiveConfig) -> list[tuple[Group, list[Filter]]]:
+        """Each group with the filters ``config`` enables, in pipeline order."""
+        hit = self._active.get(id(config))
+        if hit is not None and hit[0] is config:
+            return hit[1]
+        groups = [(g, [f for f in members if f.enabled(config)]) for g, members in self._groups]
+        if len(self._active) >= _ACTIVE_CACHE_SIZE:
+            self._active.clear()  # configurations replaced since: cheap to work out again
+        self._active[id(config)] = (config, groups)
+        return groups
 
     async def _run_group(self, active: list[Filter], ctx: FilterContext) -> list[FilterOutcome]:
         """Run a group's filters; the outcomes in the group's order.
