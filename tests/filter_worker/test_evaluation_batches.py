@@ -120,7 +120,7 @@ async def make_worker(
         )
         pipeline.evaluated = []
         pool = CountingPool(pg_pool)
-        publisher = publisher or VerdictPublisher(nats_client.jetstream())
+        publisher = publisher or VerdictPublisher(nats_client)
         writer = (
             GroupCommitWriter(pg_pool)
             if insert is None
@@ -249,7 +249,9 @@ async def test_the_reply_does_not_wait_for_jetstream(
     js = nats_client.jetstream()
     first_seq = (await js.stream_info(VERDICTS_STREAM)).state.last_seq + 1
     acked: list[str] = []
-    worker: Worker = await make_worker(publisher=VerdictPublisher(js, on_published=acked.append))
+    worker: Worker = await make_worker(
+        publisher=VerdictPublisher(nats_client, on_published=acked.append)
+    )
     acked.clear()  # the warm-up's
     req = request("buy spam now")
 
@@ -275,9 +277,7 @@ async def test_a_failing_jetstream_leaves_the_verdict_to_the_outbox_sweeper(
     await broken.close()  # every publish through it fails
     marker = PublishedMarker(pg_pool)
     worker: Worker = await make_worker(
-        publisher=VerdictPublisher(
-            broken.jetstream(), retry_budget_seconds=0.3, on_published=marker.add
-        )
+        publisher=VerdictPublisher(broken, retry_budget_seconds=0.3, on_published=marker.add)
     )
     failed = REGISTRY.get_sample_value("warden_verdict_publish_failures_total", {"final": "false"})
     req = request("buy spam again")
@@ -304,7 +304,7 @@ async def test_a_failing_jetstream_leaves_the_verdict_to_the_outbox_sweeper(
     js = nats_client.jetstream()
     first_seq = (await js.stream_info(VERDICTS_STREAM)).state.last_seq + 1
     sweeper = OutboxSweeper(
-        pg_pool, VerdictPublisher(js).publish_now, interval_seconds=1, min_age_seconds=0
+        pg_pool, VerdictPublisher(nats_client).publish_now, interval_seconds=1, min_age_seconds=0
     )
     while await sweeper.sweep_once():
         pass

@@ -55,7 +55,7 @@ async def service(
         pipeline=Pipeline(deps, timeout_seconds=2),
         configs=CommunityConfigCache(pg_pool, instance_defaults({})),
         writer=writer,
-        publisher=VerdictPublisher(js),
+        publisher=VerdictPublisher(nats_client),
         claim_ttl_seconds=5,
         wait_seconds=0.5,
     )

@@ -58,7 +58,7 @@ async def test_a_lost_publication_is_swept_to_jetstream(
     assert (await row(pg_pool, lost.event_id))["published"] is False
     assert orjson.loads((await row(pg_pool, lost.event_id))["outbox_extra"])["source"] == "sign"
 
-    publisher = VerdictPublisher(js)
+    publisher = VerdictPublisher(nats_client)
     sweeper = OutboxSweeper(pg_pool, publisher.publish_now, interval_seconds=1, min_age_seconds=30)
     assert await sweeper.sweep_once() >= 1
 
@@ -83,7 +83,7 @@ async def test_acknowledged_publications_are_marked_in_batches(
     js = nats_client.jetstream()
     await ensure_verdicts_stream(js)
     marker = PublishedMarker(pg_pool)
-    publisher = VerdictPublisher(js, on_published=marker.add)
+    publisher = VerdictPublisher(nats_client, on_published=marker.add)
     verdicts = [committed_verdict(int(time.time() * 1000)) for _ in range(5)]
     await insert_verdicts(pg_pool, verdicts)
     for v in verdicts:

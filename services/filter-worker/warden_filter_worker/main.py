@@ -91,7 +91,7 @@ def run(settings: Settings) -> int:
         writer = GroupCommitWriter(pool)
         writer.start()
         marker = PublishedMarker(pool)
-        publisher = VerdictPublisher(js, on_published=marker.add)
+        publisher = VerdictPublisher(nc, on_published=marker.add)
         sweeper = OutboxSweeper(
             pool,
             publisher.publish_now,
