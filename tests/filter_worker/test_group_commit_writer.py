@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from warden.policy.harms import SPAM
 from warden.policy.verdict import ContentClass, FilterOutcome, Verdict
 from warden.storage.verdicts import get_verdict, insert_verdicts
+from warden_filter_worker import group_commit
 from warden_filter_worker.group_commit import GroupCommitWriter, WriterClosed
 
 
@@ -101,3 +103,27 @@ async def test_close_flushes_queued_writes(pg_pool: asyncpg.Pool) -> None:
     written = await asyncio.gather(*pending)
     for w in written:
         assert await get_verdict(pg_pool, w.event_id) is not None
+
+
+async def test_queued_verdicts_are_taken_without_waiting_for_each(
+    pg_pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ``wait_for`` costs a task and a timer: only for an empty queue, not per verdict.
+    waits = 0
+    wait_for = asyncio.wait_for
+
+    async def counting_wait_for(*args: Any, **kwargs: Any) -> Any:
+        nonlocal waits
+        waits += 1
+        return await wait_for(*args, **kwargs)
+
+    monkeypatch.setattr(group_commit.asyncio, "wait_for", counting_wait_for)
+    writer = GroupCommitWriter(pg_pool, max_delay=0.05)
+    try:
+        ours = [verdict(f"${uuid.uuid4().hex}") for _ in range(50)]
+        winners = await asyncio.gather(*(writer.write(v) for v in ours))
+    finally:
+        await writer.close()
+    assert [w.event_id for w in winners] == [v.event_id for v in ours]
+    assert writer.transactions == 1  # all arrived together: one batch
+    assert waits <= 2  # the linger after the queue ran dry, not one per verdict

@@ -474,7 +474,7 @@ class EvaluationService:
         if not _same_verdict(winner, verdict):
             # A worker whose claim had lapsed committed first; its verdict stands.
             return _Answer(winner.to_json(), metrics.OUTCOME_CACHED_DB, cache=True)
-        metrics.VERDICTS.labels(verdict.content_class.label).inc()
+        metrics.VERDICTS_BY_CLASS[verdict.content_class].inc()
         logger.info(
             "verdict",
             extra={

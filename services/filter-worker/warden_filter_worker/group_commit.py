@@ -94,7 +94,9 @@ class GroupCommitWriter:
             while len(batch) < self._max_batch:
                 timeout = deadline - loop.time()
                 try:
-                    if timeout > 0:
+                    # Wait only when nothing is queued: ``wait_for`` costs a task and a
+                    # timer, and verdicts of one batch of requests arrive together.
+                    if timeout > 0 and self._queue.empty():
                         item = await asyncio.wait_for(self._queue.get(), timeout)
                     else:
                         item = self._queue.get_nowait()

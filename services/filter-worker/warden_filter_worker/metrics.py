@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-from warden.policy.verdict import FilterOutcome
+from warden.policy.verdict import ContentClass, FilterOutcome
 
 # How a request was answered.
 OUTCOME_FIRST_TIME = "first_time"  # this worker evaluated the event
@@ -48,6 +48,8 @@ VERDICTS = Counter(
     "First-time verdicts, by class.",
     ["class"],
 )
+# Its children, bound once rather than looked up per verdict.
+VERDICTS_BY_CLASS = {c: VERDICTS.labels(c.label) for c in ContentClass}
 VERDICT_BATCH_SIZE = Histogram(
     "warden_verdict_batch_size",
     "Verdicts written per PostgreSQL transaction by the group-commit writer.",
