@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -58,6 +59,9 @@ class ServiceRuntime:
         self.stopping = asyncio.Event()
         self._servers: list[_HttpServer] = []
         self._hooks: list[tuple[str, Hook]] = []
+        # Set by ``bootstrap`` (a process of its own): ``freeze_startup_objects`` once
+        # serving. Off for runtimes embedded in another program (tests).
+        self.freeze_startup_objects = False
 
     def add_shutdown_hook(self, name: str, hook: Hook) -> None:
         """Run ``hook`` while stopping, after HTTP servers; hooks run last-added first."""
@@ -121,6 +125,8 @@ class ServiceRuntime:
                 "listening",
                 extra={"server": s.name, "bind": f"{s.server.config.host}:{s.server.config.port}"},
             )
+        if self.freeze_startup_objects:
+            freeze_startup_objects()
         stop_waiter = asyncio.create_task(self.stopping.wait())
         server_tasks = [s.task for s in self._servers if s.task is not None]
         done, _ = await asyncio.wait(
@@ -171,11 +177,33 @@ class ServiceRuntime:
         logger.info("stopped", extra={"event": "stopped"})
 
 
+_frozen = False
+
+
+def freeze_startup_objects() -> None:
+    """Move every object made so far out of the garbage collector's sight (once).
+
+    What a service builds before it serves (modules, apps, clients, registries) lives as
+    long as the process, yet each full collection would scan it again: with the gateway
+    under load, full collections that found nothing to free took 50-170 ms each (measured
+    with ``make bench``), stalling every request in flight. Start-up garbage is collected
+    first, so nothing collectable is frozen.
+    """
+    global _frozen
+    if _frozen:
+        return
+    _frozen = True
+    gc.collect()
+    gc.freeze()
+
+
 def bootstrap(name: str, settings: Settings) -> ServiceRuntime:
     """Configure logs and tracing for a service process and create its runtime."""
     configure_logging(name, settings.log_level, log_content=settings.log_content)
     configure_tracing(name, settings.otel_exporter)
-    return ServiceRuntime(name, settings)
+    runtime = ServiceRuntime(name, settings)
+    runtime.freeze_startup_objects = True  # a service process of its own
+    return runtime
 
 
 def run_async(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
