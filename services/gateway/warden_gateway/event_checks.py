@@ -16,7 +16,7 @@ checked again each time (an attacker repeating a bad body pays for its own parsi
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from warden_gateway.metrics import EVENT_CHECK_CACHE
 
@@ -27,8 +27,7 @@ _HIT = EVENT_CHECK_CACHE.labels("hit")
 _MISS = EVENT_CHECK_CACHE.labels("miss")
 
 
-@dataclass(frozen=True, slots=True)
-class CheckedEvent:
+class CheckedEvent(NamedTuple):
     """A body that passed the event-level checks, and what they found."""
 
     content_json: bytes  # the PDU in canonical JSON: what X-Matrix signatures cover
@@ -40,11 +39,16 @@ class CheckedEvent:
 
 
 class CheckedEvents:
-    """A bounded LRU of ``CheckedEvent`` by body digest."""
+    """A bounded LRU of ``CheckedEvent`` by body digest.
+
+    Entries are kept as plain tuples of bytes, strings and a bool: the garbage collector
+    stops tracking those (not instances of tuple subclasses), so thousands of entries add
+    nothing to its full collections, which otherwise stall every request in flight.
+    """
 
     def __init__(self, size: int = DEFAULT_SIZE) -> None:
         self._size = size
-        self._entries: OrderedDict[bytes, CheckedEvent] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[bytes, str, str, str, str, bool]] = OrderedDict()
 
     def get(self, digest: bytes) -> CheckedEvent | None:
         """The entry for a body's digest, if remembered (counted as a hit or a miss)."""
@@ -54,13 +58,13 @@ class CheckedEvents:
             return None
         self._entries.move_to_end(digest)
         _HIT.inc()
-        return entry
+        return CheckedEvent._make(entry)
 
     def put(self, digest: bytes, entry: CheckedEvent) -> None:
         """Remember a body that passed every event-level check."""
         if self._size <= 0:
             return
-        self._entries[digest] = entry
+        self._entries[digest] = (*entry,)
         self._entries.move_to_end(digest)
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)

@@ -392,23 +392,29 @@ class PolicyAPI:
                 pdu=body,
             )
         )
-        verdict = entry.verdict
-        if verdict.reference_hash != checked.reference_hash:
+        if entry.reference_hash != checked.reference_hash:
             logger.warning(
                 "refused: event ID reused for different content",
                 extra={"event_id": event_id, "origin": origin},
             )
             return Decision(event_id, refusal=REUSED_ID_MESSAGE)
-        if verdict.prohibited:
+        if entry.prohibited:
             logger.info(
                 "refused",
-                extra={"event_id": event_id, "origin": origin, "harms": list(verdict.harms)},
+                extra={"event_id": event_id, "origin": origin, "harms": list(entry.harms)},
             )
-            return Decision(event_id, refusal=REFUSED_MESSAGE, harms=verdict.harms)
-        if entry.signature is None:
+            return Decision(event_id, refusal=REFUSED_MESSAGE, harms=entry.harms)
+        signature = entry.signature
+        if signature is None:
+            # Requests that waited on the same lookup resume one after another: the
+            # first signs, the others find its signature cached.
+            cached = self._verdicts.cached(event_id)
+            signature = cached.signature if cached is not None else None
+        if signature is None:
             # Same reference hash, same signing bytes: the signature can be reused.
-            entry.signature = self._sign(checked, signing_bytes)
-        return Decision(event_id, signature=entry.signature)
+            signature = self._sign(checked, signing_bytes)
+            self._verdicts.remember_signature(event_id, signature)
+        return Decision(event_id, signature=signature)
 
     async def _room_for(self, pdu: dict[str, Any]) -> Room:
         room_id = pdu.get("room_id")
