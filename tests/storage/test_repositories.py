@@ -140,3 +140,37 @@ async def test_pool_releases_connections_without_a_reset_round_trip(
             assert await conn.fetchval("SELECT to_regclass('pg_temp.t_release')") is None
     finally:
         await pool.close()
+
+
+async def test_inserting_verdicts_is_one_statement(pg_database: str) -> None:
+    # Each statement costs PostgreSQL a round trip's CPU: no BEGIN and COMMIT around the
+    # insert, which commits on its own; a conflict costs one read back.
+    statements: list[str] = []
+
+    async def log_queries(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(lambda record: statements.append(record.query))
+
+    async def keep_session(conn: asyncpg.Connection) -> None:
+        """As Warden's pools (``create_pool``): no reset query on release."""
+
+    pool = await asyncpg.create_pool(
+        pg_database, min_size=1, max_size=1, init=log_queries, reset=keep_session
+    )
+    try:
+        batch = [
+            make_verdict(f"$one-stmt-{uuid.uuid4().hex}", ContentClass.NEUTRAL, "o")
+            for _ in range(3)
+        ]
+        statements.clear()
+        won = await verdicts.insert_verdicts(pool, batch)
+        assert len(statements) == 1 and "INSERT INTO verdicts" in statements[0]
+        assert all(won[v.event_id] is v for v in batch)
+
+        statements.clear()
+        rival = make_verdict(batch[0].event_id, ContentClass.PROHIBITED, "rival")
+        again = await verdicts.insert_verdicts(pool, [rival])
+        assert len(statements) == 2  # the insert, then the stored row read back
+        assert again[rival.event_id].content_class is ContentClass.NEUTRAL
+        assert again[rival.event_id].origin == "o"
+    finally:
+        await pool.close()

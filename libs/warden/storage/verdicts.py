@@ -52,7 +52,11 @@ async def get_verdicts(pool: asyncpg.Pool, event_ids: Sequence[str]) -> dict[str
 
 
 async def insert_verdicts(pool: asyncpg.Pool, verdicts: Sequence[Verdict]) -> dict[str, Verdict]:
-    """Insert many verdicts in one transaction (one fsync); return what won per event ID.
+    """Insert many verdicts in one statement (one commit, one fsync); return what won per
+    event ID.
+
+    One statement on its own is its own transaction: no ``BEGIN`` and ``COMMIT`` round
+    trips (PostgreSQL spends about as much CPU on each as on the insert of a small batch).
 
     ``ON CONFLICT DO NOTHING`` keeps the first verdict ever written for an event ID. The
     returned mapping holds, for every given ID, either the very ``Verdict`` object passed
@@ -69,7 +73,7 @@ async def insert_verdicts(pool: asyncpg.Pool, verdicts: Sequence[Verdict]) -> di
             repeated.add(v.event_id)
         else:
             mine[v.event_id] = v
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire() as conn:
         inserted = await conn.fetch(
             """
             INSERT INTO verdicts (event_id, room_id, community_id, reference_hash, class,
@@ -111,6 +115,7 @@ async def insert_verdicts(pool: asyncpg.Pool, verdicts: Sequence[Verdict]) -> di
         winners = {event_id: mine[event_id] for event_id in won}
         lost = [event_id for event_id in mine if event_id not in won]
         if lost:
+            # ON CONFLICT waited for the other writer to commit: its row is readable now.
             rows = await conn.fetch(
                 f"SELECT {_COLUMNS} FROM verdicts WHERE event_id = ANY($1::text[])", lost
             )
