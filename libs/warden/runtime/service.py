@@ -24,6 +24,7 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
 from warden.runtime.health import Health
+from warden.runtime.http_writes import CoalescingHttpToolsProtocol
 from warden.settings import Settings, parse_bind
 from warden.telemetry.logs import configure_logging
 from warden.telemetry.metrics import BUILD_INFO, WARDEN_VERSION
@@ -88,6 +89,7 @@ class ServiceRuntime:
             ssl_certfile=tls_cert,
             ssl_keyfile=tls_key,
             server_header=False,
+            http=CoalescingHttpToolsProtocol,  # one write per response (http_writes.py)
             timeout_keep_alive=30,
             timeout_graceful_shutdown=max(1, int(self.settings.shutdown_timeout_seconds)),
         )
