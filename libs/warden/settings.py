@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     filter_timeout_seconds: float = Field(default=5.0, gt=0)
     # How often each worker publishes verdicts whose JetStream message was lost (Warden).
     outbox_sweep_seconds: float = Field(default=30.0, gt=0)
+    # While a worker is answering a batch, how long requests arriving meanwhile wait to
+    # form the next one (Warden; 0 dispatches each loop iteration's requests at once).
+    evaluation_batch_linger_ms: float = Field(default=2.0, ge=0, le=100)
 
     # --- Moderator (redactions through the Client-Server API) ---
     # policyserv's format: "csapi-domain:token,..." (a bare domain means https://domain).

@@ -396,3 +396,63 @@ async def test_requests_over_nats_are_answered_each_once(
     delta = {o: outcome_count(o) - n for o, n in counts.items()}
     assert delta["first_time"] == 8 and delta["error"] == 1
     assert delta["waited"] + delta["cached_redis"] == 16
+
+
+async def test_requests_arriving_while_a_batch_is_answered_wait_to_share_the_next(
+    redis_client: aioredis.Redis, pg_pool: asyncpg.Pool, nats_client: NATS
+) -> None:
+    # The first request's commit is held, so its batch stays in flight; three requests
+    # sent apart meanwhile form one batch when the linger ends, not three.
+    committing = asyncio.Event()
+    release = asyncio.Event()
+
+    async def held_insert(pool: asyncpg.Pool, verdicts: Sequence[Verdict]) -> Any:
+        committing.set()
+        await release.wait()
+        return await insert_verdicts(pool, verdicts)
+
+    await ensure_verdicts_stream(nats_client.jetstream())
+    counting = CountingRedis.from_url(REDIS_URL)
+    counting.commands = []
+    pool = CountingPool(pg_pool)
+    deps = FilterDeps(redis=redis_client, pool=pg_pool, local_user_id=OWN_USER)
+    service = EvaluationService(
+        redis=counting,
+        pool=pool,  # type: ignore[arg-type]
+        pipeline=Pipeline(deps, timeout_seconds=2),
+        configs=CommunityConfigCache(pg_pool, instance_defaults({})),
+        writer=GroupCommitWriter(pg_pool, insert=held_insert),
+        publisher=VerdictPublisher(nats_client),
+        claim_ttl_seconds=10,
+        wait_seconds=5,
+        linger_seconds=0.3,
+    )
+    await service.start(nats_client)
+    try:
+
+        async def ask(text: str) -> bytes:
+            hdrs = {
+                HEADER_EVENT_ID: f"${uuid.uuid4().hex}",
+                HEADER_COMMUNITY: "default",
+                HEADER_ORIGIN: "origin.example",
+                HEADER_SOURCE: "sign",
+            }
+            body = orjson.dumps(message(text))
+            msg = await nats_client.request(EVALUATE_SUBJECT, body, timeout=10, headers=hdrs)
+            return msg.data
+
+        first = asyncio.create_task(ask("first"))
+        await asyncio.wait_for(committing.wait(), 5)
+        later = []
+        for i in range(3):
+            later.append(asyncio.create_task(ask(f"later {i}")))
+            await asyncio.sleep(0.05)  # apart: separate loop iterations on the worker
+        await asyncio.sleep(0.4)  # past the linger: the second batch has started
+        release.set()
+        replies = await asyncio.gather(first, *later)
+    finally:
+        await service.stop()
+        await counting.aclose()
+    assert all(Verdict.from_json(r).content_class is ContentClass.NEUTRAL for r in replies)
+    # One PostgreSQL lookup per batch: the first request's, then one for the three.
+    assert pool.queries == 2

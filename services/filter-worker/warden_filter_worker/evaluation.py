@@ -186,6 +186,7 @@ class EvaluationService:
         wait_seconds: float,
         max_in_flight: int = 512,
         max_batch: int = 256,
+        linger_seconds: float = 0.0,
     ) -> None:
         self._redis = redis
         self._pool = pool
@@ -201,7 +202,8 @@ class EvaluationService:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._max_batch = max_batch
         self._pending: list[tuple[Msg, float]] = []
-        self._dispatch_scheduled = False
+        self._linger = linger_seconds
+        self._dispatch_handle: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._nc: NATS | None = None
         self._subscription: Subscription | None = None
@@ -223,12 +225,21 @@ class EvaluationService:
         self._pending.append((msg, time.perf_counter()))
         if len(self._pending) >= self._max_batch:
             self._dispatch()
-        elif not self._dispatch_scheduled:
-            self._dispatch_scheduled = True
-            asyncio.get_running_loop().call_soon(self._dispatch)
+        elif self._dispatch_handle is None:
+            loop = asyncio.get_running_loop()
+            if self._linger and self._tasks:
+                # A batch is being answered already: gather what arrives meanwhile a
+                # moment longer. Under steady load batches would otherwise hold one or
+                # two events, each paying its own Redis, PostgreSQL and JetStream round
+                # trips and its own commit; idle, a request is dispatched at once.
+                self._dispatch_handle = loop.call_later(self._linger, self._dispatch)
+            else:
+                self._dispatch_handle = loop.call_soon(self._dispatch)
 
     def _dispatch(self) -> None:
-        self._dispatch_scheduled = False
+        if self._dispatch_handle is not None:
+            self._dispatch_handle.cancel()  # a full batch goes now, not at the timer
+            self._dispatch_handle = None
         if not self._pending:
             return
         batch, self._pending = self._pending, []

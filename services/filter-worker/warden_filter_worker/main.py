@@ -108,6 +108,7 @@ def run(settings: Settings) -> int:
             publisher=publisher,
             claim_ttl_seconds=longest_evaluation + _CLAIM_SLACK_SECONDS,
             wait_seconds=longest_evaluation + _CLAIM_SLACK_SECONDS / 2,
+            linger_seconds=settings.evaluation_batch_linger_ms / 1000,
         )
         await service.start(nc)
 
