@@ -37,7 +37,9 @@ async def create_pool(settings: Settings, **kwargs: Any) -> asyncpg.Pool:
     """Open the pool sized by ``PS_DATABASE_MAX_OPEN_CONNS`` / ``_MAX_IDLE_CONNS``.
 
     ``statement_cache_size`` stays on: Warden talks to PostgreSQL directly, not through
-    a transaction-pooling PgBouncer (set it to 0 via kwargs if you put one in front).
+    a transaction-pooling PgBouncer (set it to 0 via kwargs if you put one in front, and
+    let ``plan_cache_mode`` through: ``ignore_startup_parameters``, or set it on the role
+    with ``ALTER ROLE ... SET plan_cache_mode = force_custom_plan``).
     """
     min_size = min(settings.database_max_idle_conns, settings.database_max_open_conns)
     server_settings = {**CONNECTION_SETTINGS, **kwargs.pop("server_settings", {})}
