@@ -73,8 +73,19 @@ class Settings(BaseSettings):
     database: str = "postgres://policyserv:devonly@localhost/policyserv?sslmode=disable"
     database_max_open_conns: int = Field(default=10, ge=1)
     database_max_idle_conns: int = Field(default=5, ge=0)
-    nats_url: str = "nats://127.0.0.1:4222"  # Warden
-    redis_url: str = "redis://127.0.0.1:6379/0"  # Warden
+    # Warden. Credentials may be given in the URL (nats://user:password@host, or
+    # nats://token@host); tls://host makes the connection use TLS.
+    nats_url: str = "nats://127.0.0.1:4222"
+    # Warden: NATS authentication beyond the URL: a user credentials file (JWT and NKey
+    # seed, as `nsc` writes it) or a bare NKey seed file; a CA bundle (PEM) for a TLS
+    # server with a private CA. See the README's "Security model".
+    nats_creds_file: str | None = None
+    nats_nkey_seed_file: str | None = None
+    nats_tls_ca_file: str | None = None
+    # Warden. A password goes in the URL (redis://:password@host/0, or
+    # redis://user:password@host/0 with Redis ACLs); rediss:// uses TLS
+    # (?ssl_ca_certs=/path/ca.pem for a private CA).
+    redis_url: str = "redis://127.0.0.1:6379/0"
 
     # --- Federation and keys of other servers ---
     key_query_server: str = "matrix.org,ed25519:a_RXGa,l8Hft5qXKn1vfHrg3p4+W8gELQVo8N13JkluMfmn2sQ"
@@ -220,7 +231,7 @@ class Settings(BaseSettings):
         parse_bind(value)
         return value
 
-    @field_validator("federation_ca_file")
+    @field_validator("federation_ca_file", "nats_tls_ca_file")
     @classmethod
     def _ca_file(cls, value: str | None) -> str | None:
         if not value:
@@ -229,6 +240,19 @@ class Settings(BaseSettings):
             ssl.create_default_context().load_verify_locations(cafile=value)
         except (OSError, ssl.SSLError) as exc:
             raise ValueError(f"cannot load CA bundle {value!r}: {exc}") from None
+        return value
+
+    @field_validator("nats_creds_file", "nats_nkey_seed_file")
+    @classmethod
+    def _readable_secret_file(cls, value: str | None) -> str | None:
+        # Fail at start with the setting's name rather than at the first reconnect.
+        if not value:
+            return None
+        try:
+            with open(value, "rb"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"cannot read {value!r}: {exc.strerror}") from None
         return value
 
     @field_validator("key_query_server")

@@ -212,3 +212,23 @@ def test_the_admin_api_key_comes_from_a_secret(k8s: list[dict[str, Any]]) -> Non
     # Compose: passed through from the environment, empty (off) by default.
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     assert compose["services"]["gateway"]["environment"]["PS_API_KEY"] == "${PS_API_KEY:-}"
+
+
+def test_network_policies_open_only_federation_to_everyone(k8s: list[dict[str, Any]]) -> None:
+    """M10: only Warden's pods reach NATS and Redis; only port 8080 is open to all."""
+    ingress = find(k8s, "NetworkPolicy", "warden-ingress")["spec"]
+    assert ingress["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "warden"}
+    open_to_all = [r for r in ingress["ingress"] if not r.get("from")]
+    assert [p["port"] for r in open_to_all for p in r["ports"]] == [8080]
+    gateway = find(k8s, "Deployment", "warden-gateway")
+    ports = {
+        p["name"]: p["containerPort"]
+        for c in gateway["spec"]["template"]["spec"]["containers"]
+        for p in c["ports"]
+    }
+    assert ports["http"] == 8080
+    covered = {p["port"] for r in ingress["ingress"] for p in r["ports"]}
+    assert set(ports.values()) <= covered, "a gateway port the policy forgets is closed"
+    bus = find(k8s, "NetworkPolicy", "warden-bus-and-cache")["spec"]
+    (rule,) = bus["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "warden"}}}]

@@ -4,20 +4,75 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 from nats.aio.client import Client as NATS
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class NatsAuth:
+    """How a service proves itself to NATS beyond what the URL carries.
+
+    User/password and token credentials travel in the URL itself; these are the forms
+    that do not fit there. At most one of ``creds_file`` and ``nkey_seed_file``.
+    """
+
+    creds_file: str | None = None
+    nkey_seed_file: str | None = None
+    tls_ca_file: str | None = None
+
+
+def without_credentials(url: str) -> str:
+    """``url`` with any password or token replaced by ``***``, for logs and errors.
+
+    Handles comma-separated server lists as NATS accepts them.
+    """
+    return ",".join(_redact_one(part) for part in url.split(","))
+
+
+def _redact_one(url: str) -> str:
+    parts = urlsplit(url.strip())
+    if "@" not in parts.netloc:
+        return url.strip()
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, colon, _secret = userinfo.partition(":")
+    # nats://token@host carries a secret with no user name: hide all of it.
+    shown = f"{user}:***" if colon else "***"
+    return urlunsplit(parts._replace(netloc=f"{shown}@{host}"))
+
+
+def _tls_context(auth: NatsAuth, url: str) -> ssl.SSLContext | None:
+    if auth.tls_ca_file is None:
+        return None  # nats-py uses the system's trust store for tls:// URLs
+    if not any(urlsplit(u.strip()).scheme == "tls" for u in url.split(",")):
+        # A CA bundle with a plain nats:// URL would silently mean no TLS at all.
+        raise ValueError("PS_NATS_TLS_CA_FILE is set but PS_NATS_URL does not use tls://")
+    return ssl.create_default_context(cafile=auth.tls_ca_file)
+
+
 async def connect_nats(
-    url: str, *, name: str, initial_timeout: float = 60.0, connect_timeout: int = 5
+    url: str,
+    *,
+    name: str,
+    initial_timeout: float = 60.0,
+    connect_timeout: int = 5,
+    auth: NatsAuth | None = None,
 ) -> NATS:
     """Connect with unbounded reconnects (a NATS restart must not kill the service).
 
     nats-py retries the first connection forever too when reconnects are unbounded,
-    so the first connection is bounded by ``initial_timeout`` (``TimeoutError``).
+    so the first connection is bounded by ``initial_timeout`` (``TimeoutError``). An
+    authorization refusal is not retried by the server, but nats-py keeps trying: it
+    surfaces as that timeout, with the last error the server gave.
     """
+    auth = auth or NatsAuth()
+    if auth.creds_file and auth.nkey_seed_file:
+        raise ValueError("set at most one of PS_NATS_CREDS_FILE and PS_NATS_NKEY_SEED_FILE")
+    last_error: list[str] = []
 
     async def on_disconnect() -> None:
         logger.warning("nats disconnected", extra={"event": "nats_disconnected"})
@@ -26,6 +81,7 @@ async def connect_nats(
         logger.info("nats reconnected", extra={"event": "nats_reconnected"})
 
     async def on_error(exc: Exception) -> None:
+        last_error[:] = [f"{type(exc).__name__}: {exc}"]
         logger.warning("nats error", extra={"event": "nats_error", "error": str(exc)})
 
     nc = NATS()
@@ -39,12 +95,18 @@ async def connect_nats(
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
         error_cb=on_error,
+        tls=_tls_context(auth, url),
+        user_credentials=auth.creds_file,
+        nkeys_seed=auth.nkey_seed_file,
     )
     try:
         await asyncio.wait_for(connecting, initial_timeout)
     except TimeoutError:
         await nc.close()
-        raise TimeoutError(f"no NATS server answered at {url} within {initial_timeout}s") from None
+        why = f" (last error: {last_error[0]})" if last_error else ""
+        raise TimeoutError(
+            f"no NATS server answered at {without_credentials(url)} within {initial_timeout}s{why}"
+        ) from None
     return nc
 
 

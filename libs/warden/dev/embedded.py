@@ -46,6 +46,7 @@ import asyncpg
 import nats
 import redis.asyncio as aioredis
 
+from warden.bus.connection import without_credentials
 from warden.dev.procs import death_signal_preexec, free_port, stop_popen
 
 Log = Callable[[str], None]
@@ -497,9 +498,9 @@ async def ensure_nats(url: str, base_dir: Path, log: Log = _stderr_log) -> Serve
     """Use NATS at ``url`` if it answers with JetStream; otherwise start an embedded one."""
     reason = await probe_nats(url)
     if reason is None:
-        log(f"NATS: using {url}")
+        log(f"NATS: using {_redact(url)}")
         return ServerHandle("nats", url)
-    log(f"NATS: {url} {reason}; starting an embedded server")
+    log(f"NATS: {_redact(url)} {reason}; starting an embedded server")
     handle = await start_nats(base_dir)
     log(f"NATS: embedded at {handle.url} ({_describe(handle)})")
     return handle
@@ -547,13 +548,8 @@ def _describe(handle: ServerHandle) -> str:
 
 
 def _redact(url: str) -> str:
-    """Hide a password in a URL before printing it."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in creds:
-        return url
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    """Hide a password or token in a URL before printing it."""
+    return without_credentials(url)
 
 
 @dataclass

@@ -16,7 +16,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 
-from warden.bus.connection import check_nats, connect_nats
+from warden.bus.connection import NatsAuth, check_nats, connect_nats
 from warden.runtime.service import ServiceRuntime
 from warden.storage.database import create_pool, ping
 from warden.storage.migrations import migrate
@@ -85,7 +85,10 @@ async def nats(runtime: ServiceRuntime) -> NATS:
         "nats",
         s.startup_timeout_seconds,
         lambda: connect_nats(
-            s.nats_url, name=f"warden-{runtime.name}", initial_timeout=s.startup_timeout_seconds
+            s.nats_url,
+            name=f"warden-{runtime.name}",
+            initial_timeout=s.startup_timeout_seconds,
+            auth=NatsAuth(s.nats_creds_file, s.nats_nkey_seed_file, s.nats_tls_ca_file),
         ),
     )
     runtime.health.add_check("nats", lambda: check_nats(nc))

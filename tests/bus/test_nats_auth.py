@@ -1,0 +1,145 @@
+"""NATS authentication: credentials in the URL, NKey seed files, TLS CA checks, and
+that no secret reaches an error message (M10 of the security review).
+
+Each test starts its own nats-server (the binary `warden dev` embeds) with an
+authorization block, on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nacl.utils
+import nkeys
+import pytest
+
+from warden.bus.connection import NatsAuth, connect_nats, without_credentials
+from warden.dev.embedded import nats_server_binary
+from warden.dev.procs import free_port
+from warden.settings import Settings
+
+
+def _start(conf: str, tmp_path: Path) -> Iterator[int]:
+    port = free_port()
+    conf_path = tmp_path / "nats.conf"
+    conf_path.write_text(f"listen: 127.0.0.1:{port}\n{conf}\n")
+    proc = subprocess.Popen(
+        [str(nats_server_binary()), "-c", str(conf_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        import socket
+
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("nats-server did not start") from None
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def password_nats(tmp_path: Path) -> Iterator[int]:
+    """A NATS server that admits user ``warden`` with password ``s3cret-pw``."""
+    yield from _start('authorization { user: warden, password: "s3cret-pw" }', tmp_path)
+
+
+@pytest.fixture
+def nkey_user() -> tuple[str, str]:
+    """A fresh user NKey: (seed, public key)."""
+    seed = nkeys.encode_seed(nacl.utils.random(32), nkeys.PREFIX_BYTE_USER).decode()
+    public = nkeys.from_seed(bytearray(seed.encode())).public_key.decode()
+    return seed, public
+
+
+@pytest.fixture
+def nkey_nats(tmp_path: Path, nkey_user: tuple[str, str]) -> Iterator[int]:
+    """A NATS server that admits only the fixture's NKey user."""
+    yield from _start(f"authorization {{ users = [ {{ nkey: {nkey_user[1]} }} ] }}", tmp_path)
+
+
+async def test_credentials_in_the_url_are_used(password_nats: int) -> None:
+    nc = await connect_nats(
+        f"nats://warden:s3cret-pw@127.0.0.1:{password_nats}", name="t", initial_timeout=10
+    )
+    try:
+        await nc.flush(timeout=2)
+    finally:
+        await nc.close()
+
+
+async def test_a_refused_login_fails_start_up_without_showing_the_password(
+    password_nats: int,
+) -> None:
+    with pytest.raises(TimeoutError) as raised:
+        await connect_nats(
+            f"nats://warden:wrong-pw@127.0.0.1:{password_nats}", name="t", initial_timeout=3
+        )
+    message = str(raised.value)
+    assert "wrong-pw" not in message
+    assert "warden:***@127.0.0.1" in message
+    # The server's own reason is carried, so an operator sees why.
+    assert "authorization" in message.lower()
+
+
+async def test_an_nkey_seed_file_authenticates(
+    nkey_nats: int, nkey_user: tuple[str, str], tmp_path: Path
+) -> None:
+    seed_file = tmp_path / "warden.nk"
+    seed_file.write_text(nkey_user[0] + "\n")
+    os.chmod(seed_file, 0o600)
+    url = f"nats://127.0.0.1:{nkey_nats}"
+    nc = await connect_nats(url, name="t", auth=NatsAuth(nkey_seed_file=str(seed_file)))
+    try:
+        await nc.flush(timeout=2)
+    finally:
+        await nc.close()
+    # Without the seed the same server refuses.
+    with pytest.raises(TimeoutError):
+        await connect_nats(url, name="t", initial_timeout=2)
+
+
+async def test_a_ca_file_with_a_plain_url_is_refused_rather_than_silently_unencrypted(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ValueError, match="tls://"):
+        await connect_nats(
+            "nats://127.0.0.1:1", name="t", auth=NatsAuth(tls_ca_file=str(tmp_path / "ca.pem"))
+        )
+
+
+async def test_two_credential_files_are_refused() -> None:
+    with pytest.raises(ValueError, match="at most one"):
+        await connect_nats("nats://127.0.0.1:1", name="t", auth=NatsAuth("a", "b"))
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+        ("nats://u:p@h:4222", "nats://u:***@h:4222"),
+        ("nats://tok3n@h:4222", "nats://***@h:4222"),
+        ("tls://u:p@a:1,tls://u:p@b:2", "tls://u:***@a:1,tls://u:***@b:2"),
+        ("redis://:pw@redis:6379/0", "redis://:***@redis:6379/0"),
+        ("postgres://w:pw@db/warden?sslmode=require", "postgres://w:***@db/warden?sslmode=require"),
+    ],
+)
+def test_urls_are_shown_without_secrets(url: str, shown: str) -> None:
+    assert without_credentials(url) == shown
+
+
+def test_unreadable_nats_secret_files_fail_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="nats_creds_file"):
+        Settings(nats_creds_file=str(tmp_path / "missing.creds"))
