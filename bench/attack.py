@@ -354,6 +354,9 @@ class Attacker:
                     await writer.drain()
                     sent += len(chunk)
                     stats.bytes_sent += len(chunk)
+                    # drain() does not yield while the socket takes everything: let
+                    # the reader see an early answer.
+                    await asyncio.sleep(0)
             except OSError:
                 pass  # the gateway closed the connection; it may have answered first
             try:
