@@ -11,7 +11,9 @@ bounded in request count and time and sent only to the gateway on loopback:
   (``/send``) and a random signature. The names are IP literals ``127.a.b.c:port``:
   an IP literal needs no DNS lookup or well-known request, so the gateway's key fetch
   goes to loopback, where the attacker holds the ports bound but not listening, and
-  every connection is refused at once. Nothing leaves the machine.
+  every connection is refused at once. Nothing leaves the machine: every server name
+  anywhere in the attack's traffic (headers, PDU senders, transaction origins) is such a
+  name, so that whatever a gateway looks up, it needs no DNS.
 * ``oversized``: ``PUT /send`` with a body of several MiB and no valid authentication
   (half no header, half a made-up origin), sent in chunks; a new connection each,
   because the gateway may answer (and close) before the body is all sent.
@@ -120,8 +122,11 @@ def _pdu(rng: random.Random, sender_server: str) -> dict[str, Any]:
     }
 
 
-def junk_requests(rng: random.Random, count: int, destination: str) -> list[tuple[str, bytes]]:
-    """``count`` unauthenticated requests as ``(kind, raw bytes)``, kinds in turn."""
+def junk_requests(
+    rng: random.Random, count: int, destination: str, ports: Sequence[int]
+) -> list[tuple[str, bytes]]:
+    """``count`` unauthenticated requests as ``(kind, raw bytes)``, kinds in turn. Any
+    server name in them is a made-up loopback name (``made_up_name``)."""
     shapes = (
         "sign_no_auth_random_bytes",
         "sign_malformed_xmatrix_truncated_json",
@@ -140,7 +145,7 @@ def junk_requests(rng: random.Random, count: int, destination: str) -> list[tupl
         if kind.endswith("random_bytes"):
             body = rng.randbytes(rng.randrange(64, 2048))
         elif kind.endswith("truncated_json"):
-            whole = orjson.dumps({"pdus": [_pdu(rng, "junk.invalid")]})
+            whole = orjson.dumps({"pdus": [_pdu(rng, made_up_name(rng, ports))]})
             body = whole[: rng.randrange(1, len(whole) - 1)]
             auth = [rng.choice(('X-Matrix origin="', "X-Matrix ,,,=", 'X-Matrix sig="x'))]
         elif kind.endswith("not_object"):
@@ -148,10 +153,12 @@ def junk_requests(rng: random.Random, count: int, destination: str) -> list[tupl
             auth = ["Bearer " + _b64(rng.randbytes(24))]
         elif kind.endswith("not_json"):
             body = b"not json at all " * rng.randrange(1, 32)
-            auth = [f'X-Matrix origin="junk{i}.invalid",destination="{destination}"']
+            origin = made_up_name(rng, ports)
+            auth = [f'X-Matrix origin="{origin}",destination="{destination}"']
         else:  # many X-Matrix headers, each malformed in its own way
-            body = orjson.dumps(_pdu(rng, "junk.invalid"))
-            auth = [f'X-Matrix origin="h{j}",key="ed25519:{j}",sig=' for j in range(50)]
+            origin = made_up_name(rng, ports)
+            body = orjson.dumps(_pdu(rng, origin))
+            auth = [f'X-Matrix origin="{origin}",key="ed25519:{j}",sig=' for j in range(50)]
         out.append((kind, _head(method, path, destination, len(body), auth) + body))
     return out
 
@@ -170,7 +177,7 @@ def made_up_origin_requests(
     """``count`` requests each signed (with a random signature) by a new made-up origin:
     ``/sign`` with a PDU, and ``/send`` with a one-PDU transaction, in turn."""
     out: list[tuple[str, bytes]] = []
-    pdus = [orjson.dumps(_pdu(rng, "sender.invalid")) for _ in range(16)]
+    pdus = [orjson.dumps(_pdu(rng, made_up_name(rng, ports))) for _ in range(16)]
     for i in range(count):
         origin = made_up_name(rng, ports)
         key = f"ed25519:{rng.getrandbits(32):08x}"
@@ -189,9 +196,10 @@ def made_up_origin_requests(
     return out
 
 
-def oversized_body(size: int) -> bytes:
-    """A ``size``-byte body shaped like a transaction (one huge message body)."""
-    start = b'{"origin":"big.invalid","pdus":[{"content":{"body":"'
+def oversized_body(size: int, origin: str) -> bytes:
+    """A ``size``-byte body shaped like a transaction from ``origin`` (one huge message
+    body)."""
+    start = b'{"origin":"%s","pdus":[{"content":{"body":"' % origin.encode()
     end = b'"}}]}'
     return start + b"A" * max(0, size - len(start) - len(end)) + end
 
@@ -277,7 +285,7 @@ class Attacker:
         self.host, _, port = plan.target.rpartition(":")
         self.port = int(port)
         self.small: dict[str, list[tuple[str, bytes]]] = {
-            "junk": junk_requests(rng, min(plan.max_requests, 7 * 500), plan.destination),
+            "junk": junk_requests(rng, min(plan.max_requests, 7 * 500), plan.destination, ports),
             "made_up_origins": made_up_origin_requests(
                 rng, min(plan.max_requests, plan.distinct_made_up), plan.destination, ports
             ),
@@ -285,7 +293,7 @@ class Attacker:
         self.big_heads = oversized_heads(
             rng, plan.max_oversized, plan.destination, plan.oversized_bytes, ports
         )
-        self.big_body = memoryview(oversized_body(plan.oversized_bytes))
+        self.big_body = memoryview(oversized_body(plan.oversized_bytes, made_up_name(rng, ports)))
         self.stats = {name: ClassStats() for name in CLASSES}
 
     async def _connect(

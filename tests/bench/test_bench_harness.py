@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -216,8 +217,28 @@ def _parse_raw(raw: bytes) -> tuple[str, str, list[tuple[str, str]], bytes]:
     return method, path, headers, body
 
 
+_SERVER_NAME_IN_TEXT = re.compile(
+    rb'origin=\\?"([^"\\\r\n]+)\\?"|"origin":"([^"]+)"|"sender":"@[^:"]+:([^"]+)"'
+)
+
+
+def _server_names(raw: bytes) -> set[str]:
+    """Every server name a request mentions: X-Matrix and transaction origins, senders."""
+    return {next(g for g in m if g).decode() for m in _SERVER_NAME_IN_TEXT.findall(raw)}
+
+
+def _assert_loopback_names(names: set[str], ports: list[int]) -> None:
+    """IP literals (no DNS, no well-known) in 127/8 but not 127.0.0.x, where the bench's
+    own servers listen, each on a port the attacker holds."""
+    for name in names:
+        host, _, port = name.rpartition(":")
+        assert ipaddress.ip_address(host) in ipaddress.ip_network("127.0.0.0/8"), name
+        assert not host.startswith("127.0.0."), name
+        assert int(port) in ports, name
+
+
 def test_junk_requests_carry_no_usable_authentication() -> None:
-    requests = attack.junk_requests(random.Random(1), 70, GATEWAY_NAME)
+    requests = attack.junk_requests(random.Random(1), 70, GATEWAY_NAME, [12345])
     assert len(requests) == 70
     kinds = {kind for kind, _ in requests}
     assert len(kinds) == 7  # every shape, in turn
@@ -244,6 +265,7 @@ def test_junk_requests_carry_no_usable_authentication() -> None:
             parsed = None
         if "many_xmatrix" not in kind:
             assert not isinstance(parsed, dict), kind
+        _assert_loopback_names(_server_names(raw), [12345])
 
 
 def test_made_up_origins_are_distinct_loopback_names_on_reserved_ports() -> None:
@@ -258,13 +280,9 @@ def test_made_up_origins_are_distinct_loopback_names_on_reserved_ports() -> None
             assert len(auth) == 1
             (cred,) = parse_authorization_headers(auth)  # well-formed X-Matrix
             assert cred.destination == GATEWAY_NAME
-            host, _, port = cred.origin.rpartition(":")
-            address = ipaddress.ip_address(host)
-            # An IP literal (no DNS, no well-known) in 127/8 but not 127.0.0.x, where the
-            # bench's own servers listen, on a port the attacker holds.
-            assert address in ipaddress.ip_network("127.0.0.0/8")
-            assert not host.startswith("127.0.0.")
-            assert int(port) in ports
+            names = _server_names(raw)
+            assert cred.origin in names
+            _assert_loopback_names(names, ports)
             origins.append(cred.origin)
             doc = orjson.loads(body)
             if kind == "sign":
@@ -291,9 +309,10 @@ def test_made_up_origins_are_distinct_loopback_names_on_reserved_ports() -> None
 def test_oversized_send_requests_announce_their_size() -> None:
     size = 3 * 1024 * 1024
     heads = attack.oversized_heads(random.Random(3), 4, GATEWAY_NAME, size, [12345])
-    body = attack.oversized_body(size)
+    body = attack.oversized_body(size, "127.9.9.9:12345")
     assert len(body) == size
     assert isinstance(orjson.loads(body)["pdus"], list)
+    assert _server_names(body[:200]) == {"127.9.9.9:12345"}
     assert [kind for kind, _ in heads] == ["no_auth", "made_up_origin"] * 2
     for kind, head in heads:
         method, path, headers, rest = _parse_raw(head + body)
@@ -302,6 +321,7 @@ def test_oversized_send_requests_announce_their_size() -> None:
         assert path.startswith(attack.SEND_PREFIX)
         auth = [v for k, v in headers if k == "authorization"]
         assert len(auth) == (0 if kind == "no_auth" else 1)
+        _assert_loopback_names(_server_names(head), [12345])
 
 
 async def _toy_gateway(
