@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import random
 import socket
 import sys
@@ -281,6 +282,7 @@ class Attacker:
 
     def __init__(self, plan: AttackPlan, ports: Sequence[int]) -> None:
         self.plan = plan
+        self.source: str | None = plan.source or None
         rng = random.Random(plan.seed)  # noqa: S311 (traffic, not secrets)
         self.host, _, port = plan.target.rpartition(":")
         self.port = int(port)
@@ -300,7 +302,17 @@ class Attacker:
         self, stats: ClassStats
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         stats.connections_opened += 1
-        return await asyncio.open_connection(self.host, self.port, local_addr=(self.plan.source, 0))
+        if self.source is not None:
+            try:
+                return await asyncio.open_connection(
+                    self.host, self.port, local_addr=(self.source, 0)
+                )
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise
+                # Only 127.0.0.1 is usable here: come from it, like the legitimate load.
+                self.source = None
+        return await asyncio.open_connection(self.host, self.port)
 
     async def _small_connection(self, name: str, stop_at: float) -> None:
         """One connection's loop for a small class: write, read the answer, repeat."""
@@ -441,7 +453,8 @@ def main(argv: list[str]) -> int:
             stats = runner.run(asyncio.wait_for(attacker.run(), plan.duration + 30))
         except TimeoutError:  # a loop stuck past its bounds: report what was done
             stats = {name: s.to_json() for name, s in attacker.stats.items()}
-    Path(argv[1]).write_bytes(orjson.dumps({"classes": stats, "reserved_ports": ports}))
+    out = {"classes": stats, "reserved_ports": ports, "source": attacker.source or "127.0.0.1"}
+    Path(argv[1]).write_bytes(orjson.dumps(out))
     for sock in held:
         sock.close()
     return 0

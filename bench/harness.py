@@ -768,7 +768,7 @@ class Bench:
         report = {
             "legit_origin": legit[0].name,
             "legit_target_rps": c.attack_rps,
-            "attacker_source": c.attack_source,
+            "attacker_source": traffic.get("source", c.attack_source),
             "attacker_target": self.gateways[0].api_bind,
             "ratios": attack_ratios(quiet.to_json(), attacked.to_json()),
             "traffic": traffic["classes"],
