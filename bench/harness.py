@@ -776,6 +776,12 @@ class Bench:
             "made_up_origin_ports": traffic.get("reserved_ports", []),
             "memory_mib": {"after_quiet": memory_quiet, "after_attack": memory_attack},
             "died": attacked.info.get("died", []),
+            # The run's files are removed at the end: keep why they died.
+            "died_output": {
+                p.name: p.output()[-2000:]
+                for p in self.stack
+                if p.name in attacked.info.get("died", [])
+            },
         }
         return {"attack_quiet": quiet, "under_attack": attacked}, report
 
