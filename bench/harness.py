@@ -19,9 +19,16 @@ One run:
    ``unique`` (every request a first evaluation), ``unique_paced`` (the same at
    ``BENCH_PACED_RPS``, for latency), ``spam_wave`` (each event asked for by 20 to 50
    origins within a second), ``mixed`` (10% keyword spam, 5% hellbanned follow-ups).
-6. The scaling run: ``unique`` with 1 or 2 gateways and 1 or 2 workers, and the crypto
+6. The attack windows (``BENCH_ATTACK=1``, the default): one legitimate origin asks for
+   its events at ``BENCH_ATTACK_RPS``, first alone (``attack_quiet``), then while one
+   attacker process (``bench/attack.py``) floods the gateway with unauthenticated junk,
+   requests signed by made-up origins and oversized ``/send`` bodies
+   (``under_attack``); reports the legitimate success rate, throughput and p99 as
+   ratios to the quiet window, the attacker's traffic, and each service's memory after
+   each window.
+7. The scaling run: ``unique`` with 1 or 2 gateways and 1 or 2 workers, and the crypto
    floor with 2 processes.
-7. Writes ``bench/results/<UTC timestamp>.json`` and prints a markdown table.
+8. Writes ``bench/results/<UTC timestamp>.json`` and prints a markdown table.
 
 Knobs (environment): ``BENCH_DURATION`` (seconds per window, 10), ``BENCH_CONNECTIONS``
 (64), ``BENCH_PACED_RPS`` (500), ``BENCH_PACED_CONNECTIONS`` (100), ``BENCH_ORIGINS`` (50),
@@ -33,7 +40,13 @@ or ``python``), ``BENCH_LOADGEN_CPUS`` (the last CPU when there are several),
 never refuses), ``BENCH_PG_ADMIN``, ``BENCH_SERVERS`` (``private``: this run's own
 Redis and NATS, see ``bench/stack.py``; ``shared``: ``BENCH_REDIS_URL``, database 13,
 flushed, and ``BENCH_NATS_URL``), ``BENCH_RESULTS_DIR``, ``BENCH_SEED`` and ``BENCH_QUICK=1`` (tiny
-windows and request counts, for the smoke test).
+windows and request counts, for the smoke test). The attack windows: ``BENCH_ATTACK`` (1: run
+them), ``BENCH_ATTACK_RPS`` (the legitimate origin's rate, 200),
+``BENCH_ATTACK_CONNECTIONS`` (its connections, 20), ``BENCH_ATTACK_FLOOD_CONNECTIONS``
+(connections of each small attack class, 16), ``BENCH_ATTACK_MAX_REQUESTS`` (cap per small
+class, 200000), ``BENCH_ATTACK_MAX_OVERSIZED`` (cap on oversized bodies, 1000),
+``BENCH_ATTACK_BODY_MIB`` (size of one, 4), ``BENCH_ATTACK_SOURCE`` (the attacker's
+loopback address, ``127.0.0.2``).
 """
 
 from __future__ import annotations
@@ -61,14 +74,23 @@ import redis.asyncio as aioredis
 import trustme
 
 from bench import events
+from bench.attack import AttackPlan
 from bench.events import GATEWAY_NAME, SIGN_PATH, BenchRoom, EventFactory, Origin, RequestFile
-from bench.loadgen import LoadResult, run_python, run_wrk, wrk_available
+from bench.loadgen import (
+    LoadResult,
+    run_python,
+    run_wrk,
+    taskset_argv,
+    wait_cpu_seconds,
+    wrk_available,
+)
 from bench.stack import (
     BenchError,
     CpuSnapshot,
     Proc,
     Servers,
     ensure_servers,
+    memory_mib,
     spawn,
     stop_all,
     warden_argv,
@@ -117,6 +139,14 @@ class BenchConfig:
     results_dir: Path
     seed: int
     private_servers: bool
+    attack: bool = True
+    attack_rps: int = 200
+    attack_connections: int = 20
+    attack_flood_connections: int = 16
+    attack_max_requests: int = 200_000
+    attack_max_oversized: int = 1000
+    attack_body_mib: float = 4.0
+    attack_source: str = "127.0.0.2"
 
     @classmethod
     def from_env(cls) -> BenchConfig:
@@ -157,6 +187,14 @@ class BenchConfig:
             results_dir=Path(os.environ.get("BENCH_RESULTS_DIR", str(ROOT / "bench" / "results"))),
             seed=_env_int("BENCH_SEED", 4284),
             private_servers=os.environ.get("BENCH_SERVERS", "private") != "shared",
+            attack=os.environ.get("BENCH_ATTACK", "1") not in ("", "0"),
+            attack_rps=_env_int("BENCH_ATTACK_RPS", 30 if quick else 200),
+            attack_connections=_env_int("BENCH_ATTACK_CONNECTIONS", 4 if quick else 20),
+            attack_flood_connections=_env_int("BENCH_ATTACK_FLOOD_CONNECTIONS", 4 if quick else 16),
+            attack_max_requests=_env_int("BENCH_ATTACK_MAX_REQUESTS", 3000 if quick else 200_000),
+            attack_max_oversized=_env_int("BENCH_ATTACK_MAX_OVERSIZED", 10 if quick else 1000),
+            attack_body_mib=_env_float("BENCH_ATTACK_BODY_MIB", 4.0),
+            attack_source=os.environ.get("BENCH_ATTACK_SOURCE", "127.0.0.2"),
         )
 
     def settings_json(self) -> dict[str, Any]:
@@ -178,6 +216,14 @@ class BenchConfig:
             "rate_limit_per_origin": self.rate_limit,
             "seed": self.seed,
             "servers": "private redis and nats" if self.private_servers else "shared",
+            "attack": self.attack,
+            "attack_legit_rps": self.attack_rps,
+            "attack_legit_connections": self.attack_connections,
+            "attack_flood_connections": self.attack_flood_connections,
+            "attack_max_requests_per_class": self.attack_max_requests,
+            "attack_max_oversized": self.attack_max_oversized,
+            "attack_body_mib": self.attack_body_mib,
+            "attack_source": self.attack_source,
         }
 
 
@@ -386,6 +432,9 @@ class Bench:
             "PS_KEY_QUERY_SERVER": "",
             "PS_FEDERATION_CA_FILE": str(self.ca_file),
             "PS_HOMESERVER_DENIED_NETWORKS": ",".join(denied),
+            # Every server of the bench is on loopback; the attack window's made-up
+            # origins (IP literals) must never make a gateway connect anywhere else.
+            "PS_HOMESERVER_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",
             "PS_SIGN_RATE_LIMIT_PER_ORIGIN": str(self.config.rate_limit),
         }
 
@@ -489,13 +538,20 @@ class Bench:
         delay_ms: float = 0.0,
         info: dict[str, Any] | None = None,
         duration: float | None = None,
+        tolerate_deaths: bool = False,
+        also_cpu_of: list[Proc] | None = None,
     ) -> Window:
-        """Drive ``request_file`` at ``targets`` for one window; CPU of ``observed``."""
+        """Drive ``request_file`` at ``targets`` for one window; CPU of ``observed``.
+
+        With ``tolerate_deaths``, a process that died is named in the window's ``died``
+        instead of ending the run (the attack window reports it). ``also_cpu_of``: more
+        processes whose CPU is counted (the attacker), whether or not they live on.
+        """
         c = self.config
         addrs = [p.api_bind for p in targets]
         conns = connections or c.connections
         assert self.servers is not None
-        processes = {p.name: p.pid for p in observed}
+        processes = {p.name: p.pid for p in [*observed, *(also_cpu_of or [])]}
         processes.update({name: p.pid for name, p in self.servers.private.items()})
         database, shared = self.servers.database, self.servers.shared
         seconds = duration or c.duration
@@ -524,9 +580,13 @@ class Bench:
                 delay_ms=delay_ms,
             )
         after = CpuSnapshot.take(processes, database, shared)
+        died = [p.name for p in observed if p.popen.poll() is not None]
         for p in observed:
-            if p.popen.poll() is not None:
+            if p.popen.poll() is not None and not tolerate_deaths:
                 raise BenchError(f"{p.name} died during {name}:\n{p.output()}")
+        if died:
+            info = {**(info or {}), "died": died}
+            self.notes.append(f"{name}: {', '.join(died)} died during the window")
         window = Window(
             name,
             load,
@@ -592,7 +652,9 @@ class Bench:
             self.notes.append(f"{name}: the request file wrapped; some events were asked twice")
         return window
 
-    async def _calibrate_pacing(self, rate: int, conns: int) -> float:
+    async def _calibrate_pacing(
+        self, rate: int, conns: int, origins: list[Origin] | None = None
+    ) -> float:
         """The mean per-request pause that gives ``rate`` over ``conns`` connections.
 
         wrk has no fixed-rate mode: each connection waits ``delay`` then sends, so the
@@ -600,7 +662,7 @@ class Bench:
         events) measure the latency at the current pause, and the pause is set to leave
         room for it; two passes, because the latency itself grows with the rate.
         """
-        factory, origins = self.factory, self.origins
+        factory, origins = self.factory, origins or self.origins
         assert factory is not None
         cycle = 1000.0 * conns / rate
         delay = cycle
@@ -663,6 +725,129 @@ class Bench:
         }
         return await self.measure("mixed", path, self.gateways, self.stack, info=info)
 
+    def _memory(self) -> dict[str, float]:
+        """Resident memory (MiB) of the stack's processes and the servers."""
+        assert self.servers is not None
+        processes = {p.name: p.pid for p in self.stack}
+        processes.update({name: p.pid for name, p in self.servers.private.items()})
+        return memory_mib(processes, self.servers.database, self.servers.shared)
+
+    async def workload_attack(self) -> tuple[dict[str, Window], dict[str, Any]]:
+        """The quiet and the under-attack windows, and the attack's report.
+
+        The same legitimate load both times: one origin's distinct neutral events, paced
+        at ``BENCH_ATTACK_RPS`` with one calibration for both windows (each window has
+        its own fresh events). The attacker starts before the second window and stops
+        after it.
+        """
+        c, factory = self.config, self.factory
+        assert factory is not None
+        legit = [self.origins[0]]
+        conns = c.attack_connections
+        delay = await self._calibrate_pacing(c.attack_rps, conns, legit)
+        count = self.unique_count(c.attack_rps)
+
+        def build(out: RequestFile) -> None:
+            events.unique_requests(factory, legit, count, out)
+
+        info: dict[str, Any] = {"legit_origin": legit[0].name, "target_rps": c.attack_rps}
+        path, _ = self._new_file(build)
+        quiet = await self.measure(
+            "attack_quiet",
+            path,
+            self.gateways,
+            self.stack,
+            connections=conns,
+            delay_ms=delay,
+            info=dict(info),
+        )
+        memory_quiet = self._memory()
+        path, _ = self._new_file(build)
+        attacked, traffic = await self._under_attack(path, conns, delay, dict(info))
+        memory_attack = self._memory()
+        report = {
+            "legit_origin": legit[0].name,
+            "legit_target_rps": c.attack_rps,
+            "attacker_source": traffic.get("source", c.attack_source),
+            "attacker_target": self.gateways[0].api_bind,
+            "ratios": attack_ratios(quiet.to_json(), attacked.to_json()),
+            "traffic": traffic["classes"],
+            "attacker_cpu_s": traffic["cpu_s"],
+            "made_up_origin_ports": traffic.get("reserved_ports", []),
+            "memory_mib": {"after_quiet": memory_quiet, "after_attack": memory_attack},
+            "died": attacked.info.get("died", []),
+            # The run's files are removed at the end: keep why they died.
+            "died_output": {
+                p.name: p.output()[-2000:]
+                for p in self.stack
+                if p.name in attacked.info.get("died", [])
+            },
+        }
+        return {"attack_quiet": quiet, "under_attack": attacked}, report
+
+    async def _under_attack(
+        self, path: Path, conns: int, delay: float, info: dict[str, Any]
+    ) -> tuple[Window, dict[str, Any]]:
+        """Start the attacker, measure the legitimate load meanwhile, collect the
+        attacker's counters."""
+        c = self.config
+        ramp, tail = 0.5, 0.5
+        # wrk runs whole seconds; the attack covers the window with a margin each side.
+        window_s = max(1, round(c.duration)) if self.tool == "wrk" else c.duration
+        plan = AttackPlan(
+            target=self.gateways[0].api_bind,
+            destination=GATEWAY_NAME,
+            duration=ramp + window_s + tail,
+            source=c.attack_source,
+            max_requests=c.attack_max_requests,
+            max_oversized=c.attack_max_oversized,
+            connections=c.attack_flood_connections,
+            oversized_bytes=int(c.attack_body_mib * 1024 * 1024),
+            seed=c.seed,
+        )
+        spec, out = self.work / "attack.json", self.work / "attack-out.json"
+        spec.write_bytes(plan.to_json())
+        attacker = spawn(
+            "attacker",
+            [
+                *taskset_argv(c.loadgen_cpus),
+                sys.executable,
+                "-m",
+                "bench.attack",
+                str(spec),
+                str(out),
+            ],
+            os.environ,
+            self.work,
+            with_listeners=False,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert attacker.popen.stdout is not None
+            line = await asyncio.to_thread(attacker.popen.stdout.readline)
+            if line.strip() != b"ready":
+                raise BenchError(f"the attacker did not start:\n{attacker.output()}")
+            await asyncio.sleep(ramp)
+            window = await self.measure(
+                "under_attack",
+                path,
+                self.gateways,
+                self.stack,
+                connections=conns,
+                delay_ms=delay,
+                info=info,
+                tolerate_deaths=True,
+                also_cpu_of=[attacker],
+            )
+            cpu = await asyncio.to_thread(wait_cpu_seconds, attacker.popen, plan.duration + 60)
+        finally:
+            attacker.stop(timeout=5)
+        if attacker.popen.returncode != 0 or not out.exists():
+            raise BenchError(f"the attacker failed:\n{attacker.output()}")
+        traffic = orjson.loads(out.read_bytes())
+        traffic["cpu_s"] = round(cpu, 3)
+        return window, traffic
+
     @staticmethod
     def _pdu_sizes(requests: RequestFile) -> dict[str, Any]:
         sizes = sorted(requests.body_sizes())
@@ -699,6 +884,10 @@ class Bench:
             "spam_wave": await self.workload_spam_wave(),
             "mixed": await self.workload_mixed(crypto_rps * max(1, c.gateways)),
         }
+        attack: dict[str, Any] = {}
+        if c.attack:
+            attack_windows, attack = await self.workload_attack()
+            workloads.update(attack_windows)
 
         scaling: dict[str, Any] = {}
         if c.scaling:
@@ -706,7 +895,7 @@ class Bench:
         await self.stop_stack()
 
         finished = dt.datetime.now(dt.UTC)
-        return self.document(started, finished, community, floors, workloads, scaling)
+        return self.document(started, finished, community, floors, workloads, scaling, attack)
 
     async def scaling_run(
         self, floor_file: Path, crypto_rps: float, main_unique: Window
@@ -741,6 +930,7 @@ class Bench:
         floors: dict[str, Window],
         workloads: dict[str, Window],
         scaling: dict[str, Any],
+        attack: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """The results file's content."""
         crypto = floors["crypto_floor"].load.rps or 1.0
@@ -762,7 +952,8 @@ class Bench:
             "floors": {k: results[k] for k in floors},
             "workloads": {k: results[k] for k in workloads},
             "scaling": scaling,
-            "targets": targets(results, self.config),
+            "attack": attack or {},
+            "targets": targets(results, self.config, attack or {}),
             "notes": self.notes,
         }
 
@@ -775,8 +966,11 @@ class Bench:
             self.servers.stop()
 
 
-def targets(results: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]]:
-    """Issue 5's targets, each with the measured value and whether it is met."""
+def targets(
+    results: dict[str, Any], config: BenchConfig, attack: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Issue 5's targets (and issue 10's under attack, when the attack window ran),
+    each with the measured value and whether it is met."""
     unique, paced, spam = results["unique"], results["unique_paced"], results["spam_wave"]
     paced_ok = paced["rps"] >= 0.9 * config.paced_rps
     rows = [
@@ -801,7 +995,64 @@ def targets(results: dict[str, Any], config: BenchConfig) -> list[dict[str, Any]
             spam["ratio_to_crypto_floor"] >= 1.0,
         ),
     ]
+    if attack:
+        ratios = attack["ratios"]
+        rows += [
+            (
+                "under attack: legitimate /sign answered 200 (%)",
+                round(100 * ratios["success_rate_under_attack"], 2),
+                "100",
+                ratios["goal"]["all_answered"],
+            ),
+            (
+                "under attack: p99 / quiet p99",
+                ratios["p99_ratio"],
+                "<= 2.0",
+                ratios["goal"]["p99_within_2x"],
+            ),
+        ]
     return [{"target": t, "measured": v, "goal": g, "met": bool(m)} for t, v, g, m in rows]
+
+
+def success_rate(window: dict[str, Any]) -> float:
+    """Share of a window's requests answered 200: of every answer and socket error
+    (connect, read, write, timeout) the load generator counted; 0 when none."""
+    ok = int(window["statuses"].get("200", 0))
+    total = sum(window["statuses"].values()) + sum(window["socket_errors"].values())
+    return ok / total if total else 0.0
+
+
+def _ratio(value: float, base: float) -> float | None:
+    return round(value / base, 3) if base > 0 else None
+
+
+def attack_ratios(quiet: dict[str, Any], attacked: dict[str, Any]) -> dict[str, Any]:
+    """The legitimate origin's figures under attack as ratios to the quiet window
+    (windows as in the results file), and issue 10's goal: every request answered 200,
+    p99 within 2x of quiet. A ratio is None when the quiet value is 0.
+
+    ``rps_ratio`` completes the success rate: the load is paced, so under attack it
+    should stay near 1; below, the legitimate origin's requests waited (or hung past the
+    window, which the load generator does not count as errors).
+    """
+    ok_quiet, ok_attack = success_rate(quiet), success_rate(attacked)
+    p99_quiet, p99_attack = quiet["latency_ms"]["99"], attacked["latency_ms"]["99"]
+    p99_ratio = _ratio(p99_attack, p99_quiet)
+    return {
+        "success_rate_quiet": round(ok_quiet, 5),
+        "success_rate_under_attack": round(ok_attack, 5),
+        "success_ratio": _ratio(ok_attack, ok_quiet),
+        "p99_ms_quiet": p99_quiet,
+        "p99_ms_under_attack": p99_attack,
+        "p99_ratio": p99_ratio,
+        "rps_quiet": quiet["rps"],
+        "rps_under_attack": attacked["rps"],
+        "rps_ratio": _ratio(attacked["rps"], quiet["rps"]),
+        "goal": {
+            "all_answered": ok_attack >= 1.0 and attacked["requests"] > 0,
+            "p99_within_2x": p99_ratio is not None and p99_ratio <= 2.0,
+        },
+    }
 
 
 def _status_text(statuses: dict[str, int], errors: dict[str, int]) -> str:
@@ -852,6 +1103,8 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(
             f"| crypto floor x2 processes | {f2['rps']:.0f} | 1.00 | {f2['latency_ms']['99']:.1f} |"
         )
+    if doc.get("attack"):
+        lines += ["", *attack_markdown(doc["attack"])]
     lines += ["", "| target | measured | goal | met |", "|---|---:|---|---|"]
     for t in doc["targets"]:
         lines.append(
@@ -860,6 +1113,46 @@ def markdown(doc: dict[str, Any]) -> str:
     if doc["notes"]:
         lines += ["", *(f"- {n}" for n in doc["notes"])]
     return "\n".join(lines)
+
+
+def _num(value: float | None, fmt: str = ".2f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def attack_markdown(attack: dict[str, Any]) -> list[str]:
+    """The attack window's part of the printed table."""
+    r = attack["ratios"]
+    lines = [
+        f"Under attack: legitimate origin {attack['legit_origin']} at "
+        f"{attack['legit_target_rps']} req/s; one attacker from {attack['attacker_source']} "
+        f"to {attack['attacker_target']} (attacker CPU {attack['attacker_cpu_s']:.1f} s)",
+        "",
+        "| legitimate /sign | quiet | under attack | ratio |",
+        "|---|---:|---:|---:|",
+        f"| answered 200 | {100 * r['success_rate_quiet']:.2f} % "
+        f"| {100 * r['success_rate_under_attack']:.2f} % | {_num(r['success_ratio'])} |",
+        f"| req/s | {r['rps_quiet']:.0f} | {r['rps_under_attack']:.0f} | {_num(r['rps_ratio'])} |",
+        f"| p99 ms | {r['p99_ms_quiet']:.1f} | {r['p99_ms_under_attack']:.1f} "
+        f"| {_num(r['p99_ratio'])} |",
+        "",
+        "| attack class | requests | req/s | answered | statuses | errors | MiB sent |",
+        "|---|---:|---:|---:|---|---|---:|",
+    ]
+    for name, t in attack["traffic"].items():
+        lines.append(
+            f"| {name} | {t['requests']} | {t['rps']:.0f} | {t['answered']} "
+            f"| {_status_text(t['statuses'], {})} | {_status_text({}, t['errors'])} "
+            f"| {t['bytes_sent'] / 1048576:.1f} |"
+        )
+    before, after = attack["memory_mib"]["after_quiet"], attack["memory_mib"]["after_attack"]
+    lines += ["", "| process | RSS MiB after quiet | after attack |", "|---|---:|---:|"]
+    for name in sorted(set(before) | set(after)):
+        lines.append(
+            f"| {name} | {_num(before.get(name), '.1f')} | {_num(after.get(name), '.1f')} |"
+        )
+    if attack["died"]:
+        lines.append(f"\nDied during the attack: {', '.join(attack['died'])}")
+    return lines
 
 
 async def _main(config: BenchConfig) -> int:

@@ -58,14 +58,16 @@ def wrk_available() -> bool:
     return shutil.which("wrk") is not None
 
 
-def _taskset(cpus: str | None) -> list[str]:
+def taskset_argv(cpus: str | None) -> list[str]:
+    """``taskset -c CPUS`` when CPUs are given and taskset exists (else nothing)."""
     if cpus and shutil.which("taskset"):
         return ["taskset", "-c", cpus]
     return []
 
 
-def _wait_with_rusage(proc: subprocess.Popen[bytes], timeout: float) -> float:
-    """Wait for ``proc``; return its user + system CPU seconds."""
+def wait_cpu_seconds(proc: subprocess.Popen[bytes], timeout: float) -> float:
+    """Wait for ``proc`` (killed after ``timeout`` seconds); return its user + system
+    CPU seconds."""
     deadline = time.monotonic() + timeout
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -101,7 +103,7 @@ def run_wrk(
             "BENCH_WRK_OUT": str(out),
         }
         argv = [
-            *_taskset(cpus),
+            *taskset_argv(cpus),
             "wrk",
             "-t",
             str(threads),
@@ -120,7 +122,7 @@ def run_wrk(
             proc = subprocess.Popen(  # noqa: S603
                 argv, env=env, stdout=log_file, stderr=subprocess.STDOUT
             )
-            cpu = _wait_with_rusage(proc, duration + 120)
+            cpu = wait_cpu_seconds(proc, duration + 120)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"wrk failed ({proc.returncode}): {log.read_text()[-2000:]}")
         summary = json.loads(out.read_text())
@@ -175,7 +177,7 @@ def run_python(
             conns = connections // processes + (1 if index < connections % processes else 0)
             out = Path(tmp) / f"out{index}.json"
             argv = [
-                *_taskset(cpus),
+                *taskset_argv(cpus),
                 sys.executable,
                 "-m",
                 "bench.loadgen",
@@ -189,7 +191,7 @@ def run_python(
                 str(out),
             ]
             procs.append((subprocess.Popen(argv), out))  # noqa: S603
-        cpu = sum(_wait_with_rusage(p, duration + 120) for p, _ in procs)
+        cpu = sum(wait_cpu_seconds(p, duration + 120) for p, _ in procs)
         parts = [json.loads(out.read_text()) for _, out in procs]
     latencies = sorted(v for part in parts for v in part["latencies_ms"])
     statuses: dict[str, int] = {}

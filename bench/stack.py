@@ -13,6 +13,7 @@
   key server) with its output in a log file; it dies with the harness.
 * ``cpu_seconds`` and ``CpuSnapshot``: user + system time from ``/proc/<pid>/stat``,
   per service process and for the machine's PostgreSQL, Redis and NATS processes.
+* ``memory_mib``: resident memory of the same processes (the attack window reports it).
 """
 
 from __future__ import annotations
@@ -95,6 +96,49 @@ def server_pids(database: str, kinds: Iterable[str]) -> dict[str, list[int]]:
                 continue
         found[name].append(pid)
     return found
+
+
+def _status_kib(pid: int, field_name: str) -> int | None:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def _pss_kib(pid: int) -> int | None:
+    """Proportional set size (shared pages split between their processes)."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return _status_kib(pid, "VmRSS")
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return _status_kib(pid, "VmRSS")
+
+
+def memory_mib(
+    processes: Mapping[str, int], database: str, shared: Iterable[str]
+) -> dict[str, float]:
+    """Resident memory in MiB: each of ``processes`` (name -> pid) by its RSS, and each
+    of the machine's ``shared`` servers as the sum of its processes' PSS (PostgreSQL:
+    the server's own processes and ``database``'s backends; PSS, because its processes
+    share the buffer cache and summing their RSS would count it many times). A process
+    that is gone is left out."""
+    out: dict[str, float] = {}
+    for name, pid in processes.items():
+        kib = _status_kib(pid, "VmRSS")
+        if kib is not None:
+            out[name] = round(kib / 1024, 1)
+    for server, pids in server_pids(database, shared).items():
+        sizes = [k for k in (_pss_kib(pid) for pid in pids) if k is not None]
+        if sizes:
+            out[server] = round(sum(sizes) / 1024, 1)
+    return out
 
 
 def machine_cpu() -> tuple[float, float]:

@@ -7,9 +7,14 @@ measured and reported.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ipaddress
 import json
 import os
 import random
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +22,14 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 from signedjson.key import generate_signing_key, get_verify_key
 
-from bench import events
+from bench import attack, events, harness
 from bench.events import GATEWAY_NAME, SIGN_PATH, EventFactory, Origin, RequestFile
 from bench.floors import CryptoFloor
 from tests.conftest import NATS_URL, PG_ADMIN
+from warden.federation.xmatrix import MalformedAuthorization, parse_authorization_headers
 from warden.matrix.canonical_json import encode_canonical_json
 from warden.matrix.event_signing import verify_event_signature
 from warden.matrix.keys import POLICY_SERVER_KEY_ID
@@ -124,7 +131,14 @@ def test_quick_run_writes_results_with_every_workload(tmp_path: Path) -> None:
     assert doc["machine"]["python"]
     assert doc["settings"]["quick"] is True
     assert set(doc["floors"]) == {"http_floor", "crypto_floor"}
-    assert set(doc["workloads"]) == {"unique", "unique_paced", "spam_wave", "mixed"}
+    assert set(doc["workloads"]) == {
+        "unique",
+        "unique_paced",
+        "spam_wave",
+        "mixed",
+        "attack_quiet",
+        "under_attack",
+    }
     for name, window in doc["floors"].items():
         _check_window(name, window, {f"{name.split('_')[0]}-floor-0"})
         assert set(window["statuses"]) == {"200"}, (name, window["statuses"])
@@ -138,6 +152,26 @@ def test_quick_run_writes_results_with_every_workload(tmp_path: Path) -> None:
     assert not any(s.startswith("5") for s in doc["workloads"]["mixed"]["statuses"])
     assert doc["workloads"]["unique"]["wraps"] == 0
     assert doc["workloads"]["mixed"]["mix_in_file"]["keyword"] > 0
+
+    # The attack window (issue 10): measured and reported, whatever the figures are.
+    assert doc["settings"]["attack"] is True
+    assert set(doc["workloads"]["attack_quiet"]["statuses"]) == {"200"}
+    assert "attacker" in doc["workloads"]["under_attack"]["cpu_ms_per_request"]
+    report = doc["attack"]
+    assert set(report["traffic"]) == {"junk", "made_up_origins", "oversized"}
+    for name, traffic in report["traffic"].items():
+        assert traffic["requests"] > 0, (name, traffic)
+    assert report["traffic"]["oversized"]["bytes_sent"] > 0
+    assert report["attacker_source"] == "127.0.0.2"
+    assert set(report["ratios"]) >= {"success_ratio", "p99_ratio", "rps_ratio", "goal"}
+    assert report["ratios"]["success_rate_quiet"] == 1.0
+    for when in ("after_quiet", "after_attack"):
+        memory = report["memory_mib"][when]
+        assert {"gateway-0", "filter-worker-0", "redis", "nats"} <= set(memory), memory
+        assert all(v > 0 for v in memory.values()), memory
+    attack_targets = [t for t in doc["targets"] if t["target"].startswith("under attack")]
+    assert len(attack_targets) == 2
+    assert "Under attack: legitimate origin" in done.stdout
 
     scaling = doc["scaling"]
     assert set(scaling["unique"]) == {
@@ -154,5 +188,285 @@ def test_quick_run_writes_results_with_every_workload(tmp_path: Path) -> None:
     assert doc["targets"][0]["target"] == "unique req/s"
     assert all(isinstance(t["met"], bool) for t in doc["targets"])
     # The markdown table is printed with a row per window.
-    for row in ("| http_floor |", "| crypto_floor |", "| unique |", "| spam_wave |", "| mixed |"):
+    for row in (
+        "| http_floor |",
+        "| crypto_floor |",
+        "| unique |",
+        "| spam_wave |",
+        "| mixed |",
+        "| attack_quiet |",
+        "| under_attack |",
+    ):
         assert row in done.stdout
+
+
+# --- the attack window (issue 10): its traffic, its ratios, its report ---
+
+
+def _parse_raw(raw: bytes) -> tuple[str, str, list[tuple[str, str]], bytes]:
+    """Method, path, headers (in order, names lower-cased) and body of a raw request,
+    checking the framing: the body is exactly Content-Length bytes."""
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    assert sep, "no end of head"
+    request_line, *lines = head.decode().split("\r\n")
+    method, path, version = request_line.split(" ")
+    assert version == "HTTP/1.1"
+    headers = [(k.lower(), v) for k, _, v in (line.partition(": ") for line in lines)]
+    lengths = [v for k, v in headers if k == "content-length"]
+    assert lengths == [str(len(body))]
+    return method, path, headers, body
+
+
+_SERVER_NAME_IN_TEXT = re.compile(
+    rb'origin=\\?"([^"\\\r\n]+)\\?"|"origin":"([^"]+)"|"sender":"@[^:"]+:([^"]+)"'
+)
+
+
+def _server_names(raw: bytes) -> set[str]:
+    """Every server name a request mentions: X-Matrix and transaction origins, senders."""
+    return {next(g for g in m if g).decode() for m in _SERVER_NAME_IN_TEXT.findall(raw)}
+
+
+def _assert_loopback_names(names: set[str], ports: list[int]) -> None:
+    """IP literals (no DNS, no well-known) in 127/8 but not 127.0.0.x, where the bench's
+    own servers listen, each on a port the attacker holds."""
+    for name in names:
+        host, _, port = name.rpartition(":")
+        assert ipaddress.ip_address(host) in ipaddress.ip_network("127.0.0.0/8"), name
+        assert not host.startswith("127.0.0."), name
+        assert int(port) in ports, name
+
+
+def test_junk_requests_carry_no_usable_authentication() -> None:
+    requests = attack.junk_requests(random.Random(1), 70, GATEWAY_NAME, [12345])
+    assert len(requests) == 70
+    kinds = {kind for kind, _ in requests}
+    assert len(kinds) == 7  # every shape, in turn
+    for kind, raw in requests:
+        method, path, headers, body = _parse_raw(raw)
+        if kind.startswith("sign"):
+            assert (method, path) == ("POST", SIGN_PATH)
+        else:
+            assert method == "PUT"
+            assert path.startswith(attack.SEND_PREFIX)
+            assert len(path) > len(attack.SEND_PREFIX)
+        auth = [v for k, v in headers if k == "authorization"]
+        if "no_auth" in kind:
+            assert auth == []
+        elif "many_xmatrix" in kind:
+            assert len(auth) == 50
+        # Never an X-Matrix credential Warden could act on: none, or malformed.
+        with contextlib.suppress(MalformedAuthorization):
+            assert parse_authorization_headers(auth) == [], kind
+        # The body is never a JSON object that would pass as a PDU or transaction.
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if "many_xmatrix" not in kind:
+            assert not isinstance(parsed, dict), kind
+        _assert_loopback_names(_server_names(raw), [12345])
+
+
+def test_made_up_origins_are_distinct_loopback_names_on_reserved_ports() -> None:
+    held = attack.reserve_ports(2)
+    try:
+        ports = [int(s.getsockname()[1]) for s in held]
+        requests = attack.made_up_origin_requests(random.Random(2), 200, GATEWAY_NAME, ports)
+        origins = []
+        for kind, raw in requests:
+            method, path, headers, body = _parse_raw(raw)
+            auth = [v for k, v in headers if k == "authorization"]
+            assert len(auth) == 1
+            (cred,) = parse_authorization_headers(auth)  # well-formed X-Matrix
+            assert cred.destination == GATEWAY_NAME
+            names = _server_names(raw)
+            assert cred.origin in names
+            _assert_loopback_names(names, ports)
+            origins.append(cred.origin)
+            doc = orjson.loads(body)
+            if kind == "sign":
+                assert (method, path) == ("POST", SIGN_PATH)
+                assert {"room_id", "sender", "type", "content", "signatures"} <= set(doc)
+            else:
+                assert method == "PUT"
+                assert path.startswith(attack.SEND_PREFIX)
+                assert doc["origin"] == cred.origin
+                assert isinstance(doc["pdus"], list)
+                assert len(doc["pdus"]) == 1
+        assert len(set(origins)) == len(origins)
+        assert {kind for kind, _ in requests} == {"sign", "send"}
+
+        # A key fetch for such a name is refused at once, on loopback.
+        host, _, port = origins[0].rpartition(":")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((host, int(port)), timeout=5)
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_oversized_send_requests_announce_their_size() -> None:
+    size = 3 * 1024 * 1024
+    heads = attack.oversized_heads(random.Random(3), 4, GATEWAY_NAME, size, [12345])
+    body = attack.oversized_body(size, "127.9.9.9:12345")
+    assert len(body) == size
+    assert isinstance(orjson.loads(body)["pdus"], list)
+    assert _server_names(body[:200]) == {"127.9.9.9:12345"}
+    assert [kind for kind, _ in heads] == ["no_auth", "made_up_origin"] * 2
+    for kind, head in heads:
+        method, path, headers, rest = _parse_raw(head + body)
+        assert rest == body
+        assert method == "PUT"
+        assert path.startswith(attack.SEND_PREFIX)
+        auth = [v for k, v in headers if k == "authorization"]
+        assert len(auth) == (0 if kind == "no_auth" else 1)
+        _assert_loopback_names(_server_names(head), [12345])
+
+
+async def _toy_gateway(
+    seen: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """A real local HTTP server standing in for the gateway: refuses everything; a big
+    body is refused before it is read, and the connection closed."""
+    seen["peers"].add(writer.get_extra_info("peername")[0])
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            if length > 1024 * 1024:
+                seen["big"] += 1
+                writer.write(
+                    b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 2\r\n"
+                    b"Connection: close\r\n\r\n{}"
+                )
+                await writer.drain()
+                return
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def test_attacker_floods_each_class_within_its_bounds() -> None:
+    seen: dict[str, Any] = {"peers": set(), "big": 0}
+    server = await asyncio.start_server(lambda r, w: _toy_gateway(seen, r, w), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    plan = attack.AttackPlan(
+        target=f"127.0.0.1:{port}",
+        destination=GATEWAY_NAME,
+        duration=30,
+        max_requests=60,
+        max_oversized=4,
+        connections=3,
+        oversized_connections=2,
+        oversized_bytes=2 * 1024 * 1024,
+        distinct_made_up=40,
+    )
+    assert attack.AttackPlan.from_json(plan.to_json()) == plan
+    async with server:
+        held = attack.reserve_ports(1)
+        try:
+            stats = await attack.Attacker(plan, [held[0].getsockname()[1]]).run()
+        finally:
+            held[0].close()
+    assert set(stats) == set(attack.CLASSES)
+    # Bounded by count (well before the 30 s): exactly the caps, every one answered.
+    for name in ("junk", "made_up_origins"):
+        assert stats[name]["requests"] == 60, stats[name]
+        assert stats[name]["statuses"] == {"401": 60}, stats[name]
+        assert sum(stats[name]["kinds"].values()) == 60
+    big = stats["oversized"]
+    assert big["requests"] == 4
+    assert big["statuses"] == {"413": 4}
+    assert big["connections_opened"] == 4  # a new connection for each
+    assert big["bytes_sent"] <= 4 * plan.oversized_bytes
+    assert seen["big"] == 4
+    # Connections come from the attacker's own loopback address.
+    assert seen["peers"] == {"127.0.0.2"}
+
+
+def _window(statuses: dict[str, int], p99: float, rps: float, **errors: int) -> dict[str, Any]:
+    socket_errors = {"connect": 0, "read": 0, "write": 0, "timeout": 0, **errors}
+    return {
+        "statuses": statuses,
+        "socket_errors": socket_errors,
+        "latency_ms": {"50": p99 / 2, "99": p99},
+        "rps": rps,
+        "requests": sum(statuses.values()),
+    }
+
+
+def test_attack_ratios_compare_with_the_quiet_window() -> None:
+    quiet = _window({"200": 1000}, 20.0, 200.0)
+    hurt = _window({"200": 900, "503": 50}, 90.0, 150.0, timeout=50)
+    r = harness.attack_ratios(quiet, hurt)
+    assert r["success_rate_quiet"] == 1.0
+    assert r["success_rate_under_attack"] == 0.9  # 900 of 1000 (timeouts count)
+    assert r["success_ratio"] == 0.9
+    assert r["p99_ratio"] == 4.5
+    assert r["rps_ratio"] == 0.75
+    assert r["goal"] == {"all_answered": False, "p99_within_2x": False}
+
+    fine = harness.attack_ratios(quiet, _window({"200": 990}, 30.0, 198.0))
+    assert fine["goal"] == {"all_answered": True, "p99_within_2x": True}
+    assert fine["p99_ratio"] == 1.5
+
+    # Nothing measured: no division by zero, the goal not met.
+    empty = harness.attack_ratios(_window({}, 0.0, 0.0), _window({}, 0.0, 0.0))
+    assert empty["p99_ratio"] is None
+    assert empty["success_ratio"] is None
+    assert empty["goal"] == {"all_answered": False, "p99_within_2x": False}
+
+
+def test_attack_report_in_targets_and_table() -> None:
+    ratios = harness.attack_ratios(
+        _window({"200": 100}, 10.0, 50.0), _window({"200": 80, "503": 20}, 35.0, 40.0)
+    )
+    traffic = {
+        name: attack.ClassStats(requests=10, duration_s=2.0).to_json() for name in attack.CLASSES
+    }
+    report = {
+        "legit_origin": "127.0.0.1:1111",
+        "legit_target_rps": 50,
+        "attacker_source": "127.0.0.2",
+        "attacker_target": "127.0.0.1:2222",
+        "ratios": ratios,
+        "traffic": traffic,
+        "attacker_cpu_s": 0.4,
+        "memory_mib": {
+            "after_quiet": {"gateway-0": 80.0, "redis": 6.0},
+            "after_attack": {"gateway-0": 400.5, "redis": 9.0},
+        },
+        "died": [],
+    }
+    table = "\n".join(harness.attack_markdown(report))
+    assert "| answered 200 | 100.00 % | 80.00 % | 0.80 |" in table
+    assert "| p99 ms | 10.0 | 35.0 | 3.50 |" in table
+    assert "| gateway-0 | 80.0 | 400.5 |" in table
+    for name in attack.CLASSES:
+        assert f"| {name} | 10 | 5 |" in table
+
+    unique = {"rps": 1, "ratio_to_crypto_floor": 1, "latency_ms": {"99": 1}}
+    results = {"unique": unique, "unique_paced": unique, "spam_wave": unique}
+    config = harness.BenchConfig.from_env()
+    rows = {t["target"]: t for t in harness.targets(results, config, report)}
+    answered = rows["under attack: legitimate /sign answered 200 (%)"]
+    assert (answered["measured"], answered["met"]) == (80.0, False)
+    assert rows["under attack: p99 / quiet p99"]["measured"] == 3.5
+    assert len(harness.targets(results, config)) == len(rows) - 2
+
+
+def test_bench_attack_0_switches_the_window_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BENCH_ATTACK", raising=False)
+    assert harness.BenchConfig.from_env().attack is True
+    monkeypatch.setenv("BENCH_ATTACK", "0")
+    config = harness.BenchConfig.from_env()
+    assert config.attack is False
+    assert config.settings_json()["attack"] is False
