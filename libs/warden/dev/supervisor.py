@@ -8,10 +8,12 @@ the caller stops everything and exits non-zero. A crash loop therefore ends with
 about 15 seconds with the defaults, while a one-off crash heals by itself.
 
 Each child runs in its own session (a terminal Ctrl-C reaches only the supervisor) with
-a parent-death signal of SIGTERM (a ``kill -9`` of the supervisor still stops them).
-Stopping sends SIGTERM to each child's process group, waits up to ``stop_timeout`` and
-then SIGKILLs whatever is left. Children's stdout and stderr are merged and every line
-is printed with the child's name in front.
+a parent-death signal of SIGKILL: if the supervisor dies without stopping them (``kill
+-9``), nobody is left to escalate, and a child whose event loop is wedged never acts on
+a SIGTERM, so it would survive as an orphan (issue 10). Stopping sends SIGTERM to each
+child's process group, waits up to ``stop_timeout`` and then SIGKILLs whatever is left.
+Children's stdout and stderr are merged and every line is printed with the child's name
+in front.
 """
 
 from __future__ import annotations
@@ -91,7 +93,9 @@ async def _pump(stream: asyncio.StreamReader | None, source: str, out: Output) -
         out.line(source, raw.decode(errors="replace").rstrip("\r\n"))
 
 
-async def _spawn(argv: Sequence[str], env: Mapping[str, str]) -> asyncio.subprocess.Process:
+async def _spawn(
+    argv: Sequence[str], env: Mapping[str, str], death_signal: signal.Signals = signal.SIGKILL
+) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
@@ -99,7 +103,7 @@ async def _spawn(argv: Sequence[str], env: Mapping[str, str]) -> asyncio.subproc
         stderr=asyncio.subprocess.STDOUT,
         env=dict(env),
         start_new_session=True,
-        preexec_fn=death_signal_preexec(signal.SIGTERM),
+        preexec_fn=death_signal_preexec(death_signal),
         limit=_LINE_LIMIT,
     )
 
@@ -116,7 +120,8 @@ async def run_once(
     Returns its exit status, or None when ``stop`` was set first (the command is then
     terminated).
     """
-    proc = await _spawn(argv, env)
+    # One-shot commands (migrations) get SIGTERM if we die: they finish or roll back.
+    proc = await _spawn(argv, env, signal.SIGTERM)
     pump = asyncio.create_task(_pump(proc.stdout, name, out))
     waiter = asyncio.create_task(proc.wait())
     stopper = asyncio.create_task(stop.wait())
