@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import re
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from warden.matrix.globs import (
@@ -29,6 +29,7 @@ def reference(glob: str, value: str) -> bool:
     return re.fullmatch(fnmatch.translate(glob), value) is not None
 
 
+@settings(max_examples=500)
 @given(st.text(alphabet=GLOB_ALPHABET, max_size=12), st.text(alphabet=VALUE_ALPHABET, max_size=14))
 def test_matcher_agrees_with_fnmatch(glob: str, value: str) -> None:
     assert Glob(glob).matches(value) is reference(glob, value)

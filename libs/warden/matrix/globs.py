@@ -161,10 +161,9 @@ class GlobIndex(Generic[T]):
         self._exact: dict[str, T] = {}
         self._wild: list[tuple[Glob, T]] = []
         for glob, payload in entries:
-            compiled = compile_glob(glob)
-            if compiled.has_wildcards:
-                self._wild.append((compiled, payload))
-            else:
+            if "*" in glob or "?" in glob:
+                self._wild.append((compile_glob(glob), payload))
+            else:  # most rules of real lists: nothing to compile
                 self._exact.setdefault(glob, payload)
 
     def __len__(self) -> int:
