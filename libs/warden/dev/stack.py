@@ -124,6 +124,7 @@ class Plan:
                 argv=(*command, name),
                 env={**self.env, **extra},
                 ready_url=_reachable(extra["PS_HTTP_METRICS_BIND"]) + "/readyz",
+                live_url=_reachable(extra["PS_HTTP_METRICS_BIND"]) + "/livez",
             )
             for name, extra in self.binds.items()
         ]
