@@ -125,3 +125,35 @@ async def test_a_message_whose_deliveries_never_settled_is_dead_lettered_unhandl
     await asyncio.wait_for(task, 30)
     assert handled == []
     assert dead_lettered(durable) == 1
+
+
+async def test_a_handler_stuck_on_an_await_times_out_and_is_dead_lettered(
+    js: Any, durable: str
+) -> None:
+    # The in-progress heartbeat would otherwise keep this message from ever coming back.
+    attempts: list[int] = []
+
+    async def stuck(delivery: Delivery) -> Disposition:
+        attempts.append(delivery.attempt)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    consumer = PullConsumer(
+        js,
+        stream=VERDICTS_STREAM,
+        durable=durable,
+        handler=stuck,
+        max_in_flight=1,
+        retry_base_seconds=0.05,
+        max_deliveries=2,
+        handler_timeout=0.3,
+    )
+    stopping = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stopping))
+    seq = await publish_verdict(js, prohibited_verdict("!r:hs.test"))
+    await wait_for(lambda: dead_lettered(durable) == 1, "the message to be dead-lettered")
+    await wait_for(lambda: nothing_pending(js, durable, seq), "nothing pending")
+    await asyncio.sleep(1.5)
+    stopping.set()
+    await asyncio.wait_for(task, 30)
+    assert attempts == [1, 2]

@@ -19,13 +19,14 @@ On stop the loop fetches nothing more, lets in-flight handlers finish (bounded),
 leaves anything unfinished unacknowledged for redelivery.
 
 Deliveries are bounded (``max_deliveries``, ``PS_BUS_MAX_DELIVERIES``): a message whose
-handler still fails at its last delivery, or that arrives once more after earlier
-deliveries never settled (the process handling it died or wedged, review H3), is
-dead-lettered: terminated (JetStream never hands it out again), counted in
-``warden_bus_dead_lettered_total{consumer}`` and logged with its stream sequence, so
-one poison message cannot crash-loop every replica. The message itself stays in the
-stream until its age limit, for an operator to inspect. The check uses the delivery
-count JetStream reports, so it holds for consumers created before it existed too.
+handler still fails (or runs past ``handler_timeout``) at its last delivery, or that
+arrives once more after earlier deliveries never settled (the process handling it died
+or wedged, review H3), is dead-lettered: terminated (JetStream never hands it out
+again), counted in ``warden_bus_dead_lettered_total{consumer}`` and logged with its
+stream sequence, so one poison message cannot crash-loop every replica. The message
+itself stays in the stream until its age limit, for an operator to inspect. The check
+uses the delivery count JetStream reports, so it holds for consumers created before it
+existed too.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ logger = logging.getLogger(__name__)
 MAX_BACKOFF_SECONDS = 300.0
 # Deliveries of one message before it is dead-lettered (PS_BUS_MAX_DELIVERIES).
 DEFAULT_MAX_DELIVERIES = 10
+# Bound on one handler run; every handler's own calls have shorter timeouts (30 s HTTP,
+# 10 s verdicts), so only a hung await reaches it. It then counts as a failed delivery.
+HANDLER_TIMEOUT_SECONDS = 300.0
 
 DEAD_LETTERED = Counter(
     "warden_bus_dead_lettered_total",
@@ -145,6 +149,7 @@ class PullConsumer:
         fetch_timeout: float = 1.0,
         drain_timeout: float = 20.0,
         max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        handler_timeout: float = HANDLER_TIMEOUT_SECONDS,
     ) -> None:
         self._js = js
         self.stream = stream
@@ -155,6 +160,7 @@ class PullConsumer:
         self._fetch_timeout = fetch_timeout
         self._drain_timeout = drain_timeout
         self._max_deliveries = max(1, max_deliveries)
+        self._handler_timeout = handler_timeout
         self._ack_wait = 30.0
         self._in_flight: set[asyncio.Task[None]] = set()
 
@@ -234,17 +240,32 @@ class PullConsumer:
         span = _tracer.start_as_current_span(
             f"{self.durable} handle", context=extract_context(delivery.headers)
         )
+        # The heartbeat keeps a running handler's message from redelivery, so a handler
+        # stuck on an await would hold it (and a slot) for ever: bound the run.
+        deadline = asyncio.timeout(self._handler_timeout)
         try:
             with span:
-                disposition = await self._handler(delivery)
+                async with deadline:
+                    disposition = await self._handler(delivery)
         except asyncio.CancelledError:
             raise
         except Exception:
-            logger.exception(
-                "handler failed; message will be redelivered",
-                extra={"event": "handler_failed", "stream_sequence": delivery.stream_sequence},
+            timed_out = deadline.expired()
+            logger.log(
+                logging.WARNING if timed_out else logging.ERROR,
+                "handler timed out; message will be redelivered"
+                if timed_out
+                else "handler failed; message will be redelivered",
+                exc_info=not timed_out,
+                extra={
+                    "event": "handler_timeout" if timed_out else "handler_failed",
+                    "stream_sequence": delivery.stream_sequence,
+                },
             )
-            disposition = Retry(backoff_delay(delivery.attempt, self._retry_base), "handler error")
+            disposition = Retry(
+                backoff_delay(delivery.attempt, self._retry_base),
+                "handler timeout" if timed_out else "handler error",
+            )
         finally:
             heartbeat.cancel()
         if isinstance(disposition, Retry) and delivery.attempt >= self._max_deliveries:
