@@ -182,6 +182,12 @@ class Settings(BaseSettings):
     startup_timeout_seconds: float = Field(default=60.0, gt=0)  # wait for dependencies
     otel_exporter: str = "none"  # "none" or "console"
 
+    # --- Bounded work (Warden) ---
+    # Deliveries of one JetStream message (room-state, moderator and webhook consumers)
+    # before it is dead-lettered: terminated, logged, counted. The moderator and webhooks
+    # use at least their own *_max_attempts.
+    bus_max_deliveries: int = Field(default=10, ge=1)
+
     @field_validator(
         "homeserver_allowed_networks",
         "homeserver_denied_networks",

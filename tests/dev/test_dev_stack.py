@@ -278,3 +278,54 @@ def test_port_in_use_is_reported(base_env: dict[str, str]) -> None:
     assert f"error: 127.0.0.1:{port} (moderator PS_HTTP_METRICS_BIND) is already in use" in (
         stack.output()
     )
+
+
+def _kill_leftovers(pids: list[int]) -> None:
+    """Kill what a failing test would otherwise leave running."""
+    for pid in pids:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _stubborn_env(base_env: dict[str, str]) -> dict[str, str]:
+    # The filter worker ignores SIGTERM, as one whose event loop is wedged does.
+    return {
+        **base_env,
+        "PS_NATS_URL": REAL_NATS,
+        "PS_REDIS_URL": REAL_REDIS,
+        "PS_DATABASE": REAL_POSTGRES,
+        "FAKE_WARDEN_IGNORE_TERM": "filter-worker",
+        "PS_DEV_STOP_GRACE_SECONDS": "1",
+    }
+
+
+def test_a_killed_warden_dev_leaves_no_service_behind(
+    base_env: dict[str, str], tmp_path: Path
+) -> None:
+    stack = Stack(_stubborn_env(base_env))
+    stack.wait_for("press Ctrl-C to stop")
+    pids = fake_pids(tmp_path / "pids")
+    all_pids = [p for group in pids.values() for p in group]
+    try:
+        assert stack.finish(signal.SIGKILL) == -signal.SIGKILL
+        assert_gone(all_pids, timeout=10)  # the stubborn worker too: no orphan
+    finally:
+        _kill_leftovers(all_pids)
+
+
+def test_a_closed_terminal_stops_a_service_ignoring_sigterm_after_the_grace(
+    base_env: dict[str, str], tmp_path: Path
+) -> None:
+    stack = Stack(_stubborn_env(base_env))
+    stack.wait_for("press Ctrl-C to stop")
+    pids = fake_pids(tmp_path / "pids")
+    all_pids = [p for group in pids.values() for p in group]
+    try:
+        assert stack.finish(signal.SIGHUP) == 0
+        assert_gone(all_pids, timeout=1)
+        output = stack.output()
+        assert "1 child(ren) still running after 1s; killing them" in output
+        assert f"{'gateway':>13} | gateway stopped" in output  # the others drained
+        assert f"{'filter-worker':>13} | filter-worker stopped" not in output
+    finally:
+        _kill_leftovers(all_pids)

@@ -23,6 +23,7 @@ def spec(name: str, **env: str) -> ChildSpec:
         argv=(sys.executable, str(FAKE_WARDEN), name),
         env={**os.environ, "PS_HTTP_METRICS_BIND": bind, "PS_HTTP_BIND": "127.0.0.1:0", **env},
         ready_url=f"http://{bind}/readyz",
+        live_url=f"http://{bind}/livez",
     )
 
 
@@ -158,3 +159,34 @@ async def test_run_once_returns_status_or_none_when_stopped() -> None:
     await asyncio.sleep(0.5)
     stop.set()
     assert await asyncio.wait_for(task, 10) is None
+
+
+async def test_a_child_that_stops_answering_its_liveness_probe_is_replaced() -> None:
+    buffer = io.StringIO()
+    sup = Supervisor(
+        [spec("wedged"), spec("fine")],
+        policy=RestartPolicy(
+            backoff_initial=0.1, liveness_interval=0.2, liveness_timeout=0.5, liveness_failures=2
+        ),
+        out=Output(buffer, color=False),
+    )
+    sup.start()
+    stopped: int | None = None
+    try:
+        assert await sup.wait_ready(20) == []
+        stopped = sup.pids()["wedged"]
+        other = sup.pids()["fine"]
+        # Alive but answering nothing, as a process whose event loop is wedged.
+        os.kill(stopped, signal.SIGSTOP)
+        assert await wait_for(lambda: sup.starts()["wedged"] == 2, 20)
+        assert await sup.wait_ready(20) == []
+        assert not pid_alive(stopped)
+        assert sup.pids()["fine"] == other  # the live one is left alone
+        text = buffer.getvalue()
+        assert f"wedged failed 2 liveness probes in a row (pid {stopped}); killing it" in text
+        assert "wedged exited unexpectedly with status -9" in text
+    finally:
+        if stopped is not None and pid_alive(stopped):
+            os.kill(stopped, signal.SIGKILL)
+        await sup.stop()
+    assert_gone(list(sup.pids().values()), timeout=1)

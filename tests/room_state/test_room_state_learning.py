@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
 from tests.filters.filter_helpers import config
 from warden.filters import policy_list
@@ -281,3 +282,58 @@ async def test_policy_list_filter_bans_users_and_servers_for_every_event_type(
         policy_list_room_ids=[lst], mjolnir_filter_enabled=False, media_filter_media_types=[]
     )
     assert not (await verdict("@spam1:x.org", cfg=off, community="off")).prohibited
+
+
+def _rejected(reason: str) -> float:
+    return (
+        REGISTRY.get_sample_value("warden_policy_rules_rejected_total", {"reason": reason}) or 0.0
+    )
+
+
+async def test_rule_entities_over_the_caps_are_dropped_and_counted(
+    pg_pool: asyncpg.Pool, deps: FilterDeps
+) -> None:
+    policy_list.clear_rule_cache()
+    lst = room()
+    ban = {"recommendation": "m.ban"}
+    too_long, too_wild = _rejected("entity_too_long"), _rejected("too_many_wildcards")
+    # Valid for a moment, then replaced by an over-long rule at the same state key: the
+    # replacement holds the state key, so the older rule is gone too.
+    await apply(pg_pool, lst, state("m.policy.rule.user", "a", {"entity": "@x*:x.org", **ban}))
+    long_entity = "@" + "a" * 300 + "*:x.org"
+    await apply(pg_pool, lst, state("m.policy.rule.user", "a", {"entity": long_entity, **ban}))
+    wild = "@" + "?*" * 40 + ":x.org"
+    await apply(pg_pool, lst, state("m.policy.rule.user", "b", {"entity": wild, **ban}))
+    # The review's glob is fine once its stars are collapsed: learned, and cheap to match.
+    review = "*" * 28 + "§"
+    await apply(pg_pool, lst, state("m.policy.rule.user", "c", {"entity": review, **ban}))
+    seeded = room()
+    await room_state.seed_from_state(
+        pg_pool,
+        seeded,
+        "11",
+        [state("m.policy.rule.server", "d", {"entity": "x" * 256, **ban})],
+        our_user_id=OUR_USER,
+    )
+    assert _rejected("entity_too_long") == too_long + 2
+    assert _rejected("too_many_wildcards") == too_wild + 1
+    rules = await room_state.get_policy_rules(pg_pool, [lst, seeded])
+    assert [r.entity for r in rules] == [review]
+
+    pipeline = Pipeline(deps, timeout_seconds=5)
+    cfg = config(policy_list_room_ids=[lst, seeded], media_filter_media_types=[])
+    event = {
+        "type": "m.room.message",
+        "sender": "@alice:example.org",
+        "room_id": room(),
+        "content": {"body": "hi", "msgtype": "m.text"},
+    }
+    verdict = await pipeline.evaluate(
+        event, event_id=f"${uuid.uuid4().hex}", community_id="caps", config=cfg
+    )
+    assert not verdict.prohibited
+    event["sender"] = "@alice§:example.org§"
+    verdict = await pipeline.evaluate(
+        event, event_id=f"${uuid.uuid4().hex}", community_id="caps", config=cfg
+    )
+    assert verdict.prohibited

@@ -17,6 +17,16 @@ of what was done).
 
 On stop the loop fetches nothing more, lets in-flight handlers finish (bounded), and
 leaves anything unfinished unacknowledged for redelivery.
+
+Deliveries are bounded (``max_deliveries``, ``PS_BUS_MAX_DELIVERIES``): a message whose
+handler still fails (or runs past ``handler_timeout``) at its last delivery, or that
+arrives once more after earlier deliveries never settled (the process handling it died
+or wedged, review H3), is dead-lettered: terminated (JetStream never hands it out
+again), counted in ``warden_bus_dead_lettered_total{consumer}`` and logged with its
+stream sequence, so one poison message cannot crash-loop every replica. The message
+itself stays in the stream until its age limit, for an operator to inspect. The check
+uses the delivery count JetStream reports, so it holds for consumers created before it
+existed too.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, ConsumerInfo
 from nats.js.errors import APIError, NotFoundError
+from prometheus_client import Counter
 
 from warden.telemetry.tracing import extract_context, tracer
 
@@ -44,6 +55,18 @@ logger = logging.getLogger(__name__)
 
 # Upper bound of any redelivery delay the loop computes itself.
 MAX_BACKOFF_SECONDS = 300.0
+# Deliveries of one message before it is dead-lettered (PS_BUS_MAX_DELIVERIES).
+DEFAULT_MAX_DELIVERIES = 10
+# Bound on one handler run; every handler's own calls have shorter timeouts (30 s HTTP,
+# 10 s verdicts), so only a hung await reaches it. It then counts as a failed delivery.
+HANDLER_TIMEOUT_SECONDS = 300.0
+
+DEAD_LETTERED = Counter(
+    "warden_bus_dead_lettered_total",
+    "JetStream messages given up after too many deliveries (terminated, never "
+    "redelivered), by durable consumer.",
+    ["consumer"],
+)
 
 _jitter = random.SystemRandom()
 _tracer = tracer(__name__)
@@ -125,6 +148,8 @@ class PullConsumer:
         retry_base_seconds: float = 1.0,
         fetch_timeout: float = 1.0,
         drain_timeout: float = 20.0,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        handler_timeout: float = HANDLER_TIMEOUT_SECONDS,
     ) -> None:
         self._js = js
         self.stream = stream
@@ -134,6 +159,8 @@ class PullConsumer:
         self._retry_base = retry_base_seconds
         self._fetch_timeout = fetch_timeout
         self._drain_timeout = drain_timeout
+        self._max_deliveries = max(1, max_deliveries)
+        self._handler_timeout = handler_timeout
         self._ack_wait = 30.0
         self._in_flight: set[asyncio.Task[None]] = set()
 
@@ -202,26 +229,71 @@ class PullConsumer:
             attempt=int(meta.num_delivered or 1),
             stream_sequence=int(meta.sequence.stream if meta.sequence else 0),
         )
+        if delivery.attempt > self._max_deliveries:
+            # Earlier deliveries never settled: whoever had them died or wedged on it.
+            # Do not hand it to this process's handler as well.
+            await self._dead_letter(msg, delivery, "deliveries never settled")
+            return
         heartbeat = asyncio.create_task(self._keep_alive(msg))
         # Continue the trace of the request that produced the verdict (the publisher
         # puts W3C trace context in the message headers).
         span = _tracer.start_as_current_span(
             f"{self.durable} handle", context=extract_context(delivery.headers)
         )
+        # The heartbeat keeps a running handler's message from redelivery, so a handler
+        # stuck on an await would hold it (and a slot) for ever: bound the run.
+        deadline = asyncio.timeout(self._handler_timeout)
         try:
             with span:
-                disposition = await self._handler(delivery)
+                async with deadline:
+                    disposition = await self._handler(delivery)
         except asyncio.CancelledError:
             raise
         except Exception:
-            logger.exception(
-                "handler failed; message will be redelivered",
-                extra={"event": "handler_failed", "stream_sequence": delivery.stream_sequence},
+            timed_out = deadline.expired()
+            logger.log(
+                logging.WARNING if timed_out else logging.ERROR,
+                "handler timed out; message will be redelivered"
+                if timed_out
+                else "handler failed; message will be redelivered",
+                exc_info=not timed_out,
+                extra={
+                    "event": "handler_timeout" if timed_out else "handler_failed",
+                    "stream_sequence": delivery.stream_sequence,
+                },
             )
-            disposition = Retry(backoff_delay(delivery.attempt, self._retry_base), "handler error")
+            disposition = Retry(
+                backoff_delay(delivery.attempt, self._retry_base),
+                "handler timeout" if timed_out else "handler error",
+            )
         finally:
             heartbeat.cancel()
+        if isinstance(disposition, Retry) and delivery.attempt >= self._max_deliveries:
+            await self._dead_letter(msg, delivery, disposition.reason or "retries exhausted")
+            return
         await self._settle(msg, disposition)
+
+    async def _dead_letter(self, msg: Msg, delivery: Delivery, reason: str) -> None:
+        DEAD_LETTERED.labels(self.durable).inc()
+        logger.error(
+            "message dead-lettered after too many deliveries; it will not be redelivered",
+            extra={
+                "event": "dead_lettered",
+                "consumer": self.durable,
+                "stream": self.stream,
+                "stream_sequence": delivery.stream_sequence,
+                "attempt": delivery.attempt,
+                "reason": reason,
+            },
+        )
+        try:
+            await msg.term()
+        except Exception as exc:
+            # Not terminated: it comes back after ack_wait and is dead-lettered again.
+            logger.warning(
+                "could not terminate a dead-lettered message",
+                extra={"event": "settle_failed", "error": str(exc)},
+            )
 
     async def _keep_alive(self, msg: Msg) -> None:
         # "Working on it": resets ack_wait so a slow side effect is not handed to another

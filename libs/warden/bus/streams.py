@@ -76,17 +76,24 @@ async def _create_or_update(js: JetStreamContext, config: StreamConfig) -> None:
     await js.update_stream(config)
 
 
-def durable_consumer_config(durable: str, filter_subject: str, ack_wait: float) -> ConsumerConfig:
-    """A pull consumer that redelivers unacknowledged messages.
+def durable_consumer_config(
+    durable: str, filter_subject: str, ack_wait: float, max_deliveries: int
+) -> ConsumerConfig:
+    """A pull consumer that redelivers unacknowledged messages, a bounded number of times.
 
     It starts at the beginning of the stream when first created: on a new deployment
     the stream is empty, and a consumer created after the stream holds verdicts acts on
     those it missed (redactions are idempotent per event ID).
+
+    JetStream may deliver a message once more than ``max_deliveries`` (the consumer
+    loop's own limit, see ``warden.bus.consumer``): that extra delivery is the one the
+    loop dead-letters and counts when the earlier ones never settled. Past it JetStream
+    stops delivering by itself, should even that one be lost.
     """
     return ConsumerConfig(
         durable_name=durable,
         filter_subject=filter_subject,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=ack_wait,
-        max_deliver=-1,
+        max_deliver=max_deliveries + 1,
     )

@@ -4,10 +4,12 @@ Steps: make sure NATS, Redis and PostgreSQL answer (starting embedded ones under
 ``.warden/`` when they do not, see :mod:`warden.dev.embedded`), apply migrations
 (``warden migrate``), create the signing keys if missing (``warden keygen``), start the
 four services under a :class:`~warden.dev.supervisor.Supervisor`, wait until each one's
-``/readyz`` answers 200 and print where the gateway listens. Ctrl-C or SIGTERM stops the
-services, then the embedded servers, and exits 0; a second Ctrl-C kills the services at
-once. A service that crash-loops (see the supervisor's restart policy) stops everything
-with exit status 1.
+``/readyz`` answers 200 and print where the gateway listens. Ctrl-C, SIGTERM or SIGHUP
+stops the services (each gets ``PS_DEV_STOP_GRACE_SECONDS`` after SIGTERM, then SIGKILL),
+then the embedded servers, and exits 0; a second Ctrl-C kills the services at once. If
+``warden dev`` itself is killed, the services are killed with it (parent-death signal).
+A service that crash-loops (see the supervisor's restart policy) stops everything with
+exit status 1.
 
 Dev-only knobs are ``PS_DEV_*`` variables (:class:`DevSettings`). Defaults differ from
 production, each only when the user did not set the variable: the gateway binds
@@ -65,6 +67,10 @@ class DevSettings(BaseSettings):
     max_restarts: int = Field(default=5, ge=0)
     restart_window_seconds: float = Field(default=60.0, gt=0)
     restart_backoff_seconds: float = Field(default=0.5, gt=0)
+    # How long a service may take to exit after SIGTERM before it is killed (a wedged
+    # one never exits by itself). Services drain within PS_SHUTDOWN_TIMEOUT_SECONDS;
+    # in dev nothing is lost by cutting a drain short (JetStream redelivers).
+    stop_grace_seconds: float = Field(default=10.0, gt=0)
 
     def base_dir(self) -> Path:
         """The absolute data directory (children may run with another working directory)."""
@@ -118,6 +124,7 @@ class Plan:
                 argv=(*command, name),
                 env={**self.env, **extra},
                 ready_url=_reachable(extra["PS_HTTP_METRICS_BIND"]) + "/readyz",
+                live_url=_reachable(extra["PS_HTTP_METRICS_BIND"]) + "/livez",
             )
             for name, extra in self.binds.items()
         ]
@@ -214,16 +221,6 @@ def _check_ports(plan: Plan) -> None:
                 )
 
 
-def _stop_timeout(settings: Settings) -> float:
-    """How long a service may take to exit after SIGTERM before it is killed."""
-    delay = (
-        settings.shutdown_delay_seconds
-        if "shutdown_delay_seconds" in (settings.model_fields_set)
-        else 0.0
-    )
-    return delay + settings.shutdown_timeout_seconds + 5
-
-
 async def _unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> T | None:
     """Await ``awaitable`` unless ``stop`` is set first (then cancel it and return None)."""
     task = asyncio.ensure_future(awaitable)
@@ -268,7 +265,8 @@ async def run_stack(settings: Settings, dev: DevSettings, out: Output) -> int:
             supervisor.kill()
         stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too: a closed terminal must stop the services, not orphan them.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, on_signal)
 
     base_dir = dev.base_dir()
@@ -315,7 +313,7 @@ async def run_stack(settings: Settings, dev: DevSettings, out: Output) -> int:
                 window_seconds=dev.restart_window_seconds,
                 backoff_initial=dev.restart_backoff_seconds,
             ),
-            stop_timeout=_stop_timeout(settings),
+            stop_timeout=dev.stop_grace_seconds,
             out=out,
         )
         supervisor.start()
@@ -358,7 +356,7 @@ async def run_stack(settings: Settings, dev: DevSettings, out: Output) -> int:
         if servers is not None and any(h.embedded for h in servers.handles):
             out.line("dev", "stopping embedded servers")
             servers.stop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         out.line("dev", "stopped")
 

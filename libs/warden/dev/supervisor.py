@@ -8,10 +8,12 @@ the caller stops everything and exits non-zero. A crash loop therefore ends with
 about 15 seconds with the defaults, while a one-off crash heals by itself.
 
 Each child runs in its own session (a terminal Ctrl-C reaches only the supervisor) with
-a parent-death signal of SIGTERM (a ``kill -9`` of the supervisor still stops them).
-Stopping sends SIGTERM to each child's process group, waits up to ``stop_timeout`` and
-then SIGKILLs whatever is left. Children's stdout and stderr are merged and every line
-is printed with the child's name in front.
+a parent-death signal of SIGKILL: if the supervisor dies without stopping them (``kill
+-9``), nobody is left to escalate, and a child whose event loop is wedged never acts on
+a SIGTERM, so it would survive as an orphan (issue 10). Stopping sends SIGTERM to each
+child's process group, waits up to ``stop_timeout`` and then SIGKILLs whatever is left.
+Children's stdout and stderr are merged and every line is printed with the child's name
+in front.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ _LINE_LIMIT = 1 << 20
 
 @dataclass(frozen=True)
 class ChildSpec:
-    """One supervised program: its name, command line, environment and readiness URL."""
+    """One supervised program: its name, command line, environment, readiness URL and
+    liveness URL (empty: not watched once ready)."""
 
     name: str
     argv: Sequence[str]
     env: Mapping[str, str]
     ready_url: str
+    live_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,12 @@ class RestartPolicy:
     window_seconds: float = 60.0
     backoff_initial: float = 0.5
     backoff_max: float = 8.0
+    # Once ready, a child is probed on its live_url as Kubernetes would: this many
+    # probes in a row that fail or take longer than the timeout (a wedged event loop)
+    # get it killed, and so restarted.
+    liveness_interval: float = 10.0
+    liveness_timeout: float = 3.0
+    liveness_failures: int = 3
 
 
 class Output:
@@ -91,7 +101,9 @@ async def _pump(stream: asyncio.StreamReader | None, source: str, out: Output) -
         out.line(source, raw.decode(errors="replace").rstrip("\r\n"))
 
 
-async def _spawn(argv: Sequence[str], env: Mapping[str, str]) -> asyncio.subprocess.Process:
+async def _spawn(
+    argv: Sequence[str], env: Mapping[str, str], death_signal: signal.Signals = signal.SIGKILL
+) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
@@ -99,7 +111,7 @@ async def _spawn(argv: Sequence[str], env: Mapping[str, str]) -> asyncio.subproc
         stderr=asyncio.subprocess.STDOUT,
         env=dict(env),
         start_new_session=True,
-        preexec_fn=death_signal_preexec(signal.SIGTERM),
+        preexec_fn=death_signal_preexec(death_signal),
         limit=_LINE_LIMIT,
     )
 
@@ -116,7 +128,8 @@ async def run_once(
     Returns its exit status, or None when ``stop`` was set first (the command is then
     terminated).
     """
-    proc = await _spawn(argv, env)
+    # One-shot commands (migrations) get SIGTERM if we die: they finish or roll back.
+    proc = await _spawn(argv, env, signal.SIGTERM)
     pump = asyncio.create_task(_pump(proc.stdout, name, out))
     waiter = asyncio.create_task(proc.wait())
     stopper = asyncio.create_task(stop.wait())
@@ -228,6 +241,8 @@ class Supervisor:
             readiness = asyncio.create_task(self._await_ready(child, proc))
             status = await proc.wait()
             readiness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await readiness
             # Whatever the child left in its group (workers it forked) goes with it.
             signal_group(proc.pid, signal.SIGKILL)
             await pump
@@ -262,10 +277,35 @@ class Supervisor:
                     self._changed.set()
                     if child.starts > 1:
                         self._log(f"{child.spec.name} is ready again (pid {proc.pid})")
-                    return
+                    break
             except httpx.HTTPError:
                 pass  # not listening yet
             await asyncio.sleep(self._poll)
+        if child.spec.live_url and proc.returncode is None:
+            await self._watch_liveness(child, proc)
+
+    async def _watch_liveness(self, child: _Child, proc: asyncio.subprocess.Process) -> None:
+        """Kill the child once its liveness probe fails too often in a row (it then
+        exits, and ``_watch`` restarts it like any other death)."""
+        policy = self._policy
+        failures = 0
+        while proc.returncode is None and not self._stopping.is_set():
+            await asyncio.sleep(policy.liveness_interval)
+            try:
+                response = await self._http.get(
+                    child.spec.live_url, timeout=policy.liveness_timeout
+                )
+                alive = response.status_code == 200
+            except httpx.HTTPError:
+                alive = False
+            failures = 0 if alive else failures + 1
+            if failures >= policy.liveness_failures and not self._stopping.is_set():
+                self._log(
+                    f"{child.spec.name} failed {failures} liveness probes in a row "
+                    f"(pid {proc.pid}); killing it"
+                )
+                signal_group(proc.pid, signal.SIGKILL)
+                return
 
     def _give_up(self, reason: str) -> None:
         self._log(reason)

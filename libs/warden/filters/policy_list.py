@@ -10,9 +10,10 @@ senders.
 Rules come from the learned state of the list rooms (``warden.storage.room_state``):
 ``m.policy.rule.user`` / ``.server`` (and their legacy types) whose recommendation is a
 ban (``m.ban``, ``org.matrix.mjolnir.ban``, or a takedown). Entities are globs, ``*``
-and ``?``. A list room must be one Warden has joined and protects (in any community):
-Warden learns state only of such rooms. Rules are cached per worker for
-``RULE_CACHE_SECONDS``.
+and ``?``, matched in bounded time (``warden.matrix.globs``; review H3: a regex
+translation let one rule wedge every worker). A list room must be one Warden has joined
+and protects (in any community): Warden learns state only of such rooms. Rules are
+cached per worker for ``RULE_CACHE_SECONDS``.
 
 Decisions: the refusal's harm is ``org.matrix.msc4456.other``, as policyserv's (a list
 ban may be for any reason, and the list's reason is free text); a user's own ``leave``
@@ -29,6 +30,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from warden.filters.base import Filter, FilterContext, FilterResult, Group
+from warden.matrix.globs import GlobIndex
 from warden.policy.config import ConfigKey, EffectiveConfig, declare
 from warden.policy.harms import OTHER
 from warden.storage.room_state import PolicyRule, get_policy_rules
@@ -59,22 +61,60 @@ ROOM_IDS, ENABLED, MJOLNIR_ENABLED = declare(
 )
 
 RULE_CACHE_SECONDS = 10.0
+# Senders whose answer an index remembers (it is rebuilt with every reload of the rules).
+SENDER_MEMO_SIZE = 4096
 
-_cache: dict[tuple[str, ...], tuple[float, list[PolicyRule]]] = {}
+
+class BanIndex:
+    """The ban rules of some list rooms, indexed to match senders in bounded time.
+
+    Rules without wildcards are one dictionary lookup; glob rules use the bounded
+    matcher of ``warden.matrix.globs`` (entities over its caps never become rules).
+    Answers for recent senders are remembered, as senders repeat.
+    """
+
+    def __init__(self, rules: Sequence[PolicyRule]) -> None:
+        self.rules = list(rules)
+        self._users = GlobIndex((r.entity, r) for r in rules if r.kind == "user")
+        # Server names are case-insensitive.
+        self._servers = GlobIndex((r.entity.lower(), r) for r in rules if r.kind == "server")
+        self._memo: dict[str, PolicyRule | None] = {}
+
+    def banning_rule(self, sender: str) -> PolicyRule | None:
+        """A rule that bans ``sender`` or its server, or None."""
+        if sender in self._memo:
+            return self._memo[sender]
+        rule = self._users.first_match(sender)
+        if rule is None:
+            _, sep, server = sender.partition(":")
+            if sep:
+                rule = self._servers.first_match(server.lower())
+        if len(self._memo) >= SENDER_MEMO_SIZE:
+            self._memo.clear()
+        self._memo[sender] = rule
+        return rule
 
 
-async def rules_for(pool: asyncpg.Pool, room_ids: Sequence[str]) -> list[PolicyRule]:
-    """The ban rules of these list rooms, cached briefly in process."""
+_cache: dict[tuple[str, ...], tuple[float, BanIndex]] = {}
+
+
+async def index_for(pool: asyncpg.Pool, room_ids: Sequence[str]) -> BanIndex:
+    """The ban rules of these list rooms, indexed and cached briefly in process."""
     key = tuple(sorted(set(room_ids)))
     now = time.monotonic()
     hit = _cache.get(key)
     if hit is not None and hit[0] > now:
         return hit[1]
-    rules = await get_policy_rules(pool, key)
+    index = BanIndex(await get_policy_rules(pool, key))
     if len(_cache) > 1_000:  # bound memory; reloading is one query
         _cache.clear()
-    _cache[key] = (now + RULE_CACHE_SECONDS, rules)
-    return rules
+    _cache[key] = (now + RULE_CACHE_SECONDS, index)
+    return index
+
+
+async def rules_for(pool: asyncpg.Pool, room_ids: Sequence[str]) -> list[PolicyRule]:
+    """The ban rules of these list rooms, cached briefly in process."""
+    return (await index_for(pool, room_ids)).rules
 
 
 def clear_rule_cache() -> None:
@@ -83,14 +123,8 @@ def clear_rule_cache() -> None:
 
 
 def banning_rule(rules: Sequence[PolicyRule], sender: str) -> PolicyRule | None:
-    """The first rule that bans ``sender`` or its server, or None."""
-    _, sep, server = sender.partition(":")
-    for rule in rules:
-        if rule.kind == "user" and rule.matches(sender):
-            return rule
-        if rule.kind == "server" and sep and rule.matches(server):
-            return rule
-    return None
+    """A rule that bans ``sender`` or its server, or None (builds an index: for one-offs)."""
+    return BanIndex(rules).banning_rule(sender)
 
 
 class PolicyListFilter(Filter):
@@ -122,7 +156,7 @@ class PolicyListFilter(Filter):
             and ctx.content.get("membership") == "leave"
         ):
             return FilterResult.neutral()
-        rules = await rules_for(ctx.deps.pool, ctx.config.get_list(ROOM_IDS.name))
-        if banning_rule(rules, sender) is not None:
+        index = await index_for(ctx.deps.pool, ctx.config.get_list(ROOM_IDS.name))
+        if index.banning_rule(sender) is not None:
             return FilterResult.prohibited(OTHER)
         return FilterResult.neutral()

@@ -1,6 +1,9 @@
 """``/livez``, ``/readyz`` and ``/metrics`` as Starlette routes.
 
-``/livez`` answers 200 while the process's event loop runs. ``/readyz`` answers 200
+``/livez`` answers 200 while the process's event loop runs. It is served by that loop
+(the metrics listener runs on it), which is the point: a loop wedged by CPU-bound code
+cannot answer, the probe times out and the pod is replaced. Serving it from another
+thread would need a loop heartbeat check to keep that property. ``/readyz`` answers 200
 only when every registered dependency check passes and the service is not shutting
 down; it lists each check's result so an operator sees which dependency failed.
 """

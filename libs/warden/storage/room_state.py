@@ -17,7 +17,6 @@ members too; policyserv keeps only members with names).
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,8 +25,10 @@ from typing import Any
 import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
+from prometheus_client import Counter
 
 from warden.matrix.event_hashes import compute_event_id
+from warden.matrix.globs import compile_glob, glob_rejection
 from warden.matrix.room_versions import RoomVersion, get_room_version
 
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -95,34 +96,41 @@ class PolicyRule:
     reason: str = ""
 
     def matches(self, value: str) -> bool:
-        """Whether ``value`` matches the entity glob (server names case-insensitively)."""
+        """Whether ``value`` matches the entity glob (server names case-insensitively).
+
+        Bounded time whatever the glob (``warden.matrix.globs``)."""
         if self.kind == "server":
-            return glob_to_regex(self.entity.lower()).fullmatch(value.lower()) is not None
-        return glob_to_regex(self.entity).fullmatch(value) is not None
+            return compile_glob(self.entity.lower()).matches(value.lower())
+        return compile_glob(self.entity).matches(value)
 
 
-_GLOB_CACHE: dict[str, re.Pattern[str]] = {}
+# Counted where rules are learned (``apply_event``, ``seed_from_state``); the event is
+# still stored (it replaces whatever rule held its state key) but never becomes a rule.
+POLICY_RULES_REJECTED = Counter(
+    "warden_policy_rules_rejected_total",
+    "Policy rule events learned whose entity glob is refused, by reason (entity_too_long, "
+    "too_many_wildcards); such a rule bans nobody.",
+    ["reason"],
+)
 
 
-def glob_to_regex(glob: str) -> re.Pattern[str]:
-    """A compiled regex for a Matrix glob: ``*`` any run of characters, ``?`` one."""
-    pattern = _GLOB_CACHE.get(glob)
-    if pattern is None:
-        parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in glob)
-        pattern = re.compile("".join(parts), re.DOTALL)
-        if len(_GLOB_CACHE) > 50_000:  # bound memory; compiling again is cheap
-            _GLOB_CACHE.clear()
-        _GLOB_CACHE[glob] = pattern
-    return pattern
+def note_rejected_rule(event_type: str, content: Mapping[str, Any]) -> None:
+    """Count a policy rule event whose entity no matcher will ever see (see above)."""
+    if event_type in RULE_TYPES:
+        entity = content.get("entity")
+        if isinstance(entity, str) and (reason := glob_rejection(entity)) is not None:
+            POLICY_RULES_REJECTED.labels(reason).inc()
 
 
 def parse_rule(room_id: str, event_type: str, content: Mapping[str, Any]) -> PolicyRule | None:
     """The ban rule a policy rule event's content holds, or None (removed, not a ban,
-    or malformed)."""
+    malformed, or an entity over the caps of ``warden.matrix.globs.glob_rejection``)."""
     kind = RULE_TYPES.get(event_type)
     entity = content.get("entity")
     recommendation = content.get("recommendation")
     if kind is None or not isinstance(entity, str) or not entity:
+        return None
+    if glob_rejection(entity) is not None:  # too long or too many wildcards to be meant
         return None
     if recommendation not in BAN_RECOMMENDATIONS:
         return None
@@ -257,6 +265,7 @@ async def apply_event(
             return None
         if event_type in (POWER_LEVELS, SERVER_ACL, POLICY, CREATE) and state_key != "":
             return None
+        note_rejected_rule(event_type, content)
         status = await conn.execute(
             """
             INSERT INTO room_state_events
@@ -388,6 +397,7 @@ async def seed_from_state(
             continue
         if event_type in (POWER_LEVELS, SERVER_ACL, POLICY, CREATE) and state_key != "":
             continue
+        note_rejected_rule(event_type, content)
         held = tracked.get((event_type, state_key))
         if held is None or _depth(held) <= _depth(ev):
             tracked[(event_type, state_key)] = ev

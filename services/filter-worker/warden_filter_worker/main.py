@@ -138,7 +138,12 @@ def run(settings: Settings) -> int:
         await ensure_durable_consumer(
             js,
             INBOUND_STREAM,
-            durable_consumer_config(ROOM_STATE_CONSUMER, INBOUND_PDU_SUBJECT, ack_wait=30.0),
+            durable_consumer_config(
+                ROOM_STATE_CONSUMER,
+                INBOUND_PDU_SUBJECT,
+                ack_wait=30.0,
+                max_deliveries=settings.bus_max_deliveries,
+            ),
         )
         room_state = RoomStateConsumer(
             pool=pool,
@@ -156,6 +161,7 @@ def run(settings: Settings) -> int:
             durable=ROOM_STATE_CONSUMER,
             handler=room_state.handle,
             max_in_flight=_ROOM_STATE_IN_FLIGHT,
+            max_deliveries=settings.bus_max_deliveries,
         )
         task = run_with_runtime(runtime, "room-state-consumer", pull.run)
         refresher = StateRefresher(

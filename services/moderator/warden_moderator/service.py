@@ -37,12 +37,17 @@ class ModeratorService:
         durable: str = MODERATOR_CONSUMER,
     ) -> ModeratorService:
         """Make sure the stream and the durable consumer exist, and build the parts."""
+        # The handler gives up by itself after its own attempts; never cut it short.
+        max_deliveries = max(settings.bus_max_deliveries, settings.moderation_max_attempts)
         await ensure_verdicts_stream(js)
         await ensure_durable_consumer(
             js,
             VERDICTS_STREAM,
             durable_consumer_config(
-                durable, verdict_subject(ContentClass.PROHIBITED.label), ACK_WAIT_SECONDS
+                durable,
+                verdict_subject(ContentClass.PROHIBITED.label),
+                ACK_WAIT_SECONDS,
+                max_deliveries,
             ),
         )
         client_api = ClientAPI(
@@ -65,6 +70,7 @@ class ModeratorService:
             retry_base_seconds=settings.moderation_retry_base_seconds,
             drain_timeout=settings.shutdown_delay_seconds
             + max(1.0, settings.shutdown_timeout_seconds - 5.0),
+            max_deliveries=max_deliveries,
         )
         return cls(consumer, client_api)
 

@@ -43,13 +43,18 @@ class WebhooksService:
         durable: str = WEBHOOKS_CONSUMER,
     ) -> WebhooksService:
         """Make sure the stream and the durable consumer exist, and build the parts."""
+        # The handler gives up by itself after its own attempts; never cut it short.
+        max_deliveries = max(settings.bus_max_deliveries, settings.webhook_max_attempts)
         js = nc.jetstream()
         await ensure_verdicts_stream(js)
         await ensure_durable_consumer(
             js,
             VERDICTS_STREAM,
             durable_consumer_config(
-                durable, verdict_subject(ContentClass.PROHIBITED.label), ACK_WAIT_SECONDS
+                durable,
+                verdict_subject(ContentClass.PROHIBITED.label),
+                ACK_WAIT_SECONDS,
+                max_deliveries,
             ),
         )
         urls = WebhookURLs(pool, instance_defaults())
@@ -71,6 +76,7 @@ class WebhooksService:
             retry_base_seconds=settings.webhook_retry_base_seconds,
             drain_timeout=settings.shutdown_delay_seconds
             + max(1.0, settings.shutdown_timeout_seconds - 5.0),
+            max_deliveries=max_deliveries,
         )
         return cls(nc, consumer, urls, sender)
 
