@@ -172,17 +172,48 @@ async def test_counts_are_synced_in_the_background(redis_client: aioredis.Redis)
     await limiter.aclose()
 
 
-async def test_redis_down_lets_requests_through_and_counts_the_error() -> None:
+async def test_redis_down_keeps_limiting_locally_and_counts_the_error() -> None:
     unreachable = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
-    limiter = OriginRateLimiter(unreachable, 1, 10, sync_interval=3600)
+    now = 2_200_000_003.0
+    limiter = OriginRateLimiter(unreachable, 3, 10, clock=lambda: now, sync_interval=3600)
     errors = REGISTRY.get_sample_value("warden_sign_rate_limit_errors_total") or 0.0
-    limiter.check("a.example")
+    for _ in range(3):
+        limiter.check("a.example")
     await limiter.sync()
     assert REGISTRY.get_sample_value("warden_sign_rate_limit_errors_total") == errors + 1
-    # The unshared count is dropped: the next request is allowed.
-    limiter.check("a.example")
+    # The unshared counts are kept: the limit still holds, sync after sync (M6: it
+    # never fails open).
+    with pytest.raises(LimitExceeded):
+        limiter.check("a.example")
+    await limiter.sync()
+    await limiter.sync()
+    with pytest.raises(LimitExceeded):
+        limiter.check("a.example")
+    limiter.check("b.example")  # still per origin
     await limiter.aclose()
     await unreachable.aclose()
+
+
+async def test_counts_kept_while_redis_was_down_are_shared_once_it_answers(
+    redis_client: aioredis.Redis,
+) -> None:
+    now = 2_300_000_003.0
+    limiter = OriginRateLimiter(redis_client, 100, 10, clock=lambda: now, sync_interval=3600)
+    key = redis_keys.rate_limit("late.example", int(now // 10))
+    for _ in range(3):
+        limiter.check("late.example")
+    pool = redis_client.connection_pool
+    redis_client.connection_pool = aioredis.ConnectionPool(host="127.0.0.1", port=1)
+    try:
+        await limiter.sync()  # fails: counts kept
+    finally:
+        await redis_client.connection_pool.disconnect()
+        redis_client.connection_pool = pool
+    assert await redis_client.get(key) is None
+    limiter.check("late.example")
+    await limiter.sync()
+    assert int(await redis_client.get(key)) == 4
+    await limiter.aclose()
 
 
 async def test_zero_disables_the_limit(redis_client: aioredis.Redis) -> None:
