@@ -222,3 +222,66 @@ async def test_zero_disables_the_limit(redis_client: aioredis.Redis) -> None:
         limiter.check("a.example")
     await limiter.aclose()
     assert await redis_client.keys("warden:rl:*") == []
+
+
+async def test_cached_answers_about_other_servers_events_are_not_charged(
+    make_gateway: GatewayFactory,
+    start_origin: Callable[[], Awaitable[Origin]],
+    start_worker: StartWorker,
+    protect_room: Protect,
+) -> None:
+    # M5: in a spam wave every server asks about each spam event; those answers come
+    # from cache and must not spend the budget the asking server's own users need.
+    gateway = await make_gateway(
+        sign_rate_limit_per_origin=100, sign_rate_limit_window_seconds=60, rate_clock=lambda: NOW
+    )
+    worker = await start_worker()
+    spammer, bystander = await start_origin(), await start_origin()
+    room_id = await protect_room(new_room_id("12"), "12")
+    spam = [spammer.event(room_id, "12", body=f"spam {i}") for i in range(100)]
+    for event in spam:
+        assert (await post_sign(gateway, spammer, event)).status_code == 200
+    assert worker.count == 100
+    for i, event in enumerate(spam):
+        if i % 2:
+            # As relayed to the bystander: another ``unsigned``, so other bytes (a body
+            # the gateway has not checked before), the same event.
+            event = {**event, "unsigned": {"age_ts": event["origin_server_ts"] + 7}}
+        r = await post_sign(gateway, bystander, event)
+        assert r.status_code == 200, (i, r.text)
+    assert worker.count == 100  # all answered from cache
+    own = bystander.event(room_id, "12", body="my own user's message")
+    r = await post_sign(gateway, bystander, own)
+    assert r.status_code == 200, r.text
+    # The spammer's own budget is spent.
+    r = await post_sign(gateway, spammer, spammer.event(room_id, "12", body="one more"))
+    assert r.status_code == 429
+
+
+async def test_other_servers_events_that_need_a_verdict_have_their_own_budget(
+    make_gateway: GatewayFactory,
+    start_origin: Callable[[], Awaitable[Origin]],
+    start_worker: StartWorker,
+    protect_room: Protect,
+    redis_client: aioredis.Redis,
+) -> None:
+    gateway = await make_gateway(
+        sign_rate_limit_per_origin=3, sign_rate_limit_window_seconds=60, rate_clock=lambda: NOW
+    )
+    await start_worker()
+    sender, asker = await start_origin(), await start_origin()
+    room_id = await protect_room(new_room_id("12"), "12")
+    for i in range(3):  # never asked before: each needs a verdict, and is charged
+        r = await post_sign(gateway, asker, sender.event(room_id, "12", body=f"new {i}"))
+        assert r.status_code == 200
+    r = await post_sign(gateway, asker, sender.event(room_id, "12", body="new 4"))
+    assert r.status_code == 429
+    assert r.json()["errcode"] == "M_LIMIT_EXCEEDED"
+    # Its own users' events have their own budget, untouched.
+    r = await post_sign(gateway, asker, asker.event(room_id, "12", body="mine"))
+    assert r.status_code == 200
+    await gateway.rate_limiter.sync()
+    window = int(NOW // 60)
+    assert int(await redis_client.get(redis_keys.rate_limit(asker.name, window))) == 1
+    others = redis_keys.rate_limit(asker.name, window, "sign_others")
+    assert int(await redis_client.get(others)) == 4
