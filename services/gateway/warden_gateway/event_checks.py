@@ -46,7 +46,7 @@ class CheckedEvent(NamedTuple):
     event_id: str
     reference_hash: str  # unpadded base64 of the redacted event's SHA-256
     policy_state: bool  # m.room.policy with an empty state key: signed without a verdict
-    sender_server: str  # the server part of the (signature-checked) sender
+    sender_server: str = ""  # the server part of the (signature-checked) sender
 
 
 class CheckedEvents:
