@@ -39,6 +39,7 @@ from warden.runtime.identity import Identity
 from warden.settings import Settings
 from warden.storage import room_state
 from warden_filter_worker.room_state_consumer import RoomStateConsumer
+from warden_gateway.room_cache import RoomCache
 
 NOW = 1_800_000_025.0  # 25 s into a 60 s window
 
@@ -334,3 +335,27 @@ async def test_a_full_inbound_stream_is_a_503_and_the_transaction_is_not_acknowl
         assert msgs[0].headers[HEADER_EVENT_ID] == event_id_of("12", first)
     finally:
         await js.delete_stream(stream)
+
+
+async def test_made_up_rooms_in_transactions_do_not_evict_protected_rooms_from_the_cache(
+    pg_database: str, protect_room: ProtectRoom
+) -> None:
+    queries: list[str] = []
+
+    async def init(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(lambda q: queries.append(q.query))
+
+    pool = await asyncpg.create_pool(pg_database, min_size=1, max_size=2, init=init)
+    assert pool is not None
+    try:
+        rooms = RoomCache(pool, size=10)
+        protected = await protect_room(new_room_id("12"), "12")
+        assert await rooms.get(protected) is not None
+        made_up = [new_room_id("12") for _ in range(50)]
+        found = await rooms.get_many([protected, *made_up])
+        assert found[protected] is not None and all(found[r] is None for r in made_up)
+        before = len(queries)
+        assert await rooms.get(protected) is not None
+        assert len(queries) == before  # still cached: answered without a query
+    finally:
+        await pool.close()

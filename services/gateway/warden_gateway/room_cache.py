@@ -66,7 +66,9 @@ class RoomCache:
         """``get`` for several rooms: the ones not cached are read in one query.
 
         A ``/send`` transaction names up to 50 rooms; one lookup each would take up to
-        50 of the pool's connections at once for a single transaction.
+        50 of the pool's connections at once for a single transaction. Only protected
+        rooms are cached from here: the rooms a transaction names are the sender's
+        choice, and caching its made-up ones would evict the entries ``/sign`` needs.
         """
         now = self._clock()
         found: dict[str, Room | None] = {}
@@ -83,8 +85,9 @@ class RoomCache:
             for room_id in missing:
                 room = rooms.get(room_id)
                 found[room_id] = room
-                self._entries[room_id] = (now + self._ttl, room)
-                self._entries.move_to_end(room_id)
+                if room is not None:
+                    self._entries[room_id] = (now + self._ttl, room)
+                    self._entries.move_to_end(room_id)
             while len(self._entries) > self._size:
                 self._entries.popitem(last=False)
         return found
