@@ -79,7 +79,7 @@ def transaction(origin: str, txn_id: str) -> str:
     already seen.
 
     Claimed with SET NX (value ``pending``, TTL 60 s) by the gateway that handles it,
-    then replaced by the JSON answer given (TTL one hour), which a repeat of the same
+    then replaced by the JSON answer given (TTL 10 minutes), which a repeat of the same
     transaction ID from the same origin gets again without being processed. Server
     names may hold ``:`` (a port) and transaction IDs anything, so the origin is
     length-prefixed: ``example.org`` with ``8448:a`` and ``example.org:8448`` with ``a``

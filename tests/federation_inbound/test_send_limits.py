@@ -71,6 +71,17 @@ async def test_transaction_ids_longer_than_255_bytes_are_refused(
     assert r.status_code == 200, r.text
 
 
+async def test_transactions_without_pdus_leave_nothing_in_redis(
+    inbound_gateway: InboundGateway, origin: Origin, redis_client: aioredis.Redis
+) -> None:
+    edus = {**txn(origin, []), "edus": [{"edu_type": "m.typing", "content": {}}]}
+    for _ in range(2):
+        r = await inbound_gateway.send(origin, "edus-only", edus)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"pdus": {}}
+    assert await redis_client.keys("warden:txn:*") == []
+
+
 async def test_each_origin_has_a_send_budget(
     make_inbound_gateway: InboundFactory,
     start_origin: Callable[[], Awaitable[Origin]],
@@ -171,9 +182,11 @@ async def test_dedup_keys_of_origins_differing_by_a_port_do_not_collide(
 
     # 127.0.0.1 sends "<port>:<tid>", then 127.0.0.1:<port> sends "<tid>": the same
     # "warden:txn:127.0.0.1:<port>:<tid>" before.
-    r = await inbound_gateway.send(bare, f"{port}%3A{tid}", txn(bare, []))
+    elsewhere = bare.event(new_room_id("12"), "12")  # a room Warden does not protect
+    r = await inbound_gateway.send(bare, f"{port}%3A{tid}", txn(bare, [elsewhere]))
     assert r.status_code == 200, r.text
     assert r.json() == {"pdus": {}}
+    assert await redis_client.get(redis_keys.transaction(bare.name, f"{port}:{tid}")) is not None
     r = await inbound_gateway.send(origin, tid, txn(origin, [event]))
     assert r.status_code == 200, r.text
     assert r.json() == {"pdus": {event_id_of("12", event): {}}}

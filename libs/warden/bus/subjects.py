@@ -22,9 +22,9 @@ Inbound federation (JetStream)
     (the transaction's origin), ``HEADER_ROOM_VERSION``, ``HEADER_ROOM_ID``,
     ``HEADER_EVENT_ID`` and ``Nats-Msg-Id`` = ``<event ID>/<digest of hashes and
     signatures>`` (a PDU relayed by several servers is kept once; a copy with corrupted
-    signatures does not suppress the real one). The filter workers read it through the durable consumer
-    ``ROOM_STATE_CONSUMER`` (learned room state, and verdicts for events that bypassed
-    the policy server).
+    signatures does not suppress the real one). The filter workers read it through the
+    durable consumer ``ROOM_STATE_CONSUMER`` (learned room state, and verdicts for
+    events that bypassed the policy server).
 
 Configuration (core NATS)
     ``CONFIG_CHANGED_SUBJECT`` — published by the admin API after a community's config

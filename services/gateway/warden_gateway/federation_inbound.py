@@ -2,7 +2,7 @@
 
 ``PUT /_matrix/federation/v1/send/{txnId}``
     0. a transaction ID longer than ``MAX_TXN_ID_BYTES`` is 400 ``M_INVALID_PARAM``
-       (it becomes part of a Redis key kept for an hour);
+       (it becomes part of a Redis key);
     1. body at most ``MAX_TRANSACTION_BYTES`` (413), canonical JSON (400 ``M_NOT_JSON`` /
        ``M_BAD_JSON``), X-Matrix (401); the body's ``origin``, when given, must be the
        authenticated one (403);
@@ -13,9 +13,12 @@
        API's limit): a transaction costs 1 plus its number of PDUs; past it 429
        ``M_LIMIT_EXCEEDED`` with ``retry_after_ms``, and the origin retries later;
     4. deduplication per origin: Redis ``transaction(origin, txn_id)`` is claimed with
-       SET NX; a repeat gets the answer cached there (an hour) without being processed
-       again. A repeat that arrives while the first is still being handled waits for its
-       answer a little, then handles the transaction itself (harmless: see 6);
+       SET NX; a repeat gets the answer cached there (``TRANSACTION_CACHE_SECONDS``)
+       without being processed again. Transactions without PDUs (typing, receipts,
+       presence: most of a busy server's traffic) skip this: handling them again costs
+       nothing, and they would only fill Redis. A repeat that arrives while the first
+       is still being handled waits for its answer a little, then handles the
+       transaction itself (harmless: see 6);
     5. the rooms the PDUs name are looked up in one query (``RoomCache.get_many``); each
        PDU of a protected room is checked cheaply for the room's version (event ID, the
        spec's 65,536-byte size, structure, content hash) and published to JetStream
@@ -119,18 +122,21 @@ MAX_TRANSACTION_BYTES = 8 * 1024 * 1024
 # the answer and is not published (JetStream would take up to 1 MiB, then fail the whole
 # transaction on every retry).
 MAX_PDU_BYTES = 65536
-# Transaction IDs are opaque, but they are kept in Redis keys for an hour; homeservers
+# Transaction IDs are opaque, but they are kept in Redis keys for a while; homeservers
 # use short ones (Synapse: a timestamp and a counter).
 MAX_TXN_ID_BYTES = 255
-# A repeat answers from the cache this long (origins retry failed transactions for
-# hours with backoff, but a repeat after a whole hour is harmless: see the docstring).
-TRANSACTION_CACHE_SECONDS = 3600
+# A repeat answers from the cache this long: the inbound stream's duplicate window.
+# Origins retry failed transactions for hours with backoff, but a later repeat is
+# harmless (see the docstring); what bounds Redis memory is this times the origins'
+# /send budgets.
+TRANSACTION_CACHE_SECONDS = 600
 # The claim of a transaction being handled; past it another request handles it again.
 TRANSACTION_CLAIM_SECONDS = 60
 # How long a repeat waits for the first request's answer before handling it itself.
 DUPLICATE_WAIT_SECONDS = 5.0
 PUBLISH_TIMEOUT_SECONDS = 5.0
 _PENDING = b"pending"
+_NO_PDUS_ANSWER = orjson.dumps({"pdus": {}})
 
 DISPLAYNAME = "Warden policy server"
 
@@ -362,6 +368,9 @@ class FederationInbound:
         if self._rate_limiter is not None:
             self._rate_limiter.check(origin, cost=1 + len(pdus))
 
+        if not pdus:
+            logger.debug("transaction", extra={"origin": origin, "pdus": 0, "edus": len(edus)})
+            return _NO_PDUS_ANSWER, "processed"
         key = redis_keys.transaction(origin, txn_id)
         claimed = await self._claim(key)
         if not claimed:
