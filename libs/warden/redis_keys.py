@@ -60,22 +60,32 @@ def frequency(filter_name: str, community_id: str, user_id: str) -> str:
     return f"{PREFIX}freq:{filter_name}:{community_id}:{user_id}"
 
 
-def rate_limit(origin: str, window: int) -> str:
+def rate_limit(origin: str, window: int, budget: str = "sign") -> str:
     """``warden:rl:<origin>:<window>``: requests from one origin server in one window of
-    the per-origin rate limit, shared by every gateway replica."""
-    return f"{PREFIX}rl:{origin}:{window}"
+    the per-origin rate limit, shared by every gateway replica.
+
+    Other budgets have their own prefix, ``warden:rl_<budget>:<origin>:<window>``:
+    ``sign_others`` (policy requests about other servers' events that needed a
+    verdict) and ``send`` (``/send``: PDUs plus one per transaction). The window is a
+    number and comes last, so a key names one origin whatever ``:`` it holds.
+    """
+    if budget == "sign":
+        return f"{PREFIX}rl:{origin}:{window}"
+    return f"{PREFIX}rl_{budget}:{origin}:{window}"
 
 
 def transaction(origin: str, txn_id: str) -> str:
-    """``warden:txn:<origin>:<txn_id>``: a federation ``/send`` transaction already seen.
+    """``warden:txn:<len(origin)>:<origin>:<txn_id>``: a federation ``/send`` transaction
+    already seen.
 
     Claimed with SET NX (value ``pending``, TTL 60 s) by the gateway that handles it,
-    then replaced by the JSON answer given (TTL one hour), which a repeat of the same
-    transaction ID from the same origin gets again without being processed. The
-    transaction ID is whatever the origin chose (it may hold ``:``); the origin comes
-    first, so keys of different origins never collide.
+    then replaced by the JSON answer given (TTL 10 minutes), which a repeat of the same
+    transaction ID from the same origin gets again without being processed. Server
+    names may hold ``:`` (a port) and transaction IDs anything, so the origin is
+    length-prefixed: ``example.org`` with ``8448:a`` and ``example.org:8448`` with ``a``
+    are different keys. The gateway caps transaction IDs at 255 bytes.
     """
-    return f"{PREFIX}txn:{origin}:{txn_id}"
+    return f"{PREFIX}txn:{len(origin)}:{origin}:{txn_id}"
 
 
 def state_refresh_lock() -> str:

@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     # redis://user:password@host/0 with Redis ACLs); rediss:// uses TLS
     # (?ssl_ca_certs=/path/ca.pem for a private CA).
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Warden: each service's Redis connection pool. A command past the maximum waits for
+    # a free connection up to the timeout (then fails as a Redis error: 503 or the
+    # caller's fallback) instead of failing at once.
+    redis_max_connections: int = Field(default=100, ge=1)
+    redis_pool_timeout_seconds: float = Field(default=5.0, gt=0)
 
     # --- Federation and keys of other servers ---
     key_query_server: str = "matrix.org,ed25519:a_RXGa,l8Hft5qXKn1vfHrg3p4+W8gELQVo8N13JkluMfmn2sQ"
@@ -165,6 +170,13 @@ class Settings(BaseSettings):
     # shared by every gateway replica through Redis; 0 turns the limit off.
     sign_rate_limit_per_origin: int = Field(default=3000, ge=0)
     sign_rate_limit_window_seconds: int = Field(default=10, ge=1, le=3600)
+    # Warden: per-origin budget of /send per fixed window, shared like the above: each
+    # transaction costs 1 plus its number of PDUs (429 M_LIMIT_EXCEEDED past it; 0 off).
+    send_rate_limit_per_origin: int = Field(default=3000, ge=0)
+    send_rate_limit_window_seconds: int = Field(default=10, ge=1, le=3600)
+    # Warden: bytes the gateway keeps of /sign bodies whose event checks passed (the
+    # event-check cache; 0 turns it off).
+    event_check_cache_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     # Warden: "m.server" of /.well-known/matrix/server; empty means
     # "<PS_HOMESERVER_NAME>:443", policyserv's fixed answer.
     well_known_server: str = ""

@@ -5,6 +5,7 @@ servers, and a reader of what was published."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 from signedjson.key import get_verify_key
 
 # Shared fixtures: the test CA and HTTPS servers, origins, the gateway's identity.
@@ -33,6 +35,7 @@ from warden.runtime.identity import Identity
 from warden.settings import DEFAULT_DENIED_NETWORKS, Settings
 from warden_gateway.app import build_app
 from warden_gateway.federation_inbound import FederationInbound
+from warden_gateway.rate_limit import OriginRateLimiter
 from warden_gateway.room_cache import RoomCache
 
 DENIED_WITHOUT_LOOPBACK = [
@@ -61,10 +64,11 @@ class Published:
     js: Any
     subject: str
     durable: str
+    stream: str = INBOUND_STREAM
 
     async def fetch(self, expect: int, timeout: float = 3.0) -> list[Any]:
         """Up to ``expect`` messages (fewer if no more arrive within ``timeout``)."""
-        sub = await self.js.pull_subscribe_bind(durable=self.durable, stream=INBOUND_STREAM)
+        sub = await self.js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
         got: list[Any] = []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -113,17 +117,25 @@ class InboundGateway:
         )
 
 
+InboundFactory = Callable[..., Awaitable[InboundGateway]]
+
+
 @pytest.fixture
-async def inbound_gateway(
+async def make_inbound_gateway(
     make_settings: Callable[..., Settings],
     tls_ca_file: str,  # noqa: F811
     redis_client: aioredis.Redis,
     pg_pool: asyncpg.Pool,
     nats_client: NATS,
     identity: Identity,  # noqa: F811
-) -> AsyncIterator[InboundGateway]:
-    """A gateway publishing inbound PDUs to ``warden.inbound.pdu.test<random>`` (inside
-    the real stream, outside the real consumer's filter), read by a test durable."""
+) -> AsyncIterator[InboundFactory]:
+    """Build gateways publishing inbound PDUs to ``warden.inbound.pdu.test<random>``
+    (inside the real stream, outside the real consumer's filter), read by a test durable.
+
+    Keywords: ``send_limit`` (and ``rate_clock``) give the gateway a ``/send`` budget;
+    ``room_pool`` replaces the pool rooms are read from; ``stream`` and ``subject``
+    publish into another stream (which the test created); ``max_pdu_bytes``.
+    """
     settings = origin_settings(make_settings, tls_ca_file)
     federation = FederationClient(settings, identity.federation_key)
     keyring = Keyring(
@@ -136,37 +148,76 @@ async def inbound_gateway(
     )
     js = nats_client.jetstream()
     await ensure_inbound_stream(js)
-    suffix = uuid.uuid4().hex[:12]
-    subject = f"{INBOUND_PDU_SUBJECT}.test{suffix}"
-    durable = f"test-inbound-{suffix}"
-    await js.add_consumer(
-        INBOUND_STREAM,
-        ConsumerConfig(
-            durable_name=durable,
-            filter_subject=subject,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_policy=AckPolicy.EXPLICIT,
-        ),
-    )
-    inbound = FederationInbound(
-        server_name=GATEWAY_NAME,
-        local_user_id=LOCAL_USER,
-        keyring=keyring,
-        rooms=RoomCache(pg_pool),
-        redis=redis_client,
-        js=js,
-        subject=subject,
-    )
-    app = build_app(identity, Health("gateway"), settings=settings, federation=inbound)
-    client = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=30
-    )
+    closers: list[Callable[[], Awaitable[Any]]] = []
+
+    async def build(
+        *,
+        send_limit: int = 0,
+        rate_clock: Callable[[], float] | None = None,
+        room_pool: asyncpg.Pool | None = None,
+        stream: str = INBOUND_STREAM,
+        subject: str | None = None,
+        max_pdu_bytes: int = 65536,
+    ) -> InboundGateway:
+        suffix = uuid.uuid4().hex[:12]
+        subject = subject or f"{INBOUND_PDU_SUBJECT}.test{suffix}"
+        durable = f"test-inbound-{suffix}"
+        await js.add_consumer(
+            stream,
+            ConsumerConfig(
+                durable_name=durable,
+                filter_subject=subject,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_policy=AckPolicy.EXPLICIT,
+            ),
+        )
+
+        async def delete_consumer() -> None:
+            with contextlib.suppress(NotFoundError):  # the test may have removed its stream
+                await js.delete_consumer(stream, durable)
+
+        closers.append(delete_consumer)
+        limiter = None
+        if send_limit:
+            limiter = OriginRateLimiter(
+                redis_client,
+                send_limit,
+                60,
+                budget="send",
+                what="/send PDUs and transactions",
+                **({"clock": rate_clock} if rate_clock is not None else {}),
+            )
+            closers.append(limiter.aclose)
+        inbound = FederationInbound(
+            server_name=GATEWAY_NAME,
+            local_user_id=LOCAL_USER,
+            keyring=keyring,
+            rooms=RoomCache(room_pool or pg_pool),
+            redis=redis_client,
+            js=js,
+            subject=subject,
+            max_pdu_bytes=max_pdu_bytes,
+            rate_limiter=limiter,
+        )
+        app = build_app(identity, Health("gateway"), settings=settings, federation=inbound)
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=30
+        )
+        closers.append(client.aclose)
+        return InboundGateway(client, identity, subject, Published(js, subject, durable, stream))
+
     try:
-        yield InboundGateway(client, identity, subject, Published(js, subject, durable))
+        yield build
     finally:
-        await client.aclose()
+        for close in reversed(closers):
+            await close()
         await federation.aclose()
-        await js.delete_consumer(INBOUND_STREAM, durable)
+
+
+@pytest.fixture
+async def inbound_gateway(make_inbound_gateway: InboundFactory) -> InboundGateway:
+    """A gateway with default settings (no /send budget)."""
+    return await make_inbound_gateway()
 
 
 @pytest.fixture

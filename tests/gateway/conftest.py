@@ -41,6 +41,7 @@ from warden.settings import DEFAULT_DENIED_NETWORKS, Settings
 from warden.storage.rooms import put_room
 from warden.telemetry.tracing import configure_tracing
 from warden_gateway.app import build_app
+from warden_gateway.event_checks import CheckedEvents
 from warden_gateway.policy_api import PolicyAPI
 from warden_gateway.rate_limit import OriginRateLimiter
 from warden_gateway.room_cache import RoomCache
@@ -131,6 +132,7 @@ async def make_gateway(
             verdicts=verdicts,
             rate_limiter=rate_limiter,
             max_body_bytes=settings.max_pdu_bytes,
+            checked_events=CheckedEvents(max_bytes=settings.event_check_cache_max_bytes),
         )
         app = build_app(identity, Health("gateway"), settings=settings, policy=policy)
         client = httpx.AsyncClient(

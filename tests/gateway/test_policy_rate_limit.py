@@ -172,17 +172,48 @@ async def test_counts_are_synced_in_the_background(redis_client: aioredis.Redis)
     await limiter.aclose()
 
 
-async def test_redis_down_lets_requests_through_and_counts_the_error() -> None:
+async def test_redis_down_keeps_limiting_locally_and_counts_the_error() -> None:
     unreachable = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
-    limiter = OriginRateLimiter(unreachable, 1, 10, sync_interval=3600)
+    now = 2_200_000_003.0
+    limiter = OriginRateLimiter(unreachable, 3, 10, clock=lambda: now, sync_interval=3600)
     errors = REGISTRY.get_sample_value("warden_sign_rate_limit_errors_total") or 0.0
-    limiter.check("a.example")
+    for _ in range(3):
+        limiter.check("a.example")
     await limiter.sync()
     assert REGISTRY.get_sample_value("warden_sign_rate_limit_errors_total") == errors + 1
-    # The unshared count is dropped: the next request is allowed.
-    limiter.check("a.example")
+    # The unshared counts are kept: the limit still holds, sync after sync (M6: it
+    # never fails open).
+    with pytest.raises(LimitExceeded):
+        limiter.check("a.example")
+    await limiter.sync()
+    await limiter.sync()
+    with pytest.raises(LimitExceeded):
+        limiter.check("a.example")
+    limiter.check("b.example")  # still per origin
     await limiter.aclose()
     await unreachable.aclose()
+
+
+async def test_counts_kept_while_redis_was_down_are_shared_once_it_answers(
+    redis_client: aioredis.Redis,
+) -> None:
+    now = 2_300_000_003.0
+    limiter = OriginRateLimiter(redis_client, 100, 10, clock=lambda: now, sync_interval=3600)
+    key = redis_keys.rate_limit("late.example", int(now // 10))
+    for _ in range(3):
+        limiter.check("late.example")
+    pool = redis_client.connection_pool
+    redis_client.connection_pool = aioredis.ConnectionPool(host="127.0.0.1", port=1)
+    try:
+        await limiter.sync()  # fails: counts kept
+    finally:
+        await redis_client.connection_pool.disconnect()
+        redis_client.connection_pool = pool
+    assert await redis_client.get(key) is None
+    limiter.check("late.example")
+    await limiter.sync()
+    assert int(await redis_client.get(key)) == 4
+    await limiter.aclose()
 
 
 async def test_zero_disables_the_limit(redis_client: aioredis.Redis) -> None:
@@ -191,3 +222,66 @@ async def test_zero_disables_the_limit(redis_client: aioredis.Redis) -> None:
         limiter.check("a.example")
     await limiter.aclose()
     assert await redis_client.keys("warden:rl:*") == []
+
+
+async def test_cached_answers_about_other_servers_events_are_not_charged(
+    make_gateway: GatewayFactory,
+    start_origin: Callable[[], Awaitable[Origin]],
+    start_worker: StartWorker,
+    protect_room: Protect,
+) -> None:
+    # M5: in a spam wave every server asks about each spam event; those answers come
+    # from cache and must not spend the budget the asking server's own users need.
+    gateway = await make_gateway(
+        sign_rate_limit_per_origin=100, sign_rate_limit_window_seconds=60, rate_clock=lambda: NOW
+    )
+    worker = await start_worker()
+    spammer, bystander = await start_origin(), await start_origin()
+    room_id = await protect_room(new_room_id("12"), "12")
+    spam = [spammer.event(room_id, "12", body=f"spam {i}") for i in range(100)]
+    for event in spam:
+        assert (await post_sign(gateway, spammer, event)).status_code == 200
+    assert worker.count == 100
+    for i, event in enumerate(spam):
+        if i % 2:
+            # As relayed to the bystander: another ``unsigned``, so other bytes (a body
+            # the gateway has not checked before), the same event.
+            event = {**event, "unsigned": {"age_ts": event["origin_server_ts"] + 7}}
+        r = await post_sign(gateway, bystander, event)
+        assert r.status_code == 200, (i, r.text)
+    assert worker.count == 100  # all answered from cache
+    own = bystander.event(room_id, "12", body="my own user's message")
+    r = await post_sign(gateway, bystander, own)
+    assert r.status_code == 200, r.text
+    # The spammer's own budget is spent.
+    r = await post_sign(gateway, spammer, spammer.event(room_id, "12", body="one more"))
+    assert r.status_code == 429
+
+
+async def test_other_servers_events_that_need_a_verdict_have_their_own_budget(
+    make_gateway: GatewayFactory,
+    start_origin: Callable[[], Awaitable[Origin]],
+    start_worker: StartWorker,
+    protect_room: Protect,
+    redis_client: aioredis.Redis,
+) -> None:
+    gateway = await make_gateway(
+        sign_rate_limit_per_origin=3, sign_rate_limit_window_seconds=60, rate_clock=lambda: NOW
+    )
+    await start_worker()
+    sender, asker = await start_origin(), await start_origin()
+    room_id = await protect_room(new_room_id("12"), "12")
+    for i in range(3):  # never asked before: each needs a verdict, and is charged
+        r = await post_sign(gateway, asker, sender.event(room_id, "12", body=f"new {i}"))
+        assert r.status_code == 200
+    r = await post_sign(gateway, asker, sender.event(room_id, "12", body="new 4"))
+    assert r.status_code == 429
+    assert r.json()["errcode"] == "M_LIMIT_EXCEEDED"
+    # Its own users' events have their own budget, untouched.
+    r = await post_sign(gateway, asker, asker.event(room_id, "12", body="mine"))
+    assert r.status_code == 200
+    await gateway.rate_limiter.sync()
+    window = int(NOW // 60)
+    assert int(await redis_client.get(redis_keys.rate_limit(asker.name, window))) == 1
+    others = redis_keys.rate_limit(asker.name, window, "sign_others")
+    assert int(await redis_client.get(others)) == 4

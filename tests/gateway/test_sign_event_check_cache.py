@@ -25,6 +25,7 @@ from warden.matrix.event_hashes import compute_event_id
 from warden.matrix.keys import POLICY_SERVER_KEY_ID
 from warden.matrix.room_versions import get_room_version
 from warden.storage.rooms import delete_room
+from warden_gateway.event_checks import CheckedEvent, CheckedEvents
 
 StartWorker = Callable[..., Awaitable[StandInWorker]]
 Protect = Callable[..., Awaitable[str]]
@@ -181,3 +182,39 @@ async def test_check_with_a_repeated_body_still_compares_the_path_event_id(
     assert checks("hit") == hits + 1
     assert wrong.status_code == 400
     assert wrong.json()["errcode"] == "M_INVALID_PARAM"
+
+
+async def test_the_cache_is_bounded_in_bytes(
+    make_gateway: GatewayFactory,
+    origin: Origin,
+    start_worker: StartWorker,
+    protect_room: Protect,
+) -> None:
+    # M2: 20 000 entries of 64 KiB were 1.25 GiB; the byte bound keeps far less.
+    limit = 256 * 1024
+    gateway = await make_gateway(event_check_cache_max_bytes=limit)
+    await start_worker()
+    room_id = await protect_room(new_room_id("12"), "12")
+    events = [origin.event(room_id, "12", body=f"{i}" + "x" * 40_000) for i in range(20)]
+    for event in events:
+        assert (await post_body(gateway, origin, event)).status_code == 200
+    held = REGISTRY.get_sample_value("warden_sign_event_check_cache_bytes")
+    assert held is not None and 0 < held <= limit
+    # The oldest bodies were evicted: asking again checks them again; the newest is a hit.
+    misses = checks("miss")
+    assert (await post_body(gateway, origin, events[0])).status_code == 200
+    assert checks("miss") == misses + 1
+    hits = checks("hit")
+    assert (await post_body(gateway, origin, events[-1])).status_code == 200
+    assert checks("hit") == hits + 1
+
+
+def test_an_entry_larger_than_the_bound_is_not_kept() -> None:
+    cache = CheckedEvents(max_bytes=1000)
+    entry = CheckedEvent(b"x" * 2000, "!r", "12", "$e", "hash", False, "s.example")
+    cache.put(b"digest", entry)
+    assert len(cache) == 0 and cache.bytes_held == 0
+    small = entry._replace(content_json=b"{}")
+    cache.put(b"digest", small)
+    cache.put(b"digest", small)  # replacing an entry does not count it twice
+    assert len(cache) == 1 and 0 < cache.bytes_held <= 1000

@@ -45,24 +45,37 @@ async def ensure_verdicts_stream(js: JetStreamContext) -> None:
 # Inbound PDUs are work for the room-state consumer, not a record: a day covers any
 # realistic outage of the filter workers, and the periodic /state refresh repairs what
 # is lost beyond it. Several servers relay the same event within seconds to minutes,
-# hence a longer duplicate window than the verdicts'.
+# hence a longer duplicate window than the verdicts'. (Nats-Msg-Id is the event ID plus
+# a digest of its signatures: see the gateway's federation_inbound.)
+# When the stream is full it refuses new messages (discard=new) instead of dropping the
+# oldest, which nobody may have judged yet: the gateway answers the transaction 503 and
+# the origin sends it again later (warden_inbound_publish_failures_total{reason=
+# "stream_full"}; see the README's alerts).
 INBOUND_MAX_AGE_SECONDS = 24 * 3600.0
 INBOUND_DUPLICATE_WINDOW_SECONDS = 600.0
 INBOUND_MAX_BYTES = 2 * 1024**3
 
 
-async def ensure_inbound_stream(js: JetStreamContext) -> None:
-    """Create the inbound PDU stream if missing, or update it to the current settings."""
-    config = StreamConfig(
-        name=INBOUND_STREAM,
-        subjects=[INBOUND_SUBJECTS],
+def inbound_stream_config(
+    name: str = INBOUND_STREAM,
+    subjects: list[str] | None = None,
+    max_bytes: int = INBOUND_MAX_BYTES,
+) -> StreamConfig:
+    """The inbound PDU stream's configuration (name, subjects and size for tests)."""
+    return StreamConfig(
+        name=name,
+        subjects=subjects if subjects is not None else [INBOUND_SUBJECTS],
         retention=RetentionPolicy.LIMITS,
         max_age=INBOUND_MAX_AGE_SECONDS,
-        max_bytes=INBOUND_MAX_BYTES,
-        discard=DiscardPolicy.OLD,
+        max_bytes=max_bytes,
+        discard=DiscardPolicy.NEW,
         duplicate_window=INBOUND_DUPLICATE_WINDOW_SECONDS,
     )
-    await _create_or_update(js, config)
+
+
+async def ensure_inbound_stream(js: JetStreamContext) -> None:
+    """Create the inbound PDU stream if missing, or update it to the current settings."""
+    await _create_or_update(js, inbound_stream_config())
 
 
 async def _create_or_update(js: JetStreamContext, config: StreamConfig) -> None:

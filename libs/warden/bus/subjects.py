@@ -20,10 +20,11 @@ Inbound federation (JetStream)
     of a protected room that arrives in a ``/send`` transaction on
     ``INBOUND_PDU_SUBJECT``: body the PDU JSON as received, headers ``HEADER_ORIGIN``
     (the transaction's origin), ``HEADER_ROOM_VERSION``, ``HEADER_ROOM_ID``,
-    ``HEADER_EVENT_ID`` and ``Nats-Msg-Id`` = the event ID (a PDU relayed by several
-    servers is kept once). The filter workers read it through the durable consumer
-    ``ROOM_STATE_CONSUMER`` (learned room state, and verdicts for events that bypassed
-    the policy server).
+    ``HEADER_EVENT_ID`` and ``Nats-Msg-Id`` = ``<event ID>/<digest of hashes and
+    signatures>`` (a PDU relayed by several servers is kept once; a copy with corrupted
+    signatures does not suppress the real one). The filter workers read it through the
+    durable consumer ``ROOM_STATE_CONSUMER`` (learned room state, and verdicts for
+    events that bypassed the policy server).
 
 Configuration (core NATS)
     ``CONFIG_CHANGED_SUBJECT`` — published by the admin API after a community's config

@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 
 from warden.bus.connection import NatsAuth, check_nats, connect_nats
 from warden.runtime.service import ServiceRuntime
+from warden.settings import Settings
 from warden.storage.database import create_pool, ping
 from warden.storage.migrations import migrate
 
@@ -62,12 +63,31 @@ async def postgres(runtime: ServiceRuntime, *, apply_migrations: bool = True) ->
     return pool
 
 
+def redis_client(s: Settings) -> aioredis.Redis:
+    """A Redis client on a blocking pool of ``PS_REDIS_MAX_CONNECTIONS`` connections.
+
+    redis-py's default asyncio pool fails a command at once (``MaxConnectionsError``)
+    when all its connections are busy, so a burst of concurrent requests turned into
+    errors (and, in the rate limiter, into no limit). A blocking pool makes a command
+    wait for a free connection, up to ``PS_REDIS_POOL_TIMEOUT_SECONDS``; past that it
+    raises ``redis.ConnectionError`` ("No connection available"), a ``RedisError`` that
+    callers already handle as Redis being unavailable.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        s.redis_url,
+        max_connections=s.redis_max_connections,
+        timeout=s.redis_pool_timeout_seconds,
+        socket_connect_timeout=5,
+        socket_timeout=5,
+        health_check_interval=30,
+    )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose closes it
+
+
 async def redis(runtime: ServiceRuntime) -> aioredis.Redis:
     """Connect to Redis (hiredis parser when installed) and register readiness."""
     s = runtime.settings
-    client: aioredis.Redis = aioredis.from_url(
-        s.redis_url, socket_connect_timeout=5, socket_timeout=5, health_check_interval=30
-    )
+    client = redis_client(s)
 
     async def ping_redis() -> None:
         await client.ping()

@@ -25,6 +25,14 @@ async def get_room(pool: asyncpg.Pool, room_id: str) -> Room | None:
     return _room(row) if row else None
 
 
+async def get_rooms(pool: asyncpg.Pool, room_ids: list[str]) -> dict[str, Room]:
+    """The protected rooms among ``room_ids`` (one query, whatever their number)."""
+    rows = await pool.fetch(
+        f"SELECT {_COLUMNS} FROM rooms WHERE room_id = ANY($1::text[])", room_ids
+    )
+    return {r["room_id"]: _room(r) for r in rows}
+
+
 async def list_rooms(pool: asyncpg.Pool) -> list[Room]:
     """Every protected room, ordered by ID."""
     rows = await pool.fetch(f"SELECT {_COLUMNS} FROM rooms ORDER BY room_id")

@@ -1,27 +1,44 @@
 """Receiving federation: ``/send`` transactions, and the user queries other servers make.
 
 ``PUT /_matrix/federation/v1/send/{txnId}``
+    0. a transaction ID longer than ``MAX_TXN_ID_BYTES`` is 400 ``M_INVALID_PARAM``
+       (it becomes part of a Redis key);
     1. body at most ``MAX_TRANSACTION_BYTES`` (413), canonical JSON (400 ``M_NOT_JSON`` /
        ``M_BAD_JSON``), X-Matrix (401); the body's ``origin``, when given, must be the
        authenticated one (403);
     2. ``pdus`` a list of at most 50, ``edus`` (optional) a list of at most 100 (the
        spec's limits; 400 ``M_BAD_JSON``);
-    3. deduplication per origin: Redis ``transaction(origin, txn_id)`` is claimed with
-       SET NX; a repeat gets the answer cached there (an hour) without being processed
-       again. A repeat that arrives while the first is still being handled waits for its
-       answer a little, then handles the transaction itself (harmless: see 5);
-    4. each PDU of a protected room is checked cheaply for the room's version (structure,
-       content hash; its event ID computed) and published to JetStream
+    3. the origin's budget (``PS_SEND_RATE_LIMIT_PER_ORIGIN`` per
+       ``PS_SEND_RATE_LIMIT_WINDOW_SECONDS``, shared by the replicas like the policy
+       API's limit): a transaction costs 1 plus its number of PDUs; past it 429
+       ``M_LIMIT_EXCEEDED`` with ``retry_after_ms``, and the origin retries later;
+    4. deduplication per origin: Redis ``transaction(origin, txn_id)`` is claimed with
+       SET NX; a repeat gets the answer cached there (``TRANSACTION_CACHE_SECONDS``)
+       without being processed again. Transactions without PDUs (typing, receipts,
+       presence: most of a busy server's traffic) skip this: handling them again costs
+       nothing, and they would only fill Redis. A repeat that arrives while the first
+       is still being handled waits for its answer a little, then handles the
+       transaction itself (harmless: see 6);
+    5. the rooms the PDUs name are looked up in one query (``RoomCache.get_many``); each
+       PDU of a protected room is checked cheaply for the room's version (event ID, the
+       spec's 65,536-byte size, structure, content hash) and published to JetStream
        (``INBOUND_PDU_SUBJECT``) for the filter workers' room-state consumer, which checks
        signatures, learns state and judges events that bypassed the policy server. PDUs
        of rooms Warden does not protect are left out of the answer (their room version,
-       hence their event ID, is unknown), like policyserv; invalid ones get
-       ``{"error": ...}``; accepted ones ``{}``;
-    5. ``Nats-Msg-Id`` is the event ID, so the same event relayed by several origins, or
-       a transaction handled twice, is stored once in the stream;
-    6. EDUs are accepted and dropped.
+       hence their event ID, is unknown), like policyserv; invalid or oversized ones get
+       ``{"error": ...}`` and are not published; accepted ones ``{}``;
+    6. ``Nats-Msg-Id`` is the event ID plus a digest of the PDU's ``hashes`` and
+       ``signatures``, so the same event relayed by several origins, or a transaction
+       handled twice, is stored once in the stream, while a copy with a corrupted
+       signature (which the worker drops) cannot make JetStream drop the real one as a
+       duplicate. The digest covers everything but ``unsigned``: the content hash, which
+       the gateway checked, covers the rest;
+    7. EDUs are accepted and dropped.
 
-    A publish that fails is 503 (nothing cached: the origin retries the transaction).
+    A publish that fails (NATS down, or the inbound stream full: it refuses new
+    messages rather than dropping unjudged ones) is 503 and nothing is cached, so the
+    origin retries the transaction; counted in
+    ``warden_inbound_publish_failures_total{reason}``.
     Bad input is always a 4xx with a Matrix error, never a 500.
 
 ``GET /_matrix/federation/v1/user/devices/{userId}``
@@ -43,14 +60,17 @@ import time
 from typing import Any, Protocol
 
 import asyncpg
+import nats.errors
 import orjson
 import redis.asyncio as aioredis
 from nats.js import JetStreamContext
+from nats.js.errors import APIError
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from unpaddedbase64 import encode_base64
 
 from warden import redis_keys
 from warden.bus.subjects import (
@@ -65,6 +85,8 @@ from warden.matrix.canonical_json import CanonicalJSONError, parse_canonical
 from warden.matrix.errors import (
     BadJSON,
     Forbidden,
+    InvalidParam,
+    LimitExceeded,
     MatrixError,
     NotFound,
     NotJSON,
@@ -82,6 +104,7 @@ from warden.matrix.room_versions import RoomVersion, get_room_version
 from warden.storage.records import Room
 from warden.telemetry.tracing import inject_headers, tracer
 from warden_gateway.errors import TemporarilyUnavailable, error_response
+from warden_gateway.rate_limit import OriginRateLimiter
 from warden_gateway.request_body import read_limited_body
 
 logger = logging.getLogger(__name__)
@@ -95,29 +118,46 @@ MAX_PDUS = 50  # spec: a transaction carries at most 50 PDUs
 MAX_EDUS = 100  # and 100 EDUs
 # 50 PDUs of up to 64 KiB each plus EDUs (device lists can be large), with room to spare.
 MAX_TRANSACTION_BYTES = 8 * 1024 * 1024
-# A repeat answers from the cache this long (origins retry failed transactions for
-# hours with backoff, but a repeat after a whole hour is harmless: see the docstring).
-TRANSACTION_CACHE_SECONDS = 3600
+# The spec's limit on a PDU (in the federation format); a larger one gets an error in
+# the answer and is not published (JetStream would take up to 1 MiB, then fail the whole
+# transaction on every retry).
+MAX_PDU_BYTES = 65536
+# Transaction IDs are opaque, but they are kept in Redis keys for a while; homeservers
+# use short ones (Synapse: a timestamp and a counter).
+MAX_TXN_ID_BYTES = 255
+# A repeat answers from the cache this long: the inbound stream's duplicate window.
+# Origins retry failed transactions for hours with backoff, but a later repeat is
+# harmless (see the docstring); what bounds Redis memory is this times the origins'
+# /send budgets.
+TRANSACTION_CACHE_SECONDS = 600
 # The claim of a transaction being handled; past it another request handles it again.
 TRANSACTION_CLAIM_SECONDS = 60
 # How long a repeat waits for the first request's answer before handling it itself.
 DUPLICATE_WAIT_SECONDS = 5.0
 PUBLISH_TIMEOUT_SECONDS = 5.0
 _PENDING = b"pending"
+_NO_PDUS_ANSWER = orjson.dumps({"pdus": {}})
 
 DISPLAYNAME = "Warden policy server"
 
 TRANSACTIONS = Counter(
     "warden_federation_transactions_total",
     "Federation /send transactions, by outcome (processed, duplicate, bad_json, not_json, "
-    "too_large, unauthorized, forbidden, unavailable, other_error).",
+    "too_large, unauthorized, forbidden, rate_limited, invalid_param, unavailable, "
+    "other_error).",
     ["outcome"],
 )
 INBOUND_PDUS = Counter(
     "warden_inbound_pdus_total",
     "PDUs received in /send transactions, by outcome (published, duplicate: already in "
-    "the stream, invalid, unknown_room, not_object).",
+    "the stream, invalid, too_large, unknown_room, not_object).",
     ["outcome"],
+)
+INBOUND_PUBLISH_FAILURES = Counter(
+    "warden_inbound_publish_failures_total",
+    "Inbound PDUs that could not be put on the inbound stream (the transaction was "
+    "answered 503 and is retried by its origin), by reason (stream_full, timeout, error).",
+    ["reason"],
 )
 
 _DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
@@ -138,8 +178,8 @@ class MissingParam(MatrixError):
 class RoomLookup(Protocol):
     """What this module needs from a room cache (``RoomCache`` implements it)."""
 
-    async def get(self, room_id: str) -> Room | None:
-        """The room's record, or None when it is not protected."""
+    async def get_many(self, room_ids: list[str]) -> dict[str, Room | None]:
+        """Each room's record, or None when it is not protected (one query at most)."""
         ...
 
 
@@ -149,6 +189,14 @@ def _request_target(request: Request) -> str:
     path = raw_path.decode("latin-1") if isinstance(raw_path, bytes) else request.url.path
     query = request.scope.get("query_string", b"")
     return f"{path}?{query.decode('latin-1')}" if query else path
+
+
+def _txn_id(request: Request) -> str:
+    """The path's transaction ID; 400 ``M_INVALID_PARAM`` when longer than the cap."""
+    txn_id = str(request.path_params["txn_id"])
+    if len(txn_id.encode("utf-8", "surrogatepass")) > MAX_TXN_ID_BYTES:
+        raise InvalidParam(f"Transaction IDs are at most {MAX_TXN_ID_BYTES} bytes")
+    return txn_id
 
 
 def _json(body: object, status: int = 200) -> Response:
@@ -162,6 +210,8 @@ def _outcome(exc: MatrixError) -> str:
         (BadJSON, "bad_json"),
         (Unauthorized, "unauthorized"),
         (Forbidden, "forbidden"),
+        (LimitExceeded, "rate_limited"),
+        (InvalidParam, "invalid_param"),
         (TemporarilyUnavailable, "unavailable"),
     ):
         if isinstance(exc, cls):
@@ -183,6 +233,48 @@ def _event_id(room_version: RoomVersion, pdu: dict[str, Any]) -> str | None:
     return str(event_id_from_reference_hash(room_version, digest))
 
 
+def _message_id(event_id: str, pdu: dict[str, Any]) -> str:
+    """``Nats-Msg-Id`` for a PDU: its event ID and a digest of its hashes and signatures.
+
+    Copies that differ only in ``unsigned`` (each relaying server has its own) share it;
+    a copy with other signatures does not, so JetStream's deduplication cannot let a
+    corrupted copy that arrived first suppress the real one.
+    """
+    covered = orjson.dumps(
+        {"hashes": pdu.get("hashes"), "signatures": pdu.get("signatures")},
+        option=orjson.OPT_SORT_KEYS,
+    )
+    return f"{event_id}/{encode_base64(hashlib.sha256(covered).digest()[:18])}"
+
+
+def _room_id_of(pdu: Any) -> str | None:
+    """The room a PDU names (a v12 create event's is its hash), or None if none or bad."""
+    if not isinstance(pdu, dict):
+        return None
+    room_id = pdu.get("room_id")
+    if room_id is None and pdu.get("type") == "m.room.create":
+        try:
+            room_id = room_id_from_create_event(pdu)
+        except ValueError:
+            return None
+    if not isinstance(room_id, str) or len(room_id.encode("utf-8")) > MAX_ID_LENGTH:
+        return None
+    return room_id
+
+
+def _publish_failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, (TimeoutError, nats.errors.TimeoutError)):
+        return "timeout"
+    if isinstance(exc, APIError) and exc.err_code in _STREAM_FULL_CODES:
+        return "stream_full"
+    return "error"
+
+
+# JetStream's answers to a publish into a stream at a limit with discard=new: maximum
+# bytes, messages or messages per subject exceeded.
+_STREAM_FULL_CODES = frozenset({10047, 10077, 10078})
+
+
 class FederationInbound:
     """Handlers for ``/send``, user devices and profile queries."""
 
@@ -197,6 +289,8 @@ class FederationInbound:
         js: JetStreamContext,
         subject: str = INBOUND_PDU_SUBJECT,
         max_body_bytes: int = MAX_TRANSACTION_BYTES,
+        max_pdu_bytes: int = MAX_PDU_BYTES,
+        rate_limiter: OriginRateLimiter | None = None,
     ) -> None:
         self._server_name = server_name
         self._local_user_id = local_user_id
@@ -206,6 +300,8 @@ class FederationInbound:
         self._js = js
         self._subject = subject
         self._max_body_bytes = max_body_bytes
+        self._max_pdu_bytes = max_pdu_bytes
+        self._rate_limiter = rate_limiter
 
     def routes(self) -> list[Route]:
         """The routes this module serves."""
@@ -240,6 +336,7 @@ class FederationInbound:
             TRANSACTIONS.labels(outcome).inc()
 
     async def _transaction(self, request: Request) -> tuple[bytes, str]:
+        txn_id = _txn_id(request)
         body = await read_limited_body(request, self._max_body_bytes)
         try:
             txn = parse_canonical(body)
@@ -268,8 +365,12 @@ class FederationInbound:
             raise BadJSON("'edus' must be a list")
         if len(pdus) > MAX_PDUS or len(edus) > MAX_EDUS:
             raise BadJSON(f"A transaction carries at most {MAX_PDUS} PDUs and {MAX_EDUS} EDUs")
+        if self._rate_limiter is not None:
+            self._rate_limiter.check(origin, cost=1 + len(pdus))
 
-        txn_id = str(request.path_params["txn_id"])
+        if not pdus:
+            logger.debug("transaction", extra={"origin": origin, "pdus": 0, "edus": len(edus)})
+            return _NO_PDUS_ANSWER, "processed"
         key = redis_keys.transaction(origin, txn_id)
         claimed = await self._claim(key)
         if not claimed:
@@ -323,39 +424,35 @@ class FederationInbound:
             await self._redis.delete(key)
 
     async def _handle_pdus(self, origin: str, pdus: list[Any]) -> dict[str, dict[str, str]]:
-        checked = await asyncio.gather(*(self._check_pdu(pdu) for pdu in pdus))
+        room_ids = [_room_id_of(pdu) for pdu in pdus]
+        wanted = [r for r in room_ids if r is not None]
+        rooms = await self._rooms.get_many(wanted) if wanted else {}
         results: dict[str, dict[str, str]] = {}
-        to_publish: list[tuple[str, Room, dict[str, Any]]] = []
-        for item in checked:
+        to_publish: dict[str, tuple[str, Room, bytes]] = {}
+        for pdu, room_id in zip(pdus, room_ids, strict=True):
+            item = self._check_pdu(pdu, None if room_id is None else rooms.get(room_id))
             if item is None:
                 continue
-            event_id, room, pdu, error = item
-            if error is not None:
-                INBOUND_PDUS.labels("invalid").inc()
-                results[event_id] = {"error": error}
+            event_id, outcome = item
+            if isinstance(outcome, str):
+                results[event_id] = {"error": outcome}
                 continue
             results[event_id] = {}
-            if any(e == event_id for e, _, _ in to_publish):
-                continue  # the same event twice in one transaction
-            to_publish.append((event_id, room, pdu))
-        await asyncio.gather(*(self._publish(origin, e, r, p) for e, r, p in to_publish))
+            msg_id, room, payload = outcome
+            to_publish.setdefault(msg_id, (event_id, room, payload))  # once per transaction
+        await asyncio.gather(
+            *(self._publish(origin, m, e, r, p) for m, (e, r, p) in to_publish.items())
+        )
         return results
 
-    async def _check_pdu(self, pdu: Any) -> tuple[str, Room, dict[str, Any], str | None] | None:
-        """``(event_id, room, pdu, error or None)``, or None to leave the PDU out."""
+    def _check_pdu(
+        self, pdu: Any, room: Room | None
+    ) -> tuple[str, str | tuple[str, Room, bytes]] | None:
+        """``(event_id, error)`` or ``(event_id, (message ID, room, payload))``; None to
+        leave the PDU out of the answer (not an object, or not a protected room)."""
         if not isinstance(pdu, dict):
             INBOUND_PDUS.labels("not_object").inc()
             return None
-        room_id = pdu.get("room_id")
-        if room_id is None and pdu.get("type") == "m.room.create":
-            try:
-                room_id = room_id_from_create_event(pdu)
-            except ValueError:
-                room_id = None
-        if not isinstance(room_id, str) or len(room_id.encode("utf-8")) > MAX_ID_LENGTH:
-            INBOUND_PDUS.labels("unknown_room").inc()
-            return None
-        room = await self._rooms.get(room_id)
         if room is None:
             INBOUND_PDUS.labels("unknown_room").inc()
             return None
@@ -364,32 +461,48 @@ class FederationInbound:
         if event_id is None:
             INBOUND_PDUS.labels("invalid").inc()
             return None
+        # What is published, and (same length as canonical JSON: compact, UTF-8, the
+        # same escapes; only the key order differs) what the spec's size limit measures.
+        payload = orjson.dumps(pdu)
+        if len(payload) > self._max_pdu_bytes:
+            INBOUND_PDUS.labels("too_large").inc()
+            return event_id, f"PDU larger than {self._max_pdu_bytes} bytes"
         try:
             validate_pdu(room_version, pdu)
         except MatrixError as exc:
-            return event_id, room, pdu, exc.error
+            INBOUND_PDUS.labels("invalid").inc()
+            return event_id, exc.error
         if not check_content_hash(pdu):
-            return event_id, room, pdu, "content hash (hashes.sha256) does not match"
-        return event_id, room, pdu, None
+            INBOUND_PDUS.labels("invalid").inc()
+            return event_id, "content hash (hashes.sha256) does not match"
+        return event_id, (_message_id(event_id, pdu), room, payload)
 
-    async def _publish(self, origin: str, event_id: str, room: Room, pdu: dict[str, Any]) -> None:
+    async def _publish(
+        self, origin: str, msg_id: str, event_id: str, room: Room, payload: bytes
+    ) -> None:
         headers = inject_headers(
             {
                 HEADER_ORIGIN: origin,
                 HEADER_ROOM_VERSION: room.room_version,
                 HEADER_ROOM_ID: room.room_id,
                 HEADER_EVENT_ID: event_id,
-                "Nats-Msg-Id": event_id,
+                "Nats-Msg-Id": msg_id,
             }
         )
         try:
             ack = await self._js.publish(
-                self._subject, orjson.dumps(pdu), headers=headers, timeout=PUBLISH_TIMEOUT_SECONDS
+                self._subject, payload, headers=headers, timeout=PUBLISH_TIMEOUT_SECONDS
             )
-        except Exception as exc:  # NATS down or slow: the origin retries the transaction
+        except Exception as exc:  # NATS down, slow, or the stream full: the origin retries
+            reason = _publish_failure_reason(exc)
+            INBOUND_PUBLISH_FAILURES.labels(reason).inc()
             logger.warning(
                 "could not publish an inbound PDU",
-                extra={"event_id": event_id, "error": f"{type(exc).__name__}: {exc}"},
+                extra={
+                    "event_id": event_id,
+                    "reason": reason,
+                    "error": f"{type(exc).__name__}: {exc}",
+                },
             )
             raise TemporarilyUnavailable(
                 "Could not queue the transaction; retry", retry_after_seconds=5

@@ -14,8 +14,10 @@ from warden.runtime.identity import load_identity
 from warden.runtime.service import bootstrap, run_async
 from warden.settings import Settings
 from warden_gateway.app import build_app
+from warden_gateway.event_checks import CheckedEvents
 from warden_gateway.federation_inbound import FederationInbound
 from warden_gateway.invites import InviteAPI
+from warden_gateway.metrics import SEND_RATE_LIMIT_ERRORS
 from warden_gateway.policy_api import PolicyAPI
 from warden_gateway.rate_limit import OriginRateLimiter
 from warden_gateway.room_cache import RoomCache
@@ -59,7 +61,17 @@ def run(settings: Settings) -> int:
             verdicts=VerdictSource(nc, timeout_seconds=settings.verdict_timeout_seconds),
             rate_limiter=rate_limiter,
             max_body_bytes=settings.max_pdu_bytes,
+            checked_events=CheckedEvents(max_bytes=settings.event_check_cache_max_bytes),
         )
+        send_limiter = OriginRateLimiter(
+            redis,
+            settings.send_rate_limit_per_origin,
+            settings.send_rate_limit_window_seconds,
+            budget="send",
+            what="/send PDUs and transactions",
+            errors=SEND_RATE_LIMIT_ERRORS,
+        )
+        runtime.add_shutdown_hook("send-rate-limit", send_limiter.aclose)
         js = nc.jetstream()
         await ensure_inbound_stream(js)
         federation_inbound = FederationInbound(
@@ -69,6 +81,8 @@ def run(settings: Settings) -> int:
             rooms=rooms,
             redis=redis,
             js=js,
+            max_pdu_bytes=settings.max_pdu_bytes,
+            rate_limiter=send_limiter,
         )
         # Joins, leaves and invites (warden.federation.membership), as Warden's user.
         joiner = RoomJoiner(

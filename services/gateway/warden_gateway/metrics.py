@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 
 class Endpoint(enum.StrEnum):
@@ -77,11 +77,22 @@ VERDICT_FAILURES = Counter(
 )
 RATE_LIMIT_ERRORS = Counter(
     "warden_sign_rate_limit_errors_total",
-    "Per-origin rate limit checks that could not reach Redis (the request was let through).",
+    "Syncs of the policy API's per-origin rate limit that could not reach Redis (counts "
+    "kept; each replica limits on its own counts until Redis answers).",
+)
+SEND_RATE_LIMIT_ERRORS = Counter(
+    "warden_send_rate_limit_errors_total",
+    "Syncs of the /send per-origin budget that could not reach Redis (counts kept; each "
+    "replica limits on its own counts until Redis answers).",
 )
 EVENT_CHECK_CACHE = Counter(
     "warden_sign_event_check_cache_total",
     "Policy API bodies whose event-level checks (content hash, event ID, sender's "
     "signature) were already done for the same bytes (hit) or had to be done (miss).",
     ["result"],
+)
+EVENT_CHECK_CACHE_BYTES = Gauge(
+    "warden_sign_event_check_cache_bytes",
+    "Approximate bytes held by the policy API's event-check cache (bounded by "
+    "PS_EVENT_CHECK_CACHE_MAX_BYTES).",
 )

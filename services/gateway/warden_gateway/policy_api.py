@@ -8,7 +8,15 @@ workers cannot answer):
 2. JSON (400 ``M_NOT_JSON``), canonical JSON values (400 ``M_BAD_JSON``);
 3. X-Matrix authentication (401 ``M_UNAUTHORIZED``), which needs the parsed body;
 4. the per-origin rate limit, after authentication so that a spoofed origin cannot
-   spend a real origin's budget (429 ``M_LIMIT_EXCEEDED``);
+   spend a real origin's budget (429 ``M_LIMIT_EXCEEDED``). Questions about the
+   origin's own users' events (the sender's server is the origin) spend its main
+   budget; questions about other servers' events spend a second budget of the same
+   size (``sign_others``), and cost nothing when the verdict is already in this
+   replica's memory. In a spam wave every server in the room asks about each spam
+   event: those answers come from cache and no longer exhaust the budget the
+   servers' own users need (Synapse turns a 429 into a 500 for its user). A request
+   whose body was not checked before is charged by its claimed sender before the
+   event-level checks and refunded when it turns out to be a cached answer;
 5. the room's record, cached in process (404 ``M_NOT_FOUND``); it gives the room
    version, which requests do not carry; checking it only after authentication keeps
    which rooms are protected from anonymous callers;
@@ -116,6 +124,9 @@ REUSED_ID_MESSAGE = (
     "server will not sign a second event under the same ID"
 )
 
+# The rate limit's budget for questions about other servers' events (see step 4).
+OTHERS_BUCKET = "others"
+
 # Failures of our own dependencies: 503, never 500, and never the client's fault.
 _DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
@@ -192,6 +203,11 @@ def _parse_body(body: bytes) -> tuple[dict[str, Any], bytes]:
     if not isinstance(value, dict):
         raise NotJSON("Request body must be a JSON object (the PDU)")
     return value, content_json
+
+
+def _sender_server(pdu: dict[str, Any]) -> str:
+    sender = pdu.get("sender")
+    return sender.partition(":")[2] if isinstance(sender, str) else ""
 
 
 def _is_policy_state_event(pdu: dict[str, Any]) -> bool:
@@ -304,17 +320,21 @@ class PolicyAPI:
         checked = self._checked.get(digest)
         if checked is not None:
             origin = await self._authenticate(request, checked.content_json)
+            self._charge_checked(origin, checked)
             room = await self._rooms.get(checked.room_id)
             if room is None:
                 raise NotFound("This room is not protected by this policy server")
             if room.room_version == checked.room_version:
                 self._check_path_event_id(path_event_id, checked.event_id)
                 return await self._judge(endpoint, checked, room, origin, body, None)
-            # The room was protected again under another version: check from scratch.
+            # The room was protected again under another version: check from scratch
+            # (already charged above).
             pdu, content_json = _parse_body(body)
+            bucket: str | None = None
         else:
             pdu, content_json = _parse_body(body)
             origin = await self._authenticate(request, content_json)
+            bucket = self._charge_claimed(origin, pdu)
             room = await self._room_for(pdu)
         room_version = get_room_version(room.room_version)
         validate_pdu(room_version, pdu)
@@ -338,13 +358,20 @@ class PolicyAPI:
             event_id=event_id,
             reference_hash=encode_base64(reference_hash),
             policy_state=_is_policy_state_event(pdu),
+            sender_server=_sender_server(pdu),
         )
         self._checked.put(digest, checked)
+        if (
+            bucket == OTHERS_BUCKET
+            and self._rate_limiter is not None
+            and self._verdicts.cached(event_id) is not None
+        ):
+            self._rate_limiter.refund(origin, bucket=OTHERS_BUCKET)  # a cached answer
         return await self._judge(endpoint, checked, room, origin, body, signing_bytes)
 
     async def _authenticate(self, request: Request, content_json: bytes) -> ServerName:
-        """The request's X-Matrix origin (every request), then its rate limit."""
-        origin = await verify_request_json(
+        """The request's X-Matrix origin (every request; the rate limit comes next)."""
+        return await verify_request_json(
             request.method,
             _request_target(request),
             content_json,
@@ -352,9 +379,26 @@ class PolicyAPI:
             self._server_name,
             self._keyring,
         )
-        if self._rate_limiter is not None:
-            self._rate_limiter.check(origin)
-        return origin
+
+    def _charge_checked(self, origin: str, checked: CheckedEvent) -> None:
+        """The rate limit for a body whose event checks were done before (step 4)."""
+        limiter = self._rate_limiter
+        if limiter is None:
+            return
+        if checked.sender_server == origin:
+            limiter.check(origin)
+        elif self._verdicts.cached(checked.event_id) is None:
+            limiter.check(origin, bucket=OTHERS_BUCKET)
+        # else: another server's event with the verdict in memory: free.
+
+    def _charge_claimed(self, origin: str, pdu: dict[str, Any]) -> str | None:
+        """The rate limit for a new body, by its claimed sender; the bucket charged."""
+        limiter = self._rate_limiter
+        if limiter is None:
+            return None
+        bucket = "" if _sender_server(pdu) == origin else OTHERS_BUCKET
+        limiter.check(origin, bucket=bucket)
+        return bucket
 
     @staticmethod
     def _check_path_event_id(path_event_id: str | None, event_id: str) -> None:

@@ -1,9 +1,9 @@
-"""The per-origin rate limit on the policy API, shared by every gateway replica.
+"""Per-origin rate limits of the gateway (the policy API, ``/send``), shared by every replica.
 
-Fixed-window counters in Redis: the key ``redis_keys.rate_limit(origin, window)`` names
-the origin and the window's index (``now // window_seconds``). Fixed windows allow a
-burst of up to twice the limit across a window boundary; that is acceptable for a
-limit whose purpose is to stop one server from starving the others.
+Fixed-window counters in Redis: the key ``redis_keys.rate_limit(origin, window, budget)``
+names the origin, the budget and the window's index (``now // window_seconds``). Fixed
+windows allow a burst of up to twice the limit across a window boundary; that is
+acceptable for a limit whose purpose is to stop one server from starving the others.
 
 The check itself does no I/O. Each replica counts locally and adds its counts to Redis
 in one round trip per ``sync_interval`` (one Lua call for every origin it has seen in
@@ -14,11 +14,20 @@ Redis for every request cost about a tenth of the gateway's CPU per ``/sign``
 one interval late, so an origin can overshoot the limit by what it sends to the other
 replicas within one interval.
 
+One limiter can keep several budgets per origin (``bucket``): the policy API charges an
+origin's questions about its own users' events and about other servers' events to
+separate budgets (see ``policy_api``).
+
 The check runs after X-Matrix authentication, so a request with a spoofed origin never
-spends the real origin's budget. When Redis cannot be reached the counts are dropped
-and requests are let through (counted in ``warden_sign_rate_limit_errors_total``):
-refusing every server's events because a protective limit cannot be checked would be
-worse.
+spends the real origin's budget.
+
+When Redis cannot be reached the limit does not fail open: the sync error is counted
+(``errors``) and logged, the unshared counts are kept and added at the next sync that
+works, and each replica goes on limiting with what it counts itself (an in-process
+fallback: an origin spreading its requests over N replicas may then get up to N times
+the limit until Redis answers again). Refusing every server because the shared count
+cannot be read would be worse; letting everyone through would make the limit vanish
+exactly when the gateway is busiest.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from warden import redis_keys
@@ -61,7 +71,12 @@ class _Count:
 
 
 class OriginRateLimiter:
-    """At most ``limit`` requests per origin per ``window_seconds`` window (0: no limit)."""
+    """At most ``limit`` units per origin (and bucket) per ``window_seconds`` window (0:
+    no limit).
+
+    ``budget`` names the Redis keys (``redis_keys.rate_limit``), ``what`` is what the
+    429 message says is limited, ``errors`` counts syncs Redis did not answer.
+    """
 
     def __init__(
         self,
@@ -69,21 +84,27 @@ class OriginRateLimiter:
         limit: int,
         window_seconds: int,
         *,
+        budget: str = "sign",
+        what: str = "policy requests",
+        errors: Counter = RATE_LIMIT_ERRORS,
         clock: Callable[[], float] = time.time,
         sync_interval: float = DEFAULT_SYNC_INTERVAL_SECONDS,
     ) -> None:
         self.limit = limit
         self.window_seconds = window_seconds
+        self._budget = budget
+        self._what = what
+        self._errors = errors
         self._clock = clock
         self._sync_interval = sync_interval
         self._add_counts = redis.register_script(_ADD_COUNTS)
         # Two windows: a replica whose clock lags a little still finds the key.
         self._expiry_ms = window_seconds * 2000
-        self._counts: dict[str, _Count] = {}
+        self._counts: dict[tuple[str, str], _Count] = {}
         self._sync_task: asyncio.Task[None] | None = None
 
-    def check(self, origin: str) -> None:
-        """Count one request from ``origin``; raise ``LimitExceeded`` past the limit.
+    def check(self, origin: str, cost: int = 1, bucket: str = "") -> None:
+        """Count ``cost`` units from ``origin``; raise ``LimitExceeded`` past the limit.
 
         The error carries ``retry_after_ms``: the time left in the current window.
         """
@@ -91,18 +112,32 @@ class OriginRateLimiter:
             return
         now = self._clock()
         window = int(now // self.window_seconds)
-        count = self._counts.get(origin)
+        key = (origin, bucket)
+        count = self._counts.get(key)
         if count is None or count.window != window:
-            count = self._counts[origin] = _Count(window)
-        count.unsynced += 1
+            count = self._counts[key] = _Count(window)
+        count.unsynced += cost
         self._schedule_sync()
         if count.known + count.unsynced > self.limit:
-            retry_after_ms = max(1, int(((window + 1) * self.window_seconds - now) * 1000))
-            raise LimitExceeded(
-                f"Too many policy requests from {origin}: at most {self.limit} per "
-                f"{self.window_seconds} s",
-                retry_after_ms=retry_after_ms,
-            )
+            raise self._exceeded(origin, window, now)
+
+    def refund(self, origin: str, cost: int = 1, bucket: str = "") -> None:
+        """Give back ``cost`` units charged in the current window (a request that turned
+        out to be free); shared with the other replicas at the next sync."""
+        if self.limit <= 0:
+            return
+        window = int(self._clock() // self.window_seconds)
+        count = self._counts.get((origin, bucket))
+        if count is not None and count.window == window:
+            count.unsynced -= cost
+
+    def _exceeded(self, origin: str, window: int, now: float) -> LimitExceeded:
+        retry_after_ms = max(1, int(((window + 1) * self.window_seconds - now) * 1000))
+        return LimitExceeded(
+            f"Too many {self._what} from {origin}: at most {self.limit} per "
+            f"{self.window_seconds} s",
+            retry_after_ms=retry_after_ms,
+        )
 
     def _schedule_sync(self) -> None:
         if self._sync_task is None:
@@ -118,33 +153,43 @@ class OriginRateLimiter:
             self._sync_task = None
         await self.sync()
 
+    def _key(self, origin: str, bucket: str, window: int) -> str:
+        budget = f"{self._budget}_{bucket}" if bucket else self._budget
+        return redis_keys.rate_limit(origin, window, budget)
+
     async def sync(self) -> None:
         """Add this replica's unsynced counts to Redis and learn every replica's totals."""
         current = int(self._clock() // self.window_seconds)
         # Counts of windows that are over are of no more use (an origin's next request
         # starts a new window).
-        self._counts = {o: c for o, c in self._counts.items() if c.window >= current}
+        self._counts = {k: c for k, c in self._counts.items() if c.window >= current}
         # Origins with nothing new are asked too (adding 0): their totals still move
         # with the other replicas' traffic.
-        batch = [(origin, c.window, c.unsynced) for origin, c in self._counts.items()]
+        batch = [(key, c.window, c.unsynced) for key, c in self._counts.items()]
         if not batch:
             return
-        for origin, _, _ in batch:
-            self._counts[origin].unsynced = 0
+        for key, _, _ in batch:
+            self._counts[key].unsynced = 0
         try:
             totals = await self._add_counts(
-                keys=[redis_keys.rate_limit(origin, window) for origin, window, _ in batch],
+                keys=[self._key(o, b, window) for (o, b), window, _ in batch],
                 args=[self._expiry_ms, *(n for _, _, n in batch)],
             )
         except (RedisError, OSError) as exc:
-            RATE_LIMIT_ERRORS.inc()
+            self._errors.inc()
             logger.warning(
-                "rate limit counts not shared: Redis unavailable",
-                extra={"origins": len(batch), "error": str(exc)},
+                "rate limit counts not shared: Redis unavailable; limiting locally",
+                extra={"budget": self._budget, "origins": len(batch), "error": str(exc)},
             )
+            # Keep the counts: they go on limiting here and are shared at the next
+            # sync that works.
+            for key, window, n in batch:
+                count = self._counts.get(key)
+                if count is not None and count.window == window:
+                    count.unsynced += n
             return
-        for (origin, window, _), total in zip(batch, totals, strict=True):
-            count = self._counts.get(origin)
+        for (key, window, _), total in zip(batch, totals, strict=True):
+            count = self._counts.get(key)
             if count is not None and count.window == window:
                 count.known = int(total)
 
