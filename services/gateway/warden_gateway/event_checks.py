@@ -36,6 +36,12 @@ class CheckedEvent(NamedTuple):
     event_id: str
     reference_hash: str  # unpadded base64 of the redacted event's SHA-256
     policy_state: bool  # m.room.policy with an empty state key: signed without a verdict
+    # A signature by the sender's server verified (false only for a third-party invite
+    # without one: then nothing is attributed to the sender).
+    sender_signed: bool = True
+
+
+_Entry = tuple[bytes, str, str, str, str, bool, bool]
 
 
 class CheckedEvents:
@@ -48,7 +54,9 @@ class CheckedEvents:
 
     def __init__(self, size: int = DEFAULT_SIZE) -> None:
         self._size = size
-        self._entries: OrderedDict[bytes, tuple[bytes, str, str, str, str, bool]] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[bytes, str, str, str, str, bool, bool]] = (
+            OrderedDict()
+        )
 
     def get(self, digest: bytes) -> CheckedEvent | None:
         """The entry for a body's digest, if remembered (counted as a hit or a miss)."""
