@@ -216,11 +216,11 @@ class EvaluationService:
 
     # --- NATS wiring ---
 
-    async def start(self, nc: NATS) -> None:
-        """Join the workers' queue group."""
+    async def start(self, nc: NATS, subject: str = EVALUATE_SUBJECT) -> None:
+        """Join the workers' queue group (on ``subject``: tests use one of their own)."""
         self._nc = nc
         self._subscription = await nc.subscribe(
-            EVALUATE_SUBJECT, queue=FILTER_WORKERS_QUEUE, cb=self._on_message
+            subject, queue=FILTER_WORKERS_QUEUE, cb=self._on_message
         )
 
     async def _on_message(self, msg: Msg) -> None:
