@@ -30,6 +30,7 @@ from signedjson.sign import sign_json
 from unpaddedbase64 import encode_base64
 
 from tests.gateway.policy_harness import SIGN_PATH, Gateway, Origin, new_room_id
+from tests.gateway.test_policy_check import post_check
 from warden import redis_keys
 from warden.bus.streams import ensure_verdicts_stream
 from warden.filters.base import FilterDeps
@@ -133,6 +134,26 @@ async def test_padding_nothing_signs_cannot_get_an_event_refused(
     assert not await hellbanned(redis_client, bob)
     follow_up = home.event(room_id, "10", body="and another thing", sender=bob)
     r = await ask(gateway, home, follow_up)
+    assert r.status_code == 200, r.text
+
+
+async def test_padding_asked_through_check_changes_no_verdict_either(
+    gateway: Gateway,
+    real_worker: EvaluationService,
+    start_origin: Callable[[], Awaitable[Origin]],
+    protect_room: Callable[..., Awaitable[str]],
+) -> None:
+    home, relay = await start_origin(), await start_origin()
+    room_id = await protect_room(new_room_id("10"), "10")
+    event = home.event(room_id, "10", body="b" * 100, sender=f"@bob:{home.name}")
+    padded = copy.deepcopy(event)
+    padded["unsigned"]["pad"] = "x" * 12_000
+    event_id = str(compute_event_id(get_room_version("10"), event))
+
+    r = await post_check(gateway, relay, padded, event_id)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"recommendation": "ok"}  # was "spam"
+    r = await ask(gateway, home, event)
     assert r.status_code == 200, r.text
 
 
