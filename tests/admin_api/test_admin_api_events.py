@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from urllib.parse import quote
 
@@ -13,7 +14,7 @@ from tests.admin_api.admin_api_helpers import assert_matrix_error
 from warden.matrix.event_hashes import add_content_hash, compute_event_id
 from warden.matrix.room_versions import get_room_version
 from warden.policy.harms import SPAM
-from warden.policy.verdict import ContentClass, FilterOutcome, Verdict
+from warden.policy.verdict import SENDER_UNVERIFIED, ContentClass, FilterOutcome, Verdict
 from warden.storage.verdicts import insert_verdicts
 
 
@@ -102,7 +103,28 @@ async def test_a_stored_verdict_is_shown_with_every_filter(
             "origin": "example.org",
             "reference_hash": "cmVm",
             "first_seen_ts": 1_700_000_000_123,
+            "sender_verified": True,
         }
+
+
+async def test_a_verdict_on_an_unverified_sender_says_so(
+    admin: httpx.AsyncClient, admin_pool: asyncpg.Pool
+) -> None:
+    # Review H2: a third-party invite nobody proved the named sender made.
+    event_id = real_event_id("10")
+    verdict = verdict_for(event_id)
+    unverified = FilterOutcome(SENDER_UNVERIFIED, ContentClass.NEUTRAL)
+    verdict = dataclasses.replace(verdict, filters=(unverified, *verdict.filters))
+    await insert_verdicts(admin_pool, [verdict])
+    r = await admin.get(f"/api/v1/events/{quote(event_id, safe='')}")
+    assert r.status_code == 200, r.text
+    assert r.json()["sender_verified"] is False
+    assert r.json()["filters"][0] == {
+        "name": SENDER_UNVERIFIED,
+        "class": "neutral",
+        "harms": [],
+        "duration_ms": 0.0,
+    }
 
 
 async def test_unknown_events_are_404(admin: httpx.AsyncClient, admin_pool: asyncpg.Pool) -> None:

@@ -149,6 +149,41 @@ def test_v1_v2_need_an_event_id(version: str, event_id: object) -> None:
         validate_pdu(get_room_version(version), _pdu(version, event_id=event_id))
 
 
+@pytest.mark.parametrize("version", ["1", "2"])
+@pytest.mark.parametrize(
+    ("event_id", "problem"),
+    [
+        ("$a\r\nWarden-Event-Id: $b:x:example.org", "control characters or whitespace"),
+        ("$a:example.org\n", "control characters or whitespace"),
+        ("$a b:example.org", "control characters or whitespace"),
+        ("$a\x00:example.org", "control characters or whitespace"),
+        ("$a\x7f:example.org", "control characters or whitespace"),
+        ("$a\x85:example.org", "control characters or whitespace"),
+        ("$a\u2028:example.org", "control characters or whitespace"),
+        ("$a\u00a0:example.org", "control characters or whitespace"),
+        ("$:example.org", "'\\$opaque:server'"),
+        ("$" + "a" * 250 + ":example.org", "longer than 255 bytes"),
+        # 250 characters but more than 255 bytes: bytes count, whatever the version.
+        ("$" + "é" * 130 + ":example.org", "longer than 255 bytes"),
+    ],
+)
+def test_v1_v2_event_ids_are_safe_as_keys_and_headers(
+    version: str, event_id: str, problem: str
+) -> None:
+    # Review L4: the ID becomes a NATS header, a Redis key and a database key.
+    with pytest.raises(InvalidPDU, match=problem) as caught:
+        validate_pdu(get_room_version(version), _pdu(version, event_id=event_id))
+    assert caught.value.errcode == "M_BAD_JSON"
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+@pytest.mark.parametrize(
+    "event_id", ["$a:example.org", "$é-ü:example.org:8448", "$" + "a" * 200 + ":x"]
+)
+def test_v1_v2_ordinary_event_ids_pass(version: str, event_id: str) -> None:
+    validate_pdu(get_room_version(version), _pdu(version, event_id=event_id))
+
+
 def test_v12_create_has_no_room_id_and_others_must() -> None:
     v12 = get_room_version("12")
     create = _pdu("12", type="m.room.create", state_key="", room_id=_DROP)

@@ -27,6 +27,7 @@ from tests.moderator.verdict_stream import (
     wait_for,
 )
 from warden.bus.subjects import VERDICTS_STREAM
+from warden.policy.verdict import SENDER_UNVERIFIED, ContentClass, FilterOutcome
 from warden.settings import Settings
 from warden.storage import deliveries, rooms
 from warden_moderator.client_api import REDACTION_REASON, redaction_path, redaction_txn_id
@@ -188,6 +189,32 @@ async def test_event_refused_at_its_own_server_is_not_redacted(
 
     assert fake_client_api.requests == []
     assert actions("skipped_own_server") == skipped + 1
+    assert await deliveries.get_moderation_action(pg_pool, verdict.event_id) is None
+
+
+async def test_event_of_an_unverified_sender_is_not_redacted(
+    start_moderator: Callable[..., Any],
+    pg_pool: asyncpg.Pool,
+    verdicts_js: Any,
+    fake_client_api: FakeClientAPI,
+) -> None:
+    # A third-party invite nobody proved @victim made (review H2): refused, but the
+    # moderator must not act against the named user.
+    moderator = await start_moderator()
+    room_id = await protected_room(pg_pool)
+    verdict = prohibited_verdict(room_id, sender="@victim:victim.test", origin="evil.test")
+    verdict = dataclasses.replace(
+        verdict,
+        filters=(FilterOutcome(SENDER_UNVERIFIED, ContentClass.NEUTRAL), *verdict.filters),
+    )
+    assert not verdict.sender_verified
+    skipped = actions("skipped_unverified_sender")
+
+    seq = await publish_verdict(verdicts_js, verdict)
+    await wait_for(lambda: consumer_settled(verdicts_js, moderator.durable, seq), "the ack")
+
+    assert fake_client_api.requests == []
+    assert actions("skipped_unverified_sender") == skipped + 1
     assert await deliveries.get_moderation_action(pg_pool, verdict.event_id) is None
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import re
 
 import pytest
 
-from warden.policy.verdict import ContentClass, FilterOutcome, Verdict
-from warden_webhooks.report import build_report, matrix_to
+from warden.policy.verdict import SENDER_UNVERIFIED, ContentClass, FilterOutcome, Verdict
+from warden_webhooks.report import UNVERIFIED_NOTE, build_report, matrix_to
 from warden_webhooks.target import NotAllowed, check_webhook_url, host_allowed
 
 HOSTILE = '<script>alert("x")</script>&'
@@ -55,6 +56,19 @@ def test_report_names_everything_and_escapes_user_controlled_html() -> None:
     assert "2023-11-14T22:13:20Z" in report["text"]  # first seen
     assert "keyword: prohibited (org.matrix.msc4387.spam)" in report["text"]
     assert matrix_to("!room:hs.test") in report["text"]
+
+
+def test_report_does_not_name_an_unverified_sender_as_the_author() -> None:
+    verdict = hostile_verdict()
+    plain = build_report(verdict, now_ms=1)
+    assert UNVERIFIED_NOTE not in plain["text"] and UNVERIFIED_NOTE not in plain["html"]
+    unverified = dataclasses.replace(
+        verdict,
+        filters=(FilterOutcome(SENDER_UNVERIFIED, ContentClass.NEUTRAL), *verdict.filters),
+    )
+    report = build_report(unverified, now_ms=1)
+    assert f"User: {verdict.sender} {UNVERIFIED_NOTE}" in report["text"]
+    assert html.escape(UNVERIFIED_NOTE) in report["html"]
 
 
 def test_matrix_to_links_encode_ids() -> None:

@@ -20,6 +20,7 @@ from warden.bus.subjects import (
     HEADER_ORIGIN,
     HEADER_REFERENCE_HASH,
     HEADER_ROOM_VERSION,
+    HEADER_SENDER_UNSIGNED,
     HEADER_SOURCE,
 )
 from warden.policy.verdict import Verdict
@@ -44,12 +45,15 @@ class EvaluationRequest:
     origin: str = ""  # the server that asked the gateway (X-Matrix origin)
     source: str = ""  # "sign", "check" or "send"
     pdu: bytes = b""  # the PDU as received
+    # Whether the gateway verified a signature by the sender's server (every event but
+    # a third-party invite needs one to pass its checks at all).
+    sender_signed: bool = True
     # The parsed PDU, filled in by ``decode_request`` on the worker's side.
     event: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def headers(self) -> dict[str, str]:
         """The request's NATS headers (trace context not included)."""
-        return {
+        headers = {
             HEADER_ROOM_VERSION: self.room_version,
             HEADER_COMMUNITY: self.community_id,
             HEADER_ORIGIN: self.origin,
@@ -57,6 +61,9 @@ class EvaluationRequest:
             HEADER_SOURCE: self.source,
             HEADER_REFERENCE_HASH: self.reference_hash,
         }
+        if not self.sender_signed:
+            headers[HEADER_SENDER_UNSIGNED] = "1"
+        return headers
 
 
 def decode_request(data: bytes, headers: Mapping[str, str] | None) -> EvaluationRequest:
@@ -82,6 +89,7 @@ def decode_request(data: bytes, headers: Mapping[str, str] | None) -> Evaluation
         origin=h.get(HEADER_ORIGIN, ""),
         source=h.get(HEADER_SOURCE, ""),
         pdu=data,
+        sender_signed=h.get(HEADER_SENDER_UNSIGNED) != "1",
         event=event,
     )
 

@@ -61,6 +61,11 @@ HEADER_SOURCE: Final = "Warden-Source"  # "sign", "check" or "send"
 # Unpadded base64 sha256 of the redacted event: binds a verdict to the event's form, so
 # a reused event ID (room versions 1 and 2) cannot inherit another event's verdict.
 HEADER_REFERENCE_HASH: Final = "Warden-Reference-Hash"
+# "1" when the sender's server's signature was not verified (a third-party invite may
+# lack it): the worker then attributes nothing to the sender unless the room's
+# third-party invite vouches for it. Absent in the usual case (signed by the sender's
+# server), so it costs nothing there.
+HEADER_SENDER_UNSIGNED: Final = "Warden-Sender-Unsigned"
 # On inbound PDUs: the room the PDU belongs to (as the gateway looked it up).
 HEADER_ROOM_ID: Final = "Warden-Room-Id"
 

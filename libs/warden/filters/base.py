@@ -126,7 +126,9 @@ class FilterDeps:
 class FilterContext:
     """One event under evaluation, as every filter sees it."""
 
-    event: dict[str, Any]  # the PDU as received (validated by the gateway)
+    # The PDU as its hashes and signatures cover it (validated by the gateway; without
+    # ``unsigned`` and ``signatures``, which anyone relaying it can change).
+    event: dict[str, Any]
     event_id: str
     room_id: str
     community_id: str
@@ -136,6 +138,11 @@ class FilterContext:
     now_ms: int = 0
     # Outcomes of the groups that already ran (the postfilter looks at them).
     earlier: list[FilterOutcome] = field(default_factory=list)
+    # False when nothing proved that ``sender`` sent the event (a third-party invite
+    # without the sender's server's signature). Filters then change nothing about the
+    # sender (no hellban, no frequency count) and trust nothing about them (no allow
+    # list); what only refuses the event (a hellban or a policy list ban) still applies.
+    sender_verified: bool = True
 
     @property
     def event_type(self) -> str:

@@ -8,6 +8,9 @@ than 60 s are pruned on each check; the key expires when the sender goes quiet.
 The four steps (add the event, prune, count, extend the expiry) are one Lua script, so
 they stay atomic as the MULTI/EXEC they replace, and one command: it goes through the
 auto-pipeline, so the events evaluated together share one round trip.
+
+An event whose sender is not verified (``FilterContext.sender_verified``) is not
+counted: a forged event must not fill someone else's window.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ class FrequencyFilter(Filter):
     async def check(self, ctx: FilterContext) -> FilterResult:
         """Count this event, then prohibit when (count in the last 60 s)/60 > rate."""
         if ctx.event_type not in ctx.config.get_list(EVENT_TYPES.name) or not ctx.sender:
+            return FilterResult.neutral()
+        if not ctx.sender_verified:
             return FilterResult.neutral()
         key = redis_keys.frequency(self.name, ctx.community_id, ctx.sender)
         now = ctx.now_ms

@@ -10,6 +10,8 @@ Unlike policyserv this filter records no harm of its own: the event is already
 prohibited for the reasons the other filters gave, and adding ``spam.flooding`` to a
 keyword hit would misreport why. A verdict that is prohibited only because filters
 *failed* (fail-secure) does not hellban anyone: an outage is not the sender's doing.
+Nor does an event whose sender is not verified (``FilterContext.sender_verified``):
+whoever forged it must not get the named user banned.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class HellbanPostfilter(Filter):
         judged = any(
             o.content_class is ContentClass.PROHIBITED and o.error is None for o in ctx.earlier
         )
-        if judged and ctx.sender:
+        if judged and ctx.sender and ctx.sender_verified:
             minutes = ctx.config.get_int(HELLBAN_MINUTES.name)
             key = redis_keys.hellban(ctx.community_id, ctx.sender)
             await ctx.deps.auto_pipeline.execute_command("SET", key, b"1", "NX", "EX", minutes * 60)

@@ -30,6 +30,11 @@ class SenderPrefilter(Filter):
 
     async def check(self, ctx: FilterContext) -> FilterResult:
         """Allowed when the sender is listed."""
-        if ctx.sender and ctx.sender in ctx.config.get_list(ALLOWED_SENDERS.name):
+        # An unverified sender (``FilterContext.sender_verified``) may be anyone.
+        if (
+            ctx.sender
+            and ctx.sender_verified
+            and ctx.sender in ctx.config.get_list(ALLOWED_SENDERS.name)
+        ):
             return FilterResult.allowed()
         return FilterResult.neutral()

@@ -31,12 +31,27 @@ __all__ = [
     "compute_content_hash",
     "compute_event_id",
     "compute_reference_hash",
+    "covered_event",
     "event_id_from_reference_hash",
     "redacted_signing_bytes",
     "room_id_from_create_event",
 ]
 
 _NOT_HASHED = frozenset({"unsigned", "signatures", "hashes"})
+
+
+def covered_event(event: dict[str, Any]) -> dict[str, Any]:
+    """``event`` as its hashes and signatures cover it: without the top-level
+    ``unsigned`` and ``signatures``.
+
+    Neither the content hash, the reference hash (the event ID from room version 3) nor
+    any signature covers those two keys, so anyone relaying the event can change them;
+    whatever judges the event must not see them. Returns ``event`` itself when it has
+    neither key, else a shallow copy without them.
+    """
+    if "unsigned" not in event and "signatures" not in event:
+        return event
+    return {k: v for k, v in event.items() if k != "unsigned" and k != "signatures"}
 
 
 class EventIDError(ValueError):

@@ -10,6 +10,7 @@ represent them. ``InvalidPDU`` is an ``M_BAD_JSON`` Matrix error and a ``ValueEr
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ from warden.matrix.canonical_json import CanonicalJSONError, check_canonical
 from warden.matrix.errors import BadJSON
 from warden.matrix.room_versions import EventFormat, RoomVersion
 
-__all__ = ["MAX_ID_LENGTH", "InvalidPDU", "validate_pdu"]
+__all__ = ["MAX_ID_LENGTH", "InvalidPDU", "event_id_problem", "validate_pdu"]
 
 MAX_ID_LENGTH = 255
 """Limit on ``sender``, ``room_id``, ``state_key``, ``type`` and ``event_id`` (spec:
@@ -59,6 +60,29 @@ def _check_length(room_version: RoomVersion, key: str, value: str) -> None:
 def _has_server_part(identifier: str) -> bool:
     _, sep, server = identifier.partition(":")
     return bool(sep and server)
+
+
+# C0, DEL and C1 controls, and whatever Unicode calls whitespace (``\s`` on str): NATS
+# strips whitespace from header values and turns CR/LF into spaces.
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x1f\x7f-\x9f\s]")
+
+
+def event_id_problem(event_id: str) -> str | None:
+    """Why a room version 1 or 2 event ID (``$localpart:server``, chosen by the sending
+    server) cannot be used, or None when it can.
+
+    Such an ID becomes a Redis key, a PostgreSQL key, a NATS header and a URL path
+    segment, so it must survive all of them unchanged: at most ``MAX_ID_LENGTH`` bytes
+    of UTF-8 (whatever the room version), no control characters, no whitespace.
+    """
+    if len(event_id.encode("utf-8")) > MAX_ID_LENGTH:
+        return f"is longer than {MAX_ID_LENGTH} bytes"
+    localpart, sep, server = event_id.removeprefix("$").partition(":")
+    if not event_id.startswith("$") or not (sep and localpart and server):
+        return "must be an event ID '$opaque:server'"
+    if _CONTROL_OR_SPACE.search(event_id):
+        return "must not contain control characters or whitespace"
+    return None
 
 
 def _check_event_refs(room_version: RoomVersion, pdu: Mapping[str, Any], key: str) -> None:
@@ -125,10 +149,9 @@ def validate_pdu(room_version: RoomVersion, pdu: object) -> dict[str, Any]:
     _check_length(room_version, "sender", sender)
 
     if room_version.event_format is EventFormat.V1_V2:
-        event_id = _require_str(pdu, "event_id")
-        if not event_id.startswith("$") or not _has_server_part(event_id):
-            raise InvalidPDU("event_id", "must be an event ID '$opaque:server'")
-        _check_length(room_version, "event_id", event_id)
+        problem = event_id_problem(_require_str(pdu, "event_id"))
+        if problem is not None:
+            raise InvalidPDU("event_id", problem)
 
     if "state_key" in pdu:
         state_key = pdu["state_key"]

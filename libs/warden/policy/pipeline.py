@@ -32,9 +32,16 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from warden.filters.base import Filter, FilterContext, FilterDeps, FilterResult, Group
+from warden.matrix.event_hashes import covered_event
 from warden.policy.config import EffectiveConfig
 from warden.policy.harms import OTHER, SPAM, SPEC_NON_COMPLIANCE
-from warden.policy.verdict import ContentClass, FilterOutcome, Verdict, normalise
+from warden.policy.verdict import (
+    SENDER_UNVERIFIED,
+    ContentClass,
+    FilterOutcome,
+    Verdict,
+    normalise,
+)
 from warden.telemetry.tracing import exporting, tracer
 
 logger = logging.getLogger(__name__)
@@ -109,9 +116,17 @@ class Pipeline:
         reference_hash: str = "",
         first_seen_ts: int | None = None,
         extra: dict[str, Any] | None = None,
+        sender_verified: bool = True,
     ) -> Verdict:
-        """Judge one event for a community with its effective configuration."""
+        """Judge one event for a community with its effective configuration.
+
+        Filters see the event without ``unsigned`` and ``signatures`` (``covered_event``):
+        a verdict must not depend on bytes that whoever asks first can change. With
+        ``sender_verified`` false nothing is attributed to the sender (see
+        ``FilterContext.sender_verified``) and the verdict says so.
+        """
         seen = now_ms() if first_seen_ts is None else first_seen_ts
+        event = covered_event(event)
         room_id = event.get("room_id")
         ctx = FilterContext(
             event=event,
@@ -122,6 +137,7 @@ class Pipeline:
             deps=self.deps,
             room_version=room_version,
             now_ms=seen,
+            sender_verified=sender_verified,
         )
         if exporting():
             with _tracer.start_as_current_span("pipeline.evaluate"):
@@ -129,6 +145,8 @@ class Pipeline:
         else:  # the worker's span for the request is current; a child would cost CPU only
             content_class, harms, outcomes = await self._run(ctx)
         content_class, normal_harms = normalise(content_class, harms)
+        if not sender_verified:
+            outcomes.insert(0, FilterOutcome(SENDER_UNVERIFIED, ContentClass.NEUTRAL))
         return Verdict(
             event_id=event_id,
             content_class=content_class,

@@ -17,6 +17,11 @@ import orjson
 
 from warden.policy.harms import OTHER
 
+# The name of the outcome a verdict carries when the event's sender could not be
+# verified (a third-party invite not signed by the sender's server, and not vouched for
+# by the room's invite): it was judged, but nothing was attributed to the sender.
+SENDER_UNVERIFIED = "sender_unverified"
+
 
 class ContentClass(enum.IntEnum):
     """The ordered content classes; the max over filters wins."""
@@ -111,6 +116,12 @@ class Verdict:
     def prohibited(self) -> bool:
         """True when the event must be refused."""
         return self.content_class is ContentClass.PROHIBITED
+
+    @property
+    def sender_verified(self) -> bool:
+        """False when nothing proved that ``sender`` sent the event: no hellban, no
+        frequency count, no redaction, and reports say so."""
+        return not any(f.name == SENDER_UNVERIFIED for f in self.filters)
 
     @cached_property
     def filters_json(self) -> bytes:

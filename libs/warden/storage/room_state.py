@@ -30,6 +30,7 @@ from prometheus_client import Counter
 from warden.matrix.event_hashes import compute_event_id
 from warden.matrix.globs import compile_glob, glob_rejection
 from warden.matrix.room_versions import RoomVersion, get_room_version
+from warden.matrix.third_party_invite import THIRD_PARTY_INVITE
 
 Connection = asyncpg.Connection | PoolConnectionProxy
 
@@ -59,7 +60,11 @@ BAN_RECOMMENDATIONS = frozenset(
 )
 
 # State events kept in ``room_state_events`` (members go to ``displaynames``).
-TRACKED_TYPES = frozenset({CREATE, POWER_LEVELS, SERVER_ACL, POLICY, *RULE_TYPES})
+# ``m.room.third_party_invite`` (state key: the invite's token) holds the public keys a
+# third-party-invite membership event is checked against (``get_third_party_invite``).
+TRACKED_TYPES = frozenset(
+    {CREATE, POWER_LEVELS, SERVER_ACL, POLICY, THIRD_PARTY_INVITE, *RULE_TYPES}
+)
 
 
 def _now_ms() -> int:
@@ -201,6 +206,7 @@ def _kind_of(event_type: str) -> str:
         POWER_LEVELS: "power_levels",
         SERVER_ACL: "server_acl",
         POLICY: "policy",
+        THIRD_PARTY_INVITE: "third_party_invite",
     }.get(event_type, "other")
 
 
@@ -506,6 +512,26 @@ async def get_creators(pool: asyncpg.Pool, room_id: str, room_version: str) -> l
     if found is None:
         return []
     return creators_from_create(get_room_version(room_version), found[0], found[1])
+
+
+async def get_third_party_invite(
+    pool: asyncpg.Pool, room_id: str, token: str
+) -> tuple[dict[str, Any], str] | None:
+    """The content and sender of the room's learned ``m.room.third_party_invite`` with
+    state key ``token``, or None."""
+    row = await pool.fetchrow(
+        """
+        SELECT content, sender FROM room_state_events
+        WHERE room_id = $1 AND event_type = $2 AND state_key = $3
+        """,
+        room_id,
+        THIRD_PARTY_INVITE,
+        token,
+    )
+    if row is None:
+        return None
+    content = orjson.loads(row["content"])
+    return (content if isinstance(content, dict) else {}), row["sender"]
 
 
 async def get_policy_rules(pool: asyncpg.Pool, room_ids: Sequence[str]) -> list[PolicyRule]:

@@ -52,8 +52,14 @@ from warden.bus.evaluation import (
     encode_error_reply,
 )
 from warden.bus.subjects import EVALUATE_SUBJECT, FILTER_WORKERS_QUEUE
+from warden.matrix.third_party_invite import (
+    is_third_party_invite,
+    third_party_invite_token,
+    verify_third_party_invite,
+)
 from warden.policy.pipeline import Pipeline
 from warden.policy.verdict import Verdict
+from warden.storage.room_state import get_third_party_invite
 from warden.storage.verdicts import get_verdict, get_verdicts
 from warden.telemetry.tracing import extract_context, tracer
 from warden_filter_worker import metrics
@@ -210,11 +216,11 @@ class EvaluationService:
 
     # --- NATS wiring ---
 
-    async def start(self, nc: NATS) -> None:
-        """Join the workers' queue group."""
+    async def start(self, nc: NATS, subject: str = EVALUATE_SUBJECT) -> None:
+        """Join the workers' queue group (on ``subject``: tests use one of their own)."""
         self._nc = nc
         self._subscription = await nc.subscribe(
-            EVALUATE_SUBJECT, queue=FILTER_WORKERS_QUEUE, cb=self._on_message
+            subject, queue=FILTER_WORKERS_QUEUE, cb=self._on_message
         )
 
     async def _on_message(self, msg: Msg) -> None:
@@ -463,6 +469,7 @@ class EvaluationService:
         extra: dict[str, Any] = {}
         if request.source:
             extra["source"] = request.source
+        sender_verified = request.sender_signed or await self._vouched_by_invite(request.event)
         verdict = await self._pipeline.evaluate(
             request.event,
             event_id=request.event_id,
@@ -472,6 +479,7 @@ class EvaluationService:
             origin=request.origin,
             reference_hash=request.reference_hash,
             extra=extra,
+            sender_verified=sender_verified,
         )
         content = request.event.get("content")
         body = content.get("body") if isinstance(content, dict) else None
@@ -502,6 +510,19 @@ class EvaluationService:
         return _Answer(
             stored, metrics.OUTCOME_FIRST_TIME, cache=True, publish=verdict, message=message
         )
+
+    async def _vouched_by_invite(self, event: dict[str, Any]) -> bool:
+        """Whether a third-party invite the sender's server did not sign is vouched for
+        by the room's learned ``m.room.third_party_invite`` (the auth rules' check of
+        ``third_party_invite.signed``); only then is it attributed to its sender."""
+        if not is_third_party_invite(event):
+            return False
+        token = third_party_invite_token(event)
+        room_id = event.get("room_id")
+        if token is None or not isinstance(room_id, str):
+            return False
+        invite = await get_third_party_invite(self._pool, room_id, token)
+        return invite is not None and verify_third_party_invite(event, invite[0], invite[1])
 
     async def _wait(self, event: _Event, deliver: Deliver) -> None:
         """Wait for another worker's verdict; take the claim over if it lapses."""

@@ -245,6 +245,8 @@ class RoomStateConsumer:
             origin=self._server_name,
             source="send",
             pdu=delivery.data,
+            # Checked above when required; a third-party invite may lack it (H2).
+            sender_signed=_sender_server(pdu) in servers_required_to_sign(room_version, pdu),
         )
         try:
             verdict = await self._verdict(request)

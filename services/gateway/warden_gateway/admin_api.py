@@ -616,6 +616,8 @@ def build_admin_router(
         verdict = await verdicts.get_verdict(pool, event_id)
         if verdict is None:
             raise NotFound("No verdict for this event")
-        return Verdict.model_validate(verdict.to_dict())
+        return Verdict.model_validate(
+            {**verdict.to_dict(), "sender_verified": verdict.sender_verified}
+        )
 
     return router

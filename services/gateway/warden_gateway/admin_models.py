@@ -172,6 +172,12 @@ class Verdict(BaseModel):
     origin: str = Field(description="The server whose request caused the evaluation.")
     reference_hash: str
     first_seen_ts: int
+    sender_verified: bool = Field(
+        default=True,
+        description="False when nothing proved the sender sent the event (a third-party "
+        "invite their server did not sign): it was judged without hellban, frequency "
+        "count or redaction.",
+    )
     extra: dict[str, Any] | None = None
 
     model_config = ConfigDict(populate_by_name=True)

@@ -47,6 +47,12 @@ class CheckedEvent(NamedTuple):
     reference_hash: str  # unpadded base64 of the redacted event's SHA-256
     policy_state: bool  # m.room.policy with an empty state key: signed without a verdict
     sender_server: str = ""  # the server part of the (signature-checked) sender
+    # A signature by the sender's server verified (false only for a third-party invite
+    # without one: then nothing is attributed to the sender).
+    sender_signed: bool = True
+
+
+_Entry = tuple[bytes, str, str, str, str, bool, str, bool]
 
 
 class CheckedEvents:
@@ -61,9 +67,7 @@ class CheckedEvents:
         self._size = size
         self._max_bytes = max_bytes
         self._bytes = 0
-        self._entries: OrderedDict[bytes, tuple[bytes, str, str, str, str, bool, str]] = (
-            OrderedDict()
-        )
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
 
     def get(self, digest: bytes) -> CheckedEvent | None:
         """The entry for a body's digest, if remembered (counted as a hit or a miss)."""
@@ -76,7 +80,7 @@ class CheckedEvents:
         return CheckedEvent._make(entry)
 
     @staticmethod
-    def _cost(entry: tuple[bytes, str, str, str, str, bool, str]) -> int:
+    def _cost(entry: _Entry) -> int:
         return ENTRY_OVERHEAD_BYTES + len(entry[0]) + sum(len(s) for s in entry[1:5])
 
     def put(self, digest: bytes, entry: CheckedEvent) -> None:

@@ -24,11 +24,17 @@ workers cannot answer):
 7. reference hash and event ID, computed once from the redacted signing bytes (the
    same bytes our signature covers); on ``/check`` the path's event ID must match
    (400 ``M_INVALID_PARAM``);
-8. the signatures of every server required to sign (400 ``M_BAD_JSON``);
+8. the signatures of every server required to sign (400 ``M_BAD_JSON``); a third-party
+   invite, which the sender's server need not sign, is judged without attributing
+   anything to its sender unless that server signed it anyway or the room's
+   ``m.room.third_party_invite`` vouches for it (the filter worker checks that);
 9. ``m.room.policy`` with an empty state key is signed without a verdict: a room must
    always be able to replace or remove its policy server;
 10. the verdict (``VerdictSource``); a verdict whose reference hash differs from the
-    event's (a reused room v1/v2 event ID) is a refusal, never a signature.
+    event's (a reused room v1/v2 event ID) is a refusal, never a signature. Filters
+    see the event without ``unsigned`` and ``signatures`` (the worker drops them: no
+    hash or signature covers them, so whoever asks first must not be able to change
+    the verdict with them).
 
 Steps 2 and 6 to 8 depend only on the body's bytes and the room version: a body that
 passed them is remembered by its digest (``event_checks``), and a repeat of it (every
@@ -350,7 +356,7 @@ class PolicyAPI:
         else:
             event_id = event_id_from_reference_hash(room_version, reference_hash)
         self._check_path_event_id(path_event_id, event_id)
-        await self._verify_event_signatures(room_version, pdu, signing_bytes)
+        sender_signed = await self._verify_event_signatures(room_version, pdu, signing_bytes)
         checked = CheckedEvent(
             content_json=content_json,
             room_id=room.room_id,
@@ -359,6 +365,7 @@ class PolicyAPI:
             reference_hash=encode_base64(reference_hash),
             policy_state=_is_policy_state_event(pdu),
             sender_server=_sender_server(pdu),
+            sender_signed=sender_signed,
         )
         self._checked.put(digest, checked)
         if (
@@ -434,6 +441,7 @@ class PolicyAPI:
                 origin=origin,
                 source="check" if endpoint is Endpoint.CHECK else "sign",
                 pdu=body,
+                sender_signed=checked.sender_signed,
             )
         )
         if entry.reference_hash != checked.reference_hash:
@@ -479,12 +487,16 @@ class PolicyAPI:
 
     async def _verify_event_signatures(
         self, room_version: RoomVersion, pdu: dict[str, Any], signing_bytes: bytes
-    ) -> None:
-        """Check the signatures of every server required to sign (sender's, and so on).
+    ) -> bool:
+        """Check the signatures of every server required to sign (sender's, and so on);
+        return whether a signature by the sender's server verified.
 
         From room version 5 keys must have been valid at the event's
         ``origin_server_ts``; before that any key the server ever had will do (as in
-        Synapse).
+        Synapse). The sender's server is always required except for a third-party
+        invite; its signature on one is checked if present, else the event is judged
+        without being attributed to its sender (a room v1/v2 event ID's server, chosen
+        by whoever made the event, proves nothing about the sender).
         """
         try:
             required = servers_required_to_sign(room_version, pdu)
@@ -515,6 +527,33 @@ class PolicyAPI:
             )
         except EventSignatureError as exc:
             raise BadJSON(f"The event's signatures do not verify: {exc}") from None
+        # validate_pdu checked the sender is "@localpart:server".
+        sender_server = str(pdu["sender"]).partition(":")[2]
+        if sender_server in required:
+            return True
+        by_sender = signatures.get(sender_server)  # only third-party invites get here
+        if not isinstance(by_sender, dict):
+            return False
+        key_ids = [k for k in by_sender if k.startswith("ed25519:")]
+        keys: dict[str, EventVerifyKey] = {}
+        for key_id in key_ids[:MAX_KEYS_PER_SIGNING_SERVER]:
+            try:
+                keys[key_id] = await self._keyring.get_verify_key(
+                    ServerName(sender_server), KeyID(key_id), at_ms=at_ms
+                )
+            except KeyringError:
+                continue
+        try:
+            verify_sender_signature(
+                room_version,
+                pdu,
+                {sender_server: keys},
+                servers=(sender_server,),
+                signing_bytes=signing_bytes,
+            )
+        except EventSignatureError:
+            return False
+        return True
 
     def _sign(self, checked: CheckedEvent, signing_bytes: bytes | None) -> str:
         """Our policy signature over the redacted event's canonical bytes.

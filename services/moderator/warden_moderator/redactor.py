@@ -6,7 +6,10 @@ whose access token is configured:
 - skip when the server that asked about the event is the sender's own server: that
   server was told to refuse its user's event, so it never sent it anywhere (policyserv
   applies the same rule);
-- skip when the room has no moderator, or no configured token belongs to them.
+- skip when the room has no moderator, or no configured token belongs to them;
+- skip when the verdict says the sender was not verified (a third-party invite nobody
+  proved the named sender made): the room's auth rules reject such a forgery anyway,
+  and a redaction would be an action against the named user.
 
 Each outcome is logged as one JSON line (event and room IDs, never content), counted
 in ``warden_moderation_actions_total`` and, once a redaction was attempted, recorded
@@ -89,6 +92,9 @@ class Redactor:
             return ACK
         if _sender_server(verdict.sender) == verdict.origin:
             self._done("skipped_own_server", **ids, origin=verdict.origin)
+            return ACK
+        if not verdict.sender_verified:
+            self._done("skipped_unverified_sender", **ids)
             return ACK
 
         previous = await deliveries.get_moderation_action(self._pool, verdict.event_id)

@@ -18,6 +18,8 @@ from warden.policy.verdict import Verdict
 # An excerpt is for a moderator's glance, not a copy of the event.
 MAX_EXCERPT_CHARS = 1000
 
+UNVERIFIED_NOTE = "(named as sender, not verified: their server did not sign this event)"
+
 
 def matrix_to(*ids: str) -> str:
     """A matrix.to permalink; each ID percent-encoded as the spec's examples do."""
@@ -48,12 +50,15 @@ def build_report(verdict: Verdict, *, now_ms: int) -> dict[str, str]:
     filters = [
         _filter_line(f.name, f.content_class.label, f.harms, f.error) for f in verdict.filters
     ]
+    # A sender nothing proved (an unsigned third-party invite) is not named as the
+    # author: the event may be a forgery meant to get that user punished.
+    user = verdict.sender if verdict.sender_verified else f"{verdict.sender} {UNVERIFIED_NOTE}"
     room_link = matrix_to(verdict.room_id)
     event_link = matrix_to(verdict.room_id, verdict.event_id)
 
     text_lines = [
         f"Policy server refused an event ({harms})",
-        f"User: {verdict.sender}",
+        f"User: {user}",
         f"Room: {verdict.room_id} ({room_link})",
         f"Event: {verdict.event_id} ({verdict.event_type})",
         f"First seen: {_time(verdict.first_seen_ts)}; reported: {_time(now_ms)}",
@@ -65,7 +70,9 @@ def build_report(verdict: Verdict, *, now_ms: int) -> dict[str, str]:
     parts = [
         f"<p><strong>Policy server refused an event</strong> ({e(harms)})</p>",
         "<ul>",
-        f"<li>User: <code>{e(verdict.sender)}</code></li>",
+        f"<li>User: <code>{e(verdict.sender)}</code>"
+        + ("" if verdict.sender_verified else f" {e(UNVERIFIED_NOTE)}")
+        + "</li>",
         f'<li>Room: <a href="{e(room_link)}">{e(verdict.room_id)}</a></li>',
         f'<li>Event: <a href="{e(event_link)}">{e(verdict.event_id)}</a>'
         f" (<code>{e(verdict.event_type)}</code>)</li>",
