@@ -10,6 +10,7 @@ represent them. ``InvalidPDU`` is an ``M_BAD_JSON`` Matrix error and a ``ValueEr
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,8 @@ from warden.matrix.errors import BadJSON
 from warden.matrix.room_versions import EventFormat, RoomVersion
 
 __all__ = ["MAX_ID_LENGTH", "InvalidPDU", "validate_pdu"]
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 MAX_ID_LENGTH = 255
 """Limit on ``sender``, ``room_id``, ``state_key``, ``type`` and ``event_id`` (spec:
@@ -129,6 +132,11 @@ def validate_pdu(room_version: RoomVersion, pdu: object) -> dict[str, Any]:
         if not event_id.startswith("$") or not _has_server_part(event_id):
             raise InvalidPDU("event_id", "must be an event ID '$opaque:server'")
         _check_length(room_version, "event_id", event_id)
+        if _CONTROL_CHARS.search(event_id) is not None or event_id != event_id.rstrip():
+            # It becomes a NATS header, which nats-py strips and where it turns CR/LF into
+            # spaces: "$a\r:x" or "$a:x " would travel as another event's ID ("$a :x",
+            # "$a:x"), so the verdict lands under that ID and Nats-Msg-Id dedup drops one.
+            raise InvalidPDU("event_id", "must not contain control characters or end in a space")
 
     if "state_key" in pdu:
         state_key = pdu["state_key"]
