@@ -551,6 +551,14 @@ class InviteSetup:
     client: httpx.AsyncClient
     remote: RemoteHomeserver
     rooms: dict[str, str]  # room version -> a room of the remote that Warden may join
+    accepted: set[str] = field(default_factory=set)  # rooms with an accepted invite
+
+    async def check_joined(self) -> None:
+        """Every room with an accepted invite was joined through the inviter: the
+        acceptance was not lost (joins start about a second after the answer)."""
+        async with asyncio.timeout(HANG_SECONDS):
+            while not self.accepted <= {j.event["room_id"] for j in self.remote.joins if j.event}:
+                await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -608,7 +616,9 @@ async def invite_setup(
         # Warm the keyring with one accepted invite.
         r = await send_invite(setup, "12", setup.remote.invite_event(rooms["12"], LOCAL_USER))
         assert r.status_code == 200, r.text
+        setup.accepted.add(rooms["12"])
         yield setup
+        await setup.check_joined()
     finally:
         await joiner.aclose()
         await client.aclose()
@@ -773,6 +783,7 @@ async def test_invite_authenticated_mutated_events(
         assert signed_event["state_key"] == LOCAL_USER
         assert event_id_of(version if api == "v2" else "1", signed_event) == event_id
         assert GATEWAY_NAME in signed_event["signatures"]
+        setup.accepted.add(signed_event["room_id"])
 
 
 # --- what the fuzzing found, pinned ---
