@@ -10,17 +10,22 @@ The allowed outcomes deliberately include answers that other changes add (401 be
 the body is read, 413 for big bodies or PDUs, 429 for an origin over its budget, 400 for
 an oversized transaction ID): the property is "a Matrix error, not a crash".
 
-Four kinds of input per endpoint:
+Three kinds of input:
 
 * arbitrary requests: path bytes, header lists and bodies (raw bytes, JSON of any shape,
   non-canonical JSON), with no valid signature (so they stop at or before X-Matrix);
 * authenticated requests by a real origin (its key served over HTTPS) whose bodies are
-  fuzzed: transactions of odd shapes holding valid, mutated, re-signed and random PDUs
-  of protected rooms in three event formats; invites with mutated events, room versions
-  and stripped state. These reach PDU validation, hashing, signatures and publishing.
+  fuzzed: transactions of odd shapes holding valid, mutated, re-signed, badly signed and
+  random PDUs of protected rooms in three event formats; invites with mutated events,
+  signatures, room versions and stripped state. These reach PDU validation, hashing,
+  signatures, publishing and (for invites) the join through the inviter;
+* whole requests as bytes on a socket to a ``warden gateway`` process (uvicorn and
+  httptools in front): odd headers, chunked bodies, half of them properly signed.
 
-Example counts: 40 per test, five tests; on a busy 2-core machine the module takes
-about a minute. ``HYPOTHESIS_PROFILE=ci`` derandomizes (the same examples every run).
+Example counts: 100 per test (``WARDEN_FUZZ_EXAMPLES`` overrides), six fuzz tests; every
+strategy branch is drawn several times in 100 examples (``--hypothesis-show-statistics``
+shows how deep they got). The module takes about 30-40 s on a busy 2-core machine.
+``HYPOTHESIS_PROFILE=ci`` derandomizes (the same examples every run, for CI).
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from tests.federation_inbound.conftest import (
 from tests.gateway.policy_harness import GATEWAY_NAME, Origin, new_room_id
 from tests.matrix.event_strategies import AWKWARD_CHARS, events
 from tests.matrix.event_strategies import json_values as safe_json_values
+from tests.membership.conftest import gateway_env, start_gateway  # noqa: F401
 from tests.membership.remote_homeserver import RemoteHomeserver
 from warden.bus.subjects import HEADER_EVENT_ID
 from warden.federation.client import FederationClient
@@ -78,11 +84,9 @@ settings.register_profile("ci", derandomize=True)
 if os.environ.get("HYPOTHESIS_PROFILE") == "ci":
     settings.load_profile("ci")
 
-# 40 examples x 8 tests: enough to hit every strategy branch several times (hypothesis
-# spreads early examples over the branches), at ~0.1-0.3 s per authenticated example on
-# a loaded machine.
+# 100 examples x 6 tests: every strategy branch several times, ~30-40 s in all.
 FUZZ = settings(
-    max_examples=int(os.environ.get("WARDEN_FUZZ_EXAMPLES", "40")),
+    max_examples=int(os.environ.get("WARDEN_FUZZ_EXAMPLES", "100")),
     deadline=None,
     # No "explain" phase: it replays a failure hundreds of times (seconds here).
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
@@ -816,3 +820,140 @@ async def test_a_legacy_event_id_that_nats_would_alter_is_refused(
         spaced["event_id"]: spaced["event_id"],
         plain["event_id"]: plain["event_id"],
     }
+
+
+# --- the real HTTP server: bytes on a socket ---
+
+
+@dataclass
+class RawAnswer:
+    status: int
+    headers: dict[bytes, bytes]
+    body: bytes
+
+
+async def raw_exchange(port: int, request: bytes) -> RawAnswer:
+    """Send ``request`` (asking to close the connection after it) and read the answer."""
+    async with asyncio.timeout(HANG_SECONDS):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(request)
+            await writer.drain()
+            data = await reader.read()  # until the server closes
+        finally:
+            writer.close()
+    head, sep, body = data.partition(b"\r\n\r\n")
+    assert sep, f"no complete answer: {data[:300]!r}"
+    status_line, *lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get(b"transfer-encoding") == b"chunked":
+        unchunked, rest = b"", body
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            unchunked, rest = unchunked + rest[:size], rest[size + 2 :]
+        body = unchunked
+    return RawAnswer(int(status_line.split(b" ")[1]), headers, body)
+
+
+header_names = st.from_regex(rb"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,20}", fullmatch=True).filter(
+    lambda n: n.lower() not in (b"content-length", b"transfer-encoding", b"host", b"connection")
+)
+
+
+def encode_body(body: bytes, chunked: bool) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    if not chunked:
+        return [(b"Content-Length", str(len(body)).encode())], body
+    pieces = [body[i : i + 7] for i in range(0, len(body), 7)]
+    encoded = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+    return [(b"Transfer-Encoding", b"chunked")], encoded
+
+
+@pytest.fixture
+def real_gateway(start_gateway: Callable[..., Any]) -> Any:  # noqa: F811
+    """A ``warden gateway`` process (uvicorn, httptools), keys fetched from loopback."""
+    return start_gateway()
+
+
+@FUZZ
+@given(
+    data=st.data(),
+    route=st.sampled_from(["send", "send", "invite v2", "invite v1"]),
+    segment=path_segments,
+    body=raw_bodies,
+    content_type=content_types,
+    extra=st.lists(st.tuples(header_names, header_bytes), max_size=5),
+    chunked=st.booleans(),
+    authenticate=st.booleans(),
+)
+async def test_real_server_requests(
+    real_gateway: Any,
+    origin: Origin,
+    data: st.DataObject,
+    route: str,
+    segment: bytes,
+    body: bytes,
+    content_type: bytes | None,
+    extra: list[tuple[bytes, bytes]],
+    chunked: bool,
+    authenticate: bool,
+) -> None:
+    """Whole requests through the gateway's HTTP server, headers and framing included;
+    half of them properly signed by a real origin over an empty transaction."""
+    assert real_gateway.api_url is not None
+    port = int(real_gateway.api_url.rsplit(":", 1)[1])
+    if route == "send":
+        path = SEND_PREFIX.encode() + segment
+    else:
+        api = route.split()[1]
+        path = f"/_matrix/federation/{api}/invite/!r:x/".encode() + segment
+    may_succeed = False
+    if authenticate:
+        # An empty transaction (nothing to publish), or an invite of nothing.
+        signed: dict[str, Any] = (
+            txn(origin, []) if route == "send" else {"room_version": "12", "event": {}}
+        )
+        body = orjson.dumps(signed)
+        auth = sign_request(
+            origin.name, GATEWAY_NAME, "PUT", path.decode("ascii"), signed, origin.key
+        )
+        authorization = [auth.encode()]
+        may_succeed = route == "send"
+    else:
+        authorization = data.draw(authorization_lists(origin.name, origin.key_id))
+    framing, payload = encode_body(body, chunked)
+    headers = [
+        (b"Host", b"warden.test"),
+        (b"Connection", b"close"),
+        *((b"Authorization", v) for v in authorization),
+        *extra,
+        *framing,
+    ]
+    if content_type is not None:
+        headers.append((b"Content-Type", content_type))
+    request = (
+        b"PUT "
+        + path
+        + b" HTTP/1.1\r\n"
+        + b"".join(n + b": " + v + b"\r\n" for n, v in headers)
+        + b"\r\n"
+        + payload
+    )
+    answer = await raw_exchange(port, request)
+    status = answer.status
+    event(f"status {status}" + (" (signed)" if authenticate else ""))
+    assert status == 200 or 400 <= status < 500 or status == 503, (status, answer.body[:300])
+    assert status != 200 or may_succeed
+    assert answer.headers.get(b"content-type", b"").startswith(b"application/json"), answer
+    decoded = orjson.loads(answer.body)
+    if status >= 400:
+        assert isinstance(decoded.get("errcode"), str) and decoded["errcode"].startswith("M_")
+        assert isinstance(decoded.get("error"), str)
+        event(f"errcode {decoded['errcode']}: {decoded['error'][:24]}")
+    if status == 503:
+        assert int(answer.headers[b"retry-after"]) > 0
+    assert real_gateway.proc.poll() is None, real_gateway.output()[-3000:]
+    assert "unhandled error" not in real_gateway.output()
