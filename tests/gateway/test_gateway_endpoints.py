@@ -85,6 +85,17 @@ async def test_unknown_path_and_wrong_method_are_matrix_errors(client: httpx.Asy
     assert "GET" in r.headers["allow"]
 
 
+async def test_a_trailing_slash_is_an_unknown_path_not_a_redirect(
+    client: httpx.AsyncClient,
+) -> None:
+    # Found by fuzzing /send: "/send/x%2F" decodes to "/send/x/", which the router
+    # answered with a bodyless 307. Federation peers get Matrix errors only.
+    for path in ("/_matrix/federation/v1/version/", "/_matrix/key/v2/server/"):
+        r = await client.get(path)
+        assert r.status_code == 404, (path, r.status_code)
+        assert r.json() == {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}
+
+
 async def test_metrics_label_by_route_template_not_raw_path(client: httpx.AsyncClient) -> None:
     from prometheus_client import REGISTRY
 

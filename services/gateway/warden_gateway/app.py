@@ -70,6 +70,9 @@ def build_app(
         docs_url=None,
         redoc_url=None,
         openapi_url="/api/v1/openapi.json",
+        # A path with a trailing slash is unknown (404 M_UNRECOGNIZED), not a bodyless
+        # 307 to the path without it: federation peers get Matrix errors only.
+        redirect_slashes=False,
     )
     key_endpoint = ServerKeyEndpoint(identity)
     raw_routes: list[Route] = [
