@@ -71,7 +71,7 @@ def build_app(
         redoc_url=None,
         openapi_url="/api/v1/openapi.json",
     )
-    key_endpoint = ServerKeyEndpoint(identity)
+    key_endpoint = ServerKeyEndpoint(identity, settings.old_federation_keys)
     raw_routes: list[Route] = [
         Route("/_matrix/key/v2/server", key_endpoint.handle, methods=["GET"]),
         Route("/_matrix/federation/v1/version", federation_version, methods=["GET"]),
