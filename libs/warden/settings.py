@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     # --- Federation and keys of other servers ---
     key_query_server: str = "matrix.org,ed25519:a_RXGa,l8Hft5qXKn1vfHrg3p4+W8gELQVo8N13JkluMfmn2sQ"
     direct_key_fetching: bool = False
+    # Warden: retired federation keys still published as old_verify_keys after a
+    # rotation, so others can verify what they signed: comma-separated
+    # "ed25519:<id>=<base64 public key>@<expired_ts ms>" (see README "Keys").
+    old_verify_keys: str = ""
     homeserver_allowed_networks: CSV = Field(default_factory=lambda: ["0.0.0.0/0", "::/0"])
     homeserver_denied_networks: CSV = Field(
         default_factory=lambda: _split_csv(DEFAULT_DENIED_NETWORKS)
@@ -279,6 +283,12 @@ class Settings(BaseSettings):
         _parse_notary(value)
         return value
 
+    @field_validator("old_verify_keys")
+    @classmethod
+    def _old_keys(cls, value: str) -> str:
+        parse_old_verify_keys(value)
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:
@@ -335,6 +345,11 @@ class Settings(BaseSettings):
     def notary(self) -> NotaryServer | None:
         """The pinned notary, or None when ``PS_KEY_QUERY_SERVER`` is empty."""
         return _parse_notary(self.key_query_server)
+
+    @property
+    def old_federation_keys(self) -> list[OldVerifyKey]:
+        """The retired federation keys of ``PS_OLD_VERIFY_KEYS``, in the order given."""
+        return parse_old_verify_keys(self.old_verify_keys)
 
 
 @dataclass(frozen=True)
@@ -423,6 +438,37 @@ def _parse_notary(value: str) -> NotaryServer | None:
 
     decode_verify_key(key_id, key)
     return NotaryServer(ServerName(name), KeyID(key_id), key)
+
+
+@dataclass(frozen=True)
+class OldVerifyKey:
+    """One ``PS_OLD_VERIFY_KEYS`` entry: a retired federation key and when it retired."""
+
+    key_id: KeyID
+    verify_key_base64: str
+    expired_ts: int  # ms since the epoch
+
+
+def parse_old_verify_keys(value: str) -> list[OldVerifyKey]:
+    """Parse ``ed25519:<id>=<base64 public key>@<expired_ts ms>,...``; raise ``ValueError``."""
+    from warden.matrix.keys import POLICY_SERVER_KEY_ID, decode_verify_key
+
+    out: dict[str, OldVerifyKey] = {}
+    for item in _split_csv(value):
+        key_id, eq, rest = item.partition("=")
+        key, at, ts = rest.rpartition("@")
+        key_id, key, ts = key_id.strip(), key.strip(), ts.strip()
+        if not eq or not at or not key_id or not key or not ts.isdigit():
+            raise ValueError(f"{item!r} is not 'ed25519:<id>=<base64 public key>@<expired_ts ms>'")
+        if not key_id.startswith("ed25519:") or key_id == "ed25519:":
+            raise ValueError(f"key ID {key_id!r} is not an ed25519 key")
+        if key_id == POLICY_SERVER_KEY_ID:
+            raise ValueError("the policy key must not be published as a server key")
+        if key_id in out:
+            raise ValueError(f"key ID {key_id!r} is listed twice")
+        decode_verify_key(key_id, key)
+        out[key_id] = OldVerifyKey(KeyID(key_id), key, int(ts))
+    return list(out.values())
 
 
 class SettingsError(SystemExit):

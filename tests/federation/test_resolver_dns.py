@@ -6,15 +6,23 @@ listens on the well-known port, which the spec treats like a missing ``.well-kno
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
+from tests.federation.conftest import LocalDNSServer
 from warden.federation.errors import ResolutionError, TemporaryFederationError
 from warden.federation.network_guard import NetworkGuard
-from warden.federation.resolver import ResolvedServer, ServerNameResolver
+from warden.federation.resolver import (
+    MAX_SRV_TARGETS,
+    SRV_LOOKUP_CONCURRENCY,
+    ResolvedServer,
+    ServerNameResolver,
+)
 
 ALLOW_ALL = NetworkGuard(["0.0.0.0/0", "::/0"], [])
 
@@ -163,3 +171,53 @@ async def test_default_port_is_a_parameter_for_tests_only(dns_server, make_resol
     resolved = await make_resolver(default_port=18448).resolve("a.test")
 
     assert resolved.targets == [("127.0.0.5", 18448)]
+
+
+class SlowDNSServer(LocalDNSServer):
+    """``LocalDNSServer`` answering each query after a pause, counting queries in flight."""
+
+    delay: float = 0.05
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+        def answer() -> None:
+            self.in_flight -= 1
+            LocalDNSServer.datagram_received(self, data, addr)
+
+        asyncio.get_running_loop().call_later(self.delay, answer)
+
+
+async def test_srv_targets_are_capped_and_resolved_a_few_at_a_time() -> None:
+    """Review L9: a 40-target SRV answer costs 10 targets' lookups, 3 targets at a time."""
+    loop = asyncio.get_running_loop()
+    transport, dns = await loop.create_datagram_endpoint(SlowDNSServer, local_addr=("127.0.0.1", 0))
+    dns.port = transport.get_extra_info("sockname")[1]
+    try:
+        dns.add(
+            "_matrix-fed._tcp.many.test",
+            "SRV",
+            *(f"{i} 0 {9000 + i} t{i}.many.test." for i in range(40)),
+        )
+        for i in range(40):
+            dns.add(f"t{i}.many.test", "A", f"127.0.1.{i + 1}")
+        capped = REGISTRY.get_sample_value("warden_srv_targets_capped_total") or 0.0
+        resolver = ServerNameResolver(
+            ALLOW_ALL, dns_resolver=dns.resolver(), well_known_port=_unused_port()
+        )
+        try:
+            resolved = await resolver.resolve("many.test")
+        finally:
+            await resolver.aclose()
+    finally:
+        transport.close()
+
+    # The first ten in priority order, each with its own port.
+    assert resolved.targets == [(f"127.0.1.{i + 1}", 9000 + i) for i in range(MAX_SRV_TARGETS)]
+    looked_up = {name for name, rdtype in dns.queries if name.startswith("t")}
+    assert looked_up == {f"t{i}.many.test" for i in range(MAX_SRV_TARGETS)}
+    assert dns.max_in_flight <= 2 * SRV_LOOKUP_CONCURRENCY  # A and AAAA per target
+    assert REGISTRY.get_sample_value("warden_srv_targets_capped_total") == capped + 1

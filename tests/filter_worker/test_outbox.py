@@ -3,6 +3,7 @@ between) still reaches JetStream, and published rows keep no content."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -95,3 +96,63 @@ async def test_acknowledged_publications_are_marked_in_batches(
         r = await row(pg_pool, v.event_id)
         assert r["published"] is True
         assert r["outbox_extra"] is None
+
+
+async def test_no_row_lock_or_transaction_is_held_across_publishes(
+    pg_pool: asyncpg.Pool, pg_database: str, nats_client: NATS
+) -> None:
+    """Review L12: publishes (up to 2 s each when NATS is down) run with nothing held.
+
+    While each publish runs, another connection can lock the row being published
+    (NOWAIT: the sweeper holds no row lock on it), a second sweeper finds the row leased
+    and leaves it, and the sweeper's own pool (one connection) is free.
+    """
+    js = nats_client.jetstream()
+    await ensure_verdicts_stream(js)
+    old = int(time.time() * 1000) - 60_000
+    ours = [committed_verdict(old) for _ in range(3)]
+    await insert_verdicts(pg_pool, ours)
+    ids = {v.event_id for v in ours}
+    publisher = VerdictPublisher(nats_client)
+    sweeper_pool = await asyncpg.create_pool(pg_database, min_size=1, max_size=1)
+    assert sweeper_pool is not None
+    seen: list[str] = []
+    taken_by_other: list[str] = []
+    refused = ours[2].event_id
+
+    async def by_other(verdict: Verdict) -> bool:
+        taken_by_other.append(verdict.event_id)
+        return await publisher.publish_now(verdict)
+
+    async def publish(verdict: Verdict) -> bool:
+        if verdict.event_id not in ids:
+            return await publisher.publish_now(verdict)
+        seen.append(verdict.event_id)
+        async with pg_pool.acquire() as conn, conn.transaction():
+            locked = await conn.fetchval(
+                "SELECT event_id FROM verdicts WHERE event_id = $1 FOR UPDATE NOWAIT",
+                verdict.event_id,
+            )
+            assert locked == verdict.event_id
+        other = OutboxSweeper(pg_pool, by_other, interval_seconds=1, min_age_seconds=30)
+        await other.sweep_once()
+        async with asyncio.timeout(10):  # one connection: free unless held by the sweep
+            assert await sweeper_pool.fetchval("SELECT 1") == 1
+        if verdict.event_id == refused:
+            return False  # NATS said no: released for the next sweep
+        return await publisher.publish_now(verdict)
+
+    try:
+        sweeper = OutboxSweeper(sweeper_pool, publish, interval_seconds=1, min_age_seconds=30)
+        await sweeper.sweep_once()
+    finally:
+        await sweeper_pool.close()
+
+    assert sorted(seen) == sorted(ids)
+    assert ids.isdisjoint(taken_by_other)  # leased: the other sweeper left them alone
+    assert (await row(pg_pool, ours[0].event_id))["published"] is True
+    assert (await row(pg_pool, refused))["published"] is False
+    claimable = await pg_pool.fetchval(
+        "SELECT outbox_claimed_until FROM verdicts WHERE event_id = $1", refused
+    )
+    assert claimable == 0

@@ -327,3 +327,61 @@ async def test_untrusted_certificate_is_not_delivered(
     record = await deliveries.get_webhook_delivery(pg_pool, verdict.event_id)
     assert record is not None and record.status == "failed"
     assert "certificate" in record.last_error
+
+
+async def test_send_republication_while_the_post_is_in_flight_posts_once(
+    start_webhooks: Callable[..., Any],
+    pg_pool: asyncpg.Pool,
+    verdicts_js: Any,
+    receiver: WebhookReceiver,
+    target: LocalHTTPSServer,
+) -> None:
+    """Review L10: the verdict and its ``/send`` re-publication make one POST, not two."""
+    running = await start_webhooks()
+    receiver.script = [Answer(status=200, delay=2.0)]
+    community_id = await community_with_webhook(pg_pool, target.url("/hook"))
+    verdict = prohibited_verdict("!room:hs.test", community_id=community_id)
+    duplicate = deliveries_metric("duplicate")
+
+    await publish_verdict(verdicts_js, verdict)
+    await wait_for(lambda: len(receiver.raw) == 1, "the first POST in flight")
+    seq = await publish_verdict(verdicts_js, verdict, msg_id=f"{verdict.event_id}/send")
+    await settle(verdicts_js, running, seq)
+
+    assert len(receiver.raw) == 1
+    assert deliveries_metric("duplicate") == duplicate + 1
+    record = await deliveries.get_webhook_delivery(pg_pool, verdict.event_id)
+    assert record is not None and (record.status, record.attempts) == ("delivered", 1)
+
+
+async def test_republication_during_a_pending_retry_leaves_the_retry_to_its_message(
+    start_webhooks: Callable[..., Any],
+    pg_pool: asyncpg.Pool,
+    verdicts_js: Any,
+    receiver: WebhookReceiver,
+    target: LocalHTTPSServer,
+) -> None:
+    """A second message for a pending event does not POST; the first one's retry does."""
+    running = await start_webhooks()
+    receiver.script = [Answer(status=503, headers={"retry-after": "3"}), Answer(status=200)]
+    community_id = await community_with_webhook(pg_pool, target.url("/hook"))
+    verdict = prohibited_verdict("!room:hs.test", community_id=community_id)
+    duplicate = deliveries_metric("duplicate")
+
+    await publish_verdict(verdicts_js, verdict)
+
+    async def pending() -> bool:
+        record = await deliveries.get_webhook_delivery(pg_pool, verdict.event_id)
+        return record is not None and record.attempts == 1
+
+    await wait_for(pending, "the first attempt recorded pending")
+    seq = await publish_verdict(verdicts_js, verdict, msg_id=f"{verdict.event_id}/send")
+    await wait_for(
+        lambda: deliveries_metric("duplicate") == duplicate + 1, "the second message skipped"
+    )
+    assert len(receiver.raw) == 1  # the retry waits for Retry-After
+    await settle(verdicts_js, running, seq)
+
+    assert len(receiver.raw) == 2
+    record = await deliveries.get_webhook_delivery(pg_pool, verdict.event_id)
+    assert record is not None and (record.status, record.attempts) == ("delivered", 2)

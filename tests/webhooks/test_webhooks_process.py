@@ -77,7 +77,8 @@ async def test_killed_mid_post_then_restarted_is_processed_once(
     await wait_for(lambda: len(receiver.raw) == 1, "the POST in flight")
     first.proc.kill()
     await asyncio.to_thread(first.proc.wait, 10)
-    assert await deliveries.get_webhook_delivery(pg_pool, verdict.event_id) is None
+    claimed = await deliveries.get_webhook_delivery(pg_pool, verdict.event_id)
+    assert claimed is not None and (claimed.status, claimed.attempts) == ("pending", 0)
 
     second = spawn_service("webhooks", **env)
     await asyncio.to_thread(second.wait_ready)

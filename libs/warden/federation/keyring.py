@@ -47,6 +47,7 @@ from warden.federation.server_key_document import (
     FetchedKey,
     InvalidKeyDocument,
     current_time_ms,
+    requested_validity_ts,
     verify_server_key_document,
 )
 from warden.federation.xmatrix import is_valid_server_name
@@ -288,7 +289,8 @@ class Keyring:
     ) -> dict[KeyID, FetchedKey]:
         assert self._notary is not None
         notary_name = self._notary[0]
-        body = {"server_keys": {server_name: {key_id: {"minimum_valid_until_ts": at}}}}
+        minimum = requested_validity_ts(at, self._clock())  # never absurd (review L7)
+        body = {"server_keys": {server_name: {key_id: {"minimum_valid_until_ts": minimum}}}}
         # The query API needs no authentication; unsigned spares the notary a lookup
         # of our own keys.
         response = await self._client.post_json(

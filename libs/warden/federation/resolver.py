@@ -12,7 +12,10 @@ the name its TLS certificate must carry:
 4. Without a usable ``.well-known``: SRV ``_matrix-fed._tcp.<hostname>``, then
    ``_matrix._tcp.<hostname>``, then A/AAAA of the hostname on port 8448.
 
-DNS goes through dnspython's asyncio resolver (its cache honours record TTLs).
+DNS goes through dnspython's asyncio resolver (its cache honours record TTLs). A server
+name's DNS decides how many SRV targets there are, so only the first
+``MAX_SRV_TARGETS`` (in RFC 2782 order) are resolved, ``SRV_LOOKUP_CONCURRENCY`` at a
+time; a longer answer is counted in ``warden_srv_targets_capped_total``.
 ``.well-known`` answers are cached by Cache-Control/Expires within the spec's bounds.
 The ``.well-known`` request itself connects only to addresses the network guard allows.
 """
@@ -43,6 +46,7 @@ import orjson
 
 from warden.federation.errors import FederationError, ResolutionError
 from warden.federation.network_guard import GuardedTransport, NetworkGuard, send_to_targets
+from warden.telemetry.metrics import SRV_TARGETS_CAPPED
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,11 @@ WELL_KNOWN_MIN_CACHE_SECONDS = 5 * 60
 WELL_KNOWN_FAILURE_CACHE_SECONDS = 5 * 60
 WELL_KNOWN_MAX_FAILURE_CACHE_SECONDS = 3600
 WELL_KNOWN_MAX_SIZE = 64 * 1024
+# An SRV answer is the remote side's to make long; each target costs two lookups and is
+# a connection candidate. Synapse tries them all; ten is far more than any real
+# deployment lists, and resolving three at a time bounds the queries in flight.
+MAX_SRV_TARGETS = 10
+SRV_LOOKUP_CONCURRENCY = 3
 
 _LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _IPV4_LIKE_RE = re.compile(r"[0-9.]+")
@@ -232,6 +241,7 @@ class ServerNameResolver:
         max_redirects: int = 3,
         cache_size: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        max_srv_targets: int = MAX_SRV_TARGETS,
     ) -> None:
         self.guard = guard
         self._owns_http = http is None
@@ -245,6 +255,7 @@ class ServerNameResolver:
         self.well_known_timeout = well_known_timeout
         self.max_redirects = max_redirects
         self.cache_size = cache_size
+        self.max_srv_targets = max_srv_targets
         self.clock = clock
         self._well_known: OrderedDict[str, _WellKnownEntry] = OrderedDict()
 
@@ -297,10 +308,24 @@ class ServerNameResolver:
     async def _srv_targets(
         self, server_name: str, srv: list[tuple[str, int]]
     ) -> list[tuple[str, int]]:
-        results = await asyncio.gather(
-            *(self._lookup_addresses(server_name, host) for host, _ in srv),
-            return_exceptions=True,
-        )
+        if len(srv) > self.max_srv_targets:
+            SRV_TARGETS_CAPPED.inc()
+            logger.warning(
+                "too many SRV targets; trying the first ones only",
+                extra={
+                    "server_name": server_name,
+                    "srv_targets": len(srv),
+                    "tried": self.max_srv_targets,
+                },
+            )
+            srv = srv[: self.max_srv_targets]
+        slots = asyncio.Semaphore(SRV_LOOKUP_CONCURRENCY)
+
+        async def lookup(host: str) -> list[str]:
+            async with slots:
+                return await self._lookup_addresses(server_name, host)
+
+        results = await asyncio.gather(*(lookup(host) for host, _ in srv), return_exceptions=True)
         targets: list[tuple[str, int]] = []
         errors: list[BaseException] = []
         for (_, port), result in zip(srv, results, strict=True):

@@ -36,6 +36,11 @@ from warden.matrix.keys import (
 DAY_MS = 24 * 60 * 60 * 1000
 DEFAULT_VALID_FOR_MS = DAY_MS
 MAX_KEY_VALIDITY_MS = 7 * DAY_MS  # spec: use the lesser of valid_until_ts and now + 7 days
+# How far ahead of now we ask a notary for keys to stay valid (review L7). From room
+# version 5 an event's keys must be valid at its origin_server_ts, which its sender
+# chooses: asked as is, a far-future value makes the notary refetch the server's keys on
+# every such event. One hour covers ordinary clock drift.
+MAX_REQUESTED_VALIDITY_AHEAD_MS = 3600 * 1000
 
 JsonDict = dict[str, Any]
 
@@ -63,6 +68,17 @@ class FetchedKey:
 def current_time_ms() -> int:
     """The current time in milliseconds since the epoch."""
     return time.time_ns() // 1_000_000
+
+
+def requested_validity_ts(at_ms: int, now_ms: int) -> int:
+    """The ``minimum_valid_until_ts`` to ask a notary for when a key must be valid at
+    ``at_ms``: that time, but never more than an hour past ``now_ms``.
+
+    Only the request is clamped: whether the key is usable is still decided at
+    ``at_ms``, so events are judged as the spec says, and an event within an hour of
+    the present asks exactly what it asked before.
+    """
+    return min(at_ms, now_ms + MAX_REQUESTED_VALIDITY_AHEAD_MS)
 
 
 def build_server_key_document(

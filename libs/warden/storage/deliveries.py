@@ -3,6 +3,9 @@
 One row per event ID and side effect. The services read the row before acting, so a
 JetStream redelivery of an event already handled (delivered, redacted, or given up on)
 does nothing; they write it after each attempt. ``attempts`` only ever grows.
+
+Webhooks also claim the row before each POST (``claim_webhook_delivery``, migration
+0020), so two messages for the same event never POST at once.
 """
 
 from __future__ import annotations
@@ -60,6 +63,68 @@ async def get_webhook_delivery(pool: asyncpg.Pool, event_id: str) -> DeliveryRec
     return _record(row) if row else None
 
 
+async def claim_webhook_delivery(
+    pool: asyncpg.Pool,
+    *,
+    event_id: str,
+    community_id: str,
+    url_host: str,
+    stream_sequence: int,
+    attempt: int,
+    lease_ms: int,
+) -> bool:
+    """Claim the right to POST ``event_id``'s webhook now; True if this message has it.
+
+    One statement, so two messages racing for the same event cannot both win. The claim
+    is taken when there is no row yet, or the row is still pending and either its claim
+    has lapsed or it is held by an earlier delivery of this same message (a redelivery
+    after a crash or a retry). A final row, or a live claim of another message, refuses.
+    """
+    now = _now_ms()
+    row = await pool.fetchval(
+        """
+        INSERT INTO webhook_deliveries
+            (event_id, community_id, url_host, status, attempts, last_error, updated_ts,
+             claim_seq, claim_attempt, claimed_until)
+        VALUES ($1, $2, $3, 'pending', 0, '', $4, $5, $6, $7)
+        ON CONFLICT (event_id) DO UPDATE SET
+            claim_seq = EXCLUDED.claim_seq,
+            claim_attempt = EXCLUDED.claim_attempt,
+            claimed_until = EXCLUDED.claimed_until
+        WHERE webhook_deliveries.status = 'pending'
+          AND (webhook_deliveries.claimed_until <= $4
+               OR webhook_deliveries.claim_seq IS NULL
+               OR (webhook_deliveries.claim_seq = EXCLUDED.claim_seq
+                   AND webhook_deliveries.claim_attempt < EXCLUDED.claim_attempt))
+        RETURNING 1
+        """,
+        event_id,
+        community_id,
+        url_host,
+        now,
+        stream_sequence,
+        attempt,
+        now + lease_ms,
+    )
+    return row is not None
+
+
+async def release_webhook_claim(pool: asyncpg.Pool, event_id: str, stream_sequence: int) -> None:
+    """Give up this message's claim without a POST: a row never attempted goes away."""
+    await pool.execute(
+        "DELETE FROM webhook_deliveries WHERE event_id = $1 AND status = 'pending'"
+        " AND claim_seq = $2 AND attempts = 0",
+        event_id,
+        stream_sequence,
+    )
+    await pool.execute(
+        "UPDATE webhook_deliveries SET claim_seq = NULL, claimed_until = 0"
+        " WHERE event_id = $1 AND status = 'pending' AND claim_seq = $2",
+        event_id,
+        stream_sequence,
+    )
+
+
 async def record_webhook_delivery(
     pool: asyncpg.Pool,
     *,
@@ -69,19 +134,28 @@ async def record_webhook_delivery(
     status: WebhookStatus,
     attempts: int,
     last_error: str = "",
+    claim_seq: int | None = None,
+    claimed_until: int = 0,
 ) -> None:
-    """Insert or update the row; a final status is never downgraded to pending."""
+    """Insert or update the row; a final status is never downgraded to pending.
+
+    With ``claim_seq``, a claim held by that message is kept until ``claimed_until``
+    (ms): a pending delivery stays reserved for its message's retry.
+    """
     await pool.execute(
         """
         INSERT INTO webhook_deliveries
-            (event_id, community_id, url_host, status, attempts, last_error, updated_ts)
-        VALUES ($1, $2, $3, $4, $5, $6, $7)
+            (event_id, community_id, url_host, status, attempts, last_error, updated_ts,
+             claim_seq, claimed_until)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
         ON CONFLICT (event_id) DO UPDATE SET
             url_host = EXCLUDED.url_host,
             status = EXCLUDED.status,
             attempts = GREATEST(webhook_deliveries.attempts, EXCLUDED.attempts),
             last_error = EXCLUDED.last_error,
-            updated_ts = EXCLUDED.updated_ts
+            updated_ts = EXCLUDED.updated_ts,
+            claimed_until = CASE WHEN webhook_deliveries.claim_seq = EXCLUDED.claim_seq
+                THEN EXCLUDED.claimed_until ELSE webhook_deliveries.claimed_until END
         WHERE webhook_deliveries.status = 'pending'
         """,
         event_id,
@@ -91,6 +165,8 @@ async def record_webhook_delivery(
         attempts,
         last_error[:MAX_ERROR_CHARS],
         _now_ms(),
+        claim_seq,
+        claimed_until,
     )
 
 

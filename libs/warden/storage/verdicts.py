@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 
 import asyncpg
@@ -139,30 +140,51 @@ async def mark_published(db: Executor, event_ids: Sequence[str]) -> None:
         )
 
 
-async def lock_unpublished(
-    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+async def claim_unpublished(
+    db: Executor,
     *,
     older_than_ts: int,
     limit: int,
+    lease_ms: int,
 ) -> list[Verdict]:
-    """Lock (in the caller's transaction) unpublished verdicts first seen before
-    ``older_than_ts``; rows another worker holds are skipped. Each carries its outbox
-    extras in ``extra``."""
-    rows = await conn.fetch(
+    """Claim unpublished verdicts first seen before ``older_than_ts`` for ``lease_ms``.
+
+    One statement, committed on its own: the claimed rows are leased (not locked) so the
+    caller publishes them with no transaction open; rows another sweeper leased, or is
+    claiming right now, are skipped. Each verdict carries its outbox extras in ``extra``.
+    """
+    now = int(time.time() * 1000)
+    rows = await db.fetch(
         f"""
-        SELECT {_COLUMNS}, outbox_extra FROM verdicts
-        WHERE NOT published AND first_seen_ts < $1
-        ORDER BY first_seen_ts
-        LIMIT $2
-        FOR UPDATE SKIP LOCKED
+        UPDATE verdicts SET outbox_claimed_until = $3 + $4
+        WHERE event_id IN (
+            SELECT event_id FROM verdicts
+            WHERE NOT published AND first_seen_ts < $1 AND outbox_claimed_until <= $3
+            ORDER BY first_seen_ts
+            LIMIT $2
+            FOR UPDATE SKIP LOCKED
+        )
+        RETURNING {_COLUMNS}, outbox_extra
         """,
         older_than_ts,
         limit,
+        now,
+        lease_ms,
     )
     out = []
-    for row in rows:
+    for row in sorted(rows, key=lambda r: r["first_seen_ts"]):
         extra = row["outbox_extra"]
         if isinstance(extra, str):
             extra = orjson.loads(extra)
         out.append(dataclasses.replace(_verdict(row), extra=dict(extra or {})))
     return out
+
+
+async def release_unpublished(db: Executor, event_ids: Sequence[str]) -> None:
+    """End the outbox lease of verdicts whose publication failed, for the next sweep."""
+    if event_ids:
+        await db.execute(
+            "UPDATE verdicts SET outbox_claimed_until = 0"
+            " WHERE event_id = ANY($1::text[]) AND NOT published",
+            list(event_ids),
+        )

@@ -46,3 +46,10 @@ KEY_FETCHES = Counter(
 def render_latest() -> tuple[bytes, str]:
     """The exposition text of the default registry and its content type."""
     return generate_latest(), CONTENT_TYPE_LATEST
+
+
+SRV_TARGETS_CAPPED = Counter(
+    "warden_srv_targets_capped_total",
+    "Server name resolutions whose SRV answer listed more targets than are tried "
+    "(the rest are ignored).",
+)

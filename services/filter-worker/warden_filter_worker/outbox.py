@@ -3,10 +3,13 @@
 A verdict row is committed unpublished. After JetStream acknowledges the message, the
 ``PublishedMarker`` records it (batched: one UPDATE per interval, not per verdict). If
 the worker dies in between, the row stays unpublished and the ``OutboxSweeper`` of any
-worker publishes it later: rows are locked with ``FOR UPDATE SKIP LOCKED`` so sweepers on
-several workers share the work. A message published twice (a crash after the ack but
-before the mark) is dropped by JetStream within its duplicate window; past it, the
-moderator and webhooks are idempotent per event ID.
+worker publishes it later. The sweeper claims a batch in one short statement (a lease
+column, taken with ``FOR UPDATE SKIP LOCKED`` so sweepers on several workers share the
+work), then publishes with no transaction open and no pooled connection held: publishes
+may be slow (up to the publish timeout each when NATS is down). A sweeper that dies
+mid-batch leaves its rows to others once the lease lapses. A message published twice (a
+crash after the ack but before the mark) is dropped by JetStream within its duplicate
+window; past it, the moderator and webhooks are idempotent per event ID.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from warden.policy.verdict import Verdict
-from warden.storage.verdicts import lock_unpublished, mark_published
+from warden.storage.verdicts import claim_unpublished, mark_published, release_unpublished
 
 logger = logging.getLogger(__name__)
 
@@ -70,20 +73,32 @@ class OutboxSweeper:
         interval_seconds: float,
         min_age_seconds: float,
         batch_size: int = 200,
+        lease_seconds: float = 900.0,
     ) -> None:
         self._pool = pool
         self._publish = publish
         self._interval = interval_seconds
         self._min_age_ms = int(min_age_seconds * 1000)
         self._batch = batch_size
+        # Longer than a whole batch of publishes can take (200 x a 2 s timeout), so a
+        # live sweeper's rows are not published by another one meanwhile.
+        self._lease_ms = int(lease_seconds * 1000)
 
     async def sweep_once(self) -> int:
         """Publish one batch of old unpublished verdicts; return how many were published."""
         older_than = int(time.time() * 1000) - self._min_age_ms
-        async with self._pool.acquire() as conn, conn.transaction():
-            stale = await lock_unpublished(conn, older_than_ts=older_than, limit=self._batch)
-            done = [v.event_id for v in stale if await self._publish(v)]
-            await mark_published(conn, done)
+        stale = await claim_unpublished(
+            self._pool, older_than_ts=older_than, limit=self._batch, lease_ms=self._lease_ms
+        )
+        done: list[str] = []
+        try:
+            for verdict in stale:
+                if await self._publish(verdict):
+                    done.append(verdict.event_id)
+        finally:
+            await mark_published(self._pool, done)
+            failed = {v.event_id for v in stale} - set(done)
+            await release_unpublished(self._pool, sorted(failed))
         if done:
             logger.info("republished lost verdict messages", extra={"count": len(done)})
         return len(done)

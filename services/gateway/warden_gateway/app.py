@@ -74,7 +74,7 @@ def build_app(
         # 307 to the path without it: federation peers get Matrix errors only.
         redirect_slashes=False,
     )
-    key_endpoint = ServerKeyEndpoint(identity)
+    key_endpoint = ServerKeyEndpoint(identity, settings.old_federation_keys)
     raw_routes: list[Route] = [
         Route("/_matrix/key/v2/server", key_endpoint.handle, methods=["GET"]),
         Route("/_matrix/federation/v1/version", federation_version, methods=["GET"]),

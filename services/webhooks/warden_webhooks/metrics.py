@@ -7,7 +7,7 @@ from prometheus_client import Counter, Histogram
 WEBHOOK_DELIVERIES = Counter(
     "warden_webhook_deliveries_total",
     "Audit webhook decisions on prohibited verdicts, by outcome (delivered, failed, retry, "
-    "skipped_not_allowed, skipped_no_url, already_done, invalid).",
+    "skipped_not_allowed, skipped_no_url, already_done, duplicate, invalid).",
     ["outcome"],
 )
 WEBHOOK_SECONDS = Histogram(

@@ -2,8 +2,9 @@
 
 Order of checks: the message parses and is prohibited; no earlier delivery of this
 event reached a final state (``webhook_deliveries``); the community has a
-``webhook_url``; the URL and, at connect time, its addresses are allowed. Then one POST
-is made per message delivery:
+``webhook_url``; the URL is allowed; this message claims the event's row (below); at
+connect time the URL's addresses are allowed. Then one POST is made per message
+delivery:
 
 - 2xx: recorded ``delivered``, acknowledged;
 - temporary failure (network, timeout, 408/425/429/5xx): recorded ``pending`` and
@@ -17,6 +18,14 @@ once the record says delivered or failed. What remains is the window between the
 target's 2xx and our record (the process dying there): that event is POSTed again,
 with the same ``Idempotency-Key: <event ID>``, so a receiver that honours the key sees
 it exactly once. On the wire it is at least once.
+
+One event can arrive in two messages (the verdict and its ``/send`` re-publication,
+``Nats-Msg-Id <id>/send``). Before POSTing, the message claims the event's row in one
+statement (``claim_webhook_delivery``); a second message that finds a live claim of
+another message acknowledges without POSTing (outcome ``duplicate``), since the holder's
+message carries the delivery through its own retries. The claim lasts one POST plus a
+margin, and through the backoff of a pending retry; a lapsed claim (its holder died and
+its message was given up) can be taken over.
 
 One JSON log line per outcome, with the event ID and the URL's host (never the URL's
 path, which often holds a secret, and never event content).
@@ -55,6 +64,7 @@ class Notifier:
         allowed_domains: Sequence[str],
         max_attempts: int,
         retry_base_seconds: float,
+        claim_seconds: float = 90.0,
     ) -> None:
         self._pool = pool
         self._urls = urls
@@ -62,6 +72,9 @@ class Notifier:
         self._allowed = list(allowed_domains)
         self._max_attempts = max_attempts
         self._retry_base = retry_base_seconds
+        # Longer than one POST can take (the sender's total timeout), so a live holder
+        # is never overtaken mid-POST.
+        self._claim_ms = int(claim_seconds * 1000)
 
     async def __call__(self, delivery: Delivery) -> Disposition:
         """Handle one verdict message; return whether to acknowledge it."""
@@ -115,10 +128,27 @@ class Notifier:
             return ACK
         ids["url_host"] = target.host
 
+        claimed = await deliveries.claim_webhook_delivery(
+            self._pool,
+            event_id=verdict.event_id,
+            community_id=verdict.community_id,
+            url_host=target.host,
+            stream_sequence=delivery.stream_sequence,
+            attempt=delivery.attempt,
+            lease_ms=self._claim_ms,
+        )
+        if not claimed:
+            # Another message for this event holds it, or it just became final.
+            self._done("duplicate", **ids)
+            return ACK
+
         payload = build_report(verdict, now_ms=int(time.time() * 1000))
         try:
             attempt = await self._sender.post(target, payload, idempotency_key=verdict.event_id)
         except NotAllowed as exc:
+            await deliveries.release_webhook_claim(
+                self._pool, verdict.event_id, delivery.stream_sequence
+            )
             self._done("skipped_not_allowed", level=logging.WARNING, **ids, reason=str(exc))
             return ACK
 
@@ -131,7 +161,16 @@ class Notifier:
             delay = backoff_delay(delivery.attempt, self._retry_base)
             if attempt.retry_after is not None:
                 delay = max(delay, attempt.retry_after)
-            await self._record(verdict, target.host, "pending", delivery.attempt, attempt.error)
+            # Keep the claim through the backoff: the retry belongs to this message.
+            hold_until = int((time.time() + delay) * 1000) + self._claim_ms
+            await self._record(
+                verdict,
+                target.host,
+                "pending",
+                delivery.attempt,
+                attempt.error,
+                claim=(delivery.stream_sequence, hold_until),
+            )
             self._done(
                 "retry", level=logging.WARNING, **fields, error=attempt.error, retry_in=delay
             )
@@ -147,6 +186,8 @@ class Notifier:
         status: deliveries.WebhookStatus,
         attempts: int,
         error: str = "",
+        *,
+        claim: tuple[int, int] | None = None,
     ) -> None:
         await deliveries.record_webhook_delivery(
             self._pool,
@@ -156,4 +197,6 @@ class Notifier:
             status=status,
             attempts=attempts,
             last_error=error,
+            claim_seq=claim[0] if claim else None,
+            claimed_until=claim[1] if claim else 0,
         )

@@ -20,6 +20,8 @@ from warden_webhooks.webhook_urls import WebhookURLs
 # How long JetStream waits for an ack before redelivering. A running handler keeps
 # extending it, so this only decides how soon a crashed replica's messages come back.
 ACK_WAIT_SECONDS = 30.0
+# A delivery claim outlasts one POST (the sender's total timeout) by this much.
+CLAIM_MARGIN_SECONDS = 30.0
 
 
 class WebhooksService:
@@ -66,6 +68,7 @@ class WebhooksService:
             allowed_domains=settings.allowed_webhook_domains,
             max_attempts=settings.webhook_max_attempts,
             retry_base_seconds=settings.webhook_retry_base_seconds,
+            claim_seconds=settings.webhook_timeout_seconds + CLAIM_MARGIN_SECONDS,
         )
         consumer = PullConsumer(
             js,
