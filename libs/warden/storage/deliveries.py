@@ -5,7 +5,7 @@ JetStream redelivery of an event already handled (delivered, redacted, or given 
 does nothing; they write it after each attempt. ``attempts`` only ever grows.
 
 Webhooks also claim the row before each POST (``claim_webhook_delivery``, migration
-0020), so two messages for the same event never POST at once.
+0007), so two messages for the same event never POST at once.
 """
 
 from __future__ import annotations
