@@ -1,0 +1,28 @@
+-- Learned state is authenticated (issue 10). The room-state consumer checks each PDU
+-- received over /send against the auth rules as far as learned state allows, which
+-- needs every user's membership (bans and invites too, not only the joined members of
+-- displaynames) and which servers have a joined member (the /send origin rule).
+
+-- One row per user whose membership is not 'leave' (a leave deletes the row).
+CREATE TABLE room_members (
+    room_id     TEXT NOT NULL,
+    user_id     TEXT NOT NULL,
+    server_name TEXT NOT NULL,
+    membership  TEXT NOT NULL,
+    event_id    TEXT NOT NULL,
+    PRIMARY KEY (room_id, user_id)
+);
+CREATE INDEX room_members_joined_servers ON room_members (room_id, server_name)
+    WHERE membership = 'join';
+
+-- trusted_event_id: the anchor of the last snapshot Warden verified (seed or refresh),
+-- which trusted servers know; the refresh falls back to it when last_event_id fails.
+-- trusted_depth: the deepest state event of that snapshot; /send state events below it
+-- are older than what Warden holds and are not learned (replays).
+-- *_count: what the per-room caps (PS_ROOM_STATE_MAX_*) count.
+ALTER TABLE room_state
+    ADD COLUMN trusted_event_id TEXT,
+    ADD COLUMN trusted_depth BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN member_count INTEGER NOT NULL DEFAULT 0,
+    ADD COLUMN displayname_count INTEGER NOT NULL DEFAULT 0,
+    ADD COLUMN rule_count INTEGER NOT NULL DEFAULT 0;
