@@ -160,7 +160,7 @@ def check_event(event: Mapping[str, Any], state: AuthState) -> str | None:
     if state.sender_membership != "join":
         return "sender is not a joined member"
     is_state = isinstance(state_key, str)
-    if is_state and state_key.startswith("@") and state_key != sender:
+    if isinstance(state_key, str) and state_key.startswith("@") and state_key != sender:
         return "state key names another user"
     sender_level = state.user_level(sender)
     if sender_level < state.event_level(event_type, is_state):

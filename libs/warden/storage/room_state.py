@@ -797,6 +797,19 @@ async def server_in_room(pool: asyncpg.Pool, room_id: str, server_name: str) -> 
     return found is not None
 
 
+async def joined_servers(pool: asyncpg.Pool, room_id: str, limit: int) -> list[str]:
+    """Up to ``limit`` servers with joined members in the room, the most members first."""
+    rows = await pool.fetch(
+        """
+        SELECT server_name FROM room_members WHERE room_id = $1 AND membership = 'join'
+        GROUP BY server_name ORDER BY count(*) DESC, server_name LIMIT $2
+        """,
+        room_id,
+        limit,
+    )
+    return [r["server_name"] for r in rows]
+
+
 async def load_auth_state(
     pool: asyncpg.Pool, room_id: str, room_version: RoomVersion, event: Mapping[str, Any]
 ) -> AuthState:

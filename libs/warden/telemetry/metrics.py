@@ -47,6 +47,7 @@ def render_latest() -> tuple[bytes, str]:
     """The exposition text of the default registry and its content type."""
     return generate_latest(), CONTENT_TYPE_LATEST
 
+
 ROOM_STATE_CAP_HITS = Counter(
     "warden_room_state_cap_hits_total",
     "Learned room state entries not kept because a per-room cap was reached, by kind "
