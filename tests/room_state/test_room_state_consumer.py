@@ -28,6 +28,7 @@ from tests.gateway.policy_harness import (
     verdict_for,
 )
 from tests.moderator.verdict_stream import fresh_durable
+from tests.room_state.room_setup import seed_room
 from warden import redis_keys
 from warden.bus.consumer import ACK, Delivery, Retry
 from warden.bus.streams import ensure_verdicts_stream
@@ -110,8 +111,18 @@ async def test_state_is_learned_bad_signatures_dropped_and_bypassing_events_judg
     worker = await StandInWorker(nats_client, subject, decide).start()
     consumer = make_consumer(pg_pool, nats_client, keyring, warden_identity, subject)
     rid = room.room_id
+    alice = f"@alice:{origin.name}"
+    # What the join taught Warden: a creator, alice with power 100, Warden's user in.
+    await seed_room(
+        pg_pool,
+        origin,
+        rid,
+        "12",
+        members={f"@creator:{origin.name}": 100, alice: 100},
+        extra_joined=(OUR_USER,),
+        our_user_id=OUR_USER,
+    )
     try:
-        alice = f"@alice:{origin.name}"
         join = origin.event(
             rid,
             "12",
@@ -138,7 +149,7 @@ async def test_state_is_learned_bad_signatures_dropped_and_bypassing_events_judg
         )
         for ev in (join, power, policy):
             assert await consumer.handle(delivery(ev, rid, origin.name)) == ACK
-        assert await get_displaynames(pg_pool, rid) == {alice: "Alice A"}
+        assert (await get_displaynames(pg_pool, rid))[alice] == "Alice A"
         assert await room_state.get_power_levels(pg_pool, rid) == {"users": {alice: 100}}
         ps = await room_state.get_policy_server(
             pg_pool, rid, GATEWAY_NAME, warden_identity.policy_key_base64
@@ -211,6 +222,7 @@ async def test_a_refusal_first_given_to_the_senders_own_server_is_sent_for_redac
     await fresh_durable(js, durable)
     worker = await StandInWorker(nats_client, subject, refused_earlier_to_sender).start()
     consumer = make_consumer(pg_pool, nats_client, keyring, warden_identity, subject)
+    await seed_room(pg_pool, origin, room.room_id, "11", members={f"@bob:{origin.name}": 0})
     try:
         ev = origin.event(
             room.room_id, "11", body="spam that was refused", sender=f"@bob:{origin.name}"

@@ -114,13 +114,34 @@ async def test_events_update_members_power_levels_creators_acl_and_policy(
     assert await pg_pool.fetchval("SELECT last_state_update_ts FROM rooms WHERE room_id = $1", r)
 
 
-async def test_an_older_event_does_not_replace_newer_state(pg_pool: asyncpg.Pool) -> None:
+async def test_depth_orders_one_servers_events_but_never_pins_an_entry(
+    pg_pool: asyncpg.Pool,
+) -> None:
     r = room()
-    await apply(pg_pool, r, state("m.room.power_levels", "", {"ban": 90}, depth=20))
-    assert await apply(pg_pool, r, state("m.room.power_levels", "", {"ban": 10}, depth=5)) is None
+    pl = "m.room.power_levels"
+    # One server's older event, delivered late, does not replace its newer one.
+    await apply(pg_pool, r, state(pl, "", {"ban": 90}, depth=20))
+    late = await apply(pg_pool, r, state(pl, "", {"ban": 10}, depth=5))
+    assert late is not None and late.kind == "stale" and not late.changed
     assert await room_state.get_power_levels(pg_pool, r) == {"ban": 90}
-    await apply(pg_pool, r, state("m.room.power_levels", "", {"ban": 70}, depth=21))
+    await apply(pg_pool, r, state(pl, "", {"ban": 70}, depth=21))
     assert await room_state.get_power_levels(pg_pool, r) == {"ban": 70}
+    # A huge depth does not pin an entry: another server's later change replaces it.
+    await apply(pg_pool, r, state(pl, "", {"ban": 1}, sender="@evil:evil.org", depth=2**53 - 1))
+    assert await room_state.get_power_levels(pg_pool, r) == {"ban": 1}
+    await apply(pg_pool, r, state(pl, "", {"ban": 50}, depth=22))
+    assert await room_state.get_power_levels(pg_pool, r) == {"ban": 50}
+    # Nothing older than the last verified snapshot's deepest state event is learned
+    # (a replayed old event), whoever sent it.
+    await room_state.seed_from_state(pg_pool, r, "11", [state(pl, "", {"ban": 60}, depth=100)])
+    replay = await apply(pg_pool, r, state(pl, "", {"ban": 5}, sender="@x:y.org", depth=99))
+    assert replay is not None and replay.kind == "stale"
+    assert await room_state.get_power_levels(pg_pool, r) == {"ban": 60}
+    member = "m.room.member"
+    await apply(pg_pool, r, state(member, "@m:y.org", {"membership": "join"}, depth=101))
+    old_ban = state(member, "@m:y.org", {"membership": "ban"}, depth=100)
+    assert (await apply(pg_pool, r, old_ban)).kind == "stale"  # same server, older
+    assert "@m:y.org" in await get_displaynames(pg_pool, r)
 
 
 async def test_policy_rules_are_learned_replaced_and_removed(pg_pool: asyncpg.Pool) -> None:

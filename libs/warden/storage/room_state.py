@@ -299,14 +299,18 @@ async def apply_event(
 
     * ``depth`` is chosen by the sending server: "the greater depth wins" would let one
       event with a huge depth pin its entry against every later legitimate change. So
-      the last write of a verified, authorised event wins, and a later change always
-      can replace it;
+      depth orders only events whose senders are on the same server (a server can only
+      pin an entry against its own later events): an older copy of one server's event,
+      delivered late or replayed, does not replace that server's newer one. Between
+      servers the last write wins, so another server's later change always can
+      replace the entry;
     * an event whose depth is below the deepest state event of the last verified
       snapshot (``trusted_depth``: the join's send_join answer or the refresh) is older
       than what Warden holds and is not learned: a replayed old event (a revoked power
       level, a lifted ban) cannot come back;
-    * what arrives out of order between two snapshots may leave an older entry until
-      the next refresh replaces the room's state from a trusted server.
+    * what arrives out of order from different servers between two snapshots may leave
+      an older entry until the next refresh replaces the room's state from a trusted
+      server.
 
     ``m.room.member`` updates memberships and display names; when it concerns
     ``our_user_id``, the returned update says Warden's new membership. New members,
@@ -334,21 +338,26 @@ async def apply_event(
             return StateUpdate("stale", changed=False)
         if event_type == MEMBER:
             return await _apply_member(
-                conn, room_id, state_key, content, sender, event_id, our_user_id, now, caps
+                conn, room_id, state_key, event, content, sender, event_id, our_user_id, now, caps
             )
         if event_type in SINGLETON_TYPES and state_key != "":
             return None
-        held = await conn.fetchval(
+        held_row = await conn.fetchrow(
             """
-            SELECT event_id FROM room_state_events
+            SELECT event_id, sender, depth FROM room_state_events
             WHERE room_id = $1 AND event_type = $2 AND state_key = $3 FOR UPDATE
             """,
             room_id,
             event_type,
             state_key,
         )
+        held = held_row["event_id"] if held_row is not None else None
         if held == event_id:
             return None  # already learned (a redelivery)
+        if held_row is not None and _older_from_same_server(
+            event, held_row["sender"].partition(":")[2], held_row["depth"]
+        ):
+            return StateUpdate("stale", changed=False)
         if (
             held is None
             and event_type in RULE_TYPES
@@ -377,10 +386,18 @@ async def apply_event(
         return StateUpdate(_kind_of(event_type))
 
 
+def _older_from_same_server(event: Mapping[str, Any], held_server: str, held_depth: int) -> bool:
+    """Whether ``event`` is older than the held entry by the same server's reckoning."""
+    sender = event.get("sender")
+    server = sender.partition(":")[2] if isinstance(sender, str) else ""
+    return bool(server) and server == held_server and _depth(event) < held_depth
+
+
 async def _apply_member(
     conn: Connection,
     room_id: str,
     user_id: str,
+    event: Mapping[str, Any],
     content: Mapping[str, Any],
     sender: object,
     event_id: str,
@@ -392,13 +409,18 @@ async def _apply_member(
     if not isinstance(membership, str):
         return StateUpdate("member", changed=False)
     held = await conn.fetchrow(
-        "SELECT membership, event_id FROM room_members WHERE room_id = $1 AND user_id = $2"
-        " FOR UPDATE",
+        """
+        SELECT membership, event_id, sender, depth FROM room_members
+        WHERE room_id = $1 AND user_id = $2 FOR UPDATE
+        """,
         room_id,
         user_id,
     )
     if held is not None and held["event_id"] == event_id:
         return StateUpdate("member", changed=False)  # a redelivery
+    if held is not None and _older_from_same_server(event, held["sender"], held["depth"]):
+        return StateUpdate("stale", changed=False)
+    sender_server = sender.partition(":")[2] if isinstance(sender, str) else ""
     if membership == "leave":
         if held is not None:
             await conn.execute(
@@ -411,23 +433,30 @@ async def _apply_member(
             return StateUpdate("cap", changed=False)
         await conn.execute(
             """
-            INSERT INTO room_members (room_id, user_id, server_name, membership, event_id)
-            VALUES ($1, $2, $3, $4, $5)
+            INSERT INTO room_members
+                (room_id, user_id, server_name, membership, event_id, sender, depth)
+            VALUES ($1, $2, $3, $4, $5, $6, $7)
             """,
             room_id,
             user_id,
             user_id.partition(":")[2],
             membership,
             event_id,
+            sender_server,
+            _depth(event),
         )
     else:
         await conn.execute(
-            "UPDATE room_members SET membership = $3, event_id = $4"
-            " WHERE room_id = $1 AND user_id = $2",
+            """
+            UPDATE room_members SET membership = $3, event_id = $4, sender = $5, depth = $6
+            WHERE room_id = $1 AND user_id = $2
+            """,
             room_id,
             user_id,
             membership,
             event_id,
+            sender_server,
+            _depth(event),
         )
     had_name = held is not None and held["membership"] == "join"
     if membership == "join":
@@ -573,7 +602,7 @@ async def seed_from_state(
                 orjson.dumps(content if isinstance(content, Mapping) else {}).decode(),
             )
         )
-    member_rows: list[tuple[str, str, str, str, str]] = []
+    member_rows: list[tuple[str, str, str, str, str, str, int]] = []
     names: list[tuple[str, str, str]] = []
     own_membership: str | None = None
     for user_id, ev in member_events.items():
@@ -592,7 +621,18 @@ async def seed_from_state(
             ev_id = str(compute_event_id(version, ev))
         except ValueError:
             ev_id = ""
-        member_rows.append((room_id, user_id, user_id.partition(":")[2], m, ev_id))
+        sender = ev.get("sender")
+        member_rows.append(
+            (
+                room_id,
+                user_id,
+                user_id.partition(":")[2],
+                m,
+                ev_id,
+                sender.partition(":")[2] if isinstance(sender, str) else "",
+                _depth(ev),
+            )
+        )
         if m == "join":
             if len(names) >= caps.displaynames:
                 CAP_HITS.labels("displayname").inc()
@@ -614,8 +654,9 @@ async def seed_from_state(
         await conn.execute("DELETE FROM room_members WHERE room_id = $1", room_id)
         await conn.executemany(
             """
-            INSERT INTO room_members (room_id, user_id, server_name, membership, event_id)
-            VALUES ($1, $2, $3, $4, $5)
+            INSERT INTO room_members
+                (room_id, user_id, server_name, membership, event_id, sender, depth)
+            VALUES ($1, $2, $3, $4, $5, $6, $7)
             """,
             member_rows,
         )

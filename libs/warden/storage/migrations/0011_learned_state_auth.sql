@@ -10,6 +10,9 @@ CREATE TABLE room_members (
     server_name TEXT NOT NULL,
     membership  TEXT NOT NULL,
     event_id    TEXT NOT NULL,
+    -- The membership event's sender's server and depth (apply_event's ordering).
+    sender      TEXT NOT NULL DEFAULT '',
+    depth       BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (room_id, user_id)
 );
 CREATE INDEX room_members_joined_servers ON room_members (room_id, server_name)
