@@ -56,7 +56,7 @@ from warden.storage import communities, room_state, rooms
 from warden.storage import membership as membership_store
 from warden_gateway.errors import TemporarilyUnavailable, error_response
 from warden_gateway.request_body import read_limited_body
-from warden_gateway.room_joins import RoomJoiner, TooManyPendingJoins
+from warden_gateway.room_joins import BACKGROUND_JOINS, RoomJoiner, TooManyPendingJoins
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +203,7 @@ class InviteAPI:
             )
         via = await self._join_via(room_id, room_version.identifier, origin)
         if not self._joiner.can_join_in_background(room_id):
+            BACKGROUND_JOINS.labels("refused").inc()
             raise TemporarilyUnavailable(
                 "Too many joins in progress; retry later",
                 retry_after_seconds=JOIN_BUSY_RETRY_SECONDS,
