@@ -17,8 +17,10 @@
        of rooms Warden does not protect are left out of the answer (their room version,
        hence their event ID, is unknown), like policyserv; invalid ones get
        ``{"error": ...}``; accepted ones ``{}``;
-    5. ``Nats-Msg-Id`` is the event ID, so the same event relayed by several origins, or
-       a transaction handled twice, is stored once in the stream;
+    5. ``Nats-Msg-Id`` is the event ID and the origin (``<event ID>@<origin>``; server
+       names hold no "@"), so a transaction handled twice is stored once in the stream,
+       while a copy relayed first by a server that is not in the room (which the
+       worker drops) cannot shadow the copy of a server that is;
     6. EDUs are accepted and dropped.
 
     A publish that fails is 503 (nothing cached: the origin retries the transaction).
@@ -379,7 +381,7 @@ class FederationInbound:
                 HEADER_ROOM_VERSION: room.room_version,
                 HEADER_ROOM_ID: room.room_id,
                 HEADER_EVENT_ID: event_id,
-                "Nats-Msg-Id": event_id,
+                "Nats-Msg-Id": f"{event_id}@{origin}",
             }
         )
         try:
