@@ -10,13 +10,17 @@ import uuid
 from typing import Any
 
 import asyncpg
+import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from prometheus_client import REGISTRY
 from signedjson.key import get_verify_key
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from tests.gateway.policy_harness import GATEWAY_NAME, StandInWorker, new_room_id, verdict_for
-from tests.room_state.room_setup import seed_room
+from tests.room_state.room_setup import room_snapshot, seed_room
 from tests.room_state.test_room_state_consumer import (
     OUR_USER,
     delivery,
@@ -34,6 +38,7 @@ from warden.storage import room_state
 from warden.storage.displaynames import get_displaynames
 from warden.storage.rooms import get_active_room, put_room
 from warden_filter_worker.room_state_consumer import NOT_IN_ROOM_ATTEMPTS, RoomStateConsumer
+from warden_filter_worker.state_refresh import StateRefresher
 
 LAST = NOT_IN_ROOM_ATTEMPTS  # the attempt after which a refused PDU is dropped
 
@@ -332,3 +337,58 @@ async def add_members_and_rules(
             sender=mod,
         )
         assert await handled(consumer, rule, rid, origin.name) == ACK
+
+
+async def test_refresh_falls_back_to_the_last_verified_anchor_and_repairs_state(
+    pg_pool: asyncpg.Pool,
+    redis_client: Any,
+    federation: Any,
+    keyring: Keyring,
+    https_server: Any,
+) -> None:
+    # An in-room server can send Warden an event it never sent to the room: it passes
+    # the checks and becomes the refresh's anchor, which no trusted server knows.
+    asked: list[str] = []
+    snapshot: list[dict[str, Any]] = []
+
+    async def state(request: Request) -> Response:
+        event_id = request.query_params.get("event_id", "")
+        asked.append(event_id)
+        if event_id != "$trusted":
+            return Response(b'{"errcode":"M_NOT_FOUND","error":"Unknown event"}', 404)
+        return Response(orjson.dumps({"pdus": snapshot, "auth_chain": []}))
+
+    origin = await start_origin(
+        https_server, [Route("/_matrix/federation/v1/state/{room_id}", state)]
+    )
+    rid = (await put_room(pg_pool, new_room_id("11"), "11", "default")).room_id
+    mod = f"@mod:{origin.name}"
+    await room_state.seed_from_state(
+        pg_pool,
+        rid,
+        "11",
+        room_snapshot(origin, rid, "11", members={mod: 100}),
+        event_id="$trusted",
+    )
+    made_up = origin.event(
+        rid, "11", event_type="m.room.power_levels", state_key="", content={"ban": 1}, sender=mod
+    )
+    await room_state.apply_event(pg_pool, rid, made_up, "$made-up")
+    assert (await room_state.get_power_levels(pg_pool, rid)) == {"ban": 1}
+    snapshot.extend(room_snapshot(origin, rid, "11", members={mod: 100}))
+    refresher = StateRefresher(
+        pool=pg_pool,
+        redis=redis_client,
+        client=federation,
+        keyring=keyring,
+        trusted_origins=[origin.name],
+        interval_seconds=3600,
+        local_user_id=OUR_USER,
+    )
+    targets = {t.room_id: t for t in await room_state.rooms_to_refresh(pg_pool)}
+    assert await refresher.refresh_room(targets[rid])
+    assert asked == ["$made-up", "$trusted"]
+    # The trusted snapshot replaced what the made-up event changed.
+    assert await room_state.get_power_levels(pg_pool, rid) == {"users": {mod: 100}}
+    st = await room_state.get_membership_state(pg_pool, rid)
+    assert st is not None and st.last_event_id == "$trusted"

@@ -305,7 +305,10 @@ async def test_periodic_refresh_replaces_drifted_state_one_worker_at_a_time(
         state_key=alice,
         content={"membership": "join", "displayname": "Alice"},
     )
-    state_events.extend([good_pl, forged_acl, member])
+    create = origin.event(
+        rid, "11", event_type="m.room.create", state_key="", content={"room_version": "11"}
+    )
+    state_events.extend([create, good_pl, forged_acl, member])
 
     def refresher() -> StateRefresher:
         return StateRefresher(
@@ -397,6 +400,11 @@ async def test_refresh_keeps_the_change_made_by_its_anchor_event(
     )
     new_pl = origin.event(
         rid, "11", event_type="m.room.power_levels", state_key="", content={"ban": 100}
+    )
+    before.append(
+        origin.event(
+            rid, "11", event_type="m.room.create", state_key="", content={"room_version": "11"}
+        )
     )
     before.append(old_pl)
     new_id = compute_event_id(get_room_version("11"), new_pl)

@@ -5,12 +5,14 @@ that arrive out of order. Every ``PS_STATE_CACHE_INTERVAL_MINUTES`` one filter w
 asks, for each protected room Warden has not been removed from,
 ``GET /_matrix/federation/v1/state/{roomId}?event_id=<the room's latest seen event>``
 of the servers in ``PS_TRUSTED_ORIGINS`` in order, and replaces the room's learned state
-with the first answer (``room_state.replace_state``). Every event's content hash must
-match (else it is left out); events other than
-``m.room.member`` must carry valid signatures of the servers required to sign them
-(invalid ones are left out); members are taken on the origin's word, since checking
-thousands of member events' keys would make a refresh of a large room fetch keys from
-every server in it, and only display names (for the mentions filter) rest on them.
+with the first answer (``room_state.replace_state``). The answer is verified like a
+send_join answer (``warden.federation.snapshot``): it must hold a valid create event
+of the room's version (else the next origin is asked); every event's content hash must
+match and events other than ``m.room.member`` must carry valid signatures of the
+servers required to sign them (invalid ones are left out), and with the answer's auth
+chain every kept event's auth events must be known and verified. Members are taken on
+the trusted origin's word, since checking thousands of member events' keys would make
+a refresh of a large room fetch keys from every server in it.
 
 The refresh is what repairs learned state: ``replace_state`` drops everything the room
 held (state events, memberships, display names) and keeps only the snapshot. Its anchor
@@ -46,6 +48,7 @@ from prometheus_client import Counter
 from warden import redis_keys
 from warden.federation.client import FederationClient
 from warden.federation.errors import FederationError
+from warden.federation.snapshot import SnapshotRejected, verified_state
 from warden.federation.xmatrix import VerifyKeySource
 from warden.matrix.event_hashes import check_content_hash, compute_event_id
 from warden.matrix.event_signing import EventSignatureError
@@ -184,7 +187,27 @@ class StateRefresher:
             pdus = answer.get("pdus")
             if not isinstance(pdus, list):
                 continue
-            events = await self._verified(target, [p for p in pdus if isinstance(p, dict)])
+            chain = answer.get("auth_chain")
+            chain_events = (
+                [c for c in chain if isinstance(c, dict)] if isinstance(chain, list) else []
+            )
+            try:
+                events: list[Mapping[str, Any]] = list(
+                    await verified_state(
+                        self._keyring,
+                        get_room_version(target.room_version),
+                        target.room_id,
+                        [p for p in pdus if isinstance(p, dict)],
+                        chain_events,
+                        check_member_signatures=False,
+                    )
+                )
+            except SnapshotRejected as exc:
+                logger.warning(
+                    "state refresh: snapshot refused",
+                    extra={"room_id": target.room_id, "origin": origin, "error": str(exc)},
+                )
+                continue
             # /state answers the state *before* the anchor event: when the anchor is
             # itself a state event (a new rule, power levels, m.room.policy), it must be
             # applied on top, or every refresh would undo the room's latest change.
