@@ -183,8 +183,9 @@ class Settings(BaseSettings):
     # Longer display names are learned as "" (only the user ID counts for mentions);
     # Synapse caps its own users' names at 256 characters.
     room_state_max_displayname_length: int = Field(default=256, ge=1)
-    # Joins started by accepted invites that may run at once per gateway (each retries
-    # for minutes); an invite beyond it is answered 503 M_LIMIT_EXCEEDED... see invites.
+    # Background joins after accepted invites that may run at once per gateway (each
+    # retries for minutes; one per room); an invite beyond it is answered 503 with
+    # Retry-After, before it is counter-signed.
     invite_join_max_pending: int = Field(default=16, ge=1)
 
     @field_validator(
