@@ -29,3 +29,23 @@ ALTER TABLE room_state
     ADD COLUMN member_count INTEGER NOT NULL DEFAULT 0,
     ADD COLUMN displayname_count INTEGER NOT NULL DEFAULT 0,
     ADD COLUMN rule_count INTEGER NOT NULL DEFAULT 0;
+
+-- Rooms learned before this migration: their joined members come from displaynames, so
+-- the /send origin rule works at once (the next refresh replaces them with a verified
+-- snapshot, with bans, invites and the join rules). Display names whose user ID is not a
+-- user ID were injected over /send (review H1) and are dropped.
+DELETE FROM displaynames WHERE user_id NOT LIKE '@_%:_%';
+INSERT INTO room_members (room_id, user_id, server_name, membership, event_id)
+SELECT room_id, user_id, substr(user_id, strpos(user_id, ':') + 1), 'join', ''
+FROM displaynames
+ON CONFLICT DO NOTHING;
+UPDATE room_state s SET
+    member_count = (SELECT count(*) FROM room_members m WHERE m.room_id = s.room_id),
+    displayname_count = (SELECT count(*) FROM displaynames d WHERE d.room_id = s.room_id),
+    rule_count = (
+        SELECT count(*) FROM room_state_events e
+        WHERE e.room_id = s.room_id AND e.event_type NOT IN (
+            'm.room.create', 'm.room.power_levels', 'm.room.server_acl', 'm.room.policy',
+            'm.room.join_rules'
+        )
+    );
