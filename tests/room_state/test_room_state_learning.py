@@ -302,3 +302,27 @@ async def test_policy_list_filter_bans_users_and_servers_for_every_event_type(
         policy_list_room_ids=[lst], mjolnir_filter_enabled=False, media_filter_media_types=[]
     )
     assert not (await verdict("@spam1:x.org", cfg=off, community="off")).prohibited
+
+
+async def test_a_seed_keeps_member_state_keys_that_are_user_ids_within_the_caps(
+    pg_pool: asyncpg.Pool,
+) -> None:
+    r = room()
+    member = "m.room.member"
+    rule = {"recommendation": "m.ban"}
+    snapshot = [
+        state(member, "e", {"membership": "join"}),  # not a user ID
+        *(state(member, f"@u{i}:x.org", {"membership": "join"}) for i in range(4)),
+        state(member, "@banned:x.org", {"membership": "ban"}),
+        *(state("m.policy.rule.user", f"r{i}", {"entity": f"@s{i}:x", **rule}) for i in range(3)),
+    ]
+    caps = room_state.StateCaps(members=4, displaynames=3, policy_rules=2)
+    await room_state.seed_from_state(pg_pool, r, "11", snapshot, caps=caps)
+    assert sorted(await get_displaynames(pg_pool, r)) == ["@u0:x.org", "@u1:x.org", "@u2:x.org"]
+    rows = await pg_pool.fetch("SELECT user_id FROM room_members WHERE room_id = $1", r)
+    assert len(rows) == 4 and "e" not in {x["user_id"] for x in rows}
+    assert len(await room_state.get_policy_rules(pg_pool, [r])) == 2
+    counts = await pg_pool.fetchrow(
+        "SELECT member_count, displayname_count, rule_count FROM room_state WHERE room_id = $1", r
+    )
+    assert tuple(counts) == (4, 3, 2)
