@@ -63,7 +63,7 @@ def forge_room(attacker: RemoteHomeserver, room_id: str, version: str) -> None:
 async def learned(pg_pool: asyncpg.Pool, room_id: str) -> dict[str, Any]:
     version = await pg_pool.fetchval("SELECT room_version FROM rooms WHERE room_id = $1", room_id)
     members = await pg_pool.fetch(
-        "SELECT user_id FROM room_members WHERE room_id = $1 ORDER BY user_id", room_id
+        "SELECT user_id FROM displaynames WHERE room_id = $1 ORDER BY user_id", room_id
     )
     rules = await pg_pool.fetch(
         "SELECT state_key FROM room_state_events WHERE room_id = $1"
