@@ -361,7 +361,7 @@ async def test_refresh_falls_back_to_the_last_verified_anchor_and_repairs_state(
     origin = await start_origin(
         https_server, [Route("/_matrix/federation/v1/state/{room_id}", state)]
     )
-    rid = (await put_room(pg_pool, new_room_id("11"), "11", "default")).room_id
+    rid = (await put_room(pg_pool, new_room_id("11", origin.name), "11", "default")).room_id
     mod = f"@mod:{origin.name}"
     await room_state.seed_from_state(
         pg_pool,

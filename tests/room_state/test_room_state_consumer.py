@@ -269,7 +269,7 @@ async def test_periodic_refresh_replaces_drifted_state_one_worker_at_a_time(
     origin = await start_origin(
         https_server, [Route("/_matrix/federation/v1/state/{room_id}", state)]
     )
-    room = await put_room(pg_pool, new_room_id("11"), "11", "default")
+    room = await put_room(pg_pool, new_room_id("11", origin.name), "11", "default")
     rid = room.room_id
     # Drifted learned state: a stale power level and a member who has since left.
     await room_state.apply_event(
@@ -394,7 +394,7 @@ async def test_refresh_keeps_the_change_made_by_its_anchor_event(
             Route("/_matrix/federation/v1/event/{event_id:path}", event),
         ],
     )
-    rid = (await put_room(pg_pool, new_room_id("11"), "11", "default")).room_id
+    rid = (await put_room(pg_pool, new_room_id("11", origin.name), "11", "default")).room_id
     old_pl = origin.event(
         rid, "11", event_type="m.room.power_levels", state_key="", content={"ban": 50}
     )

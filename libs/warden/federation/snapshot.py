@@ -3,8 +3,11 @@
 A resident server's ``send_join`` answer carries the room's ``state`` and its
 ``auth_chain``. Warden keeps nothing of it that it has not checked:
 
-* the room's ``m.room.create`` must be in the state, verify, and name the room version
-  Warden joined with (else nothing of the snapshot is kept: ``SnapshotRejected``);
+* the room's ``m.room.create`` must be in the state, verify, name the room version
+  Warden joined with, and belong to the room: from version 12 the room ID is its
+  reference hash; before, its sender is on the room ID's server (the create auth rule).
+  Else nothing of the snapshot is kept (``SnapshotRejected``): a server answering for a
+  room it did not create cannot make up the room's state;
 * every event must be a well-formed PDU of the room, with a matching content hash and
   valid signatures of every server required to sign it (keys from the keyring, valid at
   the event's ``origin_server_ts`` from room version 5). Member events are checked too,
@@ -30,7 +33,11 @@ from prometheus_client import Counter
 from warden.federation.keyring_errors import KeyringError
 from warden.federation.xmatrix import VerifyKeySource
 from warden.matrix.errors import MatrixError
-from warden.matrix.event_hashes import check_content_hash, compute_event_id
+from warden.matrix.event_hashes import (
+    check_content_hash,
+    compute_event_id,
+    room_id_from_create_event,
+)
 from warden.matrix.event_signing import (
     EventSignatureError,
     EventVerifyKey,
@@ -174,6 +181,14 @@ async def verified_state(
         raise SnapshotRejected(
             f"the create event names room version {declared!r}, not {room_version.identifier!r}"
         )
+    if room_version.room_ids_as_hashes:
+        if room_id_from_create_event(creates[0], room_version) != room_id:
+            raise SnapshotRejected("the create event is not the one the room ID names")
+    else:
+        sender = creates[0].get("sender")
+        creator_server = sender.partition(":")[2] if isinstance(sender, str) else ""
+        if not creator_server or creator_server != room_id.partition(":")[2]:
+            raise SnapshotRejected("the create event's sender is not on the room ID's server")
     kept: list[dict[str, Any]] = []
     for event_id in order:
         event = verified[event_id]
