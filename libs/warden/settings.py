@@ -204,6 +204,23 @@ class Settings(BaseSettings):
     # use at least their own *_max_attempts.
     bus_max_deliveries: int = Field(default=10, ge=1)
 
+    # --- Learned room state (Warden, issue 10) ---
+    # Per-room caps on what /send, a join's send_join answer or a refresh can make
+    # Warden keep: users with a membership (joined, invited, banned, knocking), joined
+    # members' display names (what the mentions filter loads), and policy rules. Past a
+    # cap new entries are not learned (existing ones still change), and
+    # warden_room_state_cap_hits_total{kind} counts it.
+    room_state_max_members: int = Field(default=200_000, ge=1)
+    room_state_max_displaynames: int = Field(default=200_000, ge=1)
+    room_state_max_policy_rules: int = Field(default=50_000, ge=1)
+    # Longer display names are learned as "" (only the user ID counts for mentions);
+    # Synapse caps its own users' names at 256 characters.
+    room_state_max_displayname_length: int = Field(default=256, ge=1)
+    # Background joins after accepted invites that may run at once per gateway (each
+    # retries for minutes; one per room); an invite beyond it is answered 503 with
+    # Retry-After, before it is counter-signed.
+    invite_join_max_pending: int = Field(default=16, ge=1)
+
     @field_validator(
         "homeserver_allowed_networks",
         "homeserver_denied_networks",

@@ -607,6 +607,7 @@ async def invite_setup(
         ),
         pool=pg_pool,
         nats=nats_client,
+        keyring=keyring,
     )
     invites = InviteAPI(
         identity=identity, settings=settings, keyring=keyring, pool=pg_pool, joiner=joiner

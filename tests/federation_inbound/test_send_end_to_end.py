@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from nats.aio.client import Client as NATS
@@ -27,6 +28,7 @@ from tests.gateway.policy_harness import (
     Origin,
 )
 from tests.moderator.verdict_stream import fresh_durable
+from tests.room_state.room_setup import seed_room
 from tests.service_processes import ServiceProcess
 from warden.bus.streams import ensure_verdicts_stream
 from warden.bus.subjects import VERDICTS_STREAM
@@ -57,6 +59,7 @@ async def test_send_teaches_state_and_judges_events_that_bypassed_warden(
     tls_ca_file: str,
     origin: Origin,
     nats_client: NATS,
+    pg_pool: asyncpg.Pool,
 ) -> None:
     env = {
         **DEV_ORIGIN_ENV,
@@ -109,6 +112,8 @@ async def test_send_teaches_state_and_judges_events_that_bypassed_warden(
             assert r.status_code == 200, r.text
             r = await client.get(f"/api/v1/rooms/{quoted}", headers=API)
             assert r.json()["policy_server"]["uses_warden"] is False
+            # What a verified join would have taught Warden: alice created the room.
+            await seed_room(pg_pool, origin, room_id, "12", members={alice: 100})
 
             auth = sign_request(origin.name, GATEWAY_NAME, "PUT", uri, txn, origin.key)
             r = await client.put(uri, json=txn, headers={"Authorization": auth})

@@ -217,14 +217,14 @@ async def test_a_corrupted_copy_relayed_first_does_not_suppress_the_real_event(
     identity: Identity,
 ) -> None:
     sender, relay = await start_origin(), await start_origin()
-    room_id = await protect_room(new_room_id("12"), "12")
+    room_id = await protect_room(new_room_id("11"), "11")
     alice = f"@alice:{sender.name}"
     create = sender.event(
-        room_id, "12", event_type="m.room.create", state_key="", content={"room_version": "12"}
+        room_id, "11", event_type="m.room.create", state_key="", content={"room_version": "11"}
     )
     join = sender.event(
         room_id,
-        "12",
+        "11",
         event_type="m.room.member",
         state_key=alice,
         content={"membership": "join"},
@@ -232,18 +232,29 @@ async def test_a_corrupted_copy_relayed_first_does_not_suppress_the_real_event(
     )
     power = sender.event(
         room_id,
-        "12",
+        "11",
         event_type="m.room.power_levels",
         state_key="",
         content={"users": {alice: 100}},
     )
-    await room_state.seed_from_state(pg_pool, room_id, "12", [create, join, power])
+    # The relay is in the room too: a server outside it is not heard at all (the origin
+    # rule), so its copy would not even reach the signature check.
+    relay_user = f"@r:{relay.name}"
+    relay_join = relay.event(
+        room_id,
+        "11",
+        event_type="m.room.member",
+        state_key=relay_user,
+        content={"membership": "join"},
+        sender=relay_user,
+    )
+    await room_state.seed_from_state(pg_pool, room_id, "11", [create, join, power, relay_join])
     # X: alice raises bob's power level. The relay sends a copy with one signature byte
     # flipped first, then the sender sends the real one.
     bob = f"@bob:{sender.name}"
     real = sender.event(
         room_id,
-        "12",
+        "11",
         event_type="m.room.power_levels",
         state_key="",
         content={"users": {alice: 100, bob: 50}},

@@ -66,7 +66,9 @@ async def test_pdus_of_protected_rooms_are_published_once_with_their_headers(
     assert m11.headers[HEADER_ORIGIN] == origin.name
     assert m11.headers[HEADER_ROOM_ID] == v11
     assert m11.headers[HEADER_ROOM_VERSION] == "11"
-    assert m11.headers["Nats-Msg-Id"].startswith(event_id_of("11", good11) + "/")
+    msg_id = m11.headers["Nats-Msg-Id"]
+    assert msg_id.startswith(event_id_of("11", good11) + "/")
+    assert msg_id.endswith(f"@{origin.name}")
     assert by_id[event_id_of("12", good12)].headers[HEADER_ROOM_VERSION] == "12"
 
 
@@ -93,9 +95,14 @@ async def test_a_repeated_transaction_gets_the_first_answer_and_is_not_processed
     assert r3.json() == {"pdus": {event_id_of("10", first): {}, event_id_of("10", other): {}}}
 
     msgs = await inbound_gateway.published.fetch(expect=4)
-    # `first` arrived through two origins but is in the stream once; `other` once.
-    assert sorted(m.headers[HEADER_EVENT_ID] for m in msgs) == sorted(
-        [event_id_of("10", first), event_id_of("10", other)]
+    # Once per origin: `first` through both (the worker drops a copy whose origin is
+    # not in the room, which must not shadow another origin's), `other` once.
+    assert sorted((m.headers[HEADER_EVENT_ID], m.headers[HEADER_ORIGIN]) for m in msgs) == sorted(
+        [
+            (event_id_of("10", first), origin.name),
+            (event_id_of("10", first), relay.name),
+            (event_id_of("10", other), relay.name),
+        ]
     )
 
 

@@ -28,6 +28,7 @@ from tests.gateway.policy_harness import (
     verdict_for,
 )
 from tests.moderator.verdict_stream import fresh_durable
+from tests.room_state.room_setup import seed_room
 from warden import redis_keys
 from warden.bus.consumer import ACK, Delivery, Retry
 from warden.bus.streams import ensure_verdicts_stream
@@ -110,8 +111,18 @@ async def test_state_is_learned_bad_signatures_dropped_and_bypassing_events_judg
     worker = await StandInWorker(nats_client, subject, decide).start()
     consumer = make_consumer(pg_pool, nats_client, keyring, warden_identity, subject)
     rid = room.room_id
+    alice = f"@alice:{origin.name}"
+    # What the join taught Warden: a creator, alice with power 100, Warden's user in.
+    await seed_room(
+        pg_pool,
+        origin,
+        rid,
+        "12",
+        members={f"@creator:{origin.name}": 100, alice: 100},
+        extra_joined=(OUR_USER,),
+        our_user_id=OUR_USER,
+    )
     try:
-        alice = f"@alice:{origin.name}"
         join = origin.event(
             rid,
             "12",
@@ -138,7 +149,7 @@ async def test_state_is_learned_bad_signatures_dropped_and_bypassing_events_judg
         )
         for ev in (join, power, policy):
             assert await consumer.handle(delivery(ev, rid, origin.name)) == ACK
-        assert await get_displaynames(pg_pool, rid) == {alice: "Alice A"}
+        assert (await get_displaynames(pg_pool, rid))[alice] == "Alice A"
         assert await room_state.get_power_levels(pg_pool, rid) == {"users": {alice: 100}}
         ps = await room_state.get_policy_server(
             pg_pool, rid, GATEWAY_NAME, warden_identity.policy_key_base64
@@ -211,6 +222,7 @@ async def test_a_refusal_first_given_to_the_senders_own_server_is_sent_for_redac
     await fresh_durable(js, durable)
     worker = await StandInWorker(nats_client, subject, refused_earlier_to_sender).start()
     consumer = make_consumer(pg_pool, nats_client, keyring, warden_identity, subject)
+    await seed_room(pg_pool, origin, room.room_id, "11", members={f"@bob:{origin.name}": 0})
     try:
         ev = origin.event(
             room.room_id, "11", body="spam that was refused", sender=f"@bob:{origin.name}"
@@ -257,7 +269,7 @@ async def test_periodic_refresh_replaces_drifted_state_one_worker_at_a_time(
     origin = await start_origin(
         https_server, [Route("/_matrix/federation/v1/state/{room_id}", state)]
     )
-    room = await put_room(pg_pool, new_room_id("11"), "11", "default")
+    room = await put_room(pg_pool, new_room_id("11", origin.name), "11", "default")
     rid = room.room_id
     # Drifted learned state: a stale power level and a member who has since left.
     await room_state.apply_event(
@@ -293,7 +305,10 @@ async def test_periodic_refresh_replaces_drifted_state_one_worker_at_a_time(
         state_key=alice,
         content={"membership": "join", "displayname": "Alice"},
     )
-    state_events.extend([good_pl, forged_acl, member])
+    create = origin.event(
+        rid, "11", event_type="m.room.create", state_key="", content={"room_version": "11"}
+    )
+    state_events.extend([create, good_pl, forged_acl, member])
 
     def refresher() -> StateRefresher:
         return StateRefresher(
@@ -379,12 +394,17 @@ async def test_refresh_keeps_the_change_made_by_its_anchor_event(
             Route("/_matrix/federation/v1/event/{event_id:path}", event),
         ],
     )
-    rid = (await put_room(pg_pool, new_room_id("11"), "11", "default")).room_id
+    rid = (await put_room(pg_pool, new_room_id("11", origin.name), "11", "default")).room_id
     old_pl = origin.event(
         rid, "11", event_type="m.room.power_levels", state_key="", content={"ban": 50}
     )
     new_pl = origin.event(
         rid, "11", event_type="m.room.power_levels", state_key="", content={"ban": 100}
+    )
+    before.append(
+        origin.event(
+            rid, "11", event_type="m.room.create", state_key="", content={"room_version": "11"}
+        )
     )
     before.append(old_pl)
     new_id = compute_event_id(get_room_version("11"), new_pl)

@@ -115,13 +115,34 @@ async def test_events_update_members_power_levels_creators_acl_and_policy(
     assert await pg_pool.fetchval("SELECT last_state_update_ts FROM rooms WHERE room_id = $1", r)
 
 
-async def test_an_older_event_does_not_replace_newer_state(pg_pool: asyncpg.Pool) -> None:
+async def test_depth_orders_one_servers_events_but_never_pins_an_entry(
+    pg_pool: asyncpg.Pool,
+) -> None:
     r = room()
-    await apply(pg_pool, r, state("m.room.power_levels", "", {"ban": 90}, depth=20))
-    assert await apply(pg_pool, r, state("m.room.power_levels", "", {"ban": 10}, depth=5)) is None
+    pl = "m.room.power_levels"
+    # One server's older event, delivered late, does not replace its newer one.
+    await apply(pg_pool, r, state(pl, "", {"ban": 90}, depth=20))
+    late = await apply(pg_pool, r, state(pl, "", {"ban": 10}, depth=5))
+    assert late is not None and late.kind == "stale" and not late.changed
     assert await room_state.get_power_levels(pg_pool, r) == {"ban": 90}
-    await apply(pg_pool, r, state("m.room.power_levels", "", {"ban": 70}, depth=21))
+    await apply(pg_pool, r, state(pl, "", {"ban": 70}, depth=21))
     assert await room_state.get_power_levels(pg_pool, r) == {"ban": 70}
+    # A huge depth does not pin an entry: another server's later change replaces it.
+    await apply(pg_pool, r, state(pl, "", {"ban": 1}, sender="@evil:evil.org", depth=2**53 - 1))
+    assert await room_state.get_power_levels(pg_pool, r) == {"ban": 1}
+    await apply(pg_pool, r, state(pl, "", {"ban": 50}, depth=22))
+    assert await room_state.get_power_levels(pg_pool, r) == {"ban": 50}
+    # Nothing older than the last verified snapshot's deepest state event is learned
+    # (a replayed old event), whoever sent it.
+    await room_state.seed_from_state(pg_pool, r, "11", [state(pl, "", {"ban": 60}, depth=100)])
+    replay = await apply(pg_pool, r, state(pl, "", {"ban": 5}, sender="@x:y.org", depth=99))
+    assert replay is not None and replay.kind == "stale"
+    assert await room_state.get_power_levels(pg_pool, r) == {"ban": 60}
+    member = "m.room.member"
+    await apply(pg_pool, r, state(member, "@m:y.org", {"membership": "join"}, depth=101))
+    old_ban = state(member, "@m:y.org", {"membership": "ban"}, depth=100)
+    assert (await apply(pg_pool, r, old_ban)).kind == "stale"  # same server, older
+    assert "@m:y.org" in await get_displaynames(pg_pool, r)
 
 
 async def test_policy_rules_are_learned_replaced_and_removed(pg_pool: asyncpg.Pool) -> None:
@@ -337,3 +358,27 @@ async def test_rule_entities_over_the_caps_are_dropped_and_counted(
         event, event_id=f"${uuid.uuid4().hex}", community_id="caps", config=cfg
     )
     assert verdict.prohibited
+
+
+async def test_a_seed_keeps_member_state_keys_that_are_user_ids_within_the_caps(
+    pg_pool: asyncpg.Pool,
+) -> None:
+    r = room()
+    member = "m.room.member"
+    rule = {"recommendation": "m.ban"}
+    snapshot = [
+        state(member, "e", {"membership": "join"}),  # not a user ID
+        *(state(member, f"@u{i}:x.org", {"membership": "join"}) for i in range(4)),
+        state(member, "@banned:x.org", {"membership": "ban"}),
+        *(state("m.policy.rule.user", f"r{i}", {"entity": f"@s{i}:x", **rule}) for i in range(3)),
+    ]
+    caps = room_state.StateCaps(members=4, displaynames=3, policy_rules=2)
+    await room_state.seed_from_state(pg_pool, r, "11", snapshot, caps=caps)
+    assert sorted(await get_displaynames(pg_pool, r)) == ["@u0:x.org", "@u1:x.org", "@u2:x.org"]
+    rows = await pg_pool.fetch("SELECT user_id FROM room_members WHERE room_id = $1", r)
+    assert len(rows) == 4 and "e" not in {x["user_id"] for x in rows}
+    assert len(await room_state.get_policy_rules(pg_pool, [r])) == 2
+    counts = await pg_pool.fetchrow(
+        "SELECT member_count, displayname_count, rule_count FROM room_state WHERE room_id = $1", r
+    )
+    assert tuple(counts) == (4, 3, 2)

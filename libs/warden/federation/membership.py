@@ -146,6 +146,7 @@ class MembershipFailed(Exception):
     reasons: dict[str, str] = field(default_factory=dict)
     temporary: bool = False
     unsupported_version: str | None = None
+    version_mismatch: bool = False
 
     def __str__(self) -> str:
         if not self.reasons:
@@ -187,6 +188,13 @@ class _ServerFailure(Exception):
     def __init__(self, message: str, *, temporary: bool = False) -> None:
         super().__init__(message)
         self.temporary = temporary
+
+
+class _VersionMismatch(_ServerFailure):
+    def __init__(self, recorded: str, offered: object) -> None:
+        super().__init__(
+            f"make_join names room version {offered!r}; the room's recorded version is {recorded!r}"
+        )
 
 
 class _UnsupportedVersion(_ServerFailure):
@@ -251,18 +259,42 @@ class MembershipClient:
 
     # --- joining ---
 
-    async def join(self, room_id: str, servers: Sequence[str]) -> JoinResult:
+    async def join(
+        self, room_id: str, servers: Sequence[str], *, room_version: str | None = None
+    ) -> JoinResult:
         """Join ``room_id`` through the first of ``servers`` that completes the handshake.
 
-        Raises ``MembershipFailed`` with every server's reason when none does.
+        ``room_version``, for a room Warden already knows, is the recorded version: a
+        server whose ``make_join`` names another one is refused before anything is
+        sent to it (a room's version never changes; a server saying otherwise is wrong
+        or lying). Raises ``MembershipFailed`` with every server's reason when none
+        does (``version_mismatch`` set when a server named another version).
         """
         return await self._first_server(
-            "join", room_id, servers, lambda server: self._join_through(room_id, server)
+            "join",
+            room_id,
+            servers,
+            lambda server: self._join_through(room_id, server, room_version),
         )
 
-    async def _join_through(self, room_id: str, server: str) -> JoinResult:
+    async def _join_through(
+        self, room_id: str, server: str, expected_version: str | None = None
+    ) -> JoinResult:
         path = f"/_matrix/federation/v1/make_join/{_quote(room_id)}/{_quote(self.user_id)}"
         template = await self._make_membership(server, path, {"ver": list(SUPPORTED_ROOM_VERSIONS)})
+        if expected_version is not None:
+            offered = template.get("room_version", "1")
+            if offered != expected_version:
+                logger.error(
+                    "make_join names another version than the room's recorded one; refused",
+                    extra={
+                        "room_id": room_id,
+                        "server": server,
+                        "recorded": expected_version,
+                        "offered": offered if isinstance(offered, str) else repr(offered),
+                    },
+                )
+                raise _VersionMismatch(expected_version, offered)
         room_version, event = self._build_event(room_id, server, template, "join")
         event_id = compute_event_id(room_version, event)
         answer, api_version = await self._send_membership(
@@ -374,6 +406,8 @@ class MembershipClient:
         failure.reasons[server] = str(exc)
         if isinstance(exc, _UnsupportedVersion):
             failure.unsupported_version = exc.version
+        if isinstance(exc, _VersionMismatch):
+            failure.version_mismatch = True
 
     async def _make_membership(
         self, server: str, path: str, query: Mapping[str, str | Sequence[str]] | None

@@ -30,7 +30,9 @@ from prometheus_client import Counter
 from warden.matrix.event_hashes import compute_event_id
 from warden.matrix.globs import compile_glob, glob_rejection
 from warden.matrix.room_versions import RoomVersion, get_room_version
+from warden.matrix.state_auth import AuthState, is_valid_user_id
 from warden.matrix.third_party_invite import THIRD_PARTY_INVITE
+from warden.telemetry.metrics import ROOM_STATE_CAP_HITS as CAP_HITS
 
 Connection = asyncpg.Connection | PoolConnectionProxy
 
@@ -39,6 +41,7 @@ POWER_LEVELS = "m.room.power_levels"
 SERVER_ACL = "m.room.server_acl"
 POLICY = "m.room.policy"
 MEMBER = "m.room.member"
+JOIN_RULES = "m.room.join_rules"
 
 # Moderation policy rule types (spec: "Moderation policy lists"), with the legacy types
 # older list managers (Mjolnir, Draupnir) still publish.
@@ -63,8 +66,10 @@ BAN_RECOMMENDATIONS = frozenset(
 # ``m.room.third_party_invite`` (state key: the invite's token) holds the public keys a
 # third-party-invite membership event is checked against (``get_third_party_invite``).
 TRACKED_TYPES = frozenset(
-    {CREATE, POWER_LEVELS, SERVER_ACL, POLICY, THIRD_PARTY_INVITE, *RULE_TYPES}
+    {CREATE, POWER_LEVELS, SERVER_ACL, POLICY, JOIN_RULES, THIRD_PARTY_INVITE, *RULE_TYPES}
 )
+# Of those, the types whose only meaningful state key is "".
+SINGLETON_TYPES = frozenset({CREATE, POWER_LEVELS, SERVER_ACL, POLICY, JOIN_RULES})
 
 
 def _now_ms() -> int:
@@ -191,11 +196,36 @@ def creators_from_create(
 
 
 @dataclass(frozen=True)
+class StateCaps:
+    """Per-room bounds on learned state (``PS_ROOM_STATE_MAX_*``)."""
+
+    members: int = 200_000
+    displaynames: int = 200_000
+    policy_rules: int = 50_000
+    displayname_length: int = 256
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> StateCaps:
+        """The caps a ``Settings`` object names."""
+        return cls(
+            members=settings.room_state_max_members,
+            displaynames=settings.room_state_max_displaynames,
+            policy_rules=settings.room_state_max_policy_rules,
+            displayname_length=settings.room_state_max_displayname_length,
+        )
+
+
+DEFAULT_CAPS = StateCaps()
+
+
+@dataclass(frozen=True)
 class StateUpdate:
     """What applying one event changed (``kind`` labels the metric)."""
 
-    kind: str  # "member", "power_levels", "create", "server_acl", "policy", "policy_rule"
+    kind: str  # "member", "power_levels", "create", "server_acl", "policy", "policy_rule",
+    # "join_rules"; or "stale" (older than the last verified snapshot), "cap" (not kept)
     own_membership: str | None = None  # Warden's user's new membership, when it changed
+    changed: bool = True
 
 
 def _kind_of(event_type: str) -> str:
@@ -207,6 +237,7 @@ def _kind_of(event_type: str) -> str:
         SERVER_ACL: "server_acl",
         POLICY: "policy",
         THIRD_PARTY_INVITE: "third_party_invite",
+        JOIN_RULES: "join_rules",
     }.get(event_type, "other")
 
 
@@ -215,9 +246,18 @@ def _depth(event: Mapping[str, Any]) -> int:
     return depth if isinstance(depth, int) and not isinstance(depth, bool) else 0
 
 
-def _displayname(content: Mapping[str, Any]) -> str:
+def _displayname(
+    content: Mapping[str, Any], max_length: int = DEFAULT_CAPS.displayname_length
+) -> str:
     name = content.get("displayname")
-    return name.strip() if isinstance(name, str) else ""
+    if not isinstance(name, str):
+        return ""
+    name = name.strip()
+    if len(name) > max_length:
+        # Mentions of such a name are not counted (its user ID still is).
+        CAP_HITS.labels("displayname_length").inc()
+        return ""
+    return name
 
 
 async def _ensure_row(conn: Connection, room_id: str) -> None:
@@ -236,6 +276,24 @@ async def _touch(conn: Connection, room_id: str, now: int) -> None:
     await conn.execute("UPDATE room_state SET updated_ts = $2 WHERE room_id = $1", room_id, now)
 
 
+async def _take_slot(conn: Connection, room_id: str, column: str, cap: int) -> bool:
+    """Count one more entry of ``column`` for the room unless the cap is reached."""
+    row = await conn.fetchval(
+        f"UPDATE room_state SET {column} = {column} + 1 WHERE room_id = $1 AND {column} < $2"
+        " RETURNING 1",
+        room_id,
+        cap,
+    )
+    return row is not None
+
+
+async def _free_slot(conn: Connection, room_id: str, column: str) -> None:
+    await conn.execute(
+        f"UPDATE room_state SET {column} = GREATEST({column} - 1, 0) WHERE room_id = $1",
+        room_id,
+    )
+
+
 async def apply_event(
     pool: asyncpg.Pool,
     room_id: str,
@@ -243,13 +301,34 @@ async def apply_event(
     event_id: str,
     *,
     our_user_id: str = "",
+    caps: StateCaps = DEFAULT_CAPS,
 ) -> StateUpdate | None:
-    """Learn from one PDU of the room; None when it changes nothing Warden keeps.
+    """Learn from one PDU of the room that the caller verified and authorised; None
+    when it changes nothing Warden keeps.
 
-    Every PDU moves the room's ``last_event_id`` (the refresh's anchor). State events of
-    the tracked types replace the stored entry unless it came from a deeper event.
-    ``m.room.member`` updates the display names; when it concerns ``our_user_id``, the
-    returned update says Warden's new membership.
+    The PDU becomes the room's ``last_event_id`` (the refresh's anchor): callers pass
+    only events whose signatures verified and that passed the auth rules
+    (``warden.matrix.state_auth``). State events of the tracked types replace the
+    stored entry; ordering (why not ``depth``):
+
+    * ``depth`` is chosen by the sending server: "the greater depth wins" would let one
+      event with a huge depth pin its entry against every later legitimate change. So
+      depth orders only events whose senders are on the same server (a server can only
+      pin an entry against its own later events): an older copy of one server's event,
+      delivered late or replayed, does not replace that server's newer one. Between
+      servers the last write wins, so another server's later change always can
+      replace the entry;
+    * an event whose depth is below the deepest state event of the last verified
+      snapshot (``trusted_depth``: the join's send_join answer or the refresh) is older
+      than what Warden holds and is not learned: a replayed old event (a revoked power
+      level, a lifted ban) cannot come back;
+    * what arrives out of order from different servers between two snapshots may leave
+      an older entry until the next refresh replaces the room's state from a trusted
+      server.
+
+    ``m.room.member`` updates memberships and display names; when it concerns
+    ``our_user_id``, the returned update says Warden's new membership. New members,
+    display names and policy rules past ``caps`` are not kept (``kind`` "cap").
     """
     state_key = event.get("state_key")
     event_type = event.get("type")
@@ -260,19 +339,48 @@ async def apply_event(
     now = _now_ms()
     async with pool.acquire() as conn, conn.transaction():
         await _ensure_row(conn, room_id)
-        await conn.execute(
-            "UPDATE room_state SET last_event_id = $2 WHERE room_id = $1", room_id, event_id
+        floor = await conn.fetchval(
+            "UPDATE room_state SET last_event_id = $2 WHERE room_id = $1 RETURNING trusted_depth",
+            room_id,
+            event_id,
         )
         if not isinstance(state_key, str) or not isinstance(event_type, str):
             return None
-        if event_type == MEMBER:
-            return await _apply_member(conn, room_id, state_key, content, sender, our_user_id, now)
-        if event_type not in TRACKED_TYPES:
+        if event_type != MEMBER and event_type not in TRACKED_TYPES:
             return None
-        if event_type in (POWER_LEVELS, SERVER_ACL, POLICY, CREATE) and state_key != "":
+        if _depth(event) < (floor or 0):
+            return StateUpdate("stale", changed=False)
+        if event_type == MEMBER:
+            return await _apply_member(
+                conn, room_id, state_key, event, content, sender, event_id, our_user_id, now, caps
+            )
+        if event_type in SINGLETON_TYPES and state_key != "":
             return None
         note_rejected_rule(event_type, content)
-        status = await conn.execute(
+        held_row = await conn.fetchrow(
+            """
+            SELECT event_id, sender, depth FROM room_state_events
+            WHERE room_id = $1 AND event_type = $2 AND state_key = $3 FOR UPDATE
+            """,
+            room_id,
+            event_type,
+            state_key,
+        )
+        held = held_row["event_id"] if held_row is not None else None
+        if held == event_id:
+            return None  # already learned (a redelivery)
+        if held_row is not None and _older_from_same_server(
+            event, held_row["sender"].partition(":")[2], held_row["depth"]
+        ):
+            return StateUpdate("stale", changed=False)
+        if (
+            held is None
+            and event_type in RULE_TYPES
+            and not await _take_slot(conn, room_id, "rule_count", caps.policy_rules)
+        ):
+            CAP_HITS.labels("policy_rule").inc()
+            return StateUpdate("cap", changed=False)
+        await conn.execute(
             """
             INSERT INTO room_state_events
                 (room_id, event_type, state_key, event_id, sender, depth, content)
@@ -280,7 +388,6 @@ async def apply_event(
             ON CONFLICT (room_id, event_type, state_key) DO UPDATE
                 SET event_id = EXCLUDED.event_id, sender = EXCLUDED.sender,
                     depth = EXCLUDED.depth, content = EXCLUDED.content
-                WHERE room_state_events.depth <= EXCLUDED.depth
             """,
             room_id,
             event_type,
@@ -290,38 +397,112 @@ async def apply_event(
             _depth(event),
             orjson.dumps(content).decode(),
         )
-        if status.endswith(" 0"):
-            return None  # an older version of what we hold
         await _touch(conn, room_id, now)
         return StateUpdate(_kind_of(event_type))
+
+
+def _older_from_same_server(event: Mapping[str, Any], held_server: str, held_depth: int) -> bool:
+    """Whether ``event`` is older than the held entry by the same server's reckoning."""
+    sender = event.get("sender")
+    server = sender.partition(":")[2] if isinstance(sender, str) else ""
+    return bool(server) and server == held_server and _depth(event) < held_depth
 
 
 async def _apply_member(
     conn: Connection,
     room_id: str,
     user_id: str,
+    event: Mapping[str, Any],
     content: Mapping[str, Any],
     sender: object,
+    event_id: str,
     our_user_id: str,
     now: int,
+    caps: StateCaps,
 ) -> StateUpdate:
     membership = content.get("membership")
-    if membership == "join":
+    if not isinstance(membership, str):
+        return StateUpdate("member", changed=False)
+    held = await conn.fetchrow(
+        """
+        SELECT membership, event_id, sender, depth FROM room_members
+        WHERE room_id = $1 AND user_id = $2 FOR UPDATE
+        """,
+        room_id,
+        user_id,
+    )
+    if held is not None and held["event_id"] == event_id:
+        return StateUpdate("member", changed=False)  # a redelivery
+    if held is not None and _older_from_same_server(event, held["sender"], held["depth"]):
+        return StateUpdate("stale", changed=False)
+    sender_server = sender.partition(":")[2] if isinstance(sender, str) else ""
+    if membership == "leave":
+        if held is not None:
+            await conn.execute(
+                "DELETE FROM room_members WHERE room_id = $1 AND user_id = $2", room_id, user_id
+            )
+            await _free_slot(conn, room_id, "member_count")
+    elif held is None:
+        if not await _take_slot(conn, room_id, "member_count", caps.members):
+            CAP_HITS.labels("member").inc()
+            return StateUpdate("cap", changed=False)
         await conn.execute(
             """
-            INSERT INTO displaynames (room_id, user_id, displayname) VALUES ($1, $2, $3)
-            ON CONFLICT (room_id, user_id) DO UPDATE SET displayname = EXCLUDED.displayname
+            INSERT INTO room_members
+                (room_id, user_id, server_name, membership, event_id, sender, depth)
+            VALUES ($1, $2, $3, $4, $5, $6, $7)
             """,
             room_id,
             user_id,
-            _displayname(content),
+            user_id.partition(":")[2],
+            membership,
+            event_id,
+            sender_server,
+            _depth(event),
         )
     else:
         await conn.execute(
+            """
+            UPDATE room_members SET membership = $3, event_id = $4, sender = $5, depth = $6
+            WHERE room_id = $1 AND user_id = $2
+            """,
+            room_id,
+            user_id,
+            membership,
+            event_id,
+            sender_server,
+            _depth(event),
+        )
+    had_name = held is not None and held["membership"] == "join"
+    if membership == "join":
+        name = _displayname(content, caps.displayname_length)
+        if had_name:
+            await conn.execute(
+                "UPDATE displaynames SET displayname = $3 WHERE room_id = $1 AND user_id = $2",
+                room_id,
+                user_id,
+                name,
+            )
+        elif await _take_slot(conn, room_id, "displayname_count", caps.displaynames):
+            await conn.execute(
+                """
+                INSERT INTO displaynames (room_id, user_id, displayname) VALUES ($1, $2, $3)
+                ON CONFLICT (room_id, user_id) DO UPDATE SET displayname = EXCLUDED.displayname
+                """,
+                room_id,
+                user_id,
+                name,
+            )
+        else:
+            CAP_HITS.labels("displayname").inc()
+    elif had_name:
+        status = await conn.execute(
             "DELETE FROM displaynames WHERE room_id = $1 AND user_id = $2", room_id, user_id
         )
+        if status.endswith(" 1"):
+            await _free_slot(conn, room_id, "displayname_count")
     own: str | None = None
-    if our_user_id and user_id == our_user_id and isinstance(membership, str):
+    if our_user_id and user_id == our_user_id:
         own = membership
         removed_by = sender if membership in ("leave", "ban") and sender != our_user_id else None
         await conn.execute(
@@ -368,47 +549,59 @@ async def seed_from_state(
     *,
     our_user_id: str = "",
     event_id: str | None = None,
+    caps: StateCaps = DEFAULT_CAPS,
 ) -> int:
     """Replace the room's learned state with a full state snapshot; return the number
     of state events kept.
 
     For the join code (the ``state`` of a send_join response) and the periodic refresh
-    (a ``GET /state`` answer). Whatever the room held before is dropped, display names
-    included. Warden's own membership is taken from the snapshot when ``our_user_id``
-    is given, else forgotten (a join seeds a room Warden is now in). ``event_id`` is an
-    event of the room to anchor later refreshes at (the join event); by default the
-    deepest event of the snapshot. The caller vouches for the snapshot: nothing is
-    verified here (the refresh checks signatures first).
+    (a ``GET /state`` answer). Whatever the room held before is dropped, memberships
+    and display names included. Warden's own membership is taken from the snapshot
+    when ``our_user_id`` is given, else forgotten (a join seeds a room Warden is now
+    in). ``event_id`` is an event of the room to anchor later refreshes at (the join
+    event); by default the deepest event of the snapshot. It also becomes the trusted
+    anchor (``trusted_event_id``), and the snapshot's deepest state event the floor
+    below which ``apply_event`` learns nothing.
+
+    The caller verifies the snapshot first (``warden.federation.snapshot``: content
+    hashes, signatures, the auth chain); here only member state keys are checked to be
+    user IDs, and the caps applied.
     """
     version = get_room_version(room_version)
     events = [e for e in state_events if isinstance(e, Mapping)]
     tracked: dict[tuple[str, str], Mapping[str, Any]] = {}
-    members: dict[str, str] = {}
-    own_membership: str | None = None
+    member_events: dict[str, Mapping[str, Any]] = {}
+    floor = 0
     for ev in events:
         event_type, state_key = ev.get("type"), ev.get("state_key")
         if not isinstance(event_type, str) or not isinstance(state_key, str):
             continue
-        content = ev.get("content")
-        if not isinstance(content, Mapping):
-            content = {}
         if event_type == MEMBER:
-            if content.get("membership") == "join":
-                members[state_key] = _displayname(content)
-            if our_user_id and state_key == our_user_id:
-                m = content.get("membership")
-                own_membership = m if isinstance(m, str) else None
+            if not is_valid_user_id(state_key):
+                continue
+            held_member = member_events.get(state_key)
+            if held_member is None or _depth(held_member) <= _depth(ev):
+                member_events[state_key] = ev
+            floor = max(floor, _depth(ev))
             continue
         if event_type not in TRACKED_TYPES:
             continue
-        if event_type in (POWER_LEVELS, SERVER_ACL, POLICY, CREATE) and state_key != "":
+        if event_type in SINGLETON_TYPES and state_key != "":
             continue
-        note_rejected_rule(event_type, content)
+        content = ev.get("content")
+        note_rejected_rule(event_type, content if isinstance(content, Mapping) else {})
         held = tracked.get((event_type, state_key))
         if held is None or _depth(held) <= _depth(ev):
             tracked[(event_type, state_key)] = ev
+        floor = max(floor, _depth(ev))
     rows = []
+    rules = 0
     for (event_type, state_key), ev in tracked.items():
+        if event_type in RULE_TYPES:
+            if rules >= caps.policy_rules:
+                CAP_HITS.labels("policy_rule").inc()
+                continue
+            rules += 1
         try:
             ev_id = str(compute_event_id(version, ev))
         except ValueError:
@@ -426,6 +619,42 @@ async def seed_from_state(
                 orjson.dumps(content if isinstance(content, Mapping) else {}).decode(),
             )
         )
+    member_rows: list[tuple[str, str, str, str, str, str, int]] = []
+    names: list[tuple[str, str, str]] = []
+    own_membership: str | None = None
+    for user_id, ev in member_events.items():
+        content = ev.get("content")
+        if not isinstance(content, Mapping):
+            content = {}
+        m = content.get("membership")
+        if our_user_id and user_id == our_user_id:
+            own_membership = m if isinstance(m, str) else None
+        if not isinstance(m, str) or m == "leave":
+            continue
+        if len(member_rows) >= caps.members:
+            CAP_HITS.labels("member").inc()
+            continue
+        try:
+            ev_id = str(compute_event_id(version, ev))
+        except ValueError:
+            ev_id = ""
+        sender = ev.get("sender")
+        member_rows.append(
+            (
+                room_id,
+                user_id,
+                user_id.partition(":")[2],
+                m,
+                ev_id,
+                sender.partition(":")[2] if isinstance(sender, str) else "",
+                _depth(ev),
+            )
+        )
+        if m == "join":
+            if len(names) >= caps.displaynames:
+                CAP_HITS.labels("displayname").inc()
+                continue
+            names.append((room_id, user_id, _displayname(content, caps.displayname_length)))
     anchor = event_id or _latest_event_id(version, events)
     now = _now_ms()
     async with pool.acquire() as conn, conn.transaction():
@@ -439,14 +668,26 @@ async def seed_from_state(
             """,
             rows,
         )
+        await conn.execute("DELETE FROM room_members WHERE room_id = $1", room_id)
+        await conn.executemany(
+            """
+            INSERT INTO room_members
+                (room_id, user_id, server_name, membership, event_id, sender, depth)
+            VALUES ($1, $2, $3, $4, $5, $6, $7)
+            """,
+            member_rows,
+        )
         await conn.execute("DELETE FROM displaynames WHERE room_id = $1", room_id)
         await conn.executemany(
             "INSERT INTO displaynames (room_id, user_id, displayname) VALUES ($1, $2, $3)",
-            [(room_id, u, n) for u, n in members.items()],
+            names,
         )
         await conn.execute(
             """
             UPDATE room_state SET last_event_id = COALESCE($2, last_event_id),
+                trusted_event_id = COALESCE($2, trusted_event_id),
+                trusted_depth = $5,
+                member_count = $6, displayname_count = $7, rule_count = $8,
                 last_refresh_ts = $3,
                 warden_membership = $4::text,
                 warden_removed_by = CASE WHEN $4::text IN ('leave', 'ban')
@@ -457,9 +698,13 @@ async def seed_from_state(
             anchor,
             now,
             own_membership,
+            floor,
+            len(member_rows),
+            len(names),
+            rules,
         )
         await _touch(conn, room_id, now)
-    return len(rows) + len(members)
+    return len(rows) + len(member_rows)
 
 
 # Same operation; the name says what the refresh does with it.
@@ -592,6 +837,8 @@ class RefreshTarget:
     room_id: str
     room_version: str
     last_event_id: str
+    # The anchor of the last verified snapshot (trusted servers know it); None if none.
+    trusted_event_id: str | None = None
 
 
 async def rooms_to_refresh(pool: asyncpg.Pool) -> list[RefreshTarget]:
@@ -599,11 +846,92 @@ async def rooms_to_refresh(pool: asyncpg.Pool) -> list[RefreshTarget]:
     least recently refreshed first."""
     rows = await pool.fetch(
         """
-        SELECT r.room_id, r.room_version, s.last_event_id
+        SELECT r.room_id, r.room_version, s.last_event_id, s.trusted_event_id
         FROM rooms r JOIN room_state s ON s.room_id = r.room_id
         WHERE s.last_event_id IS NOT NULL
           AND (s.warden_membership IS NULL OR s.warden_membership NOT IN ('leave', 'ban'))
         ORDER BY s.last_refresh_ts, r.room_id
         """
     )
-    return [RefreshTarget(r["room_id"], r["room_version"], r["last_event_id"]) for r in rows]
+    return [
+        RefreshTarget(r["room_id"], r["room_version"], r["last_event_id"], r["trusted_event_id"])
+        for r in rows
+    ]
+
+
+# --- the auth rules' view of the room (warden.matrix.state_auth) -------------------
+
+
+async def server_in_room(pool: asyncpg.Pool, room_id: str, server_name: str) -> bool:
+    """Whether learned membership has at least one joined member on ``server_name``."""
+    found = await pool.fetchval(
+        """
+        SELECT 1 FROM room_members
+        WHERE room_id = $1 AND server_name = $2 AND membership = 'join' LIMIT 1
+        """,
+        room_id,
+        server_name,
+    )
+    return found is not None
+
+
+async def joined_servers(pool: asyncpg.Pool, room_id: str, limit: int) -> list[str]:
+    """Up to ``limit`` servers with joined members in the room, the most members first."""
+    rows = await pool.fetch(
+        """
+        SELECT server_name FROM room_members WHERE room_id = $1 AND membership = 'join'
+        GROUP BY server_name ORDER BY count(*) DESC, server_name LIMIT $2
+        """,
+        room_id,
+        limit,
+    )
+    return [r["server_name"] for r in rows]
+
+
+async def load_auth_state(
+    pool: asyncpg.Pool, room_id: str, room_version: RoomVersion, event: Mapping[str, Any]
+) -> AuthState:
+    """What ``warden.matrix.state_auth.check_event`` needs to judge ``event``: the
+    learned create event, power levels and join rule, and the memberships of the
+    sender, the target of a member event and a restricted join's authorising user."""
+    sender = event.get("sender")
+    content = event.get("content")
+    content = content if isinstance(content, Mapping) else {}
+    target = event.get("state_key") if event.get("type") == MEMBER else None
+    authoriser = content.get("join_authorised_via_users_server") if target is not None else None
+    users = [u for u in (sender, target, authoriser) if isinstance(u, str)]
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            """
+            SELECT event_type, content, sender FROM room_state_events
+            WHERE room_id = $1 AND state_key = '' AND event_type = ANY($2::text[])
+            """,
+            room_id,
+            [CREATE, POWER_LEVELS, JOIN_RULES],
+        )
+        members = await conn.fetch(
+            """
+            SELECT user_id, membership FROM room_members
+            WHERE room_id = $1 AND user_id = ANY($2::text[])
+            """,
+            room_id,
+            users,
+        )
+    found: dict[str, tuple[dict[str, Any], str]] = {}
+    for row in rows:
+        value = orjson.loads(row["content"])
+        found[row["event_type"]] = (value if isinstance(value, dict) else {}, row["sender"])
+    membership = {r["user_id"]: r["membership"] for r in members}
+    create = found.get(CREATE)
+    join_rules = found.get(JOIN_RULES)
+    rule = join_rules[0].get("join_rule") if join_rules else None
+    return AuthState(
+        room_version=room_version,
+        create=create[0] if create else None,
+        create_sender=create[1] if create else "",
+        power_levels=found[POWER_LEVELS][0] if POWER_LEVELS in found else None,
+        join_rule=rule if isinstance(rule, str) else None,
+        sender_membership=membership.get(sender) if isinstance(sender, str) else None,
+        target_membership=membership.get(target) if isinstance(target, str) else None,
+        authoriser_membership=(membership.get(authoriser) if isinstance(authoriser, str) else None),
+    )

@@ -33,6 +33,23 @@ async def get_rooms(pool: asyncpg.Pool, room_ids: list[str]) -> dict[str, Room]:
     return {r["room_id"]: _room(r) for r in rows}
 
 
+async def get_active_room(pool: asyncpg.Pool, room_id: str) -> Room | None:
+    """The room, or None when Warden does not protect it or was removed from it (its
+    learned membership is 'leave' or 'ban' by someone else's kick or ban): the spec
+    says a policy server MUST have a joined user, so /sign treats such a room as
+    unknown until Warden joins again."""
+    row = await pool.fetchrow(
+        f"""
+        SELECT {", ".join("r." + c for c in _COLUMNS.split(", "))}
+        FROM rooms r LEFT JOIN room_state s ON s.room_id = r.room_id
+        WHERE r.room_id = $1
+          AND (s.warden_membership IS NULL OR s.warden_membership NOT IN ('leave', 'ban'))
+        """,
+        room_id,
+    )
+    return _room(row) if row else None
+
+
 async def list_rooms(pool: asyncpg.Pool) -> list[Room]:
     """Every protected room, ordered by ID."""
     rows = await pool.fetch(f"SELECT {_COLUMNS} FROM rooms ORDER BY room_id")

@@ -53,3 +53,11 @@ SRV_TARGETS_CAPPED = Counter(
     "Server name resolutions whose SRV answer listed more targets than are tried "
     "(the rest are ignored).",
 )
+
+
+ROOM_STATE_CAP_HITS = Counter(
+    "warden_room_state_cap_hits_total",
+    "Learned room state entries not kept because a per-room cap was reached, by kind "
+    "(member, displayname, policy_rule; PS_ROOM_STATE_MAX_*).",
+    ["kind"],
+)

@@ -40,6 +40,7 @@ from warden.runtime import dependencies
 from warden.runtime.identity import load_identity
 from warden.runtime.service import bootstrap, run_async
 from warden.settings import Settings
+from warden.storage.room_state import StateCaps
 from warden_filter_worker.community_config import CommunityConfigCache
 from warden_filter_worker.evaluation import EvaluationService
 from warden_filter_worker.group_commit import GroupCommitWriter
@@ -154,6 +155,7 @@ def run(settings: Settings) -> int:
             policy_verify_key=get_verify_key(identity.policy_key),
             local_user_id=local_user_id,
             verdict_timeout_seconds=settings.verdict_timeout_seconds,
+            caps=StateCaps.from_settings(settings),
         )
         pull = PullConsumer(
             js,
@@ -172,6 +174,7 @@ def run(settings: Settings) -> int:
             trusted_origins=settings.trusted_origins,
             interval_seconds=settings.state_cache_interval_minutes * 60,
             local_user_id=local_user_id,
+            caps=StateCaps.from_settings(settings),
         )
 
         async def refresh() -> None:

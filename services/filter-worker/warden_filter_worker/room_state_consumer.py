@@ -4,17 +4,32 @@ The gateway publishes each PDU of a protected room to ``INBOUND_PDU_SUBJECT``; e
 filter worker reads the stream through the shared durable consumer
 ``ROOM_STATE_CONSUMER`` and, for each PDU, acknowledging only when done:
 
-1. checks the signatures of every server required to sign it (the sender's, ...), with
+1. checks that the transaction's origin is in the room: learned membership has a
+   joined member on that server. A PDU from any other origin is neither learned nor
+   judged (counted ``origin_not_in_room``): nothing shows the event is in the room,
+   and a verdict would be final for its event ID and could cause a redaction, a
+   webhook or a hellban. Membership learned from the same transaction may not have
+   been applied yet (workers share the stream), so such a PDU is retried a few times
+   (``NOT_IN_ROOM_ATTEMPTS``) before it is dropped;
+2. checks the signatures of every server required to sign it (the sender's, ...), with
    the same keyring as the gateway. An event that fails is dropped (acknowledged,
    counted ``bad_signature``): it never reaches the learned state or the filters;
-2. learns from it (``warden.storage.room_state.apply_event``): members and display
-   names, power levels, the create event's creators, the server ACL, ``m.room.policy``,
-   policy list rules; and the room's latest event, the anchor of the periodic refresh.
-   When Warden's own user is kicked or banned, that is recorded and logged as an error
-   (policyserv says nothing): the room no longer sends ``/sign`` requests, and the
-   refresh skips it until Warden joins again. State is learned whatever the verdict
-   (a refused event can still be part of the room's state: only auth rules decide);
-3. when the event lacks a valid ``ed25519:policy_server`` signature by Warden, it
+3. checks the auth rules as far as learned state can (``warden.matrix.state_auth``):
+   the sender is a joined member with the power level the event type needs,
+   membership changes follow the membership rules (a kick or ban of Warden's user
+   counts only when its sender had the power), member state keys are user IDs. An
+   event that fails is retried like in 1, then neither learned nor judged (counted
+   ``unauthorised``);
+4. learns from it (``warden.storage.room_state.apply_event``, within the per-room
+   caps): members and display names, power levels, join rules, the create event's
+   creators, the server ACL, ``m.room.policy``, policy list rules; and the room's
+   latest event, the anchor of the periodic refresh. When Warden's own user is kicked
+   or banned, that is recorded and logged as an error (policyserv says nothing), and
+   gateways are told (``CONFIG_CHANGED_SUBJECT``): ``/sign`` for the room answers 404
+   like for an unknown room, and the refresh skips it until Warden joins again.
+   State is learned whatever the verdict (a refused event can still be part of the
+   room's state: only auth rules decide);
+5. when the event lacks a valid ``ed25519:policy_server`` signature by Warden, it
    bypassed the policy server: it is judged through the very path ``/sign`` uses (an
    evaluation request on ``EVALUATE_SUBJECT``, ``source`` ``send``), so the verdict
    store keeps one verdict per event forever and never gives a second opinion. Not
@@ -52,7 +67,13 @@ from unpaddedbase64 import encode_base64
 
 from warden.bus.consumer import ACK, Delivery, Disposition, Retry, backoff_delay
 from warden.bus.evaluation import EvaluationRequest, decode_reply
-from warden.bus.subjects import EVALUATE_SUBJECT, HEADER_ORIGIN, HEADER_ROOM_ID, verdict_subject
+from warden.bus.subjects import (
+    CONFIG_CHANGED_SUBJECT,
+    EVALUATE_SUBJECT,
+    HEADER_ORIGIN,
+    HEADER_ROOM_ID,
+    verdict_subject,
+)
 from warden.federation.keyring_errors import KeyringError
 from warden.federation.xmatrix import VerifyKeySource
 from warden.matrix.event_hashes import (
@@ -69,8 +90,16 @@ from warden.matrix.event_signing import (
 from warden.matrix.ids import KeyID, ServerName
 from warden.matrix.keys import POLICY_SERVER_KEY_ID, VerifyKey
 from warden.matrix.room_versions import RoomVersion, get_room_version
+from warden.matrix.state_auth import check_event
 from warden.policy.verdict import Verdict
-from warden.storage.room_state import MEMBER, apply_event
+from warden.storage.room_state import (
+    DEFAULT_CAPS,
+    MEMBER,
+    StateCaps,
+    apply_event,
+    load_auth_state,
+    server_in_room,
+)
 from warden.storage.rooms import get_room
 from warden.telemetry.tracing import inject_headers, tracer
 
@@ -80,11 +109,17 @@ _tracer = tracer(__name__)
 MAX_KEYS_PER_SIGNING_SERVER = 8
 RETRY_BASE_SECONDS = 1.0
 UNKNOWN_ROOM_ATTEMPTS = 5
+# A PDU whose origin is not (yet) in the room, or that fails the auth rules against
+# learned state, is tried this many times (the membership or power level it needs may
+# be in the same transaction, handled by another worker), then dropped.
+NOT_IN_ROOM_ATTEMPTS = 3
+NOT_IN_ROOM_RETRY_SECONDS = 2.0
 
 ROOM_STATE_PDUS = Counter(
     "warden_room_state_pdus_total",
     "Inbound PDUs handled by the room-state consumer, by outcome (ok, bad_signature, "
-    "invalid, unknown_room, judged, redaction_requested, verdict_unavailable).",
+    "invalid, unknown_room, origin_not_in_room, unauthorised, judged, redaction_requested, "
+    "verdict_unavailable).",
     ["outcome"],
 )
 ROOM_STATE_UPDATES = Counter(
@@ -152,6 +187,7 @@ class RoomStateConsumer:
         local_user_id: str,
         verdict_timeout_seconds: float,
         evaluate_subject: str = EVALUATE_SUBJECT,
+        caps: StateCaps = DEFAULT_CAPS,
     ) -> None:
         self._pool = pool
         self._nc = nc
@@ -162,6 +198,7 @@ class RoomStateConsumer:
         self._local_user_id = local_user_id
         self._timeout = verdict_timeout_seconds
         self._subject = evaluate_subject
+        self._caps = caps
 
     async def handle(self, delivery: Delivery) -> Disposition:
         """Process one inbound PDU."""
@@ -200,6 +237,16 @@ class RoomStateConsumer:
         else:
             event_id = event_id_from_reference_hash(room_version, reference_hash)
 
+        origin = headers.get(HEADER_ORIGIN, "")
+        if not await server_in_room(self._pool, room_id, origin):
+            if delivery.attempt < NOT_IN_ROOM_ATTEMPTS:
+                return "origin_not_in_room", Retry(NOT_IN_ROOM_RETRY_SECONDS, "origin not in room")
+            logger.info(
+                "inbound event dropped: its origin is not in the room",
+                extra={"event_id": event_id, "room_id": room_id, "origin": origin},
+            )
+            return "origin_not_in_room", ACK
+
         try:
             await verify_event_signatures(self._keyring, room_version, pdu)
         except EventSignatureError as exc:
@@ -208,16 +255,36 @@ class RoomStateConsumer:
                 extra={
                     "event_id": event_id,
                     "room_id": room_id,
-                    "origin": headers.get(HEADER_ORIGIN, ""),
+                    "origin": origin,
                     "error": str(exc),
                 },
             )
             return "bad_signature", ACK
 
+        refusal = check_event(pdu, await load_auth_state(self._pool, room_id, room_version, pdu))
+        if refusal is not None:
+            if delivery.attempt < NOT_IN_ROOM_ATTEMPTS:
+                return "unauthorised", Retry(NOT_IN_ROOM_RETRY_SECONDS, refusal)
+            logger.info(
+                "inbound event dropped: not allowed by the room's learned state",
+                extra={
+                    "event_id": event_id,
+                    "room_id": room_id,
+                    "origin": origin,
+                    "error": refusal,
+                },
+            )
+            return "unauthorised", ACK
+
         update = await apply_event(
-            self._pool, room_id, pdu, event_id, our_user_id=self._local_user_id
+            self._pool,
+            room_id,
+            pdu,
+            event_id,
+            our_user_id=self._local_user_id,
+            caps=self._caps,
         )
-        if update is not None:
+        if update is not None and update.changed:
             ROOM_STATE_UPDATES.labels(update.kind).inc()
             if update.own_membership in ("leave", "ban") and pdu.get("sender") != (
                 self._local_user_id
@@ -234,6 +301,9 @@ class RoomStateConsumer:
                         "event_id": event_id,
                     },
                 )
+                await self._announce_room_change(room_id)
+        elif update is not None:
+            ROOM_STATE_UPDATES.labels(update.kind).inc()
 
         if not self._needs_judgement(room_version, pdu):
             return "ok", ACK
@@ -279,6 +349,14 @@ class RoomStateConsumer:
         return not verify_event_signature(
             room_version, pdu, self._server_name, POLICY_SERVER_KEY_ID, self._policy_key
         )
+
+    async def _announce_room_change(self, room_id: str) -> None:
+        """Tell gateways to drop their cached record of the room (``/sign`` now answers
+        404 for it); the cache's TTL bounds the staleness when this fails."""
+        try:
+            await self._nc.publish(CONFIG_CHANGED_SUBJECT, orjson.dumps({"room_id": room_id}))
+        except Exception as exc:  # NATS trouble: the room cache expires by itself
+            logger.warning("could not announce a room change", extra={"error": repr(exc)})
 
     async def _verdict(self, request: EvaluationRequest) -> Verdict:
         msg = await self._nc.request(

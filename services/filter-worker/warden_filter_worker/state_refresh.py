@@ -5,12 +5,22 @@ that arrive out of order. Every ``PS_STATE_CACHE_INTERVAL_MINUTES`` one filter w
 asks, for each protected room Warden has not been removed from,
 ``GET /_matrix/federation/v1/state/{roomId}?event_id=<the room's latest seen event>``
 of the servers in ``PS_TRUSTED_ORIGINS`` in order, and replaces the room's learned state
-with the first answer (``room_state.replace_state``). Every event's content hash must
-match (else it is left out); events other than
-``m.room.member`` must carry valid signatures of the servers required to sign them
-(invalid ones are left out); members are taken on the origin's word, since checking
-thousands of member events' keys would make a refresh of a large room fetch keys from
-every server in it, and only display names (for the mentions filter) rest on them.
+with the first answer (``room_state.replace_state``). The answer is verified like a
+send_join answer (``warden.federation.snapshot``): it must hold a valid create event
+of the room's version (else the next origin is asked); every event's content hash must
+match and events other than ``m.room.member`` must carry valid signatures of the
+servers required to sign them (invalid ones are left out), and with the answer's auth
+chain every kept event's auth events must be known and verified. Members are taken on
+the trusted origin's word, since checking thousands of member events' keys would make
+a refresh of a large room fetch keys from every server in it.
+
+The refresh is what repairs learned state: ``replace_state`` drops everything the room
+held (state events, memberships, display names) and keeps only the snapshot. Its anchor
+is the latest event learned from ``/send``, which passed signature and auth checks; but
+an in-room server can still send Warden an event it never sent to the room, which no
+trusted server knows. When no origin answers for that anchor, the refresh asks again
+at the anchor of the last verified snapshot (``trusted_event_id``: the join event or
+the previous refresh's anchor), so a made-up event cannot stop repairs.
 
 One worker at a time, and one refresh per interval across all of them: a worker takes
 the Redis lock ``state_refresh_lock`` (SET NX with a TTL of one interval), renews it
@@ -38,11 +48,19 @@ from prometheus_client import Counter
 from warden import redis_keys
 from warden.federation.client import FederationClient
 from warden.federation.errors import FederationError
+from warden.federation.snapshot import SnapshotRejected, verified_state
 from warden.federation.xmatrix import VerifyKeySource
 from warden.matrix.event_hashes import check_content_hash, compute_event_id
 from warden.matrix.event_signing import EventSignatureError
 from warden.matrix.room_versions import get_room_version
-from warden.storage.room_state import MEMBER, RefreshTarget, replace_state, rooms_to_refresh
+from warden.storage.room_state import (
+    DEFAULT_CAPS,
+    MEMBER,
+    RefreshTarget,
+    StateCaps,
+    replace_state,
+    rooms_to_refresh,
+)
 from warden_filter_worker.room_state_consumer import ROOM_STATE_UPDATES, verify_event_signatures
 
 logger = logging.getLogger(__name__)
@@ -81,7 +99,9 @@ class StateRefresher:
         trusted_origins: Sequence[str],
         interval_seconds: float,
         local_user_id: str,
+        caps: StateCaps = DEFAULT_CAPS,
     ) -> None:
+        self._caps = caps
         self._pool = pool
         self._redis = redis
         self._client = client
@@ -140,13 +160,24 @@ class StateRefresher:
         return True
 
     async def refresh_room(self, target: RefreshTarget) -> bool:
-        """Replace one room's state with the first trusted origin's answer."""
+        """Replace one room's state with the first trusted origin's answer (at the
+        latest learned event, else at the last verified snapshot's anchor)."""
+        anchors = [target.last_event_id]
+        if target.trusted_event_id and target.trusted_event_id != target.last_event_id:
+            anchors.append(target.trusted_event_id)
+        for anchor in anchors:
+            if await self._refresh_at(target, anchor):
+                STATE_REFRESHES.labels("ok").inc()
+                ROOM_STATE_UPDATES.labels("refresh").inc()
+                return True
+        STATE_REFRESHES.labels("failed").inc()
+        return False
+
+    async def _refresh_at(self, target: RefreshTarget, anchor: str) -> bool:
         path = "/_matrix/federation/v1/state/" + urllib.parse.quote(target.room_id, safe="")
         for origin in self._origins:
             try:
-                answer = await self._client.get_json(
-                    origin, path, query={"event_id": target.last_event_id}
-                )
+                answer = await self._client.get_json(origin, path, query={"event_id": anchor})
             except FederationError as exc:
                 logger.info(
                     "state refresh: origin did not answer",
@@ -156,28 +187,48 @@ class StateRefresher:
             pdus = answer.get("pdus")
             if not isinstance(pdus, list):
                 continue
-            events = await self._verified(target, [p for p in pdus if isinstance(p, dict)])
+            chain = answer.get("auth_chain")
+            chain_events = (
+                [c for c in chain if isinstance(c, dict)] if isinstance(chain, list) else []
+            )
+            try:
+                events: list[Mapping[str, Any]] = list(
+                    await verified_state(
+                        self._keyring,
+                        get_room_version(target.room_version),
+                        target.room_id,
+                        [p for p in pdus if isinstance(p, dict)],
+                        chain_events,
+                        check_member_signatures=False,
+                    )
+                )
+            except SnapshotRejected as exc:
+                logger.warning(
+                    "state refresh: snapshot refused",
+                    extra={"room_id": target.room_id, "origin": origin, "error": str(exc)},
+                )
+                continue
             # /state answers the state *before* the anchor event: when the anchor is
             # itself a state event (a new rule, power levels, m.room.policy), it must be
             # applied on top, or every refresh would undo the room's latest change.
-            events.extend(await self._anchor_if_state(origin, target))
+            events.extend(await self._anchor_if_state(origin, target, anchor))
             await replace_state(
                 self._pool,
                 target.room_id,
                 target.room_version,
                 events,
                 our_user_id=self._local_user_id,
-                event_id=target.last_event_id,
+                event_id=anchor,
+                caps=self._caps,
             )
-            STATE_REFRESHES.labels("ok").inc()
-            ROOM_STATE_UPDATES.labels("refresh").inc()
             return True
-        STATE_REFRESHES.labels("failed").inc()
         return False
 
-    async def _anchor_if_state(self, origin: str, target: RefreshTarget) -> list[Mapping[str, Any]]:
+    async def _anchor_if_state(
+        self, origin: str, target: RefreshTarget, anchor: str
+    ) -> list[Mapping[str, Any]]:
         """The anchor event, verified, when it is a state event; else nothing."""
-        path = "/_matrix/federation/v1/event/" + urllib.parse.quote(target.last_event_id, safe="")
+        path = "/_matrix/federation/v1/event/" + urllib.parse.quote(anchor, safe="")
         try:
             answer = await self._client.get_json(origin, path)
         except FederationError as exc:
@@ -196,7 +247,7 @@ class StateRefresher:
             same = compute_event_id(get_room_version(target.room_version), pdu)
         except ValueError:
             return []
-        if same != target.last_event_id:  # the origin sent another event: ignore it
+        if same != anchor:  # the origin sent another event: ignore it
             return []
         return await self._verified(target, [pdu])
 

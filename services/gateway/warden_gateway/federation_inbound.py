@@ -27,12 +27,13 @@
        of rooms Warden does not protect are left out of the answer (their room version,
        hence their event ID, is unknown), like policyserv; invalid or oversized ones get
        ``{"error": ...}`` and are not published; accepted ones ``{}``;
-    6. ``Nats-Msg-Id`` is the event ID plus a digest of the PDU's ``hashes`` and
-       ``signatures``, so the same event relayed by several origins, or a transaction
-       handled twice, is stored once in the stream, while a copy with a corrupted
-       signature (which the worker drops) cannot make JetStream drop the real one as a
-       duplicate. The digest covers everything but ``unsigned``: the content hash, which
-       the gateway checked, covers the rest;
+    6. ``Nats-Msg-Id`` is the event ID, the origin and a digest of the PDU's ``hashes``
+       and ``signatures`` (``<event ID>/<digest>@<origin>``; server names hold no "@"),
+       so a transaction handled twice is stored once in the stream, while neither a
+       copy relayed first by a server that is not in the room nor a copy with a
+       corrupted signature (both of which the worker drops) can make JetStream drop the
+       real one as a duplicate. The digest covers everything but ``unsigned``: the
+       content hash, which the gateway checked, covers the rest;
     7. EDUs are accepted and dropped.
 
     A publish that fails (NATS down, or the inbound stream full: it refuses new
@@ -486,7 +487,8 @@ class FederationInbound:
                 HEADER_ROOM_VERSION: room.room_version,
                 HEADER_ROOM_ID: room.room_id,
                 HEADER_EVENT_ID: event_id,
-                "Nats-Msg-Id": msg_id,
+                # Unambiguous: the digest has a fixed length and server names hold no "@".
+                "Nats-Msg-Id": f"{msg_id}@{origin}",
             }
         )
         try:

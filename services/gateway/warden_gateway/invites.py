@@ -18,8 +18,20 @@ Anything else is refused with 403 ``M_FORBIDDEN``: an invite is not consent, and
 policy server that joins every room it is invited to can be made to sign for anyone.
 
 Accepting counter-signs the event with the federation key and answers it; Warden then
-joins through the inviting server in the background (after a short delay, since the
-inviter answers its client only once our answer is back), retrying with backoff.
+joins in the background (after a short delay, since the inviter answers its client
+only once our answer is back), retrying with backoff. An invite names any room it
+likes, so it never changes what Warden knows of a room:
+
+* a room Warden is already joined to is not joined again: the invite is refused
+  (403; a real homeserver never invites a joined user);
+* for a known room (protected, or joined before), the invite's room version must be
+  the recorded one (else 403, logged), and the join goes through the servers Warden
+  knows for the room (those of its last join, servers with joined members), never
+  through the inviter;
+* only for a room Warden does not know yet does the join go through the inviter.
+
+At most ``PS_INVITE_JOIN_MAX_PENDING`` background joins run at once (one per room):
+past that an invite is answered 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -40,11 +52,11 @@ from warden.matrix.canonical_json import CanonicalJSONError, parse_canonical
 from warden.matrix.errors import BadJSON, Forbidden, MatrixError, NotJSON, Unauthorized
 from warden.runtime.identity import Identity
 from warden.settings import Settings
-from warden.storage import communities, rooms
+from warden.storage import communities, room_state, rooms
 from warden.storage import membership as membership_store
 from warden_gateway.errors import TemporarilyUnavailable, error_response
 from warden_gateway.request_body import read_limited_body
-from warden_gateway.room_joins import RoomJoiner
+from warden_gateway.room_joins import BACKGROUND_JOINS, RoomJoiner, TooManyPendingJoins
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +64,16 @@ INVITE_V2_PATH = "/_matrix/federation/v2/invite/{room_id}/{event_id:path}"
 INVITE_V1_PATH = "/_matrix/federation/v1/invite/{room_id}/{event_id:path}"
 # An invite carries the event and a few stripped (or, MSC4311, full) state events.
 MAX_INVITE_BODY_BYTES = 1024 * 1024
+# Known servers of a room to join through (besides those of the last join).
+KNOWN_ROOM_SERVERS = 5
+JOIN_BUSY_RETRY_SECONDS = 30
 
 INVITES = Counter(
     "warden_invites_total",
     "Invites of Warden's user received over federation, by outcome: accepted, refused "
-    "(not a pre-approved room), invalid (bad request or event), unauthorized, "
-    "unavailable (a dependency failed).",
+    "(not a pre-approved room, already joined, or a room version that is not the known "
+    "room's), invalid (bad request or event), unauthorized, unavailable (a dependency "
+    "failed, or too many joins pending).",
     ["outcome"],
 )
 
@@ -125,6 +141,8 @@ class InviteAPI:
                 outcome = "unauthorized"
             elif isinstance(exc, Forbidden):
                 outcome = "refused"
+            elif isinstance(exc, TemporarilyUnavailable):
+                outcome = "unavailable"
             return error_response(exc)
         except _DEPENDENCY_ERRORS as exc:
             outcome = "unavailable"
@@ -183,6 +201,13 @@ class InviteAPI:
                 "This policy server joins only rooms its operator approved; ask them to "
                 "approve this room first"
             )
+        via = await self._join_via(room_id, room_version.identifier, origin)
+        if not self._joiner.can_join_in_background(room_id):
+            BACKGROUND_JOINS.labels("refused").inc()
+            raise TemporarilyUnavailable(
+                "Too many joins in progress; retry later",
+                retry_after_seconds=JOIN_BUSY_RETRY_SECONDS,
+            )
         signed = countersign_invite(
             room_version,
             pdu,
@@ -194,8 +219,48 @@ class InviteAPI:
             "invite accepted; joining",
             extra={"room_id": room_id, "origin": origin, "community_id": community_id},
         )
-        self._joiner.join_in_background(room_id, community_id, [origin])
+        try:
+            self._joiner.join_in_background(room_id, community_id, via)
+        except TooManyPendingJoins:
+            raise TemporarilyUnavailable(
+                "Too many joins in progress; retry later",
+                retry_after_seconds=JOIN_BUSY_RETRY_SECONDS,
+            ) from None
         return signed
+
+    async def _join_via(self, room_id: str, invite_version: str, origin: str) -> list[str]:
+        """The servers to join an invited room through; refuses (403) an invite to a
+        room Warden is joined to, or naming another version than a known room's."""
+        room = await rooms.get_room(self._pool, room_id)
+        joined = await membership_store.get_membership(self._pool, room_id)
+        recorded = room.room_version if room else joined.room_version if joined else None
+        if recorded is None:
+            return [origin]  # a room Warden does not know yet: only the inviter knows it
+        if recorded != invite_version:
+            logger.error(
+                "invite refused: it names another version than the room's recorded one",
+                extra={
+                    "room_id": room_id,
+                    "origin": origin,
+                    "recorded": recorded,
+                    "invite": invite_version,
+                },
+            )
+            raise Forbidden(
+                f"This room's version is {recorded}, not {invite_version}; invite refused"
+            )
+        state = await room_state.get_membership_state(self._pool, room_id)
+        removed = state is not None and state.membership in ("leave", "ban")
+        if room is not None and joined is not None and joined.membership == "join" and not removed:
+            logger.info(
+                "invite refused: already joined", extra={"room_id": room_id, "origin": origin}
+            )
+            raise Forbidden("The policy server is already in this room")
+        known = list(joined.servers) if joined else []
+        for server in await room_state.joined_servers(self._pool, room_id, KNOWN_ROOM_SERVERS):
+            if server not in known:
+                known.append(server)
+        return [s for s in known if s != self._identity.server_name]
 
     async def community_for(self, room_id: str) -> str | None:
         """The community an invite to ``room_id`` joins, or None to refuse it."""

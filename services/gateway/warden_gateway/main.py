@@ -96,6 +96,7 @@ def run(settings: Settings) -> int:
             ),
             pool=pool,
             nats=nc,
+            keyring=keyring,
         )
         runtime.add_shutdown_hook("room-joins", joiner.aclose)
         invites = InviteAPI(

@@ -1,6 +1,8 @@
 """Which rooms are protected, cached briefly in process.
 
-Every ``/sign`` needs the room's record (its version and community). Records change
+Every ``/sign`` needs the room's record (its version and community); a room Warden was
+kicked or banned from has none (the spec: a policy server MUST have a joined user).
+Records change
 rarely, so each replica keeps them (and the fact that a room is *not* protected) for a
 few seconds. The admin API publishes ``{"room_id": ...}`` on ``CONFIG_CHANGED_SUBJECT``
 when a room is added, moved or removed; every replica drops that entry at once, so the
@@ -19,7 +21,7 @@ import orjson
 from nats.aio.msg import Msg
 
 from warden.storage.records import Room
-from warden.storage.rooms import get_room, get_rooms
+from warden.storage.rooms import get_active_room, get_rooms
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,8 @@ class RoomCache:
         self._entries: OrderedDict[str, tuple[float, Room | None]] = OrderedDict()
 
     async def get(self, room_id: str) -> Room | None:
-        """The room's record, or None when Warden does not protect it.
+        """The room's record, or None when Warden does not protect it or was removed
+        from it (``rooms.get_active_room``).
 
         Raises the pool's errors (``asyncpg.PostgresError``, ``OSError``) when the
         database cannot answer and nothing is cached.
@@ -55,7 +58,7 @@ class RoomCache:
         if item is not None and item[0] > now:
             self._entries.move_to_end(room_id)
             return item[1]
-        room = await get_room(self._pool, room_id)
+        room = await get_active_room(self._pool, room_id)
         self._entries[room_id] = (now + self._ttl, room)
         self._entries.move_to_end(room_id)
         while len(self._entries) > self._size:

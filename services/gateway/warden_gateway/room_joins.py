@@ -10,8 +10,13 @@ A join, whatever asked for it:
    (``warden.federation.membership``);
 2. the room is protected for the community (``rooms``), moved there if it was protected
    for another one (rejoining after a kick works: a known room is joined again, never
-   refused as policyserv does);
-3. the send_join ``state`` (plus our join event) seeds the learned room state;
+   refused as policyserv does). The room version of a known room never changes: a
+   server whose ``make_join`` names another version is refused (and logged) before
+   anything is sent to it;
+3. the send_join ``state`` (plus our join event) seeds the learned room state once it
+   verified (``warden.federation.snapshot``: content hashes, signatures, the auth
+   chain); events that do not are left out, and a snapshot without a valid create
+   event of the room's version seeds nothing but our own membership;
 4. the membership is recorded (``room_memberships``) with the server that answered, the
    first to ask when leaving;
 5. ``{"room_id"}`` is announced on ``CONFIG_CHANGED_SUBJECT`` so every gateway drops its
@@ -36,7 +41,7 @@ import orjson
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 
 from warden import redis_keys
@@ -48,6 +53,9 @@ from warden.federation.membership import (
     MembershipFailed,
     candidate_servers,
 )
+from warden.federation.snapshot import SnapshotRejected, verified_state
+from warden.federation.xmatrix import VerifyKeySource
+from warden.matrix.room_versions import get_room_version
 from warden.settings import Settings
 from warden.storage import membership as membership_store
 from warden.storage import room_state, rooms
@@ -59,8 +67,19 @@ logger = logging.getLogger(__name__)
 JOINS = Counter(
     "warden_federation_joins_total",
     "Joins and leaves of rooms over federation, by outcome: joined, left, failed "
-    "(no server completed it), unsupported_version.",
+    "(no server completed it), unsupported_version, version_mismatch (a server named "
+    "another version than a known room's).",
     ["outcome"],
+)
+BACKGROUND_JOINS = Counter(
+    "warden_background_joins_total",
+    "Background joins after accepted invites, by outcome: started, already_pending (one "
+    "per room at a time), refused (PS_INVITE_JOIN_MAX_PENDING reached).",
+    ["outcome"],
+)
+BACKGROUND_JOINS_PENDING = Gauge(
+    "warden_background_joins_pending",
+    "Background joins after accepted invites running or waiting to retry.",
 )
 
 # How long the start-up joiner's Redis lock lives without a refresh, and how often the
@@ -95,6 +114,10 @@ def backoff_seconds(base: float, attempt: int) -> float:
     return float(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter, not secrecy
 
 
+class TooManyPendingJoins(Exception):
+    """``PS_INVITE_JOIN_MAX_PENDING`` background joins are already running."""
+
+
 class NotificationFailed(Exception):
     """The change is saved but could not be announced on NATS."""
 
@@ -117,9 +140,13 @@ class RoomJoiner:
         client: MembershipClient,
         pool: asyncpg.Pool,
         nats: NATS,
+        keyring: VerifyKeySource,
         notify_timeout_seconds: int = 5,
     ) -> None:
         self._settings = settings
+        self._keyring = keyring
+        self._caps = room_state.StateCaps.from_settings(settings)
+        self._pending: dict[str, asyncio.Task[None]] = {}
         self.client = client
         self._pool = pool
         self._nats = nats
@@ -156,13 +183,24 @@ class RoomJoiner:
         """
         servers = self.join_servers(room_id, via)
         async with self._lock(room_id):
+            known = await rooms.get_room(self._pool, room_id)
+            recorded = known.room_version if known is not None else None
             try:
-                result = await self.client.join(room_id, servers)
+                result = await self.client.join(room_id, servers, room_version=recorded)
             except MembershipFailed as exc:
-                JOINS.labels("unsupported_version" if exc.unsupported_version else "failed").inc()
+                outcome = (
+                    "unsupported_version"
+                    if exc.unsupported_version
+                    else "version_mismatch"
+                    if exc.version_mismatch
+                    else "failed"
+                )
+                JOINS.labels(outcome).inc()
                 logger.warning("join failed", extra={"room_id": room_id, "reasons": exc.reasons})
                 raise
-            room = await rooms.put_room(self._pool, room_id, result.room_version, community_id)
+            room = await rooms.put_room(
+                self._pool, room_id, recorded or result.room_version, community_id
+            )
             await self._seed_state(result)
             # The server that answered first, then the other candidates.
             remembered = [result.server, *(s for s in servers if s != result.server)]
@@ -170,11 +208,11 @@ class RoomJoiner:
                 self._pool,
                 room_id,
                 "join",
-                room_version=result.room_version,
+                room_version=room.room_version,
                 event_id=result.event_id,
                 servers=remembered,
             )
-            JOINS.labels("joined").inc()
+        JOINS.labels("joined").inc()
         logger.info(
             "room protected after join",
             extra={"room_id": room_id, "community_id": community_id, "server": result.server},
@@ -220,19 +258,39 @@ class RoomJoiner:
         return result
 
     async def _seed_state(self, result: JoinResult) -> None:
-        """Seed the learned state from the send_join answer (and our own join event).
+        """Seed the learned state from the verified send_join answer (and our own join
+        event).
 
-        A failure here does not undo the join: the room is protected either way, and
-        the state learned from ``/send`` and the periodic refresh fill what is missing.
+        A failure here does not undo the join: the room is protected either way, our
+        join event becomes the refresh's anchor, and the periodic refresh fills what is
+        missing (``/send`` learns nothing until members are known).
         """
+        version = get_room_version(result.room_version)
+        trusted = result.server in self._settings.trusted_origins
+        try:
+            state = await verified_state(
+                self._keyring,
+                version,
+                result.room_id,
+                result.state,
+                result.auth_chain,
+                check_member_signatures=not trusted,
+            )
+        except SnapshotRejected as exc:
+            logger.error(
+                "send_join state refused; only our membership is recorded",
+                extra={"room_id": result.room_id, "server": result.server, "error": str(exc)},
+            )
+            state = []
         try:
             await room_state.seed_from_state(
                 self._pool,
                 result.room_id,
                 result.room_version,
-                [*result.state, result.event],
+                [*state, result.event],
                 our_user_id=self.client.user_id,
                 event_id=result.event_id,
+                caps=self._caps,
             )
         except Exception:
             logger.exception(
@@ -265,7 +323,19 @@ class RoomJoiner:
         attempts: int = INVITE_JOIN_ATTEMPTS,
         first_delay: float = INVITE_JOIN_FIRST_DELAY_SECONDS,
     ) -> asyncio.Task[None]:
-        """Join soon, retrying with backoff (after an accepted invite)."""
+        """Join soon, retrying with backoff (after an accepted invite).
+
+        One background join per room at a time (a second invite gets the running
+        task), and at most ``PS_INVITE_JOIN_MAX_PENDING`` in all: beyond that raises
+        ``TooManyPendingJoins`` (check ``can_join_in_background`` first).
+        """
+        running = self._pending.get(room_id)
+        if running is not None and not running.done():
+            BACKGROUND_JOINS.labels("already_pending").inc()
+            return running
+        if not self.can_join_in_background(room_id):
+            BACKGROUND_JOINS.labels("refused").inc()
+            raise TooManyPendingJoins(room_id)
 
         async def run() -> None:
             await asyncio.sleep(first_delay)
@@ -276,7 +346,7 @@ class RoomJoiner:
                 except NotificationFailed:
                     return  # joined; the room record expires from caches on its own
                 except MembershipFailed as exc:
-                    if exc.unsupported_version or attempt == attempts:
+                    if exc.unsupported_version or exc.version_mismatch or attempt == attempts:
                         logger.error(
                             "giving up joining after an invite",
                             extra={"room_id": room_id, "reasons": exc.reasons},
@@ -289,9 +359,27 @@ class RoomJoiner:
                 )
 
         task = asyncio.create_task(run(), name=f"join-{room_id}")
+        BACKGROUND_JOINS.labels("started").inc()
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._pending[room_id] = task
+        BACKGROUND_JOINS_PENDING.set(len(self._pending))
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._tasks.discard(finished)
+            if self._pending.get(room_id) is finished:
+                del self._pending[room_id]
+            BACKGROUND_JOINS_PENDING.set(len(self._pending))
+
+        task.add_done_callback(done)
         return task
+
+    def can_join_in_background(self, room_id: str) -> bool:
+        """Whether ``join_in_background`` would take this room now (already pending
+        for it, or below ``PS_INVITE_JOIN_MAX_PENDING``)."""
+        running = self._pending.get(room_id)
+        if running is not None and not running.done():
+            return True
+        return len(self._pending) < self._settings.invite_join_max_pending
 
     async def aclose(self) -> None:
         """Cancel background joins (shutdown)."""
