@@ -57,7 +57,8 @@ _ROOM_STATE_IN_FLIGHT = 32
 _STATE_RESPONSE_MAX_BYTES = 64 * 1024 * 1024
 
 # Slack on top of the longest possible evaluation (every group hitting the filter
-# timeout) for the configuration read and the commit.
+# timeout) for the configuration read and the commit: how long a request waits for
+# another worker's verdict is the longest evaluation plus half of it.
 _CLAIM_SLACK_SECONDS = 10.0
 
 
@@ -70,6 +71,7 @@ def run(settings: Settings) -> int:
         return 2
     runtime = bootstrap(NAME, settings)
     longest_evaluation = len(FilterGroup) * settings.filter_timeout_seconds
+    wait_seconds = longest_evaluation + _CLAIM_SLACK_SECONDS / 2
 
     async def main() -> None:
         pool = await dependencies.postgres(runtime)
@@ -106,9 +108,12 @@ def run(settings: Settings) -> int:
             configs=configs,
             writer=writer,
             publisher=publisher,
-            claim_ttl_seconds=longest_evaluation + _CLAIM_SLACK_SECONDS,
-            wait_seconds=longest_evaluation + _CLAIM_SLACK_SECONDS / 2,
+            # Renewed by the live holder, so it can be much shorter than the wait: a
+            # dead worker's claims lapse and are taken over before waiters give up.
+            claim_ttl_seconds=min(settings.evaluation_claim_ttl_seconds, wait_seconds / 3),
+            wait_seconds=wait_seconds,
             linger_seconds=settings.evaluation_batch_linger_ms / 1000,
+            store_timeout_seconds=settings.filter_timeout_seconds,
         )
         await service.start(nc)
 

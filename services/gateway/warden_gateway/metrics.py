@@ -51,6 +51,8 @@ class VerdictFailure(enum.StrEnum):
     WORKER_ERROR = "worker_error"
     BAD_REPLY = "bad_reply"
     NATS_ERROR = "nats_error"
+    # The worker could not judge because a dependency failed; nothing was stored.
+    DEPENDENCY = "dependency"
 
 
 SIGN_REQUESTS = Counter(

@@ -17,8 +17,9 @@ Concurrent requests for one event ID in this process share a single lookup
 request that started it goes away; whoever asks next finds the verdict in the caches.
 
 When no worker answers within ``PS_VERDICT_TIMEOUT_SECONDS`` (or none is subscribed,
-or one answers ``{"error": ...}``) the lookup fails with ``TemporarilyUnavailable``
-(503): the gateway never signs what was not judged.
+or one answers ``{"error": ...}``, for instance because a dependency failed) the lookup
+fails with ``TemporarilyUnavailable`` (503 with ``Retry-After``) and nothing is cached:
+the gateway never signs what was not judged, and the next ask asks the workers again.
 """
 
 from __future__ import annotations
@@ -177,6 +178,13 @@ class VerdictSource:
                 "filter worker could not judge event",
                 extra={"event_id": request.event_id, "error": str(exc)},
             )
+            if exc.retry_after_ms is not None:
+                # A dependency failed: no verdict was stored, asking again judges afresh.
+                raise self._failure(
+                    VerdictFailure.DEPENDENCY,
+                    "The policy server cannot judge this event right now; try again later",
+                    max(1, min(exc.retry_after_ms, 60_000) // 1000),
+                ) from None
             raise self._failure(
                 VerdictFailure.WORKER_ERROR,
                 "The policy server could not judge this event right now; try again later",
