@@ -41,6 +41,7 @@ from warden.settings import DEFAULT_DENIED_NETWORKS, Settings
 from warden.storage.rooms import put_room
 from warden.telemetry.tracing import configure_tracing
 from warden_gateway.app import build_app
+from warden_gateway.moderation_requests import ModerationRequests
 from warden_gateway.policy_api import PolicyAPI
 from warden_gateway.rate_limit import OriginRateLimiter
 from warden_gateway.room_cache import RoomCache
@@ -77,7 +78,8 @@ async def make_gateway(
     """Build gateway apps sharing this test's PostgreSQL, Redis, NATS and identity.
 
     Keyword arguments override settings; ``rate_clock`` fixes the rate limiter's clock;
-    ``room_pool`` replaces the pool rooms are read from.
+    ``room_pool`` replaces the pool rooms are read from; ``moderation`` publishes
+    moderation requests.
     """
     # As bootstrap() does in a service: without a tracer provider spans carry no context.
     configure_tracing("gateway")
@@ -86,6 +88,7 @@ async def make_gateway(
     async def build(
         rate_clock: Callable[[], float] | None = None,
         room_pool: asyncpg.Pool | None = None,
+        moderation: ModerationRequests | None = None,
         **overrides: Any,
     ) -> Gateway:
         values: dict[str, Any] = {
@@ -131,6 +134,7 @@ async def make_gateway(
             verdicts=verdicts,
             rate_limiter=rate_limiter,
             max_body_bytes=settings.max_pdu_bytes,
+            moderation=moderation,
         )
         app = build_app(identity, Health("gateway"), settings=settings, policy=policy)
         client = httpx.AsyncClient(

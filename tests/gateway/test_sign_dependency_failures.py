@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 import httpx
 import orjson
-import pytest
 import redis.asyncio as aioredis
-from nats.aio.client import Client as NATS
 
 from tests.gateway.policy_harness import (
     GATEWAY_NAME,
@@ -21,20 +19,14 @@ from tests.gateway.policy_harness import (
     Origin,
     new_room_id,
 )
+from tests.gateway.real_worker import real_worker  # noqa: F401
 from tests.service_processes import free_port
 from warden import redis_keys
-from warden.bus.streams import ensure_verdicts_stream
-from warden.filters.base import FilterDeps
 from warden.matrix.event_hashes import event_id_from_reference_hash, redacted_signing_bytes
 from warden.matrix.room_versions import get_room_version
-from warden.policy.config import instance_defaults
-from warden.policy.pipeline import Pipeline
 from warden.storage.redis_autopipeline import RedisAutoPipeline
 from warden.storage.verdicts import get_verdict
-from warden_filter_worker.community_config import CommunityConfigCache
 from warden_filter_worker.evaluation import EvaluationService
-from warden_filter_worker.group_commit import GroupCommitWriter
-from warden_filter_worker.publisher import VerdictPublisher
 
 
 async def test_database_down_is_503(
@@ -58,32 +50,6 @@ async def test_database_down_is_503(
 # --- H9: a filter's dependency failing is not a verdict ---
 
 
-@pytest.fixture
-async def real_worker(
-    redis_client: aioredis.Redis,
-    pg_pool: asyncpg.Pool,
-    nats_client: NATS,
-    evaluate_subject: str,
-) -> AsyncIterator[EvaluationService]:
-    """The real evaluation service, in process, on this test's evaluation subject."""
-    await ensure_verdicts_stream(nats_client.jetstream())
-    deps = FilterDeps(redis=redis_client, pool=pg_pool, local_user_id="@warden:gateway.test")
-    service = EvaluationService(
-        redis=redis_client,
-        pool=pg_pool,
-        pipeline=Pipeline(deps, timeout_seconds=1.0),
-        configs=CommunityConfigCache(pg_pool, instance_defaults({})),
-        writer=GroupCommitWriter(pg_pool),
-        publisher=VerdictPublisher(nats_client),
-        claim_ttl_seconds=2,
-        wait_seconds=3,
-        store_timeout_seconds=1.0,
-    )
-    await service.start(nats_client, evaluate_subject)
-    yield service
-    await service.stop()
-
-
 async def _sign(gateway: Gateway, origin: Origin, event: dict[str, Any]) -> httpx.Response:
     return await gateway.client.post(
         SIGN_PATH, content=orjson.dumps(event), headers=origin.headers(SIGN_PATH, event)
@@ -94,7 +60,7 @@ async def test_locked_table_is_503_not_a_refusal_and_the_next_ask_signs(
     gateway: Gateway,
     origin: Origin,
     protect_room: Callable[..., Awaitable[str]],
-    real_worker: EvaluationService,
+    real_worker: EvaluationService,  # noqa: F811
     pg_database: str,
     pg_pool: asyncpg.Pool,
     redis_client: aioredis.Redis,
@@ -130,7 +96,7 @@ async def test_redis_down_for_the_hellban_filter_is_503_then_signed(
     gateway: Gateway,
     origin: Origin,
     protect_room: Callable[..., Awaitable[str]],
-    real_worker: EvaluationService,
+    real_worker: EvaluationService,  # noqa: F811
     pg_pool: asyncpg.Pool,
     redis_client: aioredis.Redis,
 ) -> None:

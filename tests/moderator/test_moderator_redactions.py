@@ -26,7 +26,7 @@ from tests.moderator.verdict_stream import (
     publish_verdict,
     wait_for,
 )
-from warden.bus.subjects import VERDICTS_STREAM
+from warden.bus.subjects import MODERATION_REQUEST_SUBJECT, VERDICTS_STREAM
 from warden.settings import Settings
 from warden.storage import deliveries, rooms
 from warden_moderator.client_api import REDACTION_REASON, redaction_path, redaction_txn_id
@@ -75,6 +75,7 @@ async def start_moderator(
     async def start(**overrides: Any) -> RunningModerator:
         durable = f"test-moderator-{uuid.uuid4().hex[:12]}"
         await fresh_durable(verdicts_js, durable)
+        await fresh_durable(verdicts_js, f"{durable}-requests", subject=MODERATION_REQUEST_SUBJECT)
         values: dict[str, Any] = {
             "moderator_access_tokens": [f"{homeserver.base_url}:{TOKEN}"],
             "moderation_retry_base_seconds": 0.05,
@@ -96,6 +97,7 @@ async def start_moderator(
         await asyncio.wait_for(entry.task, 30)
         await entry.service.aclose()
         await verdicts_js.delete_consumer(VERDICTS_STREAM, entry.durable)
+        await verdicts_js.delete_consumer(VERDICTS_STREAM, f"{entry.durable}-requests")
 
 
 async def protected_room(pool: asyncpg.Pool, moderator: str = MODERATOR) -> str:

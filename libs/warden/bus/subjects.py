@@ -25,8 +25,8 @@ Moderation requests (JetStream, on ``VERDICTS_STREAM``)
     another server: it has reached others and must be redacted. Published by the gateway
     the first time it sees such an ask. Body: ``{"event_id": ..., "origin": ...}`` (the
     server that asked); ``Nats-Msg-Id`` = ``<event ID>/moderate``, so it is kept once.
-    The moderator's consumer reads it with the prohibited verdicts; the webhooks' does
-    not (the refusal was reported once already).
+    The moderator reads it through its durable consumer ``MODERATION_REQUESTS_CONSUMER``;
+    the webhooks do not (the refusal was reported once already).
 
 Inbound federation (JetStream)
     Stream ``INBOUND_STREAM`` holds ``warden.inbound.>``. The gateway publishes each PDU
@@ -56,6 +56,9 @@ VERDICT_SUBJECT_PREFIX: Final = "warden.verdict."
 VERDICT_SUBJECTS: Final = VERDICT_SUBJECT_PREFIX + "*"
 VERDICT_LOG_STREAM: Final = "WARDEN_VERDICT_LOG"
 MODERATION_REQUEST_SUBJECT: Final = "warden.moderate.request"
+# The moderator's durable consumer of moderation requests (a second one: the server here
+# supports one filter subject per consumer).
+MODERATION_REQUESTS_CONSUMER: Final = "warden-moderator-requests"
 MODERATOR_CONSUMER: Final = "warden-moderator"
 WEBHOOKS_CONSUMER: Final = "warden-webhooks"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from signedjson.key import get_verify_key
 
-from warden.bus.streams import ensure_inbound_stream
+from warden.bus.streams import ensure_inbound_stream, ensure_verdicts_stream
 from warden.bus.subjects import CONFIG_CHANGED_SUBJECT
 from warden.federation.client import FederationClient
 from warden.federation.keyring import Keyring
@@ -16,6 +16,7 @@ from warden.settings import Settings
 from warden_gateway.app import build_app
 from warden_gateway.federation_inbound import FederationInbound
 from warden_gateway.invites import InviteAPI
+from warden_gateway.moderation_requests import ModerationRequests
 from warden_gateway.policy_api import PolicyAPI
 from warden_gateway.rate_limit import OriginRateLimiter
 from warden_gateway.room_cache import RoomCache
@@ -52,6 +53,10 @@ def run(settings: Settings) -> int:
             redis, settings.sign_rate_limit_per_origin, settings.sign_rate_limit_window_seconds
         )
         runtime.add_shutdown_hook("rate-limit", rate_limiter.aclose)
+        js = nc.jetstream()
+        await ensure_verdicts_stream(js)  # moderation requests go there
+        moderation = ModerationRequests(js)
+        runtime.add_shutdown_hook("moderation-requests", moderation.aclose)
         policy = PolicyAPI(
             identity=identity,
             keyring=keyring,
@@ -59,8 +64,8 @@ def run(settings: Settings) -> int:
             verdicts=VerdictSource(nc, timeout_seconds=settings.verdict_timeout_seconds),
             rate_limiter=rate_limiter,
             max_body_bytes=settings.max_pdu_bytes,
+            moderation=moderation,
         )
-        js = nc.jetstream()
         await ensure_inbound_stream(js)
         federation_inbound = FederationInbound(
             server_name=identity.server_name,

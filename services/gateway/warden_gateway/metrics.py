@@ -87,3 +87,10 @@ EVENT_CHECK_CACHE = Counter(
     "signature) were already done for the same bytes (hit) or had to be done (miss).",
     ["result"],
 )
+MODERATION_REQUESTS = Counter(
+    "warden_moderation_requests_total",
+    "Moderation requests for refused events first asked about by their sender's server and"
+    " then by another: published, failed (retried on the next such ask) or dropped (too"
+    " many publishes in flight).",
+    ["outcome"],
+)

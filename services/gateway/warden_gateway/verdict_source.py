@@ -59,6 +59,17 @@ class CachedVerdict(NamedTuple):
     harms: tuple[str, ...]
     reference_hash: str  # of the event the verdict was given for
     signature: str | None = None
+    # A refusal first asked for by the sender's own server: that server's name (the
+    # moderator did not redact it; another server asking means it must). Else "".
+    sender_server_first: str = ""
+
+
+def _sender_server_first(verdict: Verdict) -> str:
+    """The sender's server, if it was the first to ask about this refused event."""
+    if not verdict.prohibited:
+        return ""
+    _, sep, server = verdict.sender.partition(":")
+    return server if sep and server == verdict.origin else ""
 
 
 class VerdictSource:
@@ -79,7 +90,7 @@ class VerdictSource:
         # Plain tuples of strings and a bool, which the garbage collector stops tracking
         # (it does not untrack tuple subclasses): as objects, the tens of thousands of
         # entries made each full collection stall the gateway for over 100 ms under load.
-        self._memory: OrderedDict[str, tuple[bool, tuple[str, ...], str, str | None]] = (
+        self._memory: OrderedDict[str, tuple[bool, tuple[str, ...], str, str | None, str]] = (
             OrderedDict()
         )
         self._inflight: dict[str, asyncio.Task[CachedVerdict]] = {}
@@ -93,7 +104,7 @@ class VerdictSource:
         """Keep our signature with the cached verdict, so repeats need no signing."""
         entry = self._memory.get(event_id)
         if entry is not None and entry[3] is None:
-            self._memory[event_id] = (*entry[:3], signature)
+            self._memory[event_id] = (*entry[:3], signature, *entry[4:])
 
     async def get(self, request: EvaluationRequest) -> CachedVerdict:
         """The verdict for ``request.event_id``.
@@ -131,7 +142,12 @@ class VerdictSource:
     async def _lookup(self, request: EvaluationRequest) -> CachedVerdict:
         verdict = await self._ask_workers(request)
         _CACHE_HITS[CacheLayer.NATS].inc()
-        entry = CachedVerdict(verdict.prohibited, tuple(verdict.harms), verdict.reference_hash)
+        entry = CachedVerdict(
+            verdict.prohibited,
+            tuple(verdict.harms),
+            verdict.reference_hash,
+            sender_server_first=_sender_server_first(verdict),
+        )
         self._remember(request.event_id, entry)
         return entry
 
