@@ -15,6 +15,7 @@ import orjson
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from prometheus_client import REGISTRY
 
 from tests.gateway.policy_harness import SIGN_PATH, Gateway, GatewayFactory, Origin, new_room_id
 from tests.gateway.real_worker import real_worker  # noqa: F401
@@ -150,3 +151,83 @@ async def test_spam_its_own_server_asked_about_first_is_redacted_once_another_as
     assert list(api.redactions) == [(TOKEN, redaction_txn_id(event_id))]
     record = await deliveries.get_moderation_action(pg_pool, event_id)
     assert record is not None and record.status == "done"
+
+
+def requests_published() -> float:
+    value = REGISTRY.get_sample_value("warden_moderation_requests_total", {"outcome": "published"})
+    return value or 0.0
+
+
+async def test_another_replica_answering_from_the_workers_cache_requests_it_too(
+    make_gateway: GatewayFactory,
+    start_origin: Callable[[], Awaitable[Origin]],
+    protect_room: Callable[..., Awaitable[str]],
+    real_worker: EvaluationService,  # noqa: F811
+    moderator: ModeratorService,
+    homeserver: tuple[FakeClientAPI, str],
+    nats_client: NATS,
+    pg_pool: asyncpg.Pool,
+) -> None:
+    """The other server's ask reaches a replica that never saw the event: its verdict
+    comes from the worker (Redis), and the moderation request is made all the same."""
+    api = homeserver[0]
+    js = nats_client.jetstream()
+    first = await make_gateway(moderation=ModerationRequests(js))
+    second = await make_gateway(moderation=ModerationRequests(js))
+    spammers, bystander = await start_origin(), await start_origin()
+    room_id = await protect_room(new_room_id("12"), "12")
+    await rooms.set_moderator(pg_pool, room_id, MODERATOR)
+    spam = spammers.event(room_id, "12", body="buy spam today")
+
+    assert (await sign(first, spammers, spam)).status_code == 400
+    assert second.verdicts.cached(event_id_of(spam)) is None
+    assert (await sign(second, bystander, spam)).status_code == 400
+
+    await wait_for(lambda: len(api.requests) >= 1, "the redaction")
+    assert [r.event_id for r in api.requests] == [event_id_of(spam)]
+
+
+async def test_no_request_when_the_first_asker_was_not_the_senders_server(
+    make_gateway: GatewayFactory,
+    start_origin: Callable[[], Awaitable[Origin]],
+    protect_room: Callable[..., Awaitable[str]],
+    real_worker: EvaluationService,  # noqa: F811
+    nats_client: NATS,
+) -> None:
+    """The verdict itself already makes the moderator act; no second message."""
+    moderation = ModerationRequests(nats_client.jetstream())
+    gateway = await make_gateway(moderation=moderation)
+    spammers, bystander = await start_origin(), await start_origin()
+    room_id = await protect_room(new_room_id("12"), "12")
+    spam = spammers.event(room_id, "12", body="buy spam again")
+    before = requests_published()
+
+    for asker in (bystander, spammers, bystander):
+        assert (await sign(gateway, asker, spam)).status_code == 400
+
+    assert moderation.requested == 0  # none made, none in flight
+    assert requests_published() == before
+
+
+async def test_requests_are_bounded_and_made_once(nats_client: NATS) -> None:
+    js = nats_client.jetstream()
+    await ensure_verdicts_stream(js)
+    moderation = ModerationRequests(js, remembered=2, max_pending=1)
+    dropped = REGISTRY.get_sample_value("warden_moderation_requests_total", {"outcome": "dropped"})
+    ids = [f"${uuid.uuid4().hex}" for _ in range(3)]
+
+    for event_id in ids:
+        moderation.request(event_id, "other.test")  # one in flight at most
+    await moderation.aclose()
+    assert moderation.requested == 1
+    after = REGISTRY.get_sample_value("warden_moderation_requests_total", {"outcome": "dropped"})
+    assert (after or 0) - (dropped or 0) == 2
+
+    for event_id in ids:  # one at a time now; only two remembered
+        moderation.request(event_id, "other.test")
+        await moderation.aclose()
+    assert moderation.requested == 2
+    published_before = requests_published()
+    moderation.request(ids[-1], "third.test")  # remembered: not again
+    await moderation.aclose()
+    assert requests_published() == published_before

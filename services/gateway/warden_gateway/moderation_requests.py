@@ -63,6 +63,11 @@ class ModerationRequests:
         self._done: OrderedDict[str, None] = OrderedDict()
         self._pending: dict[str, asyncio.Task[None]] = {}
 
+    @property
+    def requested(self) -> int:
+        """Moderation requests published and remembered, or in flight."""
+        return len(self._done) + len(self._pending)
+
     def request(self, event_id: str, origin: str) -> None:
         """Ask the moderator to act on ``event_id``, which ``origin`` asked about (once)."""
         if event_id in self._done or event_id in self._pending:

@@ -20,7 +20,9 @@ workers cannot answer):
 9. ``m.room.policy`` with an empty state key is signed without a verdict: a room must
    always be able to replace or remove its policy server;
 10. the verdict (``VerdictSource``); a verdict whose reference hash differs from the
-    event's (a reused room v1/v2 event ID) is a refusal, never a signature.
+    event's (a reused room v1/v2 event ID) is a refusal, never a signature. A refusal
+    first asked for by the sender's own server and now asked for by another server also
+    asks the moderator to act (``ModerationRequests``, once per event).
 
 Steps 2 and 6 to 8 depend only on the body's bytes and the room version: a body that
 passed them is remembered by its digest (``event_checks``), and a repeat of it (every
