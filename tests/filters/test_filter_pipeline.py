@@ -265,6 +265,7 @@ def test_dependency_failure_classification() -> None:
     assert not is_dependency_failure(asyncpg.exceptions.UndefinedColumnError("bug"))
     assert not is_dependency_failure(asyncpg.exceptions.UniqueViolationError("bug"))
     assert not is_dependency_failure(KeyError("bug"))
+    assert not is_dependency_failure(FileNotFoundError("model.bin"))
 
 
 async def test_failure_alone_does_not_hellban(deps: FilterDeps) -> None:

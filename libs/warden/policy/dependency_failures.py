@@ -17,7 +17,8 @@ What counts as a dependency failure:
 - ``DependencyUnavailable``, which a filter raises to say so itself (a classifier that
   answered 503, a breaker that is open);
 - ``TimeoutError`` (the filter timeout of a filter that waits on I/O, a pool or socket
-  timeout), ``OSError`` (refused or reset connections, DNS);
+  timeout), ``OSError`` (refused or reset connections, DNS), but not the file-system
+  errors (a missing file or a permission is a deployment bug, not a passing outage);
 - Redis: connection, timeout, loading, read-only, OOM, cluster-down and "try again"
   errors (not the ``ResponseError`` of a bad command or script, nor ``DataError``);
 - PostgreSQL: asyncpg's interface errors (connection closed, pool closing) and server
@@ -45,6 +46,14 @@ _TRANSIENT_REDIS: tuple[type[BaseException], ...] = (
     redis_errors.TryAgainError,
     redis_errors.MasterDownError,
 )
+# OSErrors that say something is wrong with the deployment, not that a peer is slow.
+_FILE_SYSTEM_ERRORS: tuple[type[OSError], ...] = (
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
 # Replies Redis gives when it cannot serve a command now (redis-py may raise them as a
 # plain ResponseError, e.g. from inside a script or a pipeline).
 _TRANSIENT_REDIS_REPLIES = ("OOM", "BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN")
@@ -69,8 +78,10 @@ class EvaluationUnavailable(Exception):
 
 def is_dependency_failure(exc: BaseException) -> bool:
     """True when ``exc`` says a dependency failed or was slow, not that the code is wrong."""
-    if isinstance(exc, DependencyUnavailable | TimeoutError | OSError):
+    if isinstance(exc, DependencyUnavailable | TimeoutError):
         return True
+    if isinstance(exc, OSError):
+        return not isinstance(exc, _FILE_SYSTEM_ERRORS)
     if isinstance(exc, redis_errors.RedisError):
         if isinstance(exc, _TRANSIENT_REDIS):
             return True
