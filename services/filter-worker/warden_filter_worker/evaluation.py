@@ -26,8 +26,9 @@ Failures are not verdicts: when a dependency fails (Redis or PostgreSQL unreacha
 too slow, or a fail-secure filter's dependency: ``EvaluationUnavailable``) the reply is
 an error with ``retry_after_ms`` (the gateway answers 503 with ``Retry-After``), and
 nothing about the event is stored, cached or published: the next ask judges it afresh.
-Every PostgreSQL call on this path has a time limit (``store_timeout_seconds``), and
-the work done under a claim a deadline, so no claim is kept alive for ever.
+The work done under claims has a deadline (``wait_seconds``, one timer per batch) and
+PostgreSQL lookups a shorter one (``store_timeout_seconds``), so no claim is kept alive
+for ever and a stalled database is answered "try again" rather than waited on.
 
 Nothing is replied before it is committed in PostgreSQL, and Redis only ever holds
 committed verdicts. The work runs in its own task, so it completes even when the
@@ -528,8 +529,9 @@ class EvaluationService:
                 return _failure(exc)
 
     async def _judge_new(self, request: EvaluationRequest) -> _Answer:
-        async with asyncio.timeout(self._store_timeout):
-            config = await self._configs.get(request.community_id)
+        # No timer of its own here (one per event would cost the hot path): the
+        # configuration read and the commit are bounded by ``_settle``'s deadline.
+        config = await self._configs.get(request.community_id)
         extra: dict[str, Any] = {}
         if request.source:
             extra["source"] = request.source
@@ -551,10 +553,9 @@ class EvaluationService:
             verdict = dataclasses.replace(
                 verdict, extra={**verdict.extra, "body_excerpt": body[:BODY_EXCERPT_CHARS]}
             )
-        async with asyncio.timeout(self._store_timeout):
-            # A write that times out may still commit: the verdict is a real one, and
-            # the next ask finds it (first writer wins).
-            winner = await self._writer.write(verdict)  # durable from here on
+        # Given up on at the deadline, a write may still commit: the verdict is a real
+        # one, the next ask finds it (first writer wins) and the outbox publishes it.
+        winner = await self._writer.write(verdict)  # durable from here on
         if not _same_verdict(winner, verdict):
             # A worker whose claim had lapsed committed first; its verdict stands.
             return _Answer(winner.to_json(), metrics.OUTCOME_CACHED_DB, cache=True)
