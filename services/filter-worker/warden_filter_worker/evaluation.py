@@ -455,9 +455,13 @@ class EvaluationService:
                     results = await asyncio.gather(*(self._evaluate(e) for e in fresh))
                     answers.update(zip((e.request.event_id for e in fresh), results, strict=True))
         except Exception as exc:
-            logger.warning(
-                "answering claimed events failed", extra={"error": f"{type(exc).__name__}: {exc}"}
-            )
+            if is_dependency_failure(exc):
+                logger.warning(
+                    "answering claimed events failed: a dependency failed",
+                    extra={"error": f"{type(exc).__name__}: {exc}"},
+                )
+            else:
+                logger.exception("answering claimed events failed")
             for event_id in claimed:
                 answers.setdefault(event_id, _failure(exc))
         finally:
