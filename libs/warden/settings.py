@@ -140,6 +140,10 @@ class Settings(BaseSettings):
     # While a worker is answering a batch, how long requests arriving meanwhile wait to
     # form the next one (Warden; 0 dispatches each loop iteration's requests at once).
     evaluation_batch_linger_ms: float = Field(default=2.0, ge=0, le=100)
+    # How long a worker's claim on an event it is evaluating lasts without being renewed
+    # (Warden). The live holder renews it every third of this; a crashed worker's claims
+    # lapse after it and are taken over, well before waiting requests give up.
+    evaluation_claim_ttl_seconds: float = Field(default=5.0, ge=1, le=60)
 
     # --- Moderator (redactions through the Client-Server API) ---
     # policyserv's format: "csapi-domain:token,..." (a bare domain means https://domain).

@@ -68,3 +68,12 @@ def test_reply_without_filter_outcomes_keeps_the_decision() -> None:
         verdict.content_class,
         verdict.harms,
     )
+
+
+def test_dependency_failure_reply_carries_retry_after() -> None:
+    with pytest.raises(WorkerError) as caught:
+        decode_reply(encode_error_reply("redis down", retry_after_ms=5000))
+    assert caught.value.retry_after_ms == 5000
+    with pytest.raises(WorkerError) as caught:
+        decode_reply(encode_error_reply("a bug"))
+    assert caught.value.retry_after_ms is None

@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 
 from tests.conftest import NATS_URL, REDIS_URL
 from tests.filter_worker.test_evaluation_dedup import request
-from tests.filter_worker.test_worker_processes import stream_messages_for
+from tests.filter_worker.test_worker_processes import stream_messages_for, verdict_stream_marks
 from tests.filters.filter_helpers import OWN_USER, message
 from warden import redis_keys
 from warden.bus.streams import ensure_verdicts_stream
@@ -29,7 +29,6 @@ from warden.bus.subjects import (
     HEADER_EVENT_ID,
     HEADER_ORIGIN,
     HEADER_SOURCE,
-    VERDICTS_STREAM,
 )
 from warden.filters.base import FilterDeps
 from warden.policy.config import instance_defaults
@@ -247,7 +246,7 @@ async def test_the_reply_does_not_wait_for_jetstream(
     make_worker: Callable[..., Any], nats_client: NATS, pg_pool: asyncpg.Pool
 ) -> None:
     js = nats_client.jetstream()
-    first_seq = (await js.stream_info(VERDICTS_STREAM)).state.last_seq + 1
+    first_seq = await verdict_stream_marks(js)
     acked: list[str] = []
     worker: Worker = await make_worker(
         publisher=VerdictPublisher(nats_client, on_published=acked.append)
@@ -302,7 +301,7 @@ async def test_a_failing_jetstream_leaves_the_verdict_to_the_outbox_sweeper(
 
     # The sweeper publishes it.
     js = nats_client.jetstream()
-    first_seq = (await js.stream_info(VERDICTS_STREAM)).state.last_seq + 1
+    first_seq = await verdict_stream_marks(js)
     sweeper = OutboxSweeper(
         pg_pool, VerdictPublisher(nats_client).publish_now, interval_seconds=1, min_age_seconds=0
     )
@@ -364,7 +363,7 @@ async def test_requests_over_nats_are_answered_each_once(
 ) -> None:
     worker: Worker = await make_worker()
     js = nats_client.jetstream()
-    first_seq = (await js.stream_info(VERDICTS_STREAM)).state.last_seq + 1
+    first_seq = await verdict_stream_marks(js)
     counts = {o: outcome_count(o) for o in ("first_time", "waited", "cached_redis", "error")}
     await worker.service.start(nats_client)
     event_ids = [f"${uuid.uuid4().hex}" for _ in range(8)]

@@ -169,11 +169,10 @@ def test_decode_request_rejects_bad_input() -> None:
 async def test_only_refusals_carry_a_body_excerpt(
     service: Service, nats_client: NATS, pg_pool: asyncpg.Pool
 ) -> None:
-    from tests.filter_worker.test_worker_processes import stream_messages_for
-    from warden.bus.subjects import VERDICTS_STREAM
+    from tests.filter_worker.test_worker_processes import stream_messages_for, verdict_stream_marks
 
     js = nats_client.jetstream()
-    first_seq = (await js.stream_info(VERDICTS_STREAM)).state.last_seq + 1
+    first_seq = await verdict_stream_marks(js)
     neutral, spam = request("just saying hello"), request("buy spam today")
     await service.service.answer(neutral)
     await service.service.answer(spam)

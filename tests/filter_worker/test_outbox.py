@@ -11,9 +11,8 @@ import asyncpg
 import orjson
 from nats.aio.client import Client as NATS
 
-from tests.filter_worker.test_worker_processes import stream_messages_for
+from tests.filter_worker.test_worker_processes import stream_messages_for, verdict_stream_marks
 from warden.bus.streams import ensure_verdicts_stream
-from warden.bus.subjects import VERDICTS_STREAM
 from warden.policy.harms import SPAM
 from warden.policy.verdict import ContentClass, FilterOutcome, Verdict
 from warden.storage.verdicts import insert_verdicts
@@ -51,7 +50,7 @@ async def test_a_lost_publication_is_swept_to_jetstream(
 ) -> None:
     js = nats_client.jetstream()
     await ensure_verdicts_stream(js)
-    first_seq = (await js.stream_info(VERDICTS_STREAM)).state.last_seq + 1
+    first_seq = await verdict_stream_marks(js)
     # Committed a minute ago, never published: what a crash after commit leaves.
     lost = committed_verdict(int(time.time() * 1000) - 60_000)
     recent = committed_verdict(int(time.time() * 1000))

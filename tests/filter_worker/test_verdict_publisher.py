@@ -20,11 +20,11 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY
 
-from tests.filter_worker.test_worker_processes import stream_messages_for
+from tests.filter_worker.test_worker_processes import stream_messages_for, verdict_stream_marks
 from tests.service_processes import free_port
 from warden.bus.jetstream_publish import AckedPublisher
 from warden.bus.streams import ensure_verdicts_stream
-from warden.bus.subjects import VERDICT_SUBJECT_PREFIX, VERDICTS_STREAM, verdict_subject
+from warden.bus.subjects import VERDICT_SUBJECT_PREFIX, verdict_subject
 from warden.dev import embedded
 from warden.policy.harms import SPAM
 from warden.policy.verdict import ContentClass, FilterOutcome, Verdict
@@ -85,7 +85,7 @@ async def test_a_backlog_is_published_in_windows_and_marked_once_acknowledged(
 ) -> None:
     js = nats_client.jetstream()
     await ensure_verdicts_stream(js)
-    first_seq = (await js.stream_info(VERDICTS_STREAM)).state.last_seq + 1
+    first_seq = await verdict_stream_marks(js)
     requests = 0
     request = nats_client.request
 

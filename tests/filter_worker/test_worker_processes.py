@@ -21,6 +21,7 @@ from nats.js.errors import NotFoundError
 
 from tests.filters.filter_helpers import message
 from tests.service_processes import ServiceProcess
+from warden.bus.streams import ensure_verdicts_stream
 from warden.bus.subjects import (
     CONFIG_CHANGED_SUBJECT,
     EVALUATE_SUBJECT,
@@ -30,6 +31,7 @@ from warden.bus.subjects import (
     HEADER_REFERENCE_HASH,
     HEADER_ROOM_VERSION,
     HEADER_SOURCE,
+    VERDICT_LOG_STREAM,
     VERDICTS_STREAM,
 )
 from warden.policy.verdict import ContentClass, Verdict
@@ -65,17 +67,29 @@ def metric_sum(workers: list[ServiceProcess], name: str, labels: str) -> float:
     return total
 
 
-async def stream_messages_for(nc: NATS, first_seq: int, event_id: str) -> list[Any]:
+async def verdict_stream_marks(js: Any) -> dict[str, int]:
+    """Where each verdict stream will put its next message (refusals and moderation
+    requests on ``VERDICTS_STREAM``, neutral and allowed verdicts on the log stream)."""
+    await ensure_verdicts_stream(js)
+    return {
+        name: (await js.stream_info(name)).state.last_seq + 1
+        for name in (VERDICTS_STREAM, VERDICT_LOG_STREAM)
+    }
+
+
+async def stream_messages_for(nc: NATS, first_seq: dict[str, int], event_id: str) -> list[Any]:
+    """The verdict messages for ``event_id`` published since ``verdict_stream_marks``."""
     js = nc.jetstream()
-    last = (await js.stream_info(VERDICTS_STREAM)).state.last_seq
     found = []
-    for seq in range(first_seq, last + 1):
-        try:
-            msg = await js.get_msg(VERDICTS_STREAM, seq)
-        except NotFoundError:
-            continue
-        if (msg.headers or {}).get("Nats-Msg-Id") == event_id:
-            found.append(msg)
+    for stream, first in first_seq.items():
+        last = (await js.stream_info(stream)).state.last_seq
+        for seq in range(first, last + 1):
+            try:
+                msg = await js.get_msg(stream, seq)
+            except NotFoundError:
+                continue
+            if (msg.headers or {}).get("Nats-Msg-Id") == event_id:
+                found.append(msg)
     return found
 
 
@@ -95,7 +109,7 @@ async def test_two_workers_one_verdict_config_changes_and_bad_requests(
     for w in workers:
         await asyncio.to_thread(w.wait_ready)
     js = nats_client.jetstream()
-    first_seq = (await js.stream_info(VERDICTS_STREAM)).state.last_seq + 1
+    first_seq = await verdict_stream_marks(js)
 
     # --- the same event, many times at once, to both workers ---
     eid = f"${uuid.uuid4().hex}"

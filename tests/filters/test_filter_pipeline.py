@@ -5,12 +5,21 @@ from __future__ import annotations
 import asyncio
 from typing import ClassVar
 
+import asyncpg
 import pytest
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
 
 from tests.filters.filter_helpers import ALICE, OWN_USER, config, event, message, new_event_id
+from tests.service_processes import free_port
 from warden.filters.base import Filter, FilterContext, FilterDeps, FilterResult, Group
 from warden.filters.registry import FILTERS
 from warden.policy.config import EffectiveConfig
+from warden.policy.dependency_failures import (
+    DependencyUnavailable,
+    EvaluationUnavailable,
+    is_dependency_failure,
+)
 from warden.policy.harms import OTHER, SPAM, SPEC_NON_COMPLIANCE
 from warden.policy.pipeline import Pipeline
 from warden.policy.verdict import ContentClass, FilterOutcome, Verdict
@@ -154,14 +163,109 @@ async def test_failing_filter_fail_open(deps: FilterDeps) -> None:
 
 
 async def test_timed_out_filter(deps: FilterDeps) -> None:
-    p = pipeline(deps, Sleeping, timeout=0.2)
-    v = await judge(p, message("hello"))
-    outcome = next(f for f in v.filters if f.name == "test_sleeping")
-    assert outcome.error is not None and "timed out" in outcome.error
-    assert v.content_class is P and v.harms == (OTHER,)
+    """A filter waiting on I/O past the timeout is a dependency failure: no verdict at
+    all when fail-secure (the event is judged again later), neutral when fail-open."""
+    seen: list[FilterOutcome] = []
+    p = pipeline(deps, Sleeping, timeout=0.2, hook=seen)
+    with pytest.raises(EvaluationUnavailable) as caught:
+        await judge(p, message("hello"))
+    assert caught.value.filter_name == "test_sleeping" and "timed out" in caught.value.error
+    assert any(o.name == "test_sleeping" and o.error for o in seen)  # metrics hook saw it
     v = await judge(p, message("hello"), config(test_sleeping_fail_secure=False))
     assert v.content_class is N
     assert next(f for f in v.filters if f.name == "test_sleeping").error is not None
+
+
+class RedisDown(Filter):
+    """Its Redis cannot be reached (a real client pointed at a closed port)."""
+
+    name = "test_redis_down"
+    group = Group.MAIN
+
+    async def check(self, ctx: FilterContext) -> FilterResult:
+        client = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+        try:
+            await client.get("x")
+        finally:
+            await client.aclose()
+        return FilterResult.neutral()
+
+
+class DatabaseLocked(Filter):
+    """Its PostgreSQL query is cancelled by the server (too slow: statement_timeout)."""
+
+    name = "test_database_locked"
+    group = Group.MAIN
+
+    async def check(self, ctx: FilterContext) -> FilterResult:
+        async with ctx.deps.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SET LOCAL statement_timeout = 10")
+            await conn.execute("SELECT pg_sleep(1)")
+        return FilterResult.neutral()
+
+
+class BadQuery(Filter):
+    """A bug: its SQL is wrong. That is not a dependency failure."""
+
+    name = "test_bad_query"
+    group = Group.MAIN
+
+    async def check(self, ctx: FilterContext) -> FilterResult:
+        await ctx.deps.pool.execute("SELECT no_such_column FROM verdicts")
+        return FilterResult.neutral()
+
+
+class SaysUnavailable(Filter):
+    """A classifier-backed filter whose service answered 503."""
+
+    name = "test_says_unavailable"
+    group = Group.MAIN
+
+    async def check(self, ctx: FilterContext) -> FilterResult:
+        raise DependencyUnavailable("classifier answered 503")
+
+
+@pytest.mark.parametrize("failing", [RedisDown, DatabaseLocked, SaysUnavailable])
+async def test_dependency_failure_gives_no_verdict_and_no_hellban(
+    deps: FilterDeps, failing: type[Filter]
+) -> None:
+    """Even with a content filter refusing the event in the same group, a dependency
+    failure gives up the evaluation before the hellban postfilter runs."""
+    from warden import redis_keys
+
+    with pytest.raises(EvaluationUnavailable) as caught:
+        await judge(pipeline(deps, failing), message("buy spam now"))
+    assert caught.value.filter_name == failing.name
+    assert not await deps.redis.exists(redis_keys.hellban("default", ALICE))
+
+    # Fail-open: the community chose availability, the filter counts as neutral.
+    v = await judge(
+        pipeline(deps, failing), message("hello"), config(**{f"{failing.name}_fail_secure": False})
+    )
+    assert v.content_class is N
+
+
+async def test_filter_bug_keeps_fail_secure_refusal(deps: FilterDeps) -> None:
+    v = await judge(pipeline(deps, BadQuery), message("hello"))
+    assert v.content_class is P and v.harms == (OTHER,)
+    outcome = next(f for f in v.filters if f.name == "test_bad_query")
+    assert outcome.error is not None and "UndefinedColumnError" in outcome.error
+
+
+def test_dependency_failure_classification() -> None:
+    assert is_dependency_failure(TimeoutError())
+    assert is_dependency_failure(ConnectionRefusedError())
+    assert is_dependency_failure(redis_errors.ConnectionError("gone"))
+    assert is_dependency_failure(redis_errors.ResponseError("LOADING Redis is loading"))
+    assert is_dependency_failure(asyncpg.exceptions.QueryCanceledError("cancelled"))
+    assert is_dependency_failure(asyncpg.exceptions.TooManyConnectionsError("too many"))
+    assert is_dependency_failure(asyncpg.exceptions.LockNotAvailableError("lock"))
+    assert is_dependency_failure(asyncpg.exceptions.ConnectionDoesNotExistError("closed"))
+    assert not is_dependency_failure(redis_errors.ResponseError("ERR wrong number of args"))
+    assert not is_dependency_failure(asyncpg.exceptions.UndefinedColumnError("bug"))
+    assert not is_dependency_failure(asyncpg.exceptions.UniqueViolationError("bug"))
+    assert not is_dependency_failure(KeyError("bug"))
+    assert not is_dependency_failure(FileNotFoundError("model.bin"))
 
 
 async def test_failure_alone_does_not_hellban(deps: FilterDeps) -> None:

@@ -42,6 +42,7 @@ from warden.storage.rooms import put_room
 from warden.telemetry.tracing import configure_tracing
 from warden_gateway.app import build_app
 from warden_gateway.event_checks import CheckedEvents
+from warden_gateway.moderation_requests import ModerationRequests
 from warden_gateway.policy_api import PolicyAPI
 from warden_gateway.rate_limit import OriginRateLimiter
 from warden_gateway.room_cache import RoomCache
@@ -78,7 +79,8 @@ async def make_gateway(
     """Build gateway apps sharing this test's PostgreSQL, Redis, NATS and identity.
 
     Keyword arguments override settings; ``rate_clock`` fixes the rate limiter's clock;
-    ``room_pool`` replaces the pool rooms are read from.
+    ``room_pool`` replaces the pool rooms are read from; ``moderation`` publishes
+    moderation requests.
     """
     # As bootstrap() does in a service: without a tracer provider spans carry no context.
     configure_tracing("gateway")
@@ -87,6 +89,7 @@ async def make_gateway(
     async def build(
         rate_clock: Callable[[], float] | None = None,
         room_pool: asyncpg.Pool | None = None,
+        moderation: ModerationRequests | None = None,
         **overrides: Any,
     ) -> Gateway:
         values: dict[str, Any] = {
@@ -133,6 +136,7 @@ async def make_gateway(
             rate_limiter=rate_limiter,
             max_body_bytes=settings.max_pdu_bytes,
             checked_events=CheckedEvents(max_bytes=settings.event_check_cache_max_bytes),
+            moderation=moderation,
         )
         app = build_app(identity, Health("gateway"), settings=settings, policy=policy)
         client = httpx.AsyncClient(

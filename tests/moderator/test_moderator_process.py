@@ -27,7 +27,12 @@ from tests.moderator.verdict_stream import (
     wait_for,
 )
 from tests.service_processes import ServiceProcess
-from warden.bus.subjects import MODERATOR_CONSUMER, VERDICTS_STREAM
+from warden.bus.subjects import (
+    MODERATION_REQUEST_SUBJECT,
+    MODERATION_REQUESTS_CONSUMER,
+    MODERATOR_CONSUMER,
+    VERDICTS_STREAM,
+)
 from warden.storage import deliveries, rooms
 from warden_moderator.client_api import redaction_txn_id
 
@@ -44,8 +49,12 @@ async def moderator_durable(verdicts_js: Any) -> AsyncIterator[str]:
     A short ack_wait makes JetStream hand the killed process's message back quickly.
     """
     await fresh_durable(verdicts_js, MODERATOR_CONSUMER, ack_wait=2.0)
+    await fresh_durable(
+        verdicts_js, MODERATION_REQUESTS_CONSUMER, subject=MODERATION_REQUEST_SUBJECT
+    )
     yield MODERATOR_CONSUMER
     await verdicts_js.delete_consumer(VERDICTS_STREAM, MODERATOR_CONSUMER)
+    await verdicts_js.delete_consumer(VERDICTS_STREAM, MODERATION_REQUESTS_CONSUMER)
 
 
 def json_lines(output: str) -> list[dict[str, Any]]:

@@ -26,10 +26,12 @@ from tests.moderator.verdict_stream import (
     publish_verdict,
     wait_for,
 )
-from warden.bus.subjects import VERDICTS_STREAM
+from warden.bus.subjects import MODERATION_REQUEST_SUBJECT, VERDICTS_STREAM
 from warden.policy.verdict import SENDER_UNVERIFIED, ContentClass, FilterOutcome
 from warden.settings import Settings
 from warden.storage import deliveries, rooms
+from warden.storage.verdicts import insert_verdicts
+from warden_gateway.moderation_requests import request_message
 from warden_moderator.client_api import REDACTION_REASON, redaction_path, redaction_txn_id
 from warden_moderator.service import ModeratorService
 
@@ -76,6 +78,7 @@ async def start_moderator(
     async def start(**overrides: Any) -> RunningModerator:
         durable = f"test-moderator-{uuid.uuid4().hex[:12]}"
         await fresh_durable(verdicts_js, durable)
+        await fresh_durable(verdicts_js, f"{durable}-requests", subject=MODERATION_REQUEST_SUBJECT)
         values: dict[str, Any] = {
             "moderator_access_tokens": [f"{homeserver.base_url}:{TOKEN}"],
             "moderation_retry_base_seconds": 0.05,
@@ -97,6 +100,7 @@ async def start_moderator(
         await asyncio.wait_for(entry.task, 30)
         await entry.service.aclose()
         await verdicts_js.delete_consumer(VERDICTS_STREAM, entry.durable)
+        await verdicts_js.delete_consumer(VERDICTS_STREAM, f"{entry.durable}-requests")
 
 
 async def protected_room(pool: asyncpg.Pool, moderator: str = MODERATOR) -> str:
@@ -216,6 +220,50 @@ async def test_event_of_an_unverified_sender_is_not_redacted(
     assert fake_client_api.requests == []
     assert actions("skipped_unverified_sender") == skipped + 1
     assert await deliveries.get_moderation_action(pg_pool, verdict.event_id) is None
+
+
+async def test_moderation_request_redacts_the_stored_refusal_once(
+    start_moderator: Callable[..., Any],
+    pg_pool: asyncpg.Pool,
+    verdicts_js: Any,
+    fake_client_api: FakeClientAPI,
+) -> None:
+    """A refusal its sender's server asked about first (skipped), then a moderation
+    request naming another server (redacted), then the same request again (nothing)."""
+    moderator = await start_moderator()
+    room_id = await protected_room(pg_pool)
+    verdict = prohibited_verdict(room_id, sender="@spammer:evil.test", origin="evil.test")
+    await insert_verdicts(pg_pool, [verdict])
+    seq = await publish_verdict(verdicts_js, verdict)
+    await wait_for(lambda: consumer_settled(verdicts_js, moderator.durable, seq), "the verdict")
+    assert fake_client_api.requests == []
+
+    requests = f"{moderator.durable}-requests"
+    for asker in ("bystander.test", "third.test"):
+        body, headers = request_message(verdict.event_id, asker)
+        seq = (await verdicts_js.publish(MODERATION_REQUEST_SUBJECT, body, headers=headers)).seq
+        await wait_for(
+            lambda seq=seq: consumer_settled(verdicts_js, requests, seq), "the request handled"
+        )
+
+    assert [r.event_id for r in fake_client_api.requests] == [verdict.event_id]
+    assert list(fake_client_api.redactions) == [(TOKEN, redaction_txn_id(verdict.event_id))]
+    record = await deliveries.get_moderation_action(pg_pool, verdict.event_id)
+    assert record is not None and record.status == "done"
+
+
+async def test_moderation_request_for_an_unknown_event_is_acked(
+    start_moderator: Callable[..., Any], verdicts_js: Any, fake_client_api: FakeClientAPI
+) -> None:
+    moderator = await start_moderator()
+    unknown = actions("unknown_event")
+    body, headers = request_message(new_event_id(), "bystander.test")
+    ack = await verdicts_js.publish(MODERATION_REQUEST_SUBJECT, body, headers=headers)
+    await wait_for(
+        lambda: consumer_settled(verdicts_js, f"{moderator.durable}-requests", ack.seq), "ack"
+    )
+    assert fake_client_api.requests == []
+    assert actions("unknown_event") == unknown + 1
 
 
 async def test_room_without_moderator_is_acked_and_nothing_sent(

@@ -15,8 +15,11 @@ from warden.bus.subjects import VERDICTS_STREAM, verdict_subject
 from warden.policy.verdict import ContentClass, FilterOutcome, Verdict
 
 
-async def fresh_durable(js: Any, name: str, *, ack_wait: float = 30.0) -> None:
-    """(Re)create a durable consumer on prohibited verdicts that starts at new messages.
+async def fresh_durable(
+    js: Any, name: str, *, ack_wait: float = 30.0, subject: str | None = None
+) -> None:
+    """(Re)create a durable consumer on prohibited verdicts (or ``subject``) that starts
+    at new messages.
 
     Starting at new messages keeps each test away from verdicts other tests (and other
     test sessions sharing the NATS server) left in the stream.
@@ -27,7 +30,7 @@ async def fresh_durable(js: Any, name: str, *, ack_wait: float = 30.0) -> None:
         VERDICTS_STREAM,
         ConsumerConfig(
             durable_name=name,
-            filter_subject=verdict_subject(ContentClass.PROHIBITED.label),
+            filter_subject=subject or verdict_subject(ContentClass.PROHIBITED.label),
             deliver_policy=DeliverPolicy.NEW,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=ack_wait,

@@ -3,7 +3,9 @@ place for both sides (the gateway asks, a filter worker answers).
 
 Request: the PDU as the gateway received it (JSON bytes) with the ``HEADER_*`` headers of
 ``warden.bus.subjects`` (plus W3C trace context, added by the caller). Reply: a verdict
-(``Verdict.to_json``) or ``{"error": "..."}`` when the worker could not judge.
+(``Verdict.to_json``) or ``{"error": "..."}`` when the worker could not judge, with
+``"retry_after_ms"`` when it could not because a dependency failed (nothing was stored:
+asking again later judges the event afresh).
 """
 
 from __future__ import annotations
@@ -31,7 +33,15 @@ class BadRequest(ValueError):
 
 
 class WorkerError(RuntimeError):
-    """The worker answered that it could not judge the event."""
+    """The worker answered that it could not judge the event.
+
+    ``retry_after_ms`` is set when the cause was a failing dependency (PostgreSQL,
+    Redis, a classifier): a transient condition, not a verdict.
+    """
+
+    def __init__(self, message: str, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
 
 
 @dataclass(frozen=True)
@@ -94,9 +104,11 @@ def decode_request(data: bytes, headers: Mapping[str, str] | None) -> Evaluation
     )
 
 
-def encode_error_reply(message: str) -> bytes:
-    """The reply when no verdict can be given."""
-    return orjson.dumps({"error": message})
+def encode_error_reply(message: str, *, retry_after_ms: int | None = None) -> bytes:
+    """The reply when no verdict can be given (``retry_after_ms``: a dependency failed)."""
+    if retry_after_ms is None:
+        return orjson.dumps({"error": message})
+    return orjson.dumps({"error": message, "retry_after_ms": retry_after_ms})
 
 
 def decode_reply(data: bytes, *, with_filters: bool = True) -> Verdict:
@@ -112,7 +124,11 @@ def decode_reply(data: bytes, *, with_filters: bool = True) -> Verdict:
     if not isinstance(body, dict):
         raise ValueError("reply is not a JSON object")
     if "error" in body and "class" not in body:
-        raise WorkerError(str(body["error"])[:500])
+        retry = body.get("retry_after_ms")
+        raise WorkerError(
+            str(body["error"])[:500],
+            retry if isinstance(retry, int) and not isinstance(retry, bool) else None,
+        )
     if not with_filters:
         body["filters"] = []
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from nats.js import JetStreamContext
 from nats.js.api import (
     ConsumerConfig,
@@ -15,7 +17,9 @@ from nats.js.errors import NotFoundError
 from warden.bus.subjects import (
     INBOUND_STREAM,
     INBOUND_SUBJECTS,
-    VERDICT_SUBJECTS,
+    MODERATION_REQUEST_SUBJECT,
+    VERDICT_LOG_STREAM,
+    VERDICT_SUBJECT_PREFIX,
     VERDICTS_STREAM,
 )
 
@@ -24,22 +28,76 @@ DUPLICATE_WINDOW_SECONDS = 120.0
 # Verdict messages are for the moderator and webhooks to act on soon; PostgreSQL keeps
 # the record. A week covers any realistic outage of those consumers.
 MAX_AGE_SECONDS = 7 * 24 * 3600.0
-# A bound on disk use whatever the traffic: past it the oldest messages go first.
+# A bound on disk use whatever the traffic. For the stream of verdicts to act on
+# (prohibited, moderation requests) nothing is evicted to stay under it: publishing fails
+# instead and the verdict outbox retries until the oldest messages age out. Neutral and
+# allowed verdicts, which nobody has to act on, are on a stream of their own whose
+# oldest messages go first, so however many there are they take no room from refusals.
 MAX_BYTES = 4 * 1024**3
+LOG_MAX_BYTES = 4 * 1024**3
 
 
-async def ensure_verdicts_stream(js: JetStreamContext) -> None:
-    """Create the verdicts stream if missing, or update it to the current settings."""
-    config = StreamConfig(
-        name=VERDICTS_STREAM,
-        subjects=[VERDICT_SUBJECTS],
+@dataclass(frozen=True)
+class VerdictStreams:
+    """The verdict streams' names, subjects and size bounds (tests make small ones)."""
+
+    actionable: str = VERDICTS_STREAM
+    log: str = VERDICT_LOG_STREAM
+    subject_prefix: str = VERDICT_SUBJECT_PREFIX
+    moderation_subject: str = MODERATION_REQUEST_SUBJECT
+    max_bytes: int = MAX_BYTES
+    log_max_bytes: int = LOG_MAX_BYTES
+
+    @property
+    def actionable_subjects(self) -> list[str]:
+        """Prohibited verdicts and moderation requests."""
+        return [self.subject_prefix + "prohibited", self.moderation_subject]
+
+    @property
+    def log_subjects(self) -> list[str]:
+        """Neutral and allowed verdicts."""
+        return [self.subject_prefix + "neutral", self.subject_prefix + "allowed"]
+
+
+async def ensure_verdicts_stream(
+    js: JetStreamContext, streams: VerdictStreams = VerdictStreams()
+) -> None:
+    """Create the verdict streams if missing, or update them to the current settings.
+
+    A deployment from before the split kept every class on one stream (``warden.verdict.*``,
+    ``discard=old``): it is narrowed to what must be acted on, and the neutral and
+    allowed verdicts it held (nobody consumes them) are purged from it.
+    """
+    actionable = StreamConfig(
+        name=streams.actionable,
+        subjects=streams.actionable_subjects,
         retention=RetentionPolicy.LIMITS,
         max_age=MAX_AGE_SECONDS,
-        max_bytes=MAX_BYTES,
+        max_bytes=streams.max_bytes,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=DUPLICATE_WINDOW_SECONDS,
+    )
+    log = StreamConfig(
+        name=streams.log,
+        subjects=streams.log_subjects,
+        retention=RetentionPolicy.LIMITS,
+        max_age=MAX_AGE_SECONDS,
+        max_bytes=streams.log_max_bytes,
         discard=DiscardPolicy.OLD,
         duplicate_window=DUPLICATE_WINDOW_SECONDS,
     )
-    await _create_or_update(js, config)
+    try:
+        info = await js.stream_info(streams.actionable)
+    except NotFoundError:
+        await js.add_stream(actionable)
+    else:
+        old_subjects = set(info.config.subjects or ())
+        if old_subjects != set(streams.actionable_subjects):
+            for subject in streams.log_subjects:
+                await js.purge_stream(streams.actionable, subject=subject)
+        # Narrowed before the log stream is made: two streams cannot share a subject.
+        await js.update_stream(actionable)
+    await _create_or_update(js, log)
 
 
 # Inbound PDUs are work for the room-state consumer, not a record: a day covers any

@@ -10,10 +10,23 @@ Evaluation (core NATS request/reply)
     JSON, or ``{"error": "..."}`` when the worker could not judge.
 
 Verdicts (JetStream)
-    Stream ``VERDICTS_STREAM`` holds subjects ``warden.verdict.<class>`` (neutral,
-    allowed, prohibited): one message per first-time verdict, with ``Nats-Msg-Id`` set
-    to the event ID so JetStream drops duplicates. The moderator's and the webhooks'
-    durable consumers read it.
+    One message per first-time verdict on ``warden.verdict.<class>`` (neutral, allowed,
+    prohibited), with ``Nats-Msg-Id`` set to the event ID so JetStream drops duplicates.
+    Stream ``VERDICTS_STREAM`` holds what must be acted on: prohibited verdicts and
+    moderation requests (``MODERATION_REQUEST_SUBJECT``); it never drops a message to
+    make room (``discard=new``: when full, publishing fails and the verdict outbox keeps
+    retrying). The moderator's and the webhooks' durable consumers read it. Stream
+    ``VERDICT_LOG_STREAM`` holds neutral and allowed verdicts, a record nobody has to
+    act on, whose oldest messages go first when it is full.
+
+Moderation requests (JetStream, on ``VERDICTS_STREAM``)
+    ``MODERATION_REQUEST_SUBJECT`` — an event already judged prohibited, first asked
+    about by its sender's own server (so the moderator skipped it), was asked about by
+    another server: it has reached others and must be redacted. Published by the gateway
+    the first time it sees such an ask. Body: ``{"event_id": ..., "origin": ...}`` (the
+    server that asked); ``Nats-Msg-Id`` = ``<event ID>/moderate``, so it is kept once.
+    The moderator reads it through its durable consumer ``MODERATION_REQUESTS_CONSUMER``;
+    the webhooks do not (the refusal was reported once already).
 
 Inbound federation (JetStream)
     Stream ``INBOUND_STREAM`` holds ``warden.inbound.>``. The gateway publishes each PDU
@@ -42,6 +55,11 @@ FILTER_WORKERS_QUEUE: Final = "warden-filter-workers"
 VERDICTS_STREAM: Final = "WARDEN_VERDICTS"
 VERDICT_SUBJECT_PREFIX: Final = "warden.verdict."
 VERDICT_SUBJECTS: Final = VERDICT_SUBJECT_PREFIX + "*"
+VERDICT_LOG_STREAM: Final = "WARDEN_VERDICT_LOG"
+MODERATION_REQUEST_SUBJECT: Final = "warden.moderate.request"
+# The moderator's durable consumer of moderation requests (a second one: the server here
+# supports one filter subject per consumer).
+MODERATION_REQUESTS_CONSUMER: Final = "warden-moderator-requests"
 MODERATOR_CONSUMER: Final = "warden-moderator"
 WEBHOOKS_CONSUMER: Final = "warden-webhooks"
 

@@ -17,10 +17,18 @@ and its harms their union, so a prohibiting prefilter beats an allowing one. The
 class is the maximum over groups, normalised (harms force prohibited; prohibited needs a
 harm). An event whose sender is not a user ID is prohibited before any group runs.
 
-A filter that raises or exceeds the timeout never fails the evaluation: its outcome
-records the error, and counts as prohibited (``org.matrix.msc4456.other``) when the
-filter's ``<name>_fail_secure`` key is true (the default) or neutral when false. So one
-faulty filter costs one judgement, not the whole community's traffic.
+A filter that raises or exceeds the timeout fails one of two ways
+(``warden.policy.dependency_failures`` tells them apart):
+
+- a dependency failure (PostgreSQL, Redis or the network failed or was slow): when the
+  filter's ``<name>_fail_secure`` key is true (the default) the evaluation is given up
+  (``EvaluationUnavailable``, before any later group runs, so no hellban is set): no
+  verdict, and the event is judged again on the next ask. When false the filter counts
+  as neutral, as the community chose availability;
+- anything else is a bug in the filter: its outcome records the error and counts as
+  prohibited (``org.matrix.msc4456.other``) when ``<name>_fail_secure`` is true or
+  neutral when false. So one faulty filter costs one judgement, not the whole
+  community's traffic.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from typing import Any
 from warden.filters.base import Filter, FilterContext, FilterDeps, FilterResult, Group
 from warden.matrix.event_hashes import covered_event
 from warden.policy.config import EffectiveConfig
+from warden.policy.dependency_failures import EvaluationUnavailable, is_dependency_failure
 from warden.policy.harms import OTHER, SPAM, SPEC_NON_COMPLIANCE
 from warden.policy.verdict import (
     SENDER_UNVERIFIED,
@@ -124,6 +133,9 @@ class Pipeline:
         a verdict must not depend on bytes that whoever asks first can change. With
         ``sender_verified`` false nothing is attributed to the sender (see
         ``FilterContext.sender_verified``) and the verdict says so.
+
+        Raises ``EvaluationUnavailable`` when a fail-secure filter's dependency failed:
+        there is no verdict, and the event must be judged again later.
         """
         seen = now_ms() if first_seen_ts is None else first_seen_ts
         event = covered_event(event)
@@ -214,12 +226,16 @@ class Pipeline:
                 outcomes.append(await task if task is not None else await self._run_one(flt, ctx))
         finally:
             for task in tasks.values():
-                task.cancel()  # only still running if this evaluation was cancelled
+                # Still running only if this evaluation was cancelled or given up on.
+                task.cancel()
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: one given-up filter is reported, once
         return outcomes
 
     async def _run_one(self, flt: Filter, ctx: FilterContext) -> FilterOutcome:
         start = time.perf_counter()
         error: str | None = None
+        dependency = False
         try:
             if flt.waits_on_io:
                 async with asyncio.timeout(self.timeout_seconds):
@@ -235,16 +251,25 @@ class Pipeline:
                 error = f"timed out after {self.timeout_seconds:g}s"
             else:
                 error = f"{type(exc).__name__}: {exc}"[:500]
+            # A filter that never waits has no timer: a TimeoutError out of it is its own
+            # (a CPU budget, say), not a dependency's.
+            dependency = is_dependency_failure(exc) and (
+                flt.waits_on_io or not isinstance(exc, TimeoutError)
+            )
             logger.warning(
                 "filter failed",
-                extra={"filter": flt.name, "event_id": ctx.event_id, "error": error},
+                extra={
+                    "filter": flt.name,
+                    "event_id": ctx.event_id,
+                    "error": error,
+                    "dependency": dependency,
+                },
             )
+        fail_secure = error is not None and flt.fail_secure(ctx.config)
         if error is not None:
-            result = (
-                FilterResult.prohibited(OTHER)
-                if flt.fail_secure(ctx.config)
-                else FilterResult.neutral()
-            )
+            result = FilterResult.prohibited(OTHER) if fail_secure else FilterResult.neutral()
+            if dependency and fail_secure:
+                result = FilterResult.neutral()  # never a verdict: the evaluation is given up
         duration_ms = (time.perf_counter() - start) * 1000
         content_class, harms = normalise(result.content_class, result.harms)
         outcome = FilterOutcome(flt.name, content_class, harms, error, duration_ms)
@@ -253,4 +278,7 @@ class Pipeline:
                 self._on_outcome(outcome)
             except Exception:  # metrics must not change a verdict
                 logger.exception("outcome hook failed")
+        if dependency and fail_secure:
+            assert error is not None
+            raise EvaluationUnavailable(flt.name, error)
         return outcome

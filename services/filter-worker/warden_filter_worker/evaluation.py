@@ -18,6 +18,17 @@ PostgreSQL round trips are paid per batch rather than per event:
 5. An event claimed by another worker is waited for (Redis polled with backoff,
    PostgreSQL now and then), taking the claim over if it lapses (its holder died), up to
    a bound; then an error reply (the gateway answers 503 and the homeserver retries).
+   Claims live a few seconds (``claim_ttl_seconds``, well under the wait) and the live
+   holder keeps extending them while it works, so a dead worker's claims lapse and are
+   taken over before its waiters give up.
+
+Failures are not verdicts: when a dependency fails (Redis or PostgreSQL unreachable or
+too slow, or a fail-secure filter's dependency: ``EvaluationUnavailable``) the reply is
+an error with ``retry_after_ms`` (the gateway answers 503 with ``Retry-After``), and
+nothing about the event is stored, cached or published: the next ask judges it afresh.
+The work done under claims has a deadline (``wait_seconds``, one timer per batch) and
+PostgreSQL lookups a shorter one (``store_timeout_seconds``), so no claim is kept alive
+for ever and a stalled database is answered "try again" rather than waited on.
 
 Nothing is replied before it is committed in PostgreSQL, and Redis only ever holds
 committed verdicts. The work runs in its own task, so it completes even when the
@@ -57,6 +68,7 @@ from warden.matrix.third_party_invite import (
     third_party_invite_token,
     verify_third_party_invite,
 )
+from warden.policy.dependency_failures import EvaluationUnavailable, is_dependency_failure
 from warden.policy.pipeline import Pipeline
 from warden.policy.verdict import Verdict
 from warden.storage.room_state import get_third_party_invite
@@ -75,6 +87,8 @@ BODY_EXCERPT_CHARS = 500
 # Poll the database every this many Redis polls while waiting on another worker (in case
 # Redis lost the cached verdict).
 _DB_POLL_EVERY = 8
+# What the gateway is told to wait before asking again after a dependency failed.
+UNAVAILABLE_RETRY_AFTER_MS = 5000
 
 # Per event, in one round trip for the whole batch: "is there a verdict, and if not, may
 # I evaluate?". KEYS: n verdict keys, then the n claim keys; ARGV: the claim TTL (ms),
@@ -107,6 +121,17 @@ end
 for j = n + 1, #KEYS do
     if redis.call('get', KEYS[j]) == ARGV[2 + j] then
         redis.call('del', KEYS[j])
+    end
+end
+return 0
+"""
+
+# Extend the claims this worker still holds (by token) while it works on them. KEYS: the
+# claim keys; ARGV: the TTL (ms), then one token per claim.
+_KEEP = """
+for i = 1, #KEYS do
+    if redis.call('get', KEYS[i]) == ARGV[i + 1] then
+        redis.call('pexpire', KEYS[i], ARGV[1])
     end
 end
 return 0
@@ -150,8 +175,18 @@ Deliver = Callable[[str, _Answer], Awaitable[None]]
 
 
 def _failure(exc: Exception) -> _Answer:
+    if is_dependency_failure(exc):
+        return _unavailable(f"a dependency failed: {type(exc).__name__}")
     reply = encode_error_reply(f"evaluation failed: {type(exc).__name__}")
     return _Answer(reply, metrics.OUTCOME_ERROR)
+
+
+def _unavailable(why: str) -> _Answer:
+    """No verdict because a dependency failed: the event is judged again next time."""
+    reply = encode_error_reply(
+        f"cannot judge now, {why}", retry_after_ms=UNAVAILABLE_RETRY_AFTER_MS
+    )
+    return _Answer(reply, metrics.OUTCOME_UNAVAILABLE)
 
 
 def _duplicate_outcome(outcome: str) -> str:
@@ -193,6 +228,7 @@ class EvaluationService:
         max_in_flight: int = 512,
         max_batch: int = 256,
         linger_seconds: float = 0.0,
+        store_timeout_seconds: float = 5.0,
     ) -> None:
         self._redis = redis
         self._pool = pool
@@ -202,9 +238,11 @@ class EvaluationService:
         self._publisher = publisher
         self._claim_ttl_ms = int(claim_ttl_seconds * 1000)
         self._wait_seconds = wait_seconds
+        self._store_timeout = store_timeout_seconds
         # Scripts run as EVALSHA (loaded on NOSCRIPT): one round trip each.
         self._look = redis.register_script(_LOOK)
         self._settle_claims = redis.register_script(_SETTLE)
+        self._keep = redis.register_script(_KEEP)
         self._slots = asyncio.Semaphore(max_in_flight)
         self._max_batch = max_batch
         self._pending: list[tuple[Msg, float]] = []
@@ -405,24 +443,35 @@ class EvaluationService:
     ) -> None:
         """Answer the events we hold the claims of, then release the claims."""
         answers: dict[str, _Answer] = {}
+        keeper = asyncio.create_task(self._keep_claims({e: tokens[e] for e in claimed}))
         try:
-            # Redis may have lost a verdict PostgreSQL keeps (eviction, restart).
-            stored = await get_verdicts(self._pool, list(claimed))
-            for event_id, verdict in stored.items():
-                answers[event_id] = _Answer(
-                    verdict.to_json(), metrics.OUTCOME_CACHED_DB, cache=True
-                )
-            fresh = [event for event_id, event in claimed.items() if event_id not in stored]
-            if len(fresh) == 1:
-                answers[fresh[0].request.event_id] = await self._evaluate(fresh[0])
-            elif fresh:
-                results = await asyncio.gather(*(self._evaluate(event) for event in fresh))
-                answers.update(zip((e.request.event_id for e in fresh), results, strict=True))
+            # Bounded, so that the claims kept alive meanwhile are released in time.
+            async with asyncio.timeout(self._wait_seconds):
+                # Redis may have lost a verdict PostgreSQL keeps (eviction, restart).
+                async with asyncio.timeout(self._store_timeout):
+                    stored = await get_verdicts(self._pool, list(claimed))
+                for event_id, verdict in stored.items():
+                    answers[event_id] = _Answer(
+                        verdict.to_json(), metrics.OUTCOME_CACHED_DB, cache=True
+                    )
+                fresh = [e for event_id, e in claimed.items() if event_id not in stored]
+                if len(fresh) == 1:
+                    answers[fresh[0].request.event_id] = await self._evaluate(fresh[0])
+                elif fresh:
+                    results = await asyncio.gather(*(self._evaluate(e) for e in fresh))
+                    answers.update(zip((e.request.event_id for e in fresh), results, strict=True))
         except Exception as exc:
-            logger.exception("answering claimed events failed")
+            if is_dependency_failure(exc):
+                logger.warning(
+                    "answering claimed events failed: a dependency failed",
+                    extra={"error": f"{type(exc).__name__}: {exc}"},
+                )
+            else:
+                logger.exception("answering claimed events failed")
             for event_id in claimed:
                 answers.setdefault(event_id, _failure(exc))
         finally:
+            keeper.cancel()
             await self._cache_and_release(
                 {e: a.reply for e, a in answers.items() if a.cache},
                 {e: tokens[e] for e in claimed},
@@ -437,6 +486,19 @@ class EvaluationService:
                     answer.message,
                     None if span is None else trace.set_span_in_context(span),
                 )
+
+    async def _keep_claims(self, claims: dict[str, str]) -> None:
+        """Extend our claims every third of their TTL until cancelled (the work is done)."""
+        keys = [redis_keys.evaluation_claim(e) for e in claims]
+        args: list[Any] = [self._claim_ttl_ms, *claims.values()]
+        while True:
+            await asyncio.sleep(self._claim_ttl_ms / 3000)
+            try:
+                await self._keep(keys=keys, args=args)
+            except Exception as exc:
+                # The claims may lapse and another worker evaluate too: the first
+                # commit wins, so that costs work, not consistency.
+                logger.warning("could not extend evaluation claims", extra={"error": str(exc)})
 
     async def _cache_and_release(self, verdicts: dict[str, bytes], claims: dict[str, str]) -> None:
         keys = [redis_keys.verdict(e) for e in verdicts]
@@ -460,11 +522,25 @@ class EvaluationService:
                     encode_error_reply(f"unknown community {request.community_id!r}"),
                     metrics.OUTCOME_ERROR,
                 )
+            except EvaluationUnavailable as exc:
+                # Nothing is stored, cached or published (not even the hellban
+                # postfilter ran): the next ask judges the event again.
+                logger.warning(
+                    "evaluation given up: a filter's dependency failed",
+                    extra={
+                        "event_id": request.event_id,
+                        "filter": exc.filter_name,
+                        "error": exc.error,
+                    },
+                )
+                return _unavailable(f"filter {exc.filter_name} could not run")
             except Exception as exc:
                 logger.exception("evaluation failed", extra={"event_id": request.event_id})
                 return _failure(exc)
 
     async def _judge_new(self, request: EvaluationRequest) -> _Answer:
+        # No timer of its own here (one per event would cost the hot path): the
+        # configuration read and the commit are bounded by ``_settle``'s deadline.
         config = await self._configs.get(request.community_id)
         extra: dict[str, Any] = {}
         if request.source:
@@ -489,6 +565,8 @@ class EvaluationService:
             verdict = dataclasses.replace(
                 verdict, extra={**verdict.extra, "body_excerpt": body[:BODY_EXCERPT_CHARS]}
             )
+        # Given up on at the deadline, a write may still commit: the verdict is a real
+        # one, the next ask finds it (first writer wins) and the outbox publishes it.
         winner = await self._writer.write(verdict)  # durable from here on
         if not _same_verdict(winner, verdict):
             # A worker whose claim had lapsed committed first; its verdict stands.
@@ -537,7 +615,8 @@ class EvaluationService:
                 delay = min(delay * 2, 0.1)
                 polls += 1
                 if polls % _DB_POLL_EVERY == 0:
-                    stored = await get_verdict(self._pool, event_id)
+                    async with asyncio.timeout(self._store_timeout):
+                        stored = await get_verdict(self._pool, event_id)
                     if stored is not None:
                         await deliver(event_id, _Answer(stored.to_json(), metrics.OUTCOME_WAITED))
                         return

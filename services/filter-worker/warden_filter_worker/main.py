@@ -58,8 +58,21 @@ _ROOM_STATE_IN_FLIGHT = 32
 _STATE_RESPONSE_MAX_BYTES = 64 * 1024 * 1024
 
 # Slack on top of the longest possible evaluation (every group hitting the filter
-# timeout) for the configuration read and the commit.
+# timeout) for the configuration read and the commit (see ``claim_timing``).
 _CLAIM_SLACK_SECONDS = 10.0
+
+
+def claim_timing(settings: Settings) -> tuple[float, float]:
+    """The claim TTL and how long a request waits for another worker's verdict.
+
+    The wait covers the longest possible evaluation (every group hitting the filter
+    timeout) plus slack. The claim is renewed by its live holder, so it can be much
+    shorter: at most a third of the wait, so a dead worker's claims lapse and are taken
+    over before the requests waiting on them give up.
+    """
+    longest_evaluation = len(FilterGroup) * settings.filter_timeout_seconds
+    wait_seconds = longest_evaluation + _CLAIM_SLACK_SECONDS / 2
+    return min(settings.evaluation_claim_ttl_seconds, wait_seconds / 3), wait_seconds
 
 
 def run(settings: Settings) -> int:
@@ -70,7 +83,7 @@ def run(settings: Settings) -> int:
         print(f"warden: invalid setting {exc.key}: {exc.message}", file=sys.stderr)
         return 2
     runtime = bootstrap(NAME, settings)
-    longest_evaluation = len(FilterGroup) * settings.filter_timeout_seconds
+    claim_ttl_seconds, wait_seconds = claim_timing(settings)
 
     async def main() -> None:
         pool = await dependencies.postgres(runtime)
@@ -107,9 +120,10 @@ def run(settings: Settings) -> int:
             configs=configs,
             writer=writer,
             publisher=publisher,
-            claim_ttl_seconds=longest_evaluation + _CLAIM_SLACK_SECONDS,
-            wait_seconds=longest_evaluation + _CLAIM_SLACK_SECONDS / 2,
+            claim_ttl_seconds=claim_ttl_seconds,
+            wait_seconds=wait_seconds,
             linger_seconds=settings.evaluation_batch_linger_ms / 1000,
+            store_timeout_seconds=settings.filter_timeout_seconds,
         )
         await service.start(nc)
 

@@ -13,17 +13,21 @@ OUTCOME_CACHED_REDIS = "cached_redis"
 OUTCOME_CACHED_DB = "cached_db"
 OUTCOME_WAITED = "waited"  # another worker evaluated it; we waited for its verdict
 OUTCOME_ERROR = "error"
+# A dependency failed (PostgreSQL, Redis, a filter's): no verdict, judged again next time.
+OUTCOME_UNAVAILABLE = "unavailable"
 OUTCOMES = (
     OUTCOME_FIRST_TIME,
     OUTCOME_CACHED_REDIS,
     OUTCOME_CACHED_DB,
     OUTCOME_WAITED,
     OUTCOME_ERROR,
+    OUTCOME_UNAVAILABLE,
 )
 
 EVALUATIONS = Counter(
     "warden_evaluations_total",
-    "Evaluation requests answered, by how (first_time, cached_redis, cached_db, waited, error).",
+    "Evaluation requests answered, by how (first_time, cached_redis, cached_db, waited, error,"
+    " unavailable: a dependency failed, nothing stored).",
     ["outcome"],
 )
 EVALUATION_SECONDS = Histogram(

@@ -28,7 +28,7 @@ from opentelemetry import context as otel_context
 
 from warden.bus.jetstream_publish import AckedPublisher, PendingAck
 from warden.bus.streams import DUPLICATE_WINDOW_SECONDS
-from warden.bus.subjects import verdict_subject
+from warden.bus.subjects import VERDICT_SUBJECT_PREFIX
 from warden.policy.verdict import Verdict
 from warden.telemetry.tracing import inject_headers
 from warden_filter_worker.metrics import VERDICT_PUBLISH_DEFERRED, VERDICT_PUBLISH_FAILURES
@@ -54,11 +54,13 @@ class VerdictPublisher:
         max_backlog: int = 10_000,
         max_retrying: int = 1_000,
         ack_timeout_seconds: float = ACK_TIMEOUT_SECONDS,
+        subject_prefix: str = VERDICT_SUBJECT_PREFIX,
     ) -> None:
         self._js = nc.jetstream()
         self._acked = AckedPublisher(nc)
         self._budget = retry_budget_seconds
         self._ack_timeout = ack_timeout_seconds
+        self._subject_prefix = subject_prefix  # ``verdict_subject``'s (tests use their own)
         self._retries: set[asyncio.Task[None]] = set()
         # The one task sending the backlog, window after window; None when idle.
         self._sender: asyncio.Task[None] | None = None
@@ -146,7 +148,7 @@ class VerdictPublisher:
                     otel_context.detach(token)
             try:
                 pending = await self._acked.publish(
-                    verdict_subject(verdict.content_class.label),
+                    self._subject_prefix + verdict.content_class.label,
                     verdict.to_json() if data is None else data,
                     headers,
                 )
@@ -204,7 +206,7 @@ class VerdictPublisher:
         headers = inject_headers({"Nats-Msg-Id": verdict.event_id})
         try:
             await self._js.publish(
-                verdict_subject(verdict.content_class.label),
+                self._subject_prefix + verdict.content_class.label,
                 verdict.to_json() if data is None else data,
                 timeout=self._ack_timeout,
                 headers=headers,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from signedjson.key import get_verify_key
 
-from warden.bus.streams import ensure_inbound_stream
+from warden.bus.streams import ensure_inbound_stream, ensure_verdicts_stream
 from warden.bus.subjects import CONFIG_CHANGED_SUBJECT
 from warden.federation.client import FederationClient
 from warden.federation.keyring import Keyring
@@ -18,6 +18,7 @@ from warden_gateway.event_checks import CheckedEvents
 from warden_gateway.federation_inbound import FederationInbound
 from warden_gateway.invites import InviteAPI
 from warden_gateway.metrics import SEND_RATE_LIMIT_ERRORS
+from warden_gateway.moderation_requests import ModerationRequests
 from warden_gateway.policy_api import PolicyAPI
 from warden_gateway.rate_limit import OriginRateLimiter
 from warden_gateway.room_cache import RoomCache
@@ -54,6 +55,10 @@ def run(settings: Settings) -> int:
             redis, settings.sign_rate_limit_per_origin, settings.sign_rate_limit_window_seconds
         )
         runtime.add_shutdown_hook("rate-limit", rate_limiter.aclose)
+        js = nc.jetstream()
+        await ensure_verdicts_stream(js)  # moderation requests go there
+        moderation = ModerationRequests(js)
+        runtime.add_shutdown_hook("moderation-requests", moderation.aclose)
         policy = PolicyAPI(
             identity=identity,
             keyring=keyring,
@@ -62,6 +67,7 @@ def run(settings: Settings) -> int:
             rate_limiter=rate_limiter,
             max_body_bytes=settings.max_pdu_bytes,
             checked_events=CheckedEvents(max_bytes=settings.event_check_cache_max_bytes),
+            moderation=moderation,
         )
         send_limiter = OriginRateLimiter(
             redis,
@@ -72,7 +78,6 @@ def run(settings: Settings) -> int:
             errors=SEND_RATE_LIMIT_ERRORS,
         )
         runtime.add_shutdown_hook("send-rate-limit", send_limiter.aclose)
-        js = nc.jetstream()
         await ensure_inbound_stream(js)
         federation_inbound = FederationInbound(
             server_name=identity.server_name,

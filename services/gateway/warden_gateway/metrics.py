@@ -51,6 +51,8 @@ class VerdictFailure(enum.StrEnum):
     WORKER_ERROR = "worker_error"
     BAD_REPLY = "bad_reply"
     NATS_ERROR = "nats_error"
+    # The worker could not judge because a dependency failed; nothing was stored.
+    DEPENDENCY = "dependency"
 
 
 SIGN_REQUESTS = Counter(
@@ -95,4 +97,11 @@ EVENT_CHECK_CACHE_BYTES = Gauge(
     "warden_sign_event_check_cache_bytes",
     "Approximate bytes held by the policy API's event-check cache (bounded by "
     "PS_EVENT_CHECK_CACHE_MAX_BYTES).",
+)
+MODERATION_REQUESTS = Counter(
+    "warden_moderation_requests_total",
+    "Moderation requests for refused events first asked about by their sender's server and"
+    " then by another: published, failed (retried on the next such ask) or dropped (too"
+    " many publishes in flight).",
+    ["outcome"],
 )

@@ -34,7 +34,9 @@ workers cannot answer):
     event's (a reused room v1/v2 event ID) is a refusal, never a signature. Filters
     see the event without ``unsigned`` and ``signatures`` (the worker drops them: no
     hash or signature covers them, so whoever asks first must not be able to change
-    the verdict with them).
+    the verdict with them). A refusal
+    first asked for by the sender's own server and now asked for by another server also
+    asks the moderator to act (``ModerationRequests``, once per event).
 
 Steps 2 and 6 to 8 depend only on the body's bytes and the room version: a body that
 passed them is remembered by its digest (``event_checks``), and a repeat of it (every
@@ -105,6 +107,7 @@ from warden.telemetry.tracing import exporting, tracer
 from warden_gateway.errors import TemporarilyUnavailable, error_response
 from warden_gateway.event_checks import CheckedEvent, CheckedEvents
 from warden_gateway.metrics import SIGN_REQUESTS, SIGN_SECONDS, Endpoint, Outcome
+from warden_gateway.moderation_requests import ModerationRequests
 from warden_gateway.rate_limit import OriginRateLimiter
 from warden_gateway.request_body import read_limited_body
 from warden_gateway.verdict_source import VerdictSource
@@ -237,6 +240,7 @@ class PolicyAPI:
         rate_limiter: OriginRateLimiter | None,
         max_body_bytes: int,
         checked_events: CheckedEvents | None = None,
+        moderation: ModerationRequests | None = None,
     ) -> None:
         self._identity = identity
         self._server_name = identity.server_name
@@ -246,6 +250,7 @@ class PolicyAPI:
         self._rate_limiter = rate_limiter
         self._max_body_bytes = max_body_bytes
         self._checked = checked_events if checked_events is not None else CheckedEvents()
+        self._moderation = moderation
 
     def routes(self) -> list[Route]:
         """The policy API's routes."""
@@ -455,6 +460,11 @@ class PolicyAPI:
                 "refused",
                 extra={"event_id": event_id, "origin": origin, "harms": list(entry.harms)},
             )
+            own = entry.sender_server_first
+            if own and origin != own and self._moderation is not None:
+                # Its sender's server asked first (no redaction then); another server
+                # has it now: the moderator must act on it (once).
+                self._moderation.request(event_id, origin)
             return Decision(event_id, refusal=REFUSED_MESSAGE, harms=entry.harms)
         signature = entry.signature
         if signature is None:

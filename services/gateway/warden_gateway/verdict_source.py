@@ -17,8 +17,9 @@ Concurrent requests for one event ID in this process share a single lookup
 request that started it goes away; whoever asks next finds the verdict in the caches.
 
 When no worker answers within ``PS_VERDICT_TIMEOUT_SECONDS`` (or none is subscribed,
-or one answers ``{"error": ...}``) the lookup fails with ``TemporarilyUnavailable``
-(503): the gateway never signs what was not judged.
+or one answers ``{"error": ...}``, for instance because a dependency failed) the lookup
+fails with ``TemporarilyUnavailable`` (503 with ``Retry-After``) and nothing is cached:
+the gateway never signs what was not judged, and the next ask asks the workers again.
 """
 
 from __future__ import annotations
@@ -58,6 +59,17 @@ class CachedVerdict(NamedTuple):
     harms: tuple[str, ...]
     reference_hash: str  # of the event the verdict was given for
     signature: str | None = None
+    # A refusal first asked for by the sender's own server: that server's name (the
+    # moderator did not redact it; another server asking means it must). Else "".
+    sender_server_first: str = ""
+
+
+def _sender_server_first(verdict: Verdict) -> str:
+    """The sender's server, if it was the first to ask about this refused event."""
+    if not verdict.prohibited:
+        return ""
+    _, sep, server = verdict.sender.partition(":")
+    return server if sep and server == verdict.origin else ""
 
 
 class VerdictSource:
@@ -78,7 +90,7 @@ class VerdictSource:
         # Plain tuples of strings and a bool, which the garbage collector stops tracking
         # (it does not untrack tuple subclasses): as objects, the tens of thousands of
         # entries made each full collection stall the gateway for over 100 ms under load.
-        self._memory: OrderedDict[str, tuple[bool, tuple[str, ...], str, str | None]] = (
+        self._memory: OrderedDict[str, tuple[bool, tuple[str, ...], str, str | None, str]] = (
             OrderedDict()
         )
         self._inflight: dict[str, asyncio.Task[CachedVerdict]] = {}
@@ -92,7 +104,7 @@ class VerdictSource:
         """Keep our signature with the cached verdict, so repeats need no signing."""
         entry = self._memory.get(event_id)
         if entry is not None and entry[3] is None:
-            self._memory[event_id] = (*entry[:3], signature)
+            self._memory[event_id] = (*entry[:3], signature, *entry[4:])
 
     async def get(self, request: EvaluationRequest) -> CachedVerdict:
         """The verdict for ``request.event_id``.
@@ -130,7 +142,12 @@ class VerdictSource:
     async def _lookup(self, request: EvaluationRequest) -> CachedVerdict:
         verdict = await self._ask_workers(request)
         _CACHE_HITS[CacheLayer.NATS].inc()
-        entry = CachedVerdict(verdict.prohibited, tuple(verdict.harms), verdict.reference_hash)
+        entry = CachedVerdict(
+            verdict.prohibited,
+            tuple(verdict.harms),
+            verdict.reference_hash,
+            sender_server_first=_sender_server_first(verdict),
+        )
         self._remember(request.event_id, entry)
         return entry
 
@@ -177,6 +194,13 @@ class VerdictSource:
                 "filter worker could not judge event",
                 extra={"event_id": request.event_id, "error": str(exc)},
             )
+            if exc.retry_after_ms is not None:
+                # A dependency failed: no verdict was stored, asking again judges afresh.
+                raise self._failure(
+                    VerdictFailure.DEPENDENCY,
+                    "The policy server cannot judge this event right now; try again later",
+                    max(1, min(exc.retry_after_ms, 60_000) // 1000),
+                ) from None
             raise self._failure(
                 VerdictFailure.WORKER_ERROR,
                 "The policy server could not judge this event right now; try again later",

@@ -11,6 +11,12 @@ whose access token is configured:
   proved the named sender made): the room's auth rules reject such a forgery anyway,
   and a redaction would be an action against the named user.
 
+A moderation request (``MODERATION_REQUEST_SUBJECT``: a refusal first asked for by its
+sender's own server, since asked about by another server) is handled as the stored
+verdict with the asking server as origin, so it is redacted by the same rules, once:
+the transaction ID is derived from the event ID and ``moderation_actions`` records what
+was done.
+
 Each outcome is logged as one JSON line (event and room IDs, never content), counted
 in ``warden_moderation_actions_total`` and, once a redaction was attempted, recorded
 in ``moderation_actions``. The message is acknowledged only after the redaction
@@ -19,17 +25,21 @@ succeeded or was given up on; temporary failures are redelivered with backoff.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
 
 import asyncpg
+import orjson
 
 from warden.bus.consumer import ACK, Delivery, Disposition, Retry, backoff_delay
+from warden.bus.subjects import MODERATION_REQUEST_SUBJECT
 from warden.matrix.ids import server_name_of
 from warden.outbound_http import Result
 from warden.policy.verdict import Verdict
 from warden.storage import deliveries, rooms
+from warden.storage.verdicts import get_verdict
 from warden_moderator.client_api import REDACTION_REASON, ClientAPI
 from warden_moderator.metrics import MODERATION_ACTIONS, MODERATION_SECONDS
 
@@ -48,8 +58,10 @@ class Redactor:
         *,
         max_attempts: int,
         retry_base_seconds: float,
+        moderation_subject: str = MODERATION_REQUEST_SUBJECT,
     ) -> None:
         self._pool = pool
+        self._moderation_subject = moderation_subject
         self._api = client_api
         self._max_attempts = max_attempts
         self._retry_base = retry_base_seconds
@@ -72,7 +84,14 @@ class Redactor:
 
     async def _handle(self, delivery: Delivery) -> Disposition:
         try:
-            verdict = Verdict.from_json(delivery.data)
+            if delivery.subject == self._moderation_subject:
+                found = await self._requested_verdict(delivery.data)
+                if found is None:
+                    self._done("unknown_event", stream_sequence=delivery.stream_sequence)
+                    return ACK
+                verdict = found
+            else:
+                verdict = Verdict.from_json(delivery.data)
         except (ValueError, KeyError, TypeError) as exc:
             # Redelivering a message that cannot be parsed would not help.
             self._done(
@@ -140,6 +159,17 @@ class Redactor:
         await self._record(verdict, moderator, "failed", delivery.attempt, attempt.error)
         self._done("failed", level=logging.ERROR, **fields, error=attempt.error)
         return ACK
+
+    async def _requested_verdict(self, data: bytes) -> Verdict | None:
+        """The stored verdict a moderation request names, with the asker as origin."""
+        request = orjson.loads(data)
+        if not isinstance(request, dict):
+            raise ValueError("a moderation request must be a JSON object")
+        event_id, origin = request["event_id"], request["origin"]
+        if not isinstance(event_id, str) or not isinstance(origin, str):
+            raise TypeError("event_id and origin must be strings")
+        stored = await get_verdict(self._pool, event_id)
+        return None if stored is None else dataclasses.replace(stored, origin=origin)
 
     async def _record(
         self,

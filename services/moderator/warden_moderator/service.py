@@ -9,7 +9,12 @@ from nats.js import JetStreamContext
 
 from warden.bus.consumer import PullConsumer, ensure_durable_consumer
 from warden.bus.streams import durable_consumer_config, ensure_verdicts_stream
-from warden.bus.subjects import MODERATOR_CONSUMER, VERDICTS_STREAM, verdict_subject
+from warden.bus.subjects import (
+    MODERATION_REQUEST_SUBJECT,
+    MODERATOR_CONSUMER,
+    VERDICTS_STREAM,
+    verdict_subject,
+)
 from warden.policy.verdict import ContentClass
 from warden.settings import Settings, parse_moderator_tokens
 from warden_moderator.client_api import ClientAPI
@@ -21,11 +26,19 @@ ACK_WAIT_SECONDS = 30.0
 
 
 class ModeratorService:
-    """Consumes prohibited verdicts and redacts where a moderator can."""
+    """Consumes prohibited verdicts and moderation requests; redacts where a moderator can.
 
-    def __init__(self, consumer: PullConsumer, client_api: ClientAPI) -> None:
+    Two durable consumers share one handler: ``consumer`` (prohibited verdicts, as
+    first given) and ``requests`` (moderation requests: a refusal its sender's server
+    asked about first, since asked about by another server).
+    """
+
+    def __init__(
+        self, consumer: PullConsumer, client_api: ClientAPI, requests: PullConsumer | None = None
+    ) -> None:
         self.consumer = consumer
         self.client_api = client_api
+        self.requests = requests
 
     @classmethod
     async def create(
@@ -35,8 +48,14 @@ class ModeratorService:
         js: JetStreamContext,
         *,
         durable: str = MODERATOR_CONSUMER,
+        requests_durable: str | None = None,
     ) -> ModeratorService:
-        """Make sure the stream and the durable consumer exist, and build the parts."""
+        """Make sure the stream and the durable consumers exist, and build the parts.
+
+        ``requests_durable`` defaults to ``<durable>-requests``
+        (``MODERATION_REQUESTS_CONSUMER`` for the default ``durable``).
+        """
+        requests_durable = requests_durable or f"{durable}-requests"
         # The handler gives up by itself after its own attempts; never cut it short.
         max_deliveries = max(settings.bus_max_deliveries, settings.moderation_max_attempts)
         await ensure_verdicts_stream(js)
@@ -50,6 +69,13 @@ class ModeratorService:
                 max_deliveries,
             ),
         )
+        await ensure_durable_consumer(
+            js,
+            VERDICTS_STREAM,
+            durable_consumer_config(
+                requests_durable, MODERATION_REQUEST_SUBJECT, ACK_WAIT_SECONDS, max_deliveries
+            ),
+        )
         client_api = ClientAPI(
             parse_moderator_tokens(settings.moderator_access_tokens),
             timeout=settings.moderation_timeout_seconds,
@@ -61,24 +87,30 @@ class ModeratorService:
             max_attempts=settings.moderation_max_attempts,
             retry_base_seconds=settings.moderation_retry_base_seconds,
         )
-        consumer = PullConsumer(
-            js,
-            stream=VERDICTS_STREAM,
-            durable=durable,
-            handler=redactor,
-            max_in_flight=settings.moderation_pool_size,
-            retry_base_seconds=settings.moderation_retry_base_seconds,
-            drain_timeout=settings.shutdown_delay_seconds
-            + max(1.0, settings.shutdown_timeout_seconds - 5.0),
-            max_deliveries=max_deliveries,
-        )
-        return cls(consumer, client_api)
+        consumers = [
+            PullConsumer(
+                js,
+                stream=VERDICTS_STREAM,
+                durable=name,
+                handler=redactor,
+                max_in_flight=settings.moderation_pool_size,
+                retry_base_seconds=settings.moderation_retry_base_seconds,
+                drain_timeout=settings.shutdown_delay_seconds
+                + max(1.0, settings.shutdown_timeout_seconds - 5.0),
+                max_deliveries=max_deliveries,
+            )
+            for name in (durable, requests_durable)
+        ]
+        return cls(consumers[0], client_api, consumers[1])
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Resolve tokens (in the background) and consume until ``stopping``, then drain."""
         resolver = asyncio.create_task(self.client_api.keep_resolving(stopping))
         try:
-            await self.consumer.run(stopping)
+            runs = [self.consumer.run(stopping)]
+            if self.requests is not None:
+                runs.append(self.requests.run(stopping))
+            await asyncio.gather(*runs)
         finally:
             resolver.cancel()
             await asyncio.gather(resolver, return_exceptions=True)
