@@ -51,7 +51,12 @@ def build_app(
     federation: FederationInbound | None = None,
     invites: InviteAPI | None = None,
 ) -> GatewayApp:
-    """Assemble the gateway app for one identity; ``health`` backs /livez and /readyz.
+    """Assemble the gateway app for one identity.
+
+    ``health`` is not served here: ``/livez`` and ``/readyz`` live only on the metrics
+    listener (``PS_HTTP_METRICS_BIND``), since ``/readyz`` runs a PostgreSQL, Redis and
+    NATS check per call and names internal hosts in its answer (review M7). The
+    parameter stays so that callers need not change.
 
     ``settings`` feed the well-known documents (defaults when omitted). ``policy``
     adds ``/sign`` and ``/check``. ``admin_router`` is the admin API router (built by
@@ -76,7 +81,6 @@ def build_app(
         Route("/_matrix/key/v2/server", key_endpoint.handle, methods=["GET"]),
         Route("/_matrix/federation/v1/version", federation_version, methods=["GET"]),
         *WellKnown(identity, settings).routes(),
-        *health.routes(with_metrics=False),
     ]
     hot_routes: list[Route] = []
     if policy is not None:

@@ -1,0 +1,245 @@
+"""The HTTP front of a real gateway process, probed with raw sockets (review H6, M7).
+
+Each test starts ``warden gateway`` with short limits where it needs them and talks to
+it the way an attacker would: a header line that never ends, a connection that sends
+nothing or trickles, a body sent a byte at a time, more slow requests or connections
+than the caps allow. What is asserted is behaviour (the status line, a closed socket,
+a bounded number of bytes taken, the ``warden_http_rejected_total`` counter), never
+how long anything took.
+"""
+
+from __future__ import annotations
+
+import re
+import select
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+
+from tests.service_processes import ServiceProcess
+
+pytestmark = pytest.mark.slow
+
+SIGN = "/_matrix/policy/v1/sign"
+# How long a test waits for the server to act at most (generous: the machine is shared).
+PATIENCE = 20.0
+
+
+def _start(spawn: Callable[..., ServiceProcess], **env: str) -> ServiceProcess:
+    gateway = spawn("gateway", **env)
+    gateway.wait_ready()
+    return gateway
+
+
+def _addr(gateway: ServiceProcess) -> tuple[str, int]:
+    assert gateway.api_url is not None
+    host, port = gateway.api_url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+@contextmanager
+def _connect(gateway: ServiceProcess) -> Iterator[socket.socket]:
+    sock = socket.create_connection(_addr(gateway), timeout=PATIENCE)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes (or PATIENCE passes)."""
+    sock.settimeout(PATIENCE)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def _rejected(gateway: ServiceProcess, reason: str) -> float:
+    text = httpx.get(f"{gateway.metrics_url}/metrics", timeout=10).text
+    match = re.search(rf'^warden_http_rejected_total\{{reason="{reason}"\}} (\S+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def _send_until_answered(sock: socket.socket, head: bytes, filler: bytes, most: int) -> int:
+    """Send ``head``, then ``filler`` until the server answers or ``most`` bytes went.
+
+    Returns how many filler bytes were sent before the server's answer became readable.
+    """
+    sock.sendall(head)
+    sent = 0
+    while sent < most:
+        readable, _, _ = select.select([sock], [], [], 0.02)
+        if readable:
+            return sent
+        try:
+            sock.sendall(filler)
+        except (BrokenPipeError, ConnectionResetError):
+            return sent
+        sent += len(filler)
+    readable, _, _ = select.select([sock], [], [], PATIENCE)
+    return sent
+
+
+def test_a_header_line_that_never_ends_gets_431_after_a_few_kib(
+    spawn_service: Callable[..., ServiceProcess],
+) -> None:
+    gateway = _start(spawn_service)
+    with _connect(gateway) as sock:
+        head = f"POST {SIGN} HTTP/1.1\r\nHost: gw\r\nX-A: ".encode()
+        sent = _send_until_answered(sock, head, b"a" * 4096, most=64 * 1024 * 1024)
+        answer = _read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b'"errcode":"M_TOO_LARGE"' in answer
+    # Answered after about PS_HTTP_MAX_HEADER_BYTES (16 KiB), not after 64 MiB.
+    assert sent < 1024 * 1024
+    assert _rejected(gateway, "headers_too_large") >= 1
+    # The gateway still serves.
+    r = httpx.get(f"{gateway.api_url}/_matrix/federation/v1/version", timeout=10)
+    assert r.status_code == 200
+
+
+def test_too_many_headers_get_431_and_a_long_url_gets_414(
+    spawn_service: Callable[..., ServiceProcess],
+) -> None:
+    gateway = _start(spawn_service, PS_HTTP_MAX_HEADERS="20", PS_HTTP_MAX_URL_BYTES="1024")
+    with _connect(gateway) as sock:
+        headers = "".join(f"X-H{i}: v\r\n" for i in range(30))
+        sock.sendall(f"GET /_matrix/federation/v1/version HTTP/1.1\r\n{headers}\r\n".encode())
+        assert _read_response(sock).startswith(b"HTTP/1.1 431 ")
+    with _connect(gateway) as sock:
+        target = "/_matrix/federation/v1/version?" + "a" * 2000
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
+        assert _read_response(sock).startswith(b"HTTP/1.1 414 ")
+    # Within the limits the same requests are served.
+    with _connect(gateway) as sock:
+        headers = "".join(f"X-H{i}: v\r\n" for i in range(10))
+        sock.sendall(
+            f"GET /_matrix/federation/v1/version?a=1 HTTP/1.1\r\n{headers}"
+            "Connection: close\r\n\r\n".encode()
+        )
+        assert _read_response(sock).startswith(b"HTTP/1.1 200 ")
+    assert _rejected(gateway, "too_many_headers") == 1
+    assert _rejected(gateway, "url_too_long") == 1
+
+
+def test_silent_and_trickling_connections_are_closed_after_the_header_deadline(
+    spawn_service: Callable[..., ServiceProcess],
+) -> None:
+    gateway = _start(spawn_service, PS_HTTP_HEADER_TIMEOUT_SECONDS="1")
+    with _connect(gateway) as silent, _connect(gateway) as trickle:
+        # One sends nothing; the other a byte of its request line now and then, never
+        # finishing its headers.
+        trickle.sendall(b"G")
+        request = f"ET {SIGN} HTTP/1.1\r\nHost: gw\r\nX-Slow: ".encode() + b"a" * 1000
+        sent = 0
+        deadline = time.monotonic() + PATIENCE
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([trickle], [], [], 0.2)
+            if readable:
+                break
+            trickle.sendall(request[sent : sent + 1])
+            sent += 1
+        assert _read_response(trickle).startswith(b"HTTP/1.1 408 ")
+        assert sent < len(request)  # it was cut off before finishing
+        assert _read_response(silent) == b""  # closed without an answer
+    assert _rejected(gateway, "header_timeout") == 2
+
+
+def test_a_body_trickle_is_cut_after_the_body_deadline(
+    spawn_service: Callable[..., ServiceProcess],
+) -> None:
+    gateway = _start(spawn_service, PS_HTTP_BODY_TIMEOUT_SECONDS="1")
+    with _connect(gateway) as sock:
+        sock.sendall(
+            f"POST {SIGN} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+            "Content-Length: 60000\r\n\r\n{".encode()
+        )
+        sent = 1
+        deadline = time.monotonic() + PATIENCE
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([sock], [], [], 0.2)
+            if readable:
+                break
+            sock.sendall(b" ")
+            sent += 1
+        answer = _read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert sent < 60000
+    assert _rejected(gateway, "body_timeout") == 1
+
+
+def test_requests_over_the_concurrency_cap_get_503_with_retry_after(
+    spawn_service: Callable[..., ServiceProcess],
+) -> None:
+    cap = 3
+    gateway = _start(spawn_service, PS_HTTP_MAX_CONCURRENCY=str(cap))
+    slow: list[socket.socket] = []
+    try:
+        # ``cap`` requests whose bodies never finish keep the app busy.
+        for _ in range(cap):
+            sock = socket.create_connection(_addr(gateway), timeout=PATIENCE)
+            sock.sendall(
+                f"POST {SIGN} HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\n{{".encode()
+            )
+            slow.append(sock)
+        # The next one is refused at once, without reaching the app.
+        refused = False
+        deadline = time.monotonic() + PATIENCE
+        while not refused and time.monotonic() < deadline:
+            with _connect(gateway) as sock:
+                sock.sendall(
+                    b"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: gw\r\n"
+                    b"Connection: close\r\n\r\n"
+                )
+                answer = _read_response(sock)
+            # The slow requests' tasks may not all have started yet: ask again.
+            refused = answer.startswith(b"HTTP/1.1 503 ")
+        assert refused, answer[:300]
+        head = answer.split(b"\r\n\r\n", 1)[0].lower()
+        assert b"\r\nretry-after: 1" in head
+        assert b'"errcode":"M_UNKNOWN"' in answer
+        assert _rejected(gateway, "overloaded") >= 1
+    finally:
+        for sock in slow:
+            sock.close()
+    # Once they are gone, requests are served again.
+    deadline = time.monotonic() + PATIENCE
+    status = 0
+    while status != 200 and time.monotonic() < deadline:
+        status = httpx.get(f"{gateway.api_url}/_matrix/federation/v1/version").status_code
+    assert status == 200
+
+
+def test_connections_over_the_cap_get_503_and_are_closed(
+    spawn_service: Callable[..., ServiceProcess],
+) -> None:
+    gateway = _start(spawn_service, PS_HTTP_MAX_CONNECTIONS="3")
+    idle = [socket.create_connection(_addr(gateway), timeout=PATIENCE) for _ in range(3)]
+    try:
+        with _connect(gateway) as extra:
+            answer = _read_response(extra)
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+        assert b"\r\nretry-after: 1\r\n" in answer.lower()
+        assert _rejected(gateway, "too_many_connections") == 1
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_health_endpoints_are_only_on_the_metrics_listener(
+    spawn_service: Callable[..., ServiceProcess],
+) -> None:
+    gateway = _start(spawn_service)
+    for path in ("/readyz", "/livez"):
+        assert httpx.get(f"{gateway.api_url}{path}", timeout=10).status_code == 404
+        assert httpx.get(f"{gateway.metrics_url}{path}", timeout=10).status_code == 200
