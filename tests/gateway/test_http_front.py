@@ -64,6 +64,26 @@ def _read_response(sock: socket.socket) -> bytes:
         data += chunk
 
 
+def _read_one_response(sock: socket.socket) -> bytes:
+    """One response (head and ``Content-Length`` body), the connection left open."""
+    sock.settimeout(PATIENCE)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    match = re.search(rb"\r\ncontent-length: (\d+)", head, re.I)
+    length = int(match.group(1)) if match else 0
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 def _rejected(gateway: ServiceProcess, reason: str) -> float:
     text = httpx.get(f"{gateway.metrics_url}/metrics", timeout=10).text
     match = re.search(rf'^warden_http_rejected_total\{{reason="{reason}"\}} (\S+)$', text, re.M)
@@ -243,3 +263,72 @@ def test_health_endpoints_are_only_on_the_metrics_listener(
     for path in ("/readyz", "/livez"):
         assert httpx.get(f"{gateway.api_url}{path}", timeout=10).status_code == 404
         assert httpx.get(f"{gateway.metrics_url}{path}", timeout=10).status_code == 200
+
+
+# --- before authentication (review H7, H8) ---
+
+SEND = "/_matrix/federation/v1/send/txn1"
+INVITE = "/_matrix/federation/v2/invite/!room:example.org/$event"
+# Keys are fetched directly; loopback stays denied, so a lookup fails at once.
+NO_NOTARY = {"PS_KEY_QUERY_SERVER": "", "PS_DIRECT_KEY_FETCHING": "true"}
+
+
+def _answer_before_the_body(
+    gateway: ServiceProcess, method: str, path: str, authorization: str | None
+) -> tuple[bytes, int]:
+    """Send a chunked 8 MiB body (never finished); return the answer and bytes sent."""
+    auth = f"Authorization: {authorization}\r\n" if authorization else ""
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        f"Transfer-Encoding: chunked\r\n{auth}\r\n"
+    ).encode()
+    piece = b"[{},{},{},{},{},{},{},{}]," * 160
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    with _connect(gateway) as sock:
+        sent = _send_until_answered(sock, head + b'4\r\n {"x\r\n', chunk, most=8 * 1024 * 1024)
+        return _read_one_response(sock), sent
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("PUT", SEND), ("PUT", INVITE)], ids=["send", "invite"]
+)
+def test_unauthenticated_send_and_invite_are_refused_before_the_body_is_read(
+    spawn_service: Callable[..., ServiceProcess], method: str, path: str
+) -> None:
+    gateway = _start(spawn_service, **NO_NOTARY)
+    for authorization in (
+        None,  # no Authorization at all
+        'X-Matrix origin="bad name!",key="ed25519:a",sig="AA"',  # malformed
+        'X-Matrix origin="127.0.0.1:9",key="ed25519:a",sig="AA"',  # key cannot be had
+    ):
+        answer, sent = _answer_before_the_body(gateway, method, path, authorization)
+        assert answer.startswith(b"HTTP/1.1 401 "), (authorization, answer[:300])
+        assert b'"errcode":"M_UNAUTHORIZED"' in answer
+        # The answer came while the client was still sending its 8 MiB.
+        assert sent < 8 * 1024 * 1024
+
+
+def test_5000_x_matrix_headers_get_401_without_any_key_lookup(
+    spawn_service: Callable[..., ServiceProcess],
+) -> None:
+    # The HTTP front would refuse 5000 headers (431): raise its caps to reach the check.
+    gateway = _start(
+        spawn_service,
+        PS_HTTP_MAX_HEADERS="10000",
+        PS_HTTP_MAX_HEADER_BYTES="4000000",
+        **NO_NOTARY,
+    )
+    headers = "".join(
+        f'Authorization: X-Matrix origin="r{i}.evil.test",key="ed25519:k{i}",sig="AA"\r\n'
+        for i in range(5000)
+    )
+    with _connect(gateway) as sock:
+        sock.sendall(
+            f"POST {SIGN} HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n{headers}"
+            "Connection: close\r\n\r\n{}".encode()
+        )
+        answer = _read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:300]
+    assert b"more than 4 X-Matrix headers" in answer
+    metrics = httpx.get(f"{gateway.metrics_url}/metrics", timeout=10).text
+    assert not re.search(r"^warden_key_fetches_total\{", metrics, re.M)
