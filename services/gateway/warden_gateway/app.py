@@ -2,7 +2,8 @@
 
 Federation, policy and well-known routes are plain Starlette routes: they are the hot
 path and skip FastAPI's per-request validation. FastAPI serves the admin API
-(``/api/v1``, only when ``PS_API_KEY`` is set) and its OpenAPI document.
+(``/api/v1``, only when ``PS_API_KEY`` is set) and its OpenAPI document, next to
+federation, or on a listener of its own (``build_admin_app``, ``PS_ADMIN_HTTP_BIND``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from warden_gateway.well_known import WellKnown
 # Exact paths served by HotPathMiddleware (``/check`` has a path parameter: it stays
 # with the router).
 HOT_PATHS = frozenset({SIGN_PATH, UNSTABLE_SIGN_PATH})
+
+OPENAPI_PATH = "/api/v1/openapi.json"
 
 _VERSION_BODY = orjson.dumps({"server": {"name": "warden", "version": WARDEN_VERSION}})
 
@@ -74,7 +77,8 @@ def build_app(
         version=WARDEN_VERSION,
         docs_url=None,
         redoc_url=None,
-        openapi_url="/api/v1/openapi.json",
+        # The document describes the admin API only: none without it.
+        openapi_url=OPENAPI_PATH if admin_router is not None else None,
     )
     key_endpoint = ServerKeyEndpoint(identity)
     raw_routes: list[Route] = [
@@ -96,13 +100,37 @@ def build_app(
 
         app.include_router(admin_router)
         install_admin_error_handlers(app)
-    app.add_exception_handler(MatrixError, on_matrix_error)
-    app.add_exception_handler(HTTPException, on_http_exception)
-    app.add_exception_handler(Exception, on_unexpected)
+    _add_error_handlers(app)
     # Outside FastAPI: its own middleware (exception handling, telemetry, body limits)
     # costs about a tenth of the gateway's CPU per /sign, which handles all of that itself.
     inner: ASGIApp = HotPathMiddleware(app, hot_routes) if hot_routes else app
     return GatewayApp(HttpMetricsMiddleware(inner), app)  # metrics outermost: every request
+
+
+def build_admin_app(admin_router: APIRouter) -> GatewayApp:
+    """The admin API alone, for its own listener (``PS_ADMIN_HTTP_BIND``).
+
+    Unknown paths get 404 ``M_UNRECOGNIZED`` like on the gateway's main listener.
+    """
+    from warden_gateway.admin_api import install_admin_error_handlers
+
+    app = FastAPI(
+        title="Warden admin API",
+        version=WARDEN_VERSION,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=OPENAPI_PATH,
+    )
+    app.include_router(admin_router)
+    install_admin_error_handlers(app)
+    _add_error_handlers(app)
+    return GatewayApp(HttpMetricsMiddleware(app), app)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(MatrixError, on_matrix_error)
+    app.add_exception_handler(HTTPException, on_http_exception)
+    app.add_exception_handler(Exception, on_unexpected)
 
 
 class GatewayApp:
