@@ -212,3 +212,18 @@ def test_the_admin_api_key_comes_from_a_secret(k8s: list[dict[str, Any]]) -> Non
     # Compose: passed through from the environment, empty (off) by default.
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     assert compose["services"]["gateway"]["environment"]["PS_API_KEY"] == "${PS_API_KEY:-}"
+
+
+def test_the_admin_api_has_its_own_port_outside_the_public_service(
+    k8s: list[dict[str, Any]],
+) -> None:
+    # Review M11: PS_ADMIN_HTTP_BIND names a container port that no Service exposes.
+    (container,) = find(k8s, "Deployment", "warden-gateway")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    env = {e["name"]: e for e in container["env"]}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["admin"] == parse_bind(env["PS_ADMIN_HTTP_BIND"]["value"])[1]
+    for service in (d for d in k8s if d["kind"] == "Service"):
+        exposed = {p.get("targetPort") for p in service["spec"]["ports"]}
+        assert "admin" not in exposed and ports["admin"] not in exposed
