@@ -174,7 +174,6 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self._phase = _HEAD
         self._phase_started = 0.0
         self._head_bytes = 0  # received while the current head is incomplete
-        self._header_count = 0
         self._header_bytes = 0
         self._begun = 0  # requests begun on this connection
         self._reject_status = 0
@@ -241,24 +240,31 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
             self._phase_started = self.loop.time()
         self._phase = _HEAD
         self._head_bytes = 0
-        self._header_count = 0
         self._header_bytes = 0
+
+    # on_url and on_header are uvicorn's, inlined (a super() call per header costs
+    # about as much as the checks), with the checks added.
 
     def on_url(self, url: bytes) -> None:
         """Collect the request target; refuse it past ``max_url_bytes`` (414)."""
-        super().on_url(url)
+        self.url += url
         if len(self.url) > self.limits.max_url_bytes:
             self._reject(414, "url_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         """Collect a header; refuse past ``max_headers`` or ``max_header_bytes`` (431)."""
-        self._header_count += 1
         self._header_bytes += len(name) + len(value) + 4  # ": " and CRLF
-        if self._header_count > self.limits.max_headers:
-            self._reject(431, "too_many_headers")
         if self._header_bytes > self.limits.max_header_bytes:
             self._reject(431, "headers_too_large")
-        super().on_header(name, value)
+        headers = self.headers
+        if len(headers) >= self.limits.max_headers:
+            self._reject(431, "too_many_headers")
+        name = name.lower()
+        # llhttp keeps trailing whitespace, which RFC 9110 excludes from the value.
+        value = value.rstrip(b" \t")
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         """Start the body deadline; past the concurrency cap, answer 503 instead of the app."""
