@@ -332,3 +332,27 @@ def test_5000_x_matrix_headers_get_401_without_any_key_lookup(
     assert b"more than 4 X-Matrix headers" in answer
     metrics = httpx.get(f"{gateway.metrics_url}/metrics", timeout=10).text
     assert not re.search(r"^warden_key_fetches_total\{", metrics, re.M)
+
+
+def test_key_fetches_caused_by_one_client_are_budgeted(
+    spawn_service: Callable[..., ServiceProcess],
+) -> None:
+    # Review H8: junk X-Matrix headers naming ever new origins make the gateway fetch
+    # keys; one client address gets PS_KEY_FETCHES_PER_CLIENT_PER_MINUTE fetches, then
+    # 401 without a fetch.
+    gateway = _start(spawn_service, PS_KEY_FETCHES_PER_CLIENT_PER_MINUTE="3", **NO_NOTARY)
+    with httpx.Client(base_url=gateway.api_url, timeout=10) as client:
+        for n in range(8):
+            auth = f'X-Matrix origin="127.0.0.{n + 2}:9",key="ed25519:a",sig="AA"'
+            r = client.post(SIGN, content=b"{}", headers={"Authorization": auth})
+            assert r.status_code == 401, r.text
+            assert r.json()["errcode"] == "M_UNAUTHORIZED"
+    metrics = httpx.get(f"{gateway.metrics_url}/metrics", timeout=10).text
+    fetched = re.search(
+        r'^warden_key_fetches_total\{outcome="error",source="direct"\} (\S+)$', metrics, re.M
+    )
+    refused = re.search(
+        r'^warden_key_fetches_refused_total\{reason="client_budget"\} (\S+)$', metrics, re.M
+    )
+    assert fetched and float(fetched.group(1)) == 3
+    assert refused and float(refused.group(1)) == 5
