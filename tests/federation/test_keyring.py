@@ -455,18 +455,24 @@ async def test_key_fetches_are_budgeted_per_client_address(
 
 
 def test_fetch_budget_windows_and_ipv6_prefixes() -> None:
-    now = [0.0]
+    now = [30.0]
     budget = FetchBudget(2, max_clients=3, clock=lambda: now[0])
     # Addresses in one IPv6 /64 share a budget.
     assert client_bucket("2001:db8::1") == client_bucket("2001:db8::ffff:2")
     assert budget.take("2001:db8::1") and budget.take("2001:db8::2")
     assert not budget.take("2001:db8::3")
     assert budget.take("2001:db8:0:1::1")  # another /64
-    # At most max_clients clients per minute are tracked; newcomers wait.
+    # At most max_clients clients are tracked; a newcomer waits for the oldest minute.
+    now[0] = 50.0
     assert budget.take("192.0.2.1")
     assert not budget.take("192.0.2.2")
-    now[0] = 60.0  # the next minute: everyone starts afresh
-    assert budget.take("2001:db8::3") and budget.take("192.0.2.2")
+    # Each client's minute runs from its first fetch.
+    now[0] = 89.0
+    assert not budget.take("2001:db8::3")
+    now[0] = 90.0
+    assert budget.take("2001:db8::3")  # its minute is over; and it made room
+    assert budget.take("192.0.2.2")  # the oldest entry left made room
+    assert not budget.take("192.0.2.3")
 
 
 async def test_a_client_cannot_start_a_fetch_while_every_slot_is_taken(

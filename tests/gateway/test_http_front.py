@@ -10,6 +10,7 @@ how long anything took.
 
 from __future__ import annotations
 
+import random
 import re
 import select
 import socket
@@ -341,9 +342,10 @@ def test_key_fetches_caused_by_one_client_are_budgeted(
     # keys; one client address gets PS_KEY_FETCHES_PER_CLIENT_PER_MINUTE fetches, then
     # 401 without a fetch.
     gateway = _start(spawn_service, PS_KEY_FETCHES_PER_CLIENT_PER_MINUTE="3", **NO_NOTARY)
+    port = random.randrange(1024, 65000)  # fresh names: nothing in the negative cache
     with httpx.Client(base_url=gateway.api_url, timeout=10) as client:
         for n in range(8):
-            auth = f'X-Matrix origin="127.0.0.{n + 2}:9",key="ed25519:a",sig="AA"'
+            auth = f'X-Matrix origin="127.0.0.{n + 2}:{port}",key="ed25519:a",sig="AA"'
             r = client.post(SIGN, content=b"{}", headers={"Authorization": auth})
             assert r.status_code == 401, r.text
             assert r.json()["errcode"] == "M_UNAUTHORIZED"
@@ -356,3 +358,19 @@ def test_key_fetches_caused_by_one_client_are_budgeted(
     )
     assert fetched and float(fetched.group(1)) == 3
     assert refused and float(refused.group(1)) == 5
+
+
+def test_a_connection_answered_before_its_body_does_not_stay_open_idle(
+    spawn_service: Callable[..., ServiceProcess],
+) -> None:
+    # /send answers 401 before reading the body; the client then sends the body and
+    # nothing more. uvicorn's keep-alive timer was cancelled by those bytes: without the
+    # front's deadline the connection would stay open for good.
+    gateway = _start(spawn_service, PS_HTTP_HEADER_TIMEOUT_SECONDS="1")
+    with _connect(gateway) as sock:
+        sock.sendall(f"PUT {SEND} HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n\r\n".encode())
+        answer = _read_one_response(sock)
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+        sock.sendall(b"{}")
+        assert _read_response(sock) == b""  # closed by the server, not by PATIENCE
+    assert _rejected(gateway, "header_timeout") == 1

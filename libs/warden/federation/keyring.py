@@ -159,11 +159,12 @@ def client_bucket(address: str) -> str:
 
 
 class FetchBudget:
-    """Fetches each client may start per minute (a fixed window per minute).
+    """Fetches each client may start within a minute of its first one.
 
-    The table holds the clients of the current minute only: it is emptied when the
-    minute changes, and past ``max_clients`` new clients are refused until then, so its
-    size is bounded whatever the number of addresses an attacker has.
+    Each client's minute starts with its first fetch, so a burst is never split across
+    two windows. The table is bounded: past ``max_clients`` the oldest entry makes room
+    once its minute is over, and until then newcomers are refused, whatever the number
+    of addresses an attacker has.
     """
 
     def __init__(
@@ -176,22 +177,26 @@ class FetchBudget:
         self._per_minute = per_minute
         self._max_clients = max_clients
         self._clock = clock
-        self._window = -1
-        self._counts: dict[str, int] = {}
+        self._used: dict[str, tuple[float, int]] = {}  # bucket -> (minute start, count)
 
     def take(self, client: str) -> bool:
         """Charge one fetch to ``client``; False when its budget for this minute is spent."""
-        window = int(self._clock() // 60)
-        if window != self._window:
-            self._window = window
-            self._counts.clear()
+        now = self._clock()
         bucket = client_bucket(client)
-        used = self._counts.get(bucket, 0)
-        if used >= self._per_minute:
-            return False
-        if used == 0 and len(self._counts) >= self._max_clients:
-            return False
-        self._counts[bucket] = used + 1
+        entry = self._used.get(bucket)
+        if entry is not None and now - entry[0] < 60.0:
+            if entry[1] >= self._per_minute:
+                return False
+            self._used[bucket] = (entry[0], entry[1] + 1)
+            return True
+        if entry is not None:
+            del self._used[bucket]  # re-inserted below: the table stays oldest first
+        elif len(self._used) >= self._max_clients:
+            oldest = next(iter(self._used))
+            if now - self._used[oldest][0] < 60.0:
+                return False
+            del self._used[oldest]
+        self._used[bucket] = (now, 1)
         return True
 
 
@@ -208,6 +213,7 @@ class Keyring:
         our_server_name: str,
         our_keys: Mapping[KeyID, VerifyKey],
         clock: Callable[[], int] = current_time_ms,
+        fetch_budget: FetchBudget | None = None,
     ) -> None:
         self._client = federation_client
         self._redis = redis
@@ -228,7 +234,8 @@ class Keyring:
         self._negative_seconds = settings.key_negative_cache_seconds
         self._negative_timeout_seconds = settings.key_negative_cache_timeout_seconds
         self._fetch_slots = asyncio.Semaphore(settings.key_fetch_concurrency)
-        self._budget = FetchBudget(settings.key_fetches_per_client_per_minute)
+        # ``fetch_budget`` replaces the one the settings describe (tests fix its clock).
+        self._budget = fetch_budget or FetchBudget(settings.key_fetches_per_client_per_minute)
         self._memory = _MemoryCache(MEMORY_CACHE_SIZE, MEMORY_CACHE_TTL_SECONDS)
         self._inflight: dict[str, asyncio.Task[_FetchResult]] = {}
 

@@ -284,12 +284,21 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     def on_message_complete(self) -> None:
         """The whole request is in: no deadline of ours while the app answers."""
         super().on_message_complete()
-        self._phase = _APP
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete:
+            # Answered before its body was in (say a 401 before reading): uvicorn's
+            # keep-alive timer was cancelled by the body's bytes, so the connection is
+            # idle with no timer; the header deadline closes it if no request follows.
+            self._phase = _IDLE
+            self._phase_started = self.loop.time()
+        else:
+            self._phase = _APP
 
     def on_response_complete(self) -> None:
         """Answered: idle until the next request (uvicorn's keep-alive timer)."""
+        pipelined = bool(self.pipeline)  # a request queued behind: it runs next
         super().on_response_complete()
-        if self._phase == _APP:
+        if self._phase == _APP and not pipelined:
             self._phase = _IDLE
 
     # --- deadlines ---
@@ -308,6 +317,14 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
                 return
             if now - self._phase_started > self.limits.body_timeout_seconds:
                 self._time_out("body_timeout", partial=True)
+        elif self._phase == _IDLE and self.timeout_keep_alive_task is None:
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                return
+            if now - self._phase_started > self.limits.header_timeout_seconds:
+                _REJECTED["header_timeout"].inc()
+                self._closed_by_front = True
+                self.transport.close()
 
     def _time_out(self, reason: str, *, partial: bool) -> None:
         _REJECTED[reason].inc()
