@@ -387,6 +387,9 @@ class Bench:
             "PS_FEDERATION_CA_FILE": str(self.ca_file),
             "PS_HOMESERVER_DENIED_NETWORKS": ",".join(denied),
             "PS_SIGN_RATE_LIMIT_PER_ORIGIN": str(self.config.rate_limit),
+            # Every simulated origin comes from 127.0.0.1: one client address whose
+            # first requests make the gateway fetch every origin's key.
+            "PS_KEY_FETCHES_PER_CLIENT_PER_MINUTE": "100000",
         }
 
     # --- the stack ---

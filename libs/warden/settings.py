@@ -194,11 +194,13 @@ class Settings(BaseSettings):
     admin_auth_failures_per_minute: int = Field(default=10, ge=1)
 
     # --- Key fetches made on behalf of unauthenticated requests (Warden) ---
-    # Fetches of other servers' keys in flight at once, per process; past it a request
-    # that needs one gets 401 at once (event signature checks wait for a slot).
+    # Fetches of other servers' keys in flight at once, per process; a request that
+    # needs one more waits a second for a slot, then gets 401 (event signature checks
+    # wait as long as it takes).
     key_fetch_concurrency: int = Field(default=16, ge=1)
-    # Fetches one client address may start per minute (X-Matrix lookups); past it, 401.
-    key_fetches_per_client_per_minute: int = Field(default=20, ge=1)
+    # Fetches one client address may start within a minute (X-Matrix lookups); past it,
+    # 401 without fetching.
+    key_fetches_per_client_per_minute: int = Field(default=60, ge=1)
     # A key lookup that timed out or could not connect is not retried for this long
     # (definitive failures: PS_KEY_NEGATIVE_CACHE_SECONDS).
     key_negative_cache_timeout_seconds: int = Field(default=10, ge=0)

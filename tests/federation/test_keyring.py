@@ -479,7 +479,7 @@ async def test_a_client_cannot_start_a_fetch_while_every_slot_is_taken(
     key_server_start: Any, key_server_keyring: KeyringFactory
 ) -> None:
     slow_key, other_key = generate_signing_key("a_rmS1"), generate_signing_key("a_rmS2")
-    slow = await key_server_start(KeyServer(delay=1.0))
+    slow = await key_server_start(KeyServer(delay=3.0))  # longer than SLOT_WAIT_SECONDS
     slow.serve = self_signed(slow, slow_key)
     other = await key_server_start(KeyServer())
     other.serve = self_signed(other, other_key)
@@ -494,7 +494,8 @@ async def test_a_client_cannot_start_a_fetch_while_every_slot_is_taken(
         await keyring.get_verify_key(ServerName(other.name), KeyID("ed25519:a_rmS2"), requester="b")
     assert other.hits == 0
     assert _refused("busy") == before + 1
-    # A lookup on nobody's behalf (an event's signature) waits for the slot instead.
+    # A lookup on nobody's behalf (an event's signature) waits for the slot as long as
+    # it takes.
     key = await keyring.get_verify_key(ServerName(other.name), KeyID("ed25519:a_rmS2"))
     assert bytes(key) == bytes(get_verify_key(other_key))
     assert bytes(await first) == bytes(get_verify_key(slow_key))

@@ -27,8 +27,11 @@ the request is authenticated and server names cost an attacker nothing:
 ``PS_KEY_FETCH_CONCURRENCY`` fetches at once per process, and
 ``PS_KEY_FETCHES_PER_CLIENT_PER_MINUTE`` fetches started per client address (IPv6 per
 /64) for the lookups a request makes on a client's behalf (``requester``). A lookup over
-either bound fails at once without fetching (``warden_key_fetches_refused_total``); a
-lookup without a requester (event signatures checked by a worker) waits for a slot.
+its client's budget fails at once without fetching; one that finds every slot taken
+waits ``SLOT_WAIT_SECONDS`` at most (a burst of legitimate first contacts clears in
+that time; slots held by an attacker's slow names do not), then fails
+(``warden_key_fetches_refused_total``). A lookup without a requester (event signatures
+checked by a worker) waits for a slot as long as it takes.
 
 The compromised key policyserv excludes (ELEMENTSEC-2025-1670) is dropped from every
 fetch: it is the ed25519 key Go's ``ed25519.GenerateKey`` makes from
@@ -76,6 +79,9 @@ logger = logging.getLogger(__name__)
 COMPROMISED_KEYS: frozenset[bytes] = frozenset(
     {decode_base64("l/O9hxMVKB6Lg+3Hqf0FQQZhVESQcMzbPN1Cz2nM3og")}
 )
+
+# How long a lookup made for a request waits for a free fetch slot.
+SLOT_WAIT_SECONDS = 1.0
 
 MEMORY_CACHE_SIZE = 4096
 MEMORY_CACHE_TTL_SECONDS = 300.0
@@ -321,23 +327,19 @@ class Keyring:
         """Fetch and store ``server_name``'s keys, sharing one fetch between callers.
 
         Joining a fetch already under way is free; starting one on a requester's behalf
-        takes from its budget and needs a free slot (else ``KeyNotFound`` at once).
+        takes from its budget (else ``KeyNotFound`` at once) and waits for a free slot
+        ``SLOT_WAIT_SECONDS`` at most.
         """
         task = self._inflight.get(server_name)
         if task is None:
-            if requester is not None:
-                if not self._budget.take(requester):
-                    KEY_FETCHES_REFUSED.labels("client_budget").inc()
-                    raise KeyNotFound(
-                        f"no key {key_id} for {server_name}: too many key fetches for this"
-                        " client; retry later"
-                    )
-                if self._fetch_slots.locked():
-                    KEY_FETCHES_REFUSED.labels("busy").inc()
-                    raise KeyNotFound(
-                        f"no key {key_id} for {server_name}: key fetches busy; retry later"
-                    )
-            task = asyncio.create_task(self._fetch_in_slot(server_name, key_id, at))
+            if requester is not None and not self._budget.take(requester):
+                KEY_FETCHES_REFUSED.labels("client_budget").inc()
+                raise KeyNotFound(
+                    f"no key {key_id} for {server_name}: too many key fetches for this"
+                    " client; retry later"
+                )
+            wait = None if requester is None else SLOT_WAIT_SECONDS
+            task = asyncio.create_task(self._fetch_in_slot(server_name, key_id, at, wait))
             self._inflight[server_name] = task
 
             def _forget(done: asyncio.Task[Any]) -> None:
@@ -348,9 +350,25 @@ class Keyring:
         # Shielded: one caller giving up must not cancel the fetch for the others.
         return await asyncio.shield(task)
 
-    async def _fetch_in_slot(self, server_name: ServerName, key_id: KeyID, at: int) -> _FetchResult:
-        async with self._fetch_slots:
+    async def _fetch_in_slot(
+        self, server_name: ServerName, key_id: KeyID, at: int, wait: float | None
+    ) -> _FetchResult:
+        """Fetch once a slot is free; past ``wait`` seconds (if given), refuse instead."""
+        if wait is None:
+            await self._fetch_slots.acquire()
+        else:
+            try:
+                async with asyncio.timeout(wait):
+                    await self._fetch_slots.acquire()
+            except TimeoutError:
+                KEY_FETCHES_REFUSED.labels("busy").inc()
+                raise KeyNotFound(
+                    f"no key {key_id} for {server_name}: key fetches busy; retry later"
+                ) from None
+        try:
             return await self._fetch_and_store(server_name, key_id, at)
+        finally:
+            self._fetch_slots.release()
 
     async def _fetch_and_store(
         self, server_name: ServerName, key_id: KeyID, at: int
