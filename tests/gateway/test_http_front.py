@@ -374,3 +374,17 @@ def test_a_connection_answered_before_its_body_does_not_stay_open_idle(
         sock.sendall(b"{}")
         assert _read_response(sock) == b""  # closed by the server, not by PATIENCE
     assert _rejected(gateway, "header_timeout") == 1
+
+
+def test_an_upgrade_request_is_answered_as_plain_http(
+    spawn_service: Callable[..., ServiceProcess],
+) -> None:
+    gateway = _start(spawn_service)
+    with _connect(gateway) as sock:
+        sock.sendall(
+            b"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        answer = _read_one_response(sock)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]

@@ -95,6 +95,7 @@ class ServiceRuntime:
             # One write per response (http_writes.py), and the front's bounds on URL,
             # headers, read deadlines, concurrency and connections (http_limits.py).
             http=protocol_class(limits),
+            ws="none",  # no service speaks WebSocket; an Upgrade is served as plain HTTP
             timeout_keep_alive=30,
             timeout_graceful_shutdown=max(1, int(self.settings.shutdown_timeout_seconds)),
         )
