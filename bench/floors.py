@@ -78,7 +78,12 @@ class MemoryKeys:
         }
 
     async def get_verify_key(
-        self, server_name: ServerName, key_id: KeyID, *, at_ms: int | None = None
+        self,
+        server_name: ServerName,
+        key_id: KeyID,
+        *,
+        at_ms: int | None = None,
+        requester: str | None = None,
     ) -> VerifyKey:
         """The key, or ``Unauthorized`` (a ``KeyringError`` is not needed here)."""
         key = self._keys.get((server_name, key_id))

@@ -21,15 +21,18 @@ def server_key(server_name: str, key_id: str) -> str:
     return f"{PREFIX}server_key:{server_name}/{key_id}"
 
 
-def server_keys_negative(server_name: str) -> str:
-    """Marks a server whose keys were just fetched without finding the key asked for.
+def server_keys_negative(server_name: str, key_id: str) -> str:
+    """Marks a (server, key ID) whose lookup just failed to find a usable key.
 
     Value: a short text saying why (shown in the M_UNAUTHORIZED message). TTL:
-    ``PS_KEY_NEGATIVE_CACHE_SECONDS``. While it exists no replica fetches that server's
-    keys again, so requests signed with unknown keys cannot make us fetch on every
-    request.
+    ``PS_KEY_NEGATIVE_CACHE_SECONDS`` for a definitive answer,
+    ``PS_KEY_NEGATIVE_CACHE_TIMEOUT_SECONDS`` for a failure that may pass. While it
+    exists no replica fetches for that key again, so requests signed with unknown keys
+    cannot make us fetch on every request. Keyed by key ID too, so a made-up key ID does
+    not mark the server's real keys. Server names hold no ``|``; key IDs may, and come
+    last.
     """
-    return f"{PREFIX}server_keys_negative:{server_name}"
+    return f"{PREFIX}server_keys_negative:{server_name}|{key_id}"
 
 
 def verdict(event_id: str) -> str:

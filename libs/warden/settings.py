@@ -225,6 +225,40 @@ class Settings(BaseSettings):
     # Retry-After, before it is counter-signed.
     invite_join_max_pending: int = Field(default=16, ge=1)
 
+    # --- HTTP front: bounds every listener enforces before any app code (Warden) ---
+    # Request target (path and query) longer than this: 414.
+    http_max_url_bytes: int = Field(default=8192, ge=256)
+    # Header block (names and values) larger than this, or more fields than this: 431.
+    http_max_header_bytes: int = Field(default=16384, ge=1024)
+    http_max_headers: int = Field(default=64, ge=8)
+    # The request line and headers must arrive within this of the connection (or of the
+    # request's first byte on a kept-alive one); the body within the other of the head.
+    # Past either: 408 and the connection is closed.
+    http_header_timeout_seconds: float = Field(default=10.0, gt=0)
+    http_body_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Requests handled at once per listener; the next gets 503 with Retry-After.
+    http_max_concurrency: int = Field(default=1024, ge=1)
+    # Open connections per listener; the next gets 503 and is closed.
+    http_max_connections: int = Field(default=10000, ge=1)
+    # The admin API (/api/v1) on a listener of its own, e.g. 127.0.0.1:8082. Empty: on
+    # PS_HTTP_BIND with federation, which exposes it to the internet (not recommended).
+    admin_http_bind: str = ""
+    # Failed admin authentications allowed per client address per minute; past it,
+    # 429 M_LIMIT_EXCEEDED until the minute ends.
+    admin_auth_failures_per_minute: int = Field(default=10, ge=1)
+
+    # --- Key fetches made on behalf of unauthenticated requests (Warden) ---
+    # Fetches of other servers' keys in flight at once, per process; a request that
+    # needs one more waits a second for a slot, then gets 401 (event signature checks
+    # wait as long as it takes).
+    key_fetch_concurrency: int = Field(default=16, ge=1)
+    # Fetches one client address may start within a minute (X-Matrix lookups); past it,
+    # 401 without fetching.
+    key_fetches_per_client_per_minute: int = Field(default=60, ge=1)
+    # A key lookup that timed out or could not connect is not retried for this long
+    # (definitive failures: PS_KEY_NEGATIVE_CACHE_SECONDS).
+    key_negative_cache_timeout_seconds: int = Field(default=10, ge=0)
+
     @field_validator(
         "homeserver_allowed_networks",
         "homeserver_denied_networks",
@@ -272,6 +306,13 @@ class Settings(BaseSettings):
     @classmethod
     def _bind(cls, value: str) -> str:
         parse_bind(value)
+        return value
+
+    @field_validator("admin_http_bind")
+    @classmethod
+    def _admin_bind(cls, value: str) -> str:
+        if value:
+            parse_bind(value)
         return value
 
     @field_validator("federation_ca_file", "nats_tls_ca_file")

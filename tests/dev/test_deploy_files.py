@@ -232,3 +232,18 @@ def test_network_policies_open_only_federation_to_everyone(k8s: list[dict[str, A
     bus = find(k8s, "NetworkPolicy", "warden-bus-and-cache")["spec"]
     (rule,) = bus["ingress"]
     assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "warden"}}}]
+
+
+def test_the_admin_api_has_its_own_port_outside_the_public_service(
+    k8s: list[dict[str, Any]],
+) -> None:
+    # Review M11: PS_ADMIN_HTTP_BIND names a container port that no Service exposes.
+    (container,) = find(k8s, "Deployment", "warden-gateway")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    env = {e["name"]: e for e in container["env"]}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["admin"] == parse_bind(env["PS_ADMIN_HTTP_BIND"]["value"])[1]
+    for service in (d for d in k8s if d["kind"] == "Service"):
+        exposed = {p.get("targetPort") for p in service["spec"]["ports"]}
+        assert "admin" not in exposed and ports["admin"] not in exposed

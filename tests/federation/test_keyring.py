@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 from signedjson.key import decode_signing_key_base64, generate_signing_key, get_verify_key
 from signedjson.sign import sign_json
 from starlette.applications import Starlette
@@ -26,7 +27,14 @@ from unpaddedbase64 import encode_base64
 
 from warden import redis_keys
 from warden.federation.client import FederationClient
-from warden.federation.keyring import COMPROMISED_KEYS, KeyExpired, KeyNotFound, Keyring
+from warden.federation.keyring import (
+    COMPROMISED_KEYS,
+    FetchBudget,
+    KeyExpired,
+    KeyNotFound,
+    Keyring,
+    client_bucket,
+)
 from warden.federation.server_key_document import build_server_key_document, current_time_ms
 from warden.federation.xmatrix import sign_request, verify_request
 from warden.matrix.ids import KeyID, ServerName
@@ -115,15 +123,19 @@ async def key_server_keyring(
         notary: str = "",
         negative: int = 60,
         clock: Callable[[], int] = current_time_ms,
+        fetch_budget: FetchBudget | None = None,
+        **overrides: Any,
     ) -> Keyring:
-        settings = make_settings(
-            homeserver_denied_networks=DENIED_WITHOUT_LOOPBACK,
-            federation_ca_file=tls_ca_file,
-            direct_key_fetching=direct,
-            key_query_server=notary,
-            key_negative_cache_seconds=negative,
-            key_fetch_timeout_seconds=5.0,
-        )
+        values: dict[str, Any] = {
+            "homeserver_denied_networks": DENIED_WITHOUT_LOOPBACK,
+            "federation_ca_file": tls_ca_file,
+            "direct_key_fetching": direct,
+            "key_query_server": notary,
+            "key_negative_cache_seconds": negative,
+            "key_fetch_timeout_seconds": 5.0,
+        }
+        values.update(overrides)
+        settings = make_settings(**values)
         client = FederationClient(settings, OUR_KEY)
         clients.append(client)
         return Keyring(
@@ -134,6 +146,7 @@ async def key_server_keyring(
             our_server_name=OUR_NAME,
             our_keys={key_id_of(OUR_KEY): get_verify_key(OUR_KEY)},
             clock=clock,
+            fetch_budget=fetch_budget,
         )
 
     try:
@@ -335,16 +348,19 @@ async def test_negative_cache_limits_fetches_for_unknown_keys(
     assert server.hits == 1
     with pytest.raises(KeyNotFound, match="recently looked up"):
         await keyring.get_verify_key(name, KeyID("ed25519:unknown"))
-    # Another replica (another Keyring on the same Redis) honours it too, even for
-    # another unknown key of the same server.
+    # Another replica (another Keyring on the same Redis) honours it too.
     with pytest.raises(KeyNotFound, match="recently looked up"):
-        await key_server_keyring(negative=1).get_verify_key(name, KeyID("ed25519:other"))
+        await key_server_keyring(negative=1).get_verify_key(name, KeyID("ed25519:unknown"))
     assert server.hits == 1
+    # The entry is per key ID: another key of the same server is looked up (review H8).
+    with pytest.raises(KeyNotFound, match="not published"):
+        await keyring.get_verify_key(name, KeyID("ed25519:other"))
+    assert server.hits == 2
 
     await asyncio.sleep(1.2)
     with pytest.raises(KeyNotFound, match="not published"):
         await keyring.get_verify_key(name, KeyID("ed25519:unknown"))
-    assert server.hits == 2
+    assert server.hits == 3
 
 
 async def test_fetch_failure_is_negatively_cached(
@@ -360,8 +376,129 @@ async def test_fetch_failure_is_negatively_cached(
     with pytest.raises(KeyNotFound, match="recently looked up"):
         await keyring.get_verify_key(name, KeyID("ed25519:any"))
     assert server.hits == 1
-    ttl = await redis_client.ttl(redis_keys.server_keys_negative(name))
-    assert 0 < ttl <= 30
+    ttl = await redis_client.ttl(redis_keys.server_keys_negative(name, "ed25519:any"))
+    # A 502 may pass: kept PS_KEY_NEGATIVE_CACHE_TIMEOUT_SECONDS (10), not 30.
+    assert 0 < ttl <= 10
+
+
+# --- bounds on fetches made before authentication (review H8) ---
+
+
+def _refused(reason: str) -> float:
+    return REGISTRY.get_sample_value("warden_key_fetches_refused_total", {"reason": reason}) or 0.0
+
+
+async def test_a_made_up_key_id_that_timed_out_does_not_block_the_real_key(
+    key_server_start: Any, key_server_keyring: KeyringFactory, redis_client: aioredis.Redis
+) -> None:
+    # An attacker names a real server with a made-up key ID while the lookup is slow
+    # (a notary or key server slowed down on purpose): the failure is remembered for
+    # that key ID only, and briefly.
+    remote = generate_signing_key("a_rmH8")
+    server = await key_server_start(KeyServer(delay=2.0))
+    server.serve = self_signed(server, remote)
+    keyring = key_server_keyring(key_fetch_timeout_seconds=0.5)
+    name = ServerName(server.name)
+    with pytest.raises(KeyNotFound, match="direct"):
+        await keyring.get_verify_key(name, KeyID("ed25519:madeup"), requester="192.0.2.1")
+    ttl = await redis_client.ttl(redis_keys.server_keys_negative(name, "ed25519:madeup"))
+    assert 0 < ttl <= 10  # PS_KEY_NEGATIVE_CACHE_TIMEOUT_SECONDS, not the full minute
+    assert not await redis_client.exists(redis_keys.server_keys_negative(name, "ed25519:a_rmH8"))
+
+    server.delay = 0.0
+    key = await keyring.get_verify_key(name, KeyID("ed25519:a_rmH8"))
+    assert bytes(key) == bytes(get_verify_key(remote))
+
+
+async def test_definitive_failures_are_remembered_longer_than_timeouts(
+    key_server_start: Any, key_server_keyring: KeyringFactory, redis_client: aioredis.Redis
+) -> None:
+    remote = generate_signing_key("a_rmD8")
+    server = await key_server_start(KeyServer())
+    server.serve = self_signed(server, remote)
+    keyring = key_server_keyring(negative=60, key_negative_cache_timeout_seconds=5)
+    name = ServerName(server.name)
+    with pytest.raises(KeyNotFound, match="not published"):
+        await keyring.get_verify_key(name, KeyID("ed25519:nope"))
+    ttl = await redis_client.ttl(redis_keys.server_keys_negative(name, "ed25519:nope"))
+    assert 5 < ttl <= 60
+
+
+async def test_key_fetches_are_budgeted_per_client_address(
+    key_server_start: Any, key_server_keyring: KeyringFactory
+) -> None:
+    remote = generate_signing_key("a_rmB8")
+    server = await key_server_start(KeyServer())
+    server.serve = self_signed(server, remote)
+    budget = FetchBudget(3, clock=lambda: 0.0)  # one minute that never ends
+    keyring = key_server_keyring(fetch_budget=budget)
+    name = ServerName(server.name)
+    attacker = "192.0.2.7"
+    for i in range(3):
+        with pytest.raises(KeyNotFound, match="not published"):
+            await keyring.get_verify_key(name, KeyID(f"ed25519:x{i}"), requester=attacker)
+    assert server.hits == 3
+    before = _refused("client_budget")
+    with pytest.raises(KeyNotFound, match="too many key fetches"):
+        await keyring.get_verify_key(name, KeyID("ed25519:x3"), requester=attacker)
+    assert server.hits == 3  # refused without a fetch
+    assert _refused("client_budget") == before + 1
+    # A key already known costs no budget, even for that client.
+    key = await keyring.get_verify_key(name, KeyID("ed25519:a_rmB8"), requester=attacker)
+    assert bytes(key) == bytes(get_verify_key(remote))
+    # Another client, and lookups on nobody's behalf, still fetch.
+    with pytest.raises(KeyNotFound, match="not published"):
+        await keyring.get_verify_key(name, KeyID("ed25519:x4"), requester="192.0.2.8")
+    with pytest.raises(KeyNotFound, match="not published"):
+        await keyring.get_verify_key(name, KeyID("ed25519:x5"))
+    assert server.hits == 5
+
+
+def test_fetch_budget_windows_and_ipv6_prefixes() -> None:
+    now = [30.0]
+    budget = FetchBudget(2, max_clients=3, clock=lambda: now[0])
+    # Addresses in one IPv6 /64 share a budget.
+    assert client_bucket("2001:db8::1") == client_bucket("2001:db8::ffff:2")
+    assert budget.take("2001:db8::1") and budget.take("2001:db8::2")
+    assert not budget.take("2001:db8::3")
+    assert budget.take("2001:db8:0:1::1")  # another /64
+    # At most max_clients clients are tracked; a newcomer waits for the oldest minute.
+    now[0] = 50.0
+    assert budget.take("192.0.2.1")
+    assert not budget.take("192.0.2.2")
+    # Each client's minute runs from its first fetch.
+    now[0] = 89.0
+    assert not budget.take("2001:db8::3")
+    now[0] = 90.0
+    assert budget.take("2001:db8::3")  # its minute is over; and it made room
+    assert budget.take("192.0.2.2")  # the oldest entry left made room
+    assert not budget.take("192.0.2.3")
+
+
+async def test_a_client_cannot_start_a_fetch_while_every_slot_is_taken(
+    key_server_start: Any, key_server_keyring: KeyringFactory
+) -> None:
+    slow_key, other_key = generate_signing_key("a_rmS1"), generate_signing_key("a_rmS2")
+    slow = await key_server_start(KeyServer(delay=3.0))  # longer than SLOT_WAIT_SECONDS
+    slow.serve = self_signed(slow, slow_key)
+    other = await key_server_start(KeyServer())
+    other.serve = self_signed(other, other_key)
+    keyring = key_server_keyring(key_fetch_concurrency=1)
+    first = asyncio.create_task(
+        keyring.get_verify_key(ServerName(slow.name), KeyID("ed25519:a_rmS1"), requester="a")
+    )
+    while slow.hits == 0:
+        await asyncio.sleep(0.01)
+    before = _refused("busy")
+    with pytest.raises(KeyNotFound, match="busy"):
+        await keyring.get_verify_key(ServerName(other.name), KeyID("ed25519:a_rmS2"), requester="b")
+    assert other.hits == 0
+    assert _refused("busy") == before + 1
+    # A lookup on nobody's behalf (an event's signature) waits for the slot as long as
+    # it takes.
+    key = await keyring.get_verify_key(ServerName(other.name), KeyID("ed25519:a_rmS2"))
+    assert bytes(key) == bytes(get_verify_key(other_key))
+    assert bytes(await first) == bytes(get_verify_key(slow_key))
 
 
 # --- sharing through Redis and PostgreSQL ---

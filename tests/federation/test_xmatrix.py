@@ -34,6 +34,7 @@ from warden.federation.xmatrix import (
     XMatrixCredentials,
     _signing_payload,
     _signing_payload_from_json,
+    authenticate_headers,
     is_valid_server_name,
     parse_authorization_headers,
     sign_request,
@@ -302,6 +303,43 @@ async def test_several_headers() -> None:
     mixed = sign_request("other.example", US, "POST", URI, BODY, OTHER_KEY)
     with pytest.raises(Unauthorized, match="different origins"):
         await verify_request("POST", URI, BODY, [good, mixed], US, keyring)
+
+
+async def test_too_many_headers_are_refused_before_any_key_lookup() -> None:
+    # Review H8: 5000 headers, each with its own key ID, cost no lookup at all.
+    keyring = origin_keyring()
+    good = sign_request(ORIGIN, US, "POST", URI, BODY, ORIGIN_KEY)
+    many = [good.replace('key="ed25519:a_orig"', f'key="ed25519:k{i}"') for i in range(5000)]
+    with pytest.raises(Unauthorized, match="more than 4 X-Matrix headers"):
+        await verify_request("POST", URI, BODY, [*many, good], US, keyring)
+    assert keyring.calls == []
+    # Four are fine (the one that verifies among them).
+    assert await verify_request("POST", URI, BODY, [*many[:3], good], US, keyring)
+
+
+async def test_a_key_id_given_twice_is_refused_before_any_key_lookup() -> None:
+    # A valid header repeated would cost one signature check per copy.
+    keyring = origin_keyring()
+    good = sign_request(ORIGIN, US, "POST", URI, BODY, ORIGIN_KEY)
+    with pytest.raises(Unauthorized, match="given twice"):
+        await verify_request("POST", URI, BODY, [good, good], US, keyring)
+    assert keyring.calls == []
+
+
+async def test_headers_are_checked_and_keys_obtained_before_the_body() -> None:
+    # Review H7: authenticate_headers needs no body; only the signature check does.
+    keyring = origin_keyring()
+    good = sign_request(ORIGIN, US, "POST", URI, BODY, ORIGIN_KEY)
+    auth = await authenticate_headers([good], US, keyring)
+    assert keyring.calls == [(ORIGIN, "ed25519:a_orig")]
+    assert auth.verify_content("POST", URI, BODY) == ORIGIN
+    with pytest.raises(Unauthorized, match="Invalid X-Matrix signature"):
+        auth.verify_content("POST", URI, {"other": "body"})
+    unknown = sign_request(ORIGIN, US, "POST", URI, BODY, OTHER_KEY)
+    with pytest.raises(Unauthorized, match="No usable key"):
+        await authenticate_headers([unknown], US, keyring)
+    with pytest.raises(Unauthorized, match="Missing X-Matrix"):
+        await authenticate_headers([], US, keyring)
 
 
 async def test_non_canonical_body_is_refused() -> None:

@@ -14,9 +14,24 @@ in ``old_verify_keys`` that is their ``expired_ts``. Validity is capped at seven
 after fetching (spec), so even a long-lived key is refetched weekly.
 
 When a fetch does not produce a usable key (unknown key, expired key, fetch failure),
-the server is put in a negative cache in Redis for ``PS_KEY_NEGATIVE_CACHE_SECONDS``:
-no replica fetches its keys again until that passes. Concurrent lookups in one process
-share a single fetch per server.
+the (server, key ID) pair is put in a negative cache in Redis: no replica fetches for
+that pair again until it lapses. A definitive answer (the key is not published, the
+document is invalid) is kept ``PS_KEY_NEGATIVE_CACHE_SECONDS``; a failure that may pass
+(timeout, refused connection, 5xx) only ``PS_KEY_NEGATIVE_CACHE_TIMEOUT_SECONDS``. Keyed
+by key ID too, so a made-up key ID for a real server, or a notary slowed down on purpose,
+cannot keep the server's real key from being fetched for long. Concurrent lookups in one
+process share a single fetch per server.
+
+Fetches are bounded (review H8), because lookups for X-Matrix requests happen before
+the request is authenticated and server names cost an attacker nothing:
+``PS_KEY_FETCH_CONCURRENCY`` fetches at once per process, and
+``PS_KEY_FETCHES_PER_CLIENT_PER_MINUTE`` fetches started per client address (IPv6 per
+/64) for the lookups a request makes on a client's behalf (``requester``). A lookup over
+its client's budget fails at once without fetching; one that finds every slot taken
+waits ``SLOT_WAIT_SECONDS`` at most (a burst of legitimate first contacts clears in
+that time; slots held by an attacker's slow names do not), then fails
+(``warden_key_fetches_refused_total``). A lookup without a requester (event signatures
+checked by a worker) waits for a slot as long as it takes.
 
 The compromised key policyserv excludes (ELEMENTSEC-2025-1670) is dropped from every
 fetch: it is the ed25519 key Go's ``ed25519.GenerateKey`` makes from
@@ -28,6 +43,7 @@ well-known first ``Int63`` of seed 1 (5577006791947779410), which checks the gen
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections import OrderedDict
@@ -41,7 +57,7 @@ from redis.exceptions import RedisError
 from unpaddedbase64 import decode_base64
 
 from warden import redis_keys
-from warden.federation.errors import FederationError
+from warden.federation.errors import FederationError, TemporaryFederationError
 from warden.federation.keyring_errors import KeyExpired, KeyNotFound, KeyringError
 from warden.federation.server_key_document import (
     FetchedKey,
@@ -54,7 +70,7 @@ from warden.federation.xmatrix import is_valid_server_name
 from warden.matrix.ids import KeyID, ServerName
 from warden.matrix.keys import VerifyKey, decode_verify_key
 from warden.settings import Settings
-from warden.telemetry.metrics import KEY_FETCHES
+from warden.telemetry.metrics import KEY_FETCHES, KEY_FETCHES_REFUSED
 
 __all__ = ["KeyExpired", "KeyFetchClient", "KeyNotFound", "Keyring", "KeyringError"]
 
@@ -64,6 +80,9 @@ logger = logging.getLogger(__name__)
 COMPROMISED_KEYS: frozenset[bytes] = frozenset(
     {decode_base64("l/O9hxMVKB6Lg+3Hqf0FQQZhVESQcMzbPN1Cz2nM3og")}
 )
+
+# How long a lookup made for a request waits for a free fetch slot.
+SLOT_WAIT_SECONDS = 1.0
 
 MEMORY_CACHE_SIZE = 4096
 MEMORY_CACHE_TTL_SECONDS = 300.0
@@ -94,6 +113,11 @@ class KeyFetchClient(Protocol):
     ) -> Any:
         """POST JSON to another server and return its JSON answer."""
         ...
+
+
+# What one fetch produced: the keys found, the sources' failures, and whether every
+# failure was one that may pass (timeouts, refused connections, 5xx).
+_FetchResult = tuple[dict[KeyID, FetchedKey], list[str], bool]
 
 
 class _MemoryCache:
@@ -130,6 +154,59 @@ def _usable(key: FetchedKey, at_ms: int) -> bool:
     return at_ms <= key.valid_until_ts
 
 
+def client_bucket(address: str) -> str:
+    """The budget a client address is charged to: itself, or its /64 for IPv6."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:64]
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class FetchBudget:
+    """Fetches each client may start within a minute of its first one.
+
+    Each client's minute starts with its first fetch, so a burst is never split across
+    two windows. The table is bounded: past ``max_clients`` the oldest entry makes room
+    once its minute is over, and until then newcomers are refused, whatever the number
+    of addresses an attacker has.
+    """
+
+    def __init__(
+        self,
+        per_minute: int,
+        *,
+        max_clients: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._per_minute = per_minute
+        self._max_clients = max_clients
+        self._clock = clock
+        self._used: dict[str, tuple[float, int]] = {}  # bucket -> (minute start, count)
+
+    def take(self, client: str) -> bool:
+        """Charge one fetch to ``client``; False when its budget for this minute is spent."""
+        now = self._clock()
+        bucket = client_bucket(client)
+        entry = self._used.get(bucket)
+        if entry is not None and now - entry[0] < 60.0:
+            if entry[1] >= self._per_minute:
+                return False
+            self._used[bucket] = (entry[0], entry[1] + 1)
+            return True
+        if entry is not None:
+            del self._used[bucket]  # re-inserted below: the table stays oldest first
+        elif len(self._used) >= self._max_clients:
+            oldest = next(iter(self._used))
+            if now - self._used[oldest][0] < 60.0:
+                return False
+            del self._used[oldest]
+        self._used[bucket] = (now, 1)
+        return True
+
+
 class Keyring:
     """Verify keys of other servers, for X-Matrix requests and event signatures."""
 
@@ -143,6 +220,7 @@ class Keyring:
         our_server_name: str,
         our_keys: Mapping[KeyID, VerifyKey],
         clock: Callable[[], int] = current_time_ms,
+        fetch_budget: FetchBudget | None = None,
     ) -> None:
         self._client = federation_client
         self._redis = redis
@@ -161,13 +239,26 @@ class Keyring:
             )
         self._timeout = settings.key_fetch_timeout_seconds
         self._negative_seconds = settings.key_negative_cache_seconds
+        self._negative_timeout_seconds = settings.key_negative_cache_timeout_seconds
+        self._fetch_slots = asyncio.Semaphore(settings.key_fetch_concurrency)
+        # ``fetch_budget`` replaces the one the settings describe (tests fix its clock).
+        self._budget = fetch_budget or FetchBudget(settings.key_fetches_per_client_per_minute)
         self._memory = _MemoryCache(MEMORY_CACHE_SIZE, MEMORY_CACHE_TTL_SECONDS)
-        self._inflight: dict[str, asyncio.Task[tuple[dict[KeyID, FetchedKey], list[str]]]] = {}
+        self._inflight: dict[str, asyncio.Task[_FetchResult]] = {}
 
     async def get_verify_key(
-        self, server_name: ServerName, key_id: KeyID, *, at_ms: int | None = None
+        self,
+        server_name: ServerName,
+        key_id: KeyID,
+        *,
+        at_ms: int | None = None,
+        requester: str | None = None,
     ) -> VerifyKey:
         """Return ``server_name``'s key ``key_id`` if it was valid at ``at_ms`` (default now).
+
+        ``requester`` is the address of the client on whose behalf the lookup is made
+        (an X-Matrix request not yet authenticated): a fetch it would start is charged to
+        its budget, and refused when the budget or the process's fetch slots are spent.
 
         Raises ``KeyNotFound`` when the key is unknown (or could not be fetched) and
         ``KeyExpired`` when it is known but its validity ended before ``at_ms``.
@@ -204,13 +295,13 @@ class Keyring:
         if stale is not None and stale.expired:
             raise _expired(stale, at)
 
-        negative = await self._negative_reason(server_name)
+        negative = await self._negative_reason(server_name, key_id)
         if negative is not None:
             if stale is not None:
                 raise _expired(stale, at)
             raise KeyNotFound(f"no key {key_id} for {server_name} (recently looked up: {negative})")
 
-        keys, problems = await self._fetch_shared(server_name, key_id, at)
+        keys, problems, transient = await self._fetch_shared(server_name, key_id, at, requester)
         found = keys.get(key_id)
         if found is not None and _usable(found, at):
             return found.verify_key
@@ -220,7 +311,11 @@ class Keyring:
             reason = "; ".join(problems)
         else:
             reason = f"{key_id} not published"
-        await self._set_negative(server_name, reason)
+        # A failure that may pass (timeout, refused connection) is retried sooner.
+        ttl = self._negative_seconds
+        if transient and found is None:
+            ttl = self._negative_timeout_seconds
+        await self._set_negative(server_name, key_id, reason, ttl)
         if found is not None:
             raise _expired(found, at)
         raise KeyNotFound(f"no key {key_id} for {server_name}: {reason}")
@@ -228,12 +323,24 @@ class Keyring:
     # --- fetching ---
 
     async def _fetch_shared(
-        self, server_name: ServerName, key_id: KeyID, at: int
-    ) -> tuple[dict[KeyID, FetchedKey], list[str]]:
-        """Fetch and store ``server_name``'s keys, sharing one fetch between callers."""
+        self, server_name: ServerName, key_id: KeyID, at: int, requester: str | None
+    ) -> _FetchResult:
+        """Fetch and store ``server_name``'s keys, sharing one fetch between callers.
+
+        Joining a fetch already under way is free; starting one on a requester's behalf
+        takes from its budget (else ``KeyNotFound`` at once) and waits for a free slot
+        ``SLOT_WAIT_SECONDS`` at most.
+        """
         task = self._inflight.get(server_name)
         if task is None:
-            task = asyncio.create_task(self._fetch_and_store(server_name, key_id, at))
+            if requester is not None and not self._budget.take(requester):
+                KEY_FETCHES_REFUSED.labels("client_budget").inc()
+                raise KeyNotFound(
+                    f"no key {key_id} for {server_name}: too many key fetches for this"
+                    " client; retry later"
+                )
+            wait = None if requester is None else SLOT_WAIT_SECONDS
+            task = asyncio.create_task(self._fetch_in_slot(server_name, key_id, at, wait))
             self._inflight[server_name] = task
 
             def _forget(done: asyncio.Task[Any]) -> None:
@@ -244,11 +351,33 @@ class Keyring:
         # Shielded: one caller giving up must not cancel the fetch for the others.
         return await asyncio.shield(task)
 
+    async def _fetch_in_slot(
+        self, server_name: ServerName, key_id: KeyID, at: int, wait: float | None
+    ) -> _FetchResult:
+        """Fetch once a slot is free; past ``wait`` seconds (if given), refuse instead."""
+        if wait is None:
+            await self._fetch_slots.acquire()
+        else:
+            try:
+                async with asyncio.timeout(wait):
+                    await self._fetch_slots.acquire()
+            except TimeoutError:
+                KEY_FETCHES_REFUSED.labels("busy").inc()
+                raise KeyNotFound(
+                    f"no key {key_id} for {server_name}: key fetches busy; retry later"
+                ) from None
+        try:
+            return await self._fetch_and_store(server_name, key_id, at)
+        finally:
+            self._fetch_slots.release()
+
     async def _fetch_and_store(
         self, server_name: ServerName, key_id: KeyID, at: int
-    ) -> tuple[dict[KeyID, FetchedKey], list[str]]:
+    ) -> _FetchResult:
+        """``(keys, problems, transient)``: ``transient`` when every failure may pass."""
         keys: dict[KeyID, FetchedKey] = {}
         problems: list[str] = []
+        transient = True
         sources: list[tuple[str, Callable[[], Any]]] = []
         if self._direct:
             sources.append(("direct", lambda: self._fetch_direct(server_name)))
@@ -266,6 +395,8 @@ class Keyring:
                     extra={"server": server_name, "source": source, "error": str(exc)},
                 )
                 problems.append(f"{source}: {exc}")
+                if not isinstance(exc, TemporaryFederationError):
+                    transient = False
                 continue
             KEY_FETCHES.labels(_source_label(source), "ok").inc()
             fetched = self._drop_compromised(fetched)
@@ -276,7 +407,9 @@ class Keyring:
                     keys[kid] = key
             if key_id in keys and _usable(keys[key_id], at):
                 break
-        return keys, problems
+        # "Not published" (a source answered) and "no source" are definitive.
+        transient = transient and bool(problems) and len(problems) == len(sources)
+        return keys, problems, transient
 
     async def _fetch_direct(self, server_name: ServerName) -> dict[KeyID, FetchedKey]:
         doc = await self._client.get_json(
@@ -450,25 +583,27 @@ class Keyring:
             row["expired"],
         )
 
-    async def _negative_reason(self, server_name: ServerName) -> str | None:
-        if self._negative_seconds <= 0:
+    async def _negative_reason(self, server_name: ServerName, key_id: KeyID) -> str | None:
+        if self._negative_seconds <= 0 and self._negative_timeout_seconds <= 0:
             return None
         try:
-            raw = await self._redis.get(redis_keys.server_keys_negative(server_name))
+            raw = await self._redis.get(redis_keys.server_keys_negative(server_name, key_id))
         except (RedisError, OSError):
             return None
         if raw is None:
             return None
         return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
-    async def _set_negative(self, server_name: ServerName, reason: str) -> None:
-        if self._negative_seconds <= 0:
+    async def _set_negative(
+        self, server_name: ServerName, key_id: KeyID, reason: str, seconds: int
+    ) -> None:
+        if seconds <= 0:
             return
         try:
             await self._redis.set(
-                redis_keys.server_keys_negative(server_name),
+                redis_keys.server_keys_negative(server_name, key_id),
                 reason[:500],
-                ex=self._negative_seconds,
+                ex=seconds,
             )
         except (RedisError, OSError) as exc:
             logger.warning("could not record negative key lookup in Redis: %s", exc)

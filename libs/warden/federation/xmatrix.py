@@ -20,6 +20,14 @@ Decisions on points the spec leaves open, and how they compare to Synapse:
   obtain (unknown, expired) are skipped, and at least one signature must verify. This
   matches Synapse's keyring, except that Synapse lets the last header's origin win
   when headers disagree, which we refuse.
+* At most ``MAX_XMATRIX_HEADERS`` X-Matrix headers, each with a key ID of its own
+  (review H8): each header costs a key lookup, maybe a fetch, and a signature check, all
+  before the request is authenticated. More, or a key ID twice, is 401 at once, before
+  any header is parsed past counting or any key looked up.
+* The headers are checked, and the origin's keys obtained, before the body is read
+  (``authenticate_headers``, review H7): a request without a usable X-Matrix header, or
+  from an origin whose key cannot be had, costs no body read or JSON parse. The
+  signature over the body is checked afterwards (``HeaderAuthentication.verify``).
 """
 
 from __future__ import annotations
@@ -63,14 +71,25 @@ _SERVER_NAME_RE = re.compile(rf"(?:{_IPV4}|{_IPV6}|{_DNS})(?::(?P<port>\d{{1,5}}
 
 _KNOWN_PARAMS = frozenset({"origin", "destination", "key", "sig"})
 
+# Servers sign with one key, two while rotating: four leaves room and bounds the work.
+MAX_XMATRIX_HEADERS = 4
+
 
 class VerifyKeySource(Protocol):
     """What ``verify_request`` needs from a keyring."""
 
     async def get_verify_key(
-        self, server_name: ServerName, key_id: KeyID, *, at_ms: int | None = None
+        self,
+        server_name: ServerName,
+        key_id: KeyID,
+        *,
+        at_ms: int | None = None,
+        requester: str | None = None,
     ) -> VerifyKey:
-        """Return the key, or raise an exception whose message says why not."""
+        """Return the key, or raise an exception whose message says why not.
+
+        ``requester``, when given, is the client address a fetch is charged to.
+        """
         ...
 
 
@@ -233,9 +252,10 @@ def parse_authorization_headers(values: list[str]) -> list[XMatrixCredentials]:
     """Parse every X-Matrix header among ``values`` (all ``Authorization`` headers).
 
     Headers of other schemes are ignored. Raises ``MalformedAuthorization`` if any
-    X-Matrix header is malformed: a bad header is an error, not something to skip.
+    X-Matrix header is malformed (a bad header is an error, not something to skip), or
+    if there are more than ``MAX_XMATRIX_HEADERS`` (counted before any is parsed).
     """
-    found: list[XMatrixCredentials] = []
+    ours: list[str] = []
     for value in values:
         stripped = value.strip(" \t")
         if stripped[: len(SCHEME)].lower() != SCHEME.lower():
@@ -243,46 +263,66 @@ def parse_authorization_headers(values: list[str]) -> list[XMatrixCredentials]:
         # "X-Matrixfoo" is another scheme, not ours.
         if len(stripped) > len(SCHEME) and stripped[len(SCHEME)] not in " \t":
             continue
-        found.append(_parse_one(stripped))
-    return found
+        ours.append(stripped)
+        if len(ours) > MAX_XMATRIX_HEADERS:
+            raise MalformedAuthorization(f"more than {MAX_XMATRIX_HEADERS} X-Matrix headers")
+    return [_parse_one(value) for value in ours]
 
 
-async def verify_request(
-    method: str,
-    uri: str,
-    content: Mapping[str, Any] | None,
-    headers: list[str],
-    our_server_name: str,
-    keyring: VerifyKeySource,
-) -> ServerName:
-    """Authenticate a federation request and return its origin.
+@dataclass(frozen=True, slots=True)
+class HeaderAuthentication:
+    """X-Matrix headers checked, with the origin's keys they name: all but the body.
 
-    ``method`` and ``uri`` are as received (``uri`` is the request target: path and
-    query string, percent-encoding untouched). ``content`` must be the request body as
-    parsed (``parse_canonical``), or ``None`` when there is no body; ``headers`` are all
-    ``Authorization`` header values. Keys are looked up for "now". Raises
-    ``Unauthorized`` (M_UNAUTHORIZED) with a message saying what was wrong.
+    ``keys`` pairs each signature whose key could be obtained with that key.
     """
-    try:
-        content_json = None if content is None else encode_canonical_json(content)
-    except CanonicalJSONError as exc:
-        raise Unauthorized(f"Request body is not canonical JSON: {exc}") from None
-    return await verify_request_json(method, uri, content_json, headers, our_server_name, keyring)
+
+    origin: ServerName
+    our_server_name: str
+    keys: tuple[tuple[KeyID, bytes, VerifyKey], ...]
+
+    def verify(self, method: str, uri: str, content_json: bytes | None) -> ServerName:
+        """Check the signatures over the request; return the origin.
+
+        ``content_json`` is the canonical encoding of the body (``None`` without one).
+        Every signature whose key was obtained must verify. Raises ``Unauthorized``.
+        """
+        try:
+            payload = _signing_payload_from_json(
+                method, uri, self.origin, self.our_server_name, content_json
+            )
+        except CanonicalJSONError as exc:
+            raise Unauthorized(f"Request is not canonical JSON: {exc}") from None
+        for key_id, signature, verify_key in self.keys:
+            try:
+                verify_key.verify(payload, signature)
+            except (nacl.exceptions.BadSignatureError, ValueError):
+                raise Unauthorized(
+                    f"Invalid X-Matrix signature from {self.origin} with key {key_id}"
+                ) from None
+        return self.origin
+
+    def verify_content(self, method: str, uri: str, content: Mapping[str, Any]) -> ServerName:
+        """``verify`` for a parsed body (``parse_canonical``); encodes it canonically."""
+        try:
+            content_json = encode_canonical_json(content)
+        except CanonicalJSONError as exc:
+            raise Unauthorized(f"Request body is not canonical JSON: {exc}") from None
+        return self.verify(method, uri, content_json)
 
 
-async def verify_request_json(
-    method: str,
-    uri: str,
-    content_json: bytes | None,
+async def authenticate_headers(
     headers: list[str],
     our_server_name: str,
     keyring: VerifyKeySource,
-) -> ServerName:
-    """``verify_request`` for a body already in canonical JSON (``content_json``).
+    *,
+    requester: str | None = None,
+) -> HeaderAuthentication:
+    """Check the X-Matrix headers and obtain the keys they name, before the body is read.
 
-    The caller vouches that ``content_json`` is the canonical encoding of the body it
-    received (``encode_canonical_json`` of the parsed body, or bytes it cached from
-    that); everything else is checked here.
+    ``headers`` are all ``Authorization`` header values; ``requester`` the client
+    address key fetches are charged to. Raises ``Unauthorized`` (M_UNAUTHORIZED) for a
+    missing, malformed or inconsistent header, too many headers, a key ID given twice,
+    or when no named key can be obtained.
     """
     try:
         creds = parse_authorization_headers(headers)
@@ -291,17 +331,17 @@ async def verify_request_json(
     if not creds:
         raise Unauthorized("Missing X-Matrix Authorization header")
     origin = creds[0].origin
+    key_ids: set[str] = set()
     for cred in creds:
         if cred.origin != origin:
             raise Unauthorized("X-Matrix Authorization headers name different origins")
         if cred.destination is not None and cred.destination != our_server_name:
             raise Unauthorized(f"X-Matrix destination {cred.destination!r} is not this server")
-    try:
-        payload = _signing_payload_from_json(method, uri, origin, our_server_name, content_json)
-    except CanonicalJSONError as exc:
-        raise Unauthorized(f"Request is not canonical JSON: {exc}") from None
+        if cred.key_id in key_ids:
+            raise Unauthorized(f"X-Matrix key {cred.key_id!r} given twice")
+        key_ids.add(cred.key_id)
 
-    verified = False
+    keys: list[tuple[KeyID, bytes, VerifyKey]] = []
     reasons: list[str] = []
     for cred in creds:
         if not cred.key_id.startswith("ed25519:"):
@@ -312,19 +352,60 @@ async def verify_request_json(
         except Exception:  # binascii.Error for bad base64
             raise Unauthorized(f"Signature for key {cred.key_id!r} is not base64") from None
         try:
-            verify_key = await keyring.get_verify_key(origin, cred.key_id)
+            if requester is None:
+                verify_key = await keyring.get_verify_key(origin, cred.key_id)
+            else:
+                verify_key = await keyring.get_verify_key(origin, cred.key_id, requester=requester)
         except KeyringError as exc:
             # Unknown, expired or unfetchable: this signature cannot be checked, but
             # another header may carry one that can.
             reasons.append(str(exc))
             continue
-        try:
-            verify_key.verify(payload, signature)
-        except (nacl.exceptions.BadSignatureError, ValueError):
-            raise Unauthorized(
-                f"Invalid X-Matrix signature from {origin} with key {cred.key_id}"
-            ) from None
-        verified = True
-    if not verified:
+        keys.append((cred.key_id, signature, verify_key))
+    if not keys:
         raise Unauthorized(f"No usable key to verify request from {origin}: {'; '.join(reasons)}")
-    return origin
+    return HeaderAuthentication(origin, our_server_name, tuple(keys))
+
+
+async def verify_request(
+    method: str,
+    uri: str,
+    content: Mapping[str, Any] | None,
+    headers: list[str],
+    our_server_name: str,
+    keyring: VerifyKeySource,
+    *,
+    requester: str | None = None,
+) -> ServerName:
+    """Authenticate a federation request and return its origin.
+
+    ``method`` and ``uri`` are as received (``uri`` is the request target: path and
+    query string, percent-encoding untouched). ``content`` must be the request body as
+    parsed (``parse_canonical``), or ``None`` when there is no body; ``headers`` are all
+    ``Authorization`` header values. Keys are looked up for "now". Raises
+    ``Unauthorized`` (M_UNAUTHORIZED) with a message saying what was wrong.
+    """
+    auth = await authenticate_headers(headers, our_server_name, keyring, requester=requester)
+    if content is None:
+        return auth.verify(method, uri, None)
+    return auth.verify_content(method, uri, content)
+
+
+async def verify_request_json(
+    method: str,
+    uri: str,
+    content_json: bytes | None,
+    headers: list[str],
+    our_server_name: str,
+    keyring: VerifyKeySource,
+    *,
+    requester: str | None = None,
+) -> ServerName:
+    """``verify_request`` for a body already in canonical JSON (``content_json``).
+
+    The caller vouches that ``content_json`` is the canonical encoding of the body it
+    received (``encode_canonical_json`` of the parsed body, or bytes it cached from
+    that); everything else is checked here.
+    """
+    auth = await authenticate_headers(headers, our_server_name, keyring, requester=requester)
+    return auth.verify(method, uri, content_json)

@@ -24,7 +24,7 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
 from warden.runtime.health import Health
-from warden.runtime.http_writes import CoalescingHttpToolsProtocol
+from warden.runtime.http_limits import HttpLimits, protocol_class, sweep_deadlines
 from warden.settings import Settings, parse_bind
 from warden.telemetry.logs import configure_logging
 from warden.telemetry.metrics import BUILD_INFO, WARDEN_VERSION
@@ -47,7 +47,9 @@ class _EmbeddedServer(uvicorn.Server):
 class _HttpServer:
     name: str
     server: _EmbeddedServer
+    limits: HttpLimits
     task: asyncio.Task[None] | None = None
+    sweeper: asyncio.Task[None] | None = None
 
 
 class ServiceRuntime:
@@ -79,6 +81,7 @@ class ServiceRuntime:
     ) -> None:
         """Serve ``app`` on ``bind`` (``host:port``) for the life of the service."""
         host, port = parse_bind(bind)
+        limits = HttpLimits.from_settings(self.settings)
         config = uvicorn.Config(
             app,
             host=host,
@@ -89,11 +92,14 @@ class ServiceRuntime:
             ssl_certfile=tls_cert,
             ssl_keyfile=tls_key,
             server_header=False,
-            http=CoalescingHttpToolsProtocol,  # one write per response (http_writes.py)
+            # One write per response (http_writes.py), and the front's bounds on URL,
+            # headers, read deadlines, concurrency and connections (http_limits.py).
+            http=protocol_class(limits),
+            ws="none",  # no service speaks WebSocket; an Upgrade is served as plain HTTP
             timeout_keep_alive=30,
             timeout_graceful_shutdown=max(1, int(self.settings.shutdown_timeout_seconds)),
         )
-        self._servers.append(_HttpServer(name, _EmbeddedServer(config)))
+        self._servers.append(_HttpServer(name, _EmbeddedServer(config), limits))
 
     def health_app(self) -> Starlette:
         """A small app with ``/livez``, ``/readyz`` and ``/metrics``."""
@@ -123,6 +129,9 @@ class ServiceRuntime:
 
         await self._wait_started()
         for s in self._servers:
+            s.sweeper = asyncio.create_task(
+                sweep_deadlines(s.server.server_state, s.limits, s.name), name=f"sweep-{s.name}"
+            )
             logger.info(
                 "listening",
                 extra={"server": s.name, "bind": f"{s.server.config.host}:{s.server.config.port}"},
@@ -166,6 +175,9 @@ class ServiceRuntime:
                 await asyncio.gather(
                     *(s.task for s in self._servers if s.task), return_exceptions=True
                 )
+                for s in self._servers:
+                    if s.sweeper is not None:
+                        s.sweeper.cancel()
                 for t in bg_tasks:
                     t.cancel()
                 await asyncio.gather(*bg_tasks, return_exceptions=True)

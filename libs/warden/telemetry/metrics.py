@@ -41,6 +41,12 @@ KEY_FETCHES = Counter(
     "Fetches of other servers' keys, by source (direct or notary) and outcome.",
     ["source", "outcome"],
 )
+KEY_FETCHES_REFUSED = Counter(
+    "warden_key_fetches_refused_total",
+    "Key fetches not started because a bound was reached: client_budget "
+    "(PS_KEY_FETCHES_PER_CLIENT_PER_MINUTE) or busy (PS_KEY_FETCH_CONCURRENCY).",
+    ["reason"],
+)
 
 
 def render_latest() -> tuple[bytes, str]:

@@ -19,7 +19,10 @@ app includes this router only when ``PS_API_KEY`` is set. Differences from polic
 - ``POST``/``DELETE /rooms/{room_id}/approve_invite`` pre-approve invites to a room.
 
 Request validation errors become Matrix errors here (in the route class), not in an
-app-wide handler, and the key is checked before the body is even read.
+app-wide handler, and the key is checked before the body is even read. Failed
+authentications are throttled per client address (``admin_auth``, 429 past
+``PS_ADMIN_AUTH_FAILURES_PER_MINUTE``). ``PS_ADMIN_HTTP_BIND`` serves this API on a
+listener of its own (``app.build_admin_app``) instead of next to federation.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ from warden.storage import communities, room_state, rooms, verdicts
 from warden.storage import membership as membership_store
 from warden.storage import records as storage_records
 from warden.telemetry.tracing import inject_headers
+from warden_gateway.admin_auth import AdminAuthThrottle
 from warden_gateway.admin_models import (
     ApproveInviteRequest,
     Community,
@@ -86,6 +90,7 @@ from warden_gateway.admin_models import (
     SetRoomModeratorRequest,
     Verdict,
 )
+from warden_gateway.client_address import client_address
 from warden_gateway.errors import on_matrix_error
 from warden_gateway.room_joins import NotificationFailed, RoomJoiner
 
@@ -243,7 +248,7 @@ def _limited_receive(receive: Receive, limit: int) -> Receive:
     return limited
 
 
-def _admin_route_class(api_key: bytes) -> type[APIRoute]:
+def _admin_route_class(api_key: bytes, throttle: AdminAuthThrottle) -> type[APIRoute]:
     """A route class that authenticates first, bounds the body and speaks Matrix errors."""
 
     class AdminRoute(APIRoute):
@@ -252,7 +257,13 @@ def _admin_route_class(api_key: bytes) -> type[APIRoute]:
 
             async def admin_handler(request: Request) -> Response:
                 # Before anything reads the body: unauthenticated callers learn nothing.
-                _authenticate(request, api_key)
+                client = client_address(request)
+                throttle.check(client)
+                try:
+                    _authenticate(request, api_key)
+                except Unauthorized:
+                    throttle.failed(client)
+                    raise
                 length = request.headers.get("content-length", "")
                 if length.isdigit() and int(length) > MAX_BODY_BYTES:
                     raise TooLarge(f"Request body is larger than {MAX_BODY_BYTES} bytes")
@@ -327,8 +338,12 @@ def build_admin_router(
     joiner: RoomJoiner | None = None,
     server_name: str = "",
     policy_public_key: str = "",
+    auth_failures_per_minute: int = 10,
 ) -> APIRouter:
     """The ``/api/v1`` router; every route requires ``Authorization: Bearer <api_key>``.
+
+    ``auth_failures_per_minute`` failed authentications from one client address make
+    it wait out the minute (429, ``PS_ADMIN_AUTH_FAILURES_PER_MINUTE``).
 
     ``server_name`` and ``policy_public_key`` (ours) tell ``GET /rooms/{room_id}``
     whether the room's learned ``m.room.policy`` names Warden with its current key.
@@ -350,7 +365,9 @@ def build_admin_router(
 
     router = APIRouter(
         prefix=ADMIN_PREFIX,
-        route_class=_admin_route_class(api_key.encode()),
+        route_class=_admin_route_class(
+            api_key.encode(), AdminAuthThrottle(auth_failures_per_minute)
+        ),
         # Documents the scheme in the OpenAPI document; the check itself is done by the
         # route class, before the body is read.
         dependencies=[Depends(HTTPBearer(auto_error=False, scheme_name="PS_API_KEY"))],

@@ -2,7 +2,8 @@
 
 Federation, policy and well-known routes are plain Starlette routes: they are the hot
 path and skip FastAPI's per-request validation. FastAPI serves the admin API
-(``/api/v1``, only when ``PS_API_KEY`` is set) and its OpenAPI document.
+(``/api/v1``, only when ``PS_API_KEY`` is set) and its OpenAPI document, next to
+federation, or on a listener of its own (``build_admin_app``, ``PS_ADMIN_HTTP_BIND``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from warden_gateway.well_known import WellKnown
 # with the router).
 HOT_PATHS = frozenset({SIGN_PATH, UNSTABLE_SIGN_PATH})
 
+OPENAPI_PATH = "/api/v1/openapi.json"
+
 _VERSION_BODY = orjson.dumps({"server": {"name": "warden", "version": WARDEN_VERSION}})
 
 
@@ -51,7 +54,12 @@ def build_app(
     federation: FederationInbound | None = None,
     invites: InviteAPI | None = None,
 ) -> GatewayApp:
-    """Assemble the gateway app for one identity; ``health`` backs /livez and /readyz.
+    """Assemble the gateway app for one identity.
+
+    ``health`` is not served here: ``/livez`` and ``/readyz`` live only on the metrics
+    listener (``PS_HTTP_METRICS_BIND``), since ``/readyz`` runs a PostgreSQL, Redis and
+    NATS check per call and names internal hosts in its answer (review M7). The
+    parameter stays so that callers need not change.
 
     ``settings`` feed the well-known documents (defaults when omitted). ``policy``
     adds ``/sign`` and ``/check``. ``admin_router`` is the admin API router (built by
@@ -69,7 +77,8 @@ def build_app(
         version=WARDEN_VERSION,
         docs_url=None,
         redoc_url=None,
-        openapi_url="/api/v1/openapi.json",
+        # The document describes the admin API only: none without it.
+        openapi_url=OPENAPI_PATH if admin_router is not None else None,
         # A path with a trailing slash is unknown (404 M_UNRECOGNIZED), not a bodyless
         # 307 to the path without it: federation peers get Matrix errors only.
         redirect_slashes=False,
@@ -79,7 +88,6 @@ def build_app(
         Route("/_matrix/key/v2/server", key_endpoint.handle, methods=["GET"]),
         Route("/_matrix/federation/v1/version", federation_version, methods=["GET"]),
         *WellKnown(identity, settings).routes(),
-        *health.routes(with_metrics=False),
     ]
     hot_routes: list[Route] = []
     if policy is not None:
@@ -95,13 +103,38 @@ def build_app(
 
         app.include_router(admin_router)
         install_admin_error_handlers(app)
-    app.add_exception_handler(MatrixError, on_matrix_error)
-    app.add_exception_handler(HTTPException, on_http_exception)
-    app.add_exception_handler(Exception, on_unexpected)
+    _add_error_handlers(app)
     # Outside FastAPI: its own middleware (exception handling, telemetry, body limits)
     # costs about a tenth of the gateway's CPU per /sign, which handles all of that itself.
     inner: ASGIApp = HotPathMiddleware(app, hot_routes) if hot_routes else app
     return GatewayApp(HttpMetricsMiddleware(inner), app)  # metrics outermost: every request
+
+
+def build_admin_app(admin_router: APIRouter) -> GatewayApp:
+    """The admin API alone, for its own listener (``PS_ADMIN_HTTP_BIND``).
+
+    Unknown paths get 404 ``M_UNRECOGNIZED`` like on the gateway's main listener.
+    """
+    from warden_gateway.admin_api import install_admin_error_handlers
+
+    app = FastAPI(
+        title="Warden admin API",
+        version=WARDEN_VERSION,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=OPENAPI_PATH,
+        redirect_slashes=False,  # as on the main listener: 404, never a bodyless 307
+    )
+    app.include_router(admin_router)
+    install_admin_error_handlers(app)
+    _add_error_handlers(app)
+    return GatewayApp(HttpMetricsMiddleware(app), app)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(MatrixError, on_matrix_error)
+    app.add_exception_handler(HTTPException, on_http_exception)
+    app.add_exception_handler(Exception, on_unexpected)
 
 
 class GatewayApp:

@@ -3,9 +3,10 @@
 ``PUT /_matrix/federation/v1/send/{txnId}``
     0. a transaction ID longer than ``MAX_TXN_ID_BYTES`` is 400 ``M_INVALID_PARAM``
        (it becomes part of a Redis key);
-    1. body at most ``MAX_TRANSACTION_BYTES`` (413), canonical JSON (400 ``M_NOT_JSON`` /
-       ``M_BAD_JSON``), X-Matrix (401); the body's ``origin``, when given, must be the
-       authenticated one (403);
+    1. X-Matrix headers well formed and the origin's key obtained (401) before the body
+       is read; then body at most ``MAX_TRANSACTION_BYTES`` (413), canonical JSON (400
+       ``M_NOT_JSON`` / ``M_BAD_JSON``), the signature over it (401); the body's
+       ``origin``, when given, must be the authenticated one (403);
     2. ``pdus`` a list of at most 50, ``edus`` (optional) a list of at most 100 (the
        spec's limits; 400 ``M_BAD_JSON``);
     3. the origin's budget (``PS_SEND_RATE_LIMIT_PER_ORIGIN`` per
@@ -81,7 +82,7 @@ from warden.bus.subjects import (
     HEADER_ROOM_VERSION,
     INBOUND_PDU_SUBJECT,
 )
-from warden.federation.xmatrix import VerifyKeySource, verify_request
+from warden.federation.xmatrix import VerifyKeySource, authenticate_headers, verify_request
 from warden.matrix.canonical_json import CanonicalJSONError, parse_canonical
 from warden.matrix.errors import (
     BadJSON,
@@ -104,6 +105,7 @@ from warden.matrix.pdu import MAX_ID_LENGTH, validate_pdu
 from warden.matrix.room_versions import RoomVersion, get_room_version
 from warden.storage.records import Room
 from warden.telemetry.tracing import inject_headers, tracer
+from warden_gateway.client_address import client_address
 from warden_gateway.errors import TemporarilyUnavailable, error_response
 from warden_gateway.rate_limit import OriginRateLimiter
 from warden_gateway.request_body import read_limited_body
@@ -117,8 +119,12 @@ PROFILE_PATH = "/_matrix/federation/v1/query/profile"
 
 MAX_PDUS = 50  # spec: a transaction carries at most 50 PDUs
 MAX_EDUS = 100  # and 100 EDUs
-# 50 PDUs of up to 64 KiB each plus EDUs (device lists can be large), with room to spare.
-MAX_TRANSACTION_BYTES = 8 * 1024 * 1024
+# The spec caps a PDU at 65,536 bytes and a transaction at 50 PDUs and 100 EDUs: 50 full
+# PDUs are 3.125 MiB, which leaves about 9 KiB per EDU. The EDUs Warden's user gets
+# (typing, receipts, presence, device list updates) are far smaller; to-device EDUs, the
+# large kind, go to devices and it has none. A transaction that still does not fit is
+# refused with 413, and its origin splits nothing: so the cap stays well above need.
+MAX_TRANSACTION_BYTES = 4 * 1024 * 1024
 # The spec's limit on a PDU (in the federation format); a larger one gets an error in
 # the answer and is not published (JetStream would take up to 1 MiB, then fail the whole
 # transaction on every retry).
@@ -338,6 +344,14 @@ class FederationInbound:
 
     async def _transaction(self, request: Request) -> tuple[bytes, str]:
         txn_id = _txn_id(request)
+        # Before the body is read (review H7): a missing or malformed X-Matrix header, or
+        # an origin whose key cannot be had, costs no read and no JSON parse.
+        auth = await authenticate_headers(
+            request.headers.getlist("authorization"),
+            self._server_name,
+            self._keyring,
+            requester=client_address(request),
+        )
         body = await read_limited_body(request, self._max_body_bytes)
         try:
             txn = parse_canonical(body)
@@ -347,14 +361,7 @@ class FederationInbound:
             raise NotJSON("Request body is not JSON") from None
         if not isinstance(txn, dict):
             raise NotJSON("Request body must be a JSON object (the transaction)")
-        origin = await verify_request(
-            request.method,
-            _request_target(request),
-            txn,
-            request.headers.getlist("authorization"),
-            self._server_name,
-            self._keyring,
-        )
+        origin = auth.verify_content(request.method, _request_target(request), txn)
         claimed_origin = txn.get("origin")
         if claimed_origin is not None and claimed_origin != origin:
             raise Forbidden("The transaction's origin is not the authenticated server")
@@ -521,6 +528,7 @@ class FederationInbound:
             request.headers.getlist("authorization"),
             self._server_name,
             self._keyring,
+            requester=client_address(request),
         )
 
     async def user_devices(self, request: Request) -> Response:

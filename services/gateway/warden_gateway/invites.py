@@ -47,13 +47,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from warden.federation.membership import check_invite, countersign_invite
-from warden.federation.xmatrix import VerifyKeySource, verify_request
+from warden.federation.xmatrix import VerifyKeySource, authenticate_headers
 from warden.matrix.canonical_json import CanonicalJSONError, parse_canonical
 from warden.matrix.errors import BadJSON, Forbidden, MatrixError, NotJSON, Unauthorized
 from warden.runtime.identity import Identity
 from warden.settings import Settings
 from warden.storage import communities, room_state, rooms
 from warden.storage import membership as membership_store
+from warden_gateway.client_address import client_address
 from warden_gateway.errors import TemporarilyUnavailable, error_response
 from warden_gateway.request_body import read_limited_body
 from warden_gateway.room_joins import BACKGROUND_JOINS, RoomJoiner, TooManyPendingJoins
@@ -156,6 +157,14 @@ class InviteAPI:
     async def _decide(self, request: Request, *, legacy: bool) -> dict[str, Any]:
         room_id = str(request.path_params["room_id"])
         event_id = str(request.path_params["event_id"])
+        # Before the body is read (review H7): no read or parse for a request without a
+        # usable X-Matrix header or from an origin whose key cannot be had.
+        auth = await authenticate_headers(
+            request.headers.getlist("authorization"),
+            self._identity.server_name,
+            self._keyring,
+            requester=client_address(request),
+        )
         raw = await read_limited_body(request, MAX_INVITE_BODY_BYTES)
         try:
             body = parse_canonical(raw)
@@ -165,14 +174,7 @@ class InviteAPI:
             raise NotJSON("Request body is not JSON") from None
         if not isinstance(body, dict):
             raise NotJSON("Request body must be a JSON object")
-        origin = await verify_request(
-            request.method,
-            _request_target(request),
-            body,
-            request.headers.getlist("authorization"),
-            self._identity.server_name,
-            self._keyring,
-        )
+        origin = auth.verify_content(request.method, _request_target(request), body)
         if legacy:
             # v1 is only for rooms of version 1 and 2, which hash and sign alike.
             room_version_id: object = "1"

@@ -1,4 +1,5 @@
-"""Run the gateway: federation, policy and admin HTTP API on ``PS_HTTP_BIND``."""
+"""Run the gateway: federation and policy API on ``PS_HTTP_BIND``; the admin HTTP API
+there too, or on ``PS_ADMIN_HTTP_BIND`` when set."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from warden.runtime import dependencies
 from warden.runtime.identity import load_identity
 from warden.runtime.service import bootstrap, run_async
 from warden.settings import Settings
-from warden_gateway.app import build_app
+from warden_gateway.app import build_admin_app, build_app
 from warden_gateway.event_checks import CheckedEvents
 from warden_gateway.federation_inbound import FederationInbound
 from warden_gateway.invites import InviteAPI
@@ -119,13 +120,16 @@ def run(settings: Settings) -> int:
                 joiner=joiner,
                 server_name=identity.server_name,
                 policy_public_key=identity.policy_key_base64,
+                auth_failures_per_minute=settings.admin_auth_failures_per_minute,
             )
+        # On a listener of its own when PS_ADMIN_HTTP_BIND is set; else beside federation.
+        separate_admin = admin_router is not None and bool(settings.admin_http_bind)
         app = build_app(
             identity,
             runtime.health,
             settings=settings,
             policy=policy,
-            admin_router=admin_router,
+            admin_router=None if separate_admin else admin_router,
             federation=federation_inbound,
             invites=invites,
         )
@@ -136,6 +140,14 @@ def run(settings: Settings) -> int:
             tls_cert=settings.tls_cert_path,
             tls_key=settings.tls_key_path,
         )
+        if separate_admin and admin_router is not None:
+            runtime.add_http_server(
+                "admin",
+                build_admin_app(admin_router),
+                settings.admin_http_bind,
+                tls_cert=settings.tls_cert_path,
+                tls_key=settings.tls_key_path,
+            )
         runtime.add_http_server("metrics", runtime.health_app(), settings.http_metrics_bind)
         # PS_JOIN_ROOM_IDS: joined in the background, by one replica at a time.
         await runtime.serve(background=[startup_joins.run])

@@ -104,6 +104,7 @@ from warden.policy.harms import HARMS_FIELD
 from warden.runtime.identity import Identity
 from warden.storage.records import Room
 from warden.telemetry.tracing import exporting, tracer
+from warden_gateway.client_address import client_address
 from warden_gateway.errors import TemporarilyUnavailable, error_response
 from warden_gateway.event_checks import CheckedEvent, CheckedEvents
 from warden_gateway.metrics import SIGN_REQUESTS, SIGN_SECONDS, Endpoint, Outcome
@@ -390,6 +391,7 @@ class PolicyAPI:
             request.headers.getlist("authorization"),
             self._server_name,
             self._keyring,
+            requester=client_address(request),
         )
 
     def _charge_checked(self, origin: str, checked: CheckedEvent) -> None:

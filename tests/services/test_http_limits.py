@@ -1,0 +1,106 @@
+"""``LimitedHttpToolsProtocol`` keeps what uvicorn's protocol does for clients within
+the limits: header handling, ``Expect: 100-continue``, pipelined requests with large
+bodies (whose bytes must not count against the next request's head).
+
+A real uvicorn server on a real socket; the black-box tests of the limits themselves,
+against a real gateway, are in ``tests/gateway/test_http_front.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+import uvicorn
+from starlette.types import Receive, Scope, Send
+
+from tests.service_processes import free_port
+from warden.runtime.http_limits import HttpLimits, protocol_class
+
+
+async def echo(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answers the body's length and the headers it saw."""
+    assert scope["type"] == "http"
+    size = 0
+    while True:
+        message = await receive()
+        size += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body = orjson.dumps(
+        {"size": size, "headers": [[k.decode(), v.decode()] for k, v in scope["headers"]]}
+    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[str, int]]:
+    port = free_port()
+    limits = HttpLimits(max_header_bytes=4096, max_headers=16)
+    config = uvicorn.Config(
+        echo,
+        host="127.0.0.1",
+        port=port,
+        http=protocol_class(limits),
+        log_config=None,
+        lifespan="off",
+    )
+    srv = uvicorn.Server(config)
+    task = asyncio.create_task(srv.serve())
+    while not srv.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield "127.0.0.1", port
+    finally:
+        srv.should_exit = True
+        await task
+
+
+async def _responses(reader: asyncio.StreamReader, count: int) -> list[tuple[bytes, bytes]]:
+    found = []
+    for _ in range(count):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        found.append((head, await reader.readexactly(length)))
+    return found
+
+
+async def test_pipelined_requests_with_large_bodies_are_served(server: tuple[str, int]) -> None:
+    reader, writer = await asyncio.open_connection(*server)
+    body = b"x" * 200_000  # far more than PS_HTTP_MAX_HEADER_BYTES, in the same writes
+    request = b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    writer.write(request * 3)
+    await writer.drain()
+    answers = await asyncio.wait_for(_responses(reader, 3), 30)
+    for head, payload in answers:
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert orjson.loads(payload)["size"] == len(body)
+    writer.close()
+
+
+async def test_headers_and_expect_continue_work_as_in_uvicorn(server: tuple[str, int]) -> None:
+    reader, writer = await asyncio.open_connection(*server)
+    writer.write(
+        b"PUT /b HTTP/1.1\r\nHost: t\r\nX-Trailing-Space: v  \r\nContent-Length: 3\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    await writer.drain()
+    assert (
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        == b"HTTP/1.1 100 Continue\r\n\r\n"
+    )
+    writer.write(b"abc")
+    ((head, payload),) = await asyncio.wait_for(_responses(reader, 1), 30)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    seen = orjson.loads(payload)
+    assert seen["size"] == 3
+    assert ["x-trailing-space", "v"] in seen["headers"]
+    writer.close()
