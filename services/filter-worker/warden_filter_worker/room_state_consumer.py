@@ -74,7 +74,7 @@ from warden.bus.subjects import (
     HEADER_ROOM_ID,
     verdict_subject,
 )
-from warden.federation.keyring_errors import KeyringError
+from warden.federation.snapshot import verify_signatures
 from warden.federation.xmatrix import VerifyKeySource
 from warden.matrix.event_hashes import (
     event_id_from_reference_hash,
@@ -82,12 +82,9 @@ from warden.matrix.event_hashes import (
 )
 from warden.matrix.event_signing import (
     EventSignatureError,
-    EventVerifyKey,
     servers_required_to_sign,
     verify_event_signature,
-    verify_sender_signature,
 )
-from warden.matrix.ids import KeyID, ServerName
 from warden.matrix.keys import POLICY_SERVER_KEY_ID, VerifyKey
 from warden.matrix.room_versions import RoomVersion, get_room_version
 from warden.matrix.state_auth import check_event
@@ -106,7 +103,6 @@ from warden.telemetry.tracing import inject_headers, tracer
 logger = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
-MAX_KEYS_PER_SIGNING_SERVER = 8
 RETRY_BASE_SECONDS = 1.0
 UNKNOWN_ROOM_ATTEMPTS = 5
 # A PDU whose origin is not (yet) in the room, or that fails the auth rules against
@@ -128,40 +124,6 @@ ROOM_STATE_UPDATES = Counter(
     "policy, policy_rule, own_membership_lost, refresh).",
     ["kind"],
 )
-
-
-async def verify_event_signatures(
-    keyring: VerifyKeySource, room_version: RoomVersion, pdu: Mapping[str, Any]
-) -> None:
-    """Check the signatures of every server required to sign ``pdu``.
-
-    Raises ``EventSignatureError`` naming what failed. From room version 5 keys must
-    have been valid at the event's ``origin_server_ts``.
-    """
-    required = servers_required_to_sign(room_version, pdu)
-    ts = pdu.get("origin_server_ts")
-    at_ms = ts if room_version.enforce_key_validity and isinstance(ts, int) else 0
-    signatures = pdu.get("signatures")
-    if not isinstance(signatures, Mapping):
-        raise EventSignatureError("event has no 'signatures' object")
-    verify_keys: dict[str, dict[str, EventVerifyKey]] = {}
-    for server in required:
-        by_server = signatures.get(server)
-        if not isinstance(by_server, Mapping):
-            raise EventSignatureError(f"event is not signed by {server}")
-        key_ids = [k for k in by_server if isinstance(k, str) and k.startswith("ed25519:")]
-        if len(key_ids) > MAX_KEYS_PER_SIGNING_SERVER:
-            raise EventSignatureError(f"too many signatures by {server}")
-        found: dict[str, EventVerifyKey] = {}
-        for key_id in key_ids:
-            try:
-                found[key_id] = await keyring.get_verify_key(
-                    ServerName(server), KeyID(key_id), at_ms=at_ms
-                )
-            except KeyringError:
-                continue
-        verify_keys[server] = found
-    verify_sender_signature(room_version, pdu, verify_keys, servers=required)
 
 
 def _sender_server(pdu: Mapping[str, Any]) -> str:
@@ -248,7 +210,7 @@ class RoomStateConsumer:
             return "origin_not_in_room", ACK
 
         try:
-            await verify_event_signatures(self._keyring, room_version, pdu)
+            await verify_signatures(self._keyring, room_version, pdu)
         except EventSignatureError as exc:
             logger.warning(
                 "inbound event dropped: bad signature",

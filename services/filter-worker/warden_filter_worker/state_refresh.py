@@ -48,7 +48,7 @@ from prometheus_client import Counter
 from warden import redis_keys
 from warden.federation.client import FederationClient
 from warden.federation.errors import FederationError
-from warden.federation.snapshot import SnapshotRejected, verified_state
+from warden.federation.snapshot import SnapshotRejected, verified_state, verify_signatures
 from warden.federation.xmatrix import VerifyKeySource
 from warden.matrix.event_hashes import check_content_hash, compute_event_id
 from warden.matrix.event_signing import EventSignatureError
@@ -61,7 +61,7 @@ from warden.storage.room_state import (
     replace_state,
     rooms_to_refresh,
 )
-from warden_filter_worker.room_state_consumer import ROOM_STATE_UPDATES, verify_event_signatures
+from warden_filter_worker.room_state_consumer import ROOM_STATE_UPDATES
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class StateRefresher:
                 continue
             if pdu.get("type") != MEMBER:
                 try:
-                    await verify_event_signatures(self._keyring, version, pdu)
+                    await verify_signatures(self._keyring, version, pdu)
                 except EventSignatureError as exc:
                     logger.warning(
                         "state refresh: event with a bad signature left out",
