@@ -169,6 +169,10 @@ async def make_inbound_gateway(
                 filter_subject=subject,
                 deliver_policy=DeliverPolicy.ALL,
                 ack_policy=AckPolicy.EXPLICIT,
+                # A message delivered to a pull request that timed out on the client
+                # side is redelivered only after this: keep it short so a slow
+                # machine's late delivery is read by the next fetch.
+                ack_wait=2,
             ),
         )
 

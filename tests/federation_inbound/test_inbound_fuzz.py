@@ -341,8 +341,12 @@ class SendSetup:
 
     async def check_published(self, accepted: set[str]) -> None:
         """Every accepted event ID is in the inbound stream."""
-        missing = accepted - self.published
-        if missing:
+        # Read until every accepted ID is seen: the stream may also hold messages of
+        # earlier examples (a request answered 503 after publishing part of it), and
+        # on a loaded machine a fetch can time out just before its messages arrive.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20.0
+        while (missing := accepted - self.published) and loop.time() < deadline:
             msgs = await self.gateway.published.fetch(expect=len(missing), timeout=5.0)
             self.published.update(m.headers[HEADER_EVENT_ID] for m in msgs)
         assert accepted <= self.published, accepted - self.published
