@@ -54,7 +54,7 @@ async def test_create_trims_the_name_and_starts_with_an_empty_config(
     other = await new_community(admin)
     assert other != body["community_id"] and len(other) >= 20
     stored = await admin_pool.fetchrow(
-        "SELECT name, api_access_token FROM communities WHERE id = $1", body["community_id"]
+        "SELECT name, api_access_token_hash FROM communities WHERE id = $1", body["community_id"]
     )
     assert stored is not None and stored["name"] == "Matrix HQ"
     r = await admin.get(f"/api/v1/communities/{body['community_id']}")

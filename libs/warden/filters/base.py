@@ -233,6 +233,9 @@ class Filter(abc.ABC):
     # False for a filter whose ``check`` never awaits I/O (it only computes): the
     # pipeline then runs it in the evaluation's own task instead of a task of its own.
     waits_on_io: ClassVar[bool] = True
+    # True for a filter that judges text alone (an event's body): the server-centric
+    # API's text check (``/_policyserv/v1/check/text``) runs exactly these.
+    checks_text: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -32,6 +32,7 @@ class DensityFilter(Filter):
     """Prohibits long, dense bodies."""
 
     name = "density"
+    checks_text = True
     waits_on_io = False
     group = Group.MAIN
     harm_ids = (SPAM_FLOODING,)

@@ -26,6 +26,7 @@ class KeywordFilter(Filter):
     """Prohibits events containing a listed keyword."""
 
     name = "keyword"
+    checks_text = True
     waits_on_io = False
     group = Group.MAIN
     harm_ids = (SPAM,)

@@ -21,6 +21,7 @@ class LengthFilter(Filter):
     """Prohibits ``m.room.message`` events longer than ``length_filter_max_length`` bytes."""
 
     name = "length"
+    checks_text = True
     waits_on_io = False
     group = Group.MAIN
     harm_ids = (SPAM_FLOODING,)

@@ -21,6 +21,7 @@ class ManyAtsFilter(Filter):
     """Prohibits content with at least ``many_ats_filter_max_ats`` ``@`` characters."""
 
     name = "many_ats"
+    checks_text = True
     waits_on_io = False
     group = Group.MAIN
     harm_ids = (SPAM_FLOODING,)

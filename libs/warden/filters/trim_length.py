@@ -21,6 +21,7 @@ class TrimLengthFilter(Filter):
     """Prohibits bodies padded with whitespace."""
 
     name = "trim_length"
+    checks_text = True
     waits_on_io = False
     group = Group.MAIN
     harm_ids = (SPAM_FLOODING,)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -11,7 +12,7 @@ import orjson
 
 from warden.storage.records import Community
 
-_COLUMNS = "id, name, config, can_self_join_rooms, api_access_token"
+_COLUMNS = "id, name, config, can_self_join_rooms, api_access_token_hash"
 
 
 def _community(row: asyncpg.Record) -> Community:
@@ -23,8 +24,13 @@ def _community(row: asyncpg.Record) -> Community:
         name=row["name"],
         config=config,
         can_self_join_rooms=row["can_self_join_rooms"],
-        api_access_token=row["api_access_token"],
+        api_access_token_hash=row["api_access_token_hash"],
     )
+
+
+def hash_access_token(token: str) -> str:
+    """How a community access token is stored: the hex SHA-256 of its UTF-8 bytes."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def new_community_id() -> str:

@@ -35,7 +35,8 @@ class Community:
     name: str
     config: dict[str, Any]
     can_self_join_rooms: bool = False
-    api_access_token: str | None = None
+    # Only the hash is stored (warden.storage.communities.hash_access_token).
+    api_access_token_hash: str | None = None
 
     def to_api(self) -> dict[str, Any]:
         """The admin API's shape (policyserv's field names; the token is never shown)."""
