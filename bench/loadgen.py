@@ -223,6 +223,36 @@ def run_python(
     )
 
 
+async def _read_response(reader: asyncio.StreamReader) -> str:
+    """Read one HTTP/1.1 response; return its status code.
+
+    Bodies framed by Content-Length or chunked encoding are both consumed, so
+    the next response starts at a status line. Anything else raises ValueError.
+    """
+    head = await reader.readuntil(b"\r\n\r\n")
+    parts = head.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
+        raise ValueError("not a status line")
+    length = 0
+    chunked = False
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+    if chunked:
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
+            await reader.readexactly(size + 2)
+            if size == 0:
+                break
+    else:
+        await reader.readexactly(length)
+    return parts[1].decode()
+
+
 async def _one_connection(
     addr: str,
     requests: list[bytes],
@@ -231,35 +261,34 @@ async def _one_connection(
     delay_ms: float,
     stats: dict[str, Any],
 ) -> None:
+    """Send requests on one connection until stop_at, reconnecting after errors."""
     host, _, port = addr.rpartition(":")
-    try:
-        reader, writer = await asyncio.open_connection(host, int(port))
-    except OSError:
-        stats["errors"]["connect"] += 1
-        return
-    try:
-        while time.monotonic() < stop_at:
-            if delay_ms:
-                await asyncio.sleep(random.random() * 2 * delay_ms / 1000)  # noqa: S311
-            cursor[0] += 1
-            if cursor[0] >= len(requests):
-                cursor[0] = 0
-                stats["wraps"] += 1
-            start = time.perf_counter()
-            writer.write(requests[cursor[0]])
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = head.split(b" ", 2)[1].decode()
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-            await reader.readexactly(length)
-            stats["latencies_ms"].append((time.perf_counter() - start) * 1000)
-            stats["statuses"][status] = stats["statuses"].get(status, 0) + 1
-    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-        stats["errors"]["read"] += 1
-    finally:
-        writer.close()
+    while time.monotonic() < stop_at:
+        try:
+            reader, writer = await asyncio.open_connection(host, int(port))
+        except OSError:
+            stats["errors"]["connect"] += 1
+            await asyncio.sleep(0.05)
+            continue
+        try:
+            while time.monotonic() < stop_at:
+                if delay_ms:
+                    await asyncio.sleep(random.random() * 2 * delay_ms / 1000)  # noqa: S311
+                cursor[0] += 1
+                if cursor[0] >= len(requests):
+                    cursor[0] = 0
+                    stats["wraps"] += 1
+                start = time.perf_counter()
+                writer.write(requests[cursor[0]])
+                status = await _read_response(reader)
+                stats["latencies_ms"].append((time.perf_counter() - start) * 1000)
+                stats["statuses"][status] = stats["statuses"].get(status, 0) + 1
+        except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            # A closed or garbled connection is counted and replaced, never fatal:
+            # the measurement goes on with the remaining time.
+            stats["errors"]["read"] += 1
+        finally:
+            writer.close()
 
 
 async def _fallback_process(argv: list[str]) -> dict[str, Any]:
