@@ -14,7 +14,7 @@ import ipaddress
 import ssl
 import sys
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -91,6 +91,18 @@ class Settings(BaseSettings):
     # caller's fallback) instead of failing at once.
     redis_max_connections: int = Field(default=100, ge=1)
     redis_pool_timeout_seconds: float = Field(default=5.0, gt=0)
+    # Warden: JetStream stream limits (see the README's "JetStream streams"). Unset means
+    # "Warden's default when the stream is created, and whatever the stream has once it
+    # exists", so a start never undoes what an operator set with `nats stream edit`; a
+    # value set here is applied to the existing stream at start (and logged).
+    jetstream_replicas: int | None = Field(default=None, ge=1, le=5)
+    jetstream_storage: Literal["file", "memory"] = "file"  # for new streams only
+    jetstream_verdicts_max_bytes: int | None = Field(default=None, ge=1024 * 1024)
+    jetstream_verdicts_max_age_seconds: float | None = Field(default=None, gt=0)
+    jetstream_verdict_log_max_bytes: int | None = Field(default=None, ge=1024 * 1024)
+    jetstream_verdict_log_max_age_seconds: float | None = Field(default=None, gt=0)
+    jetstream_inbound_max_bytes: int | None = Field(default=None, ge=1024 * 1024)
+    jetstream_inbound_max_age_seconds: float | None = Field(default=None, gt=0)
 
     # --- Federation and keys of other servers ---
     key_query_server: str = "matrix.org,ed25519:a_RXGa,l8Hft5qXKn1vfHrg3p4+W8gELQVo8N13JkluMfmn2sQ"

@@ -25,6 +25,7 @@ from warden.bus.consumer import (
 )
 from warden.bus.streams import (
     DUPLICATE_WINDOW_SECONDS,
+    StreamSettings,
     durable_consumer_config,
     ensure_inbound_stream,
     ensure_verdicts_stream,
@@ -90,7 +91,7 @@ def run(settings: Settings) -> int:
         redis = await dependencies.redis(runtime)
         nc = await dependencies.nats(runtime)
         js = nc.jetstream()
-        await ensure_verdicts_stream(js)
+        await ensure_verdicts_stream(js, limits=StreamSettings.from_settings(settings))
 
         deps = FilterDeps(
             redis=redis,
@@ -149,7 +150,7 @@ def run(settings: Settings) -> int:
             our_server_name=identity.server_name,
             our_keys={identity.federation_key_id: get_verify_key(identity.federation_key)},
         )
-        await ensure_inbound_stream(js)
+        await ensure_inbound_stream(js, StreamSettings.from_settings(settings))
         await ensure_durable_consumer(
             js,
             INBOUND_STREAM,

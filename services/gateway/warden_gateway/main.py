@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from signedjson.key import get_verify_key
 
-from warden.bus.streams import ensure_inbound_stream, ensure_verdicts_stream
+from warden.bus.streams import StreamSettings, ensure_inbound_stream, ensure_verdicts_stream
 from warden.bus.subjects import CONFIG_CHANGED_SUBJECT
 from warden.federation.client import FederationClient
 from warden.federation.keyring import Keyring
@@ -57,7 +57,8 @@ def run(settings: Settings) -> int:
         )
         runtime.add_shutdown_hook("rate-limit", rate_limiter.aclose)
         js = nc.jetstream()
-        await ensure_verdicts_stream(js)  # moderation requests go there
+        # Moderation requests go to the verdict streams.
+        await ensure_verdicts_stream(js, limits=StreamSettings.from_settings(settings))
         moderation = ModerationRequests(js)
         runtime.add_shutdown_hook("moderation-requests", moderation.aclose)
         policy = PolicyAPI(
@@ -79,7 +80,7 @@ def run(settings: Settings) -> int:
             errors=SEND_RATE_LIMIT_ERRORS,
         )
         runtime.add_shutdown_hook("send-rate-limit", send_limiter.aclose)
-        await ensure_inbound_stream(js)
+        await ensure_inbound_stream(js, StreamSettings.from_settings(settings))
         federation_inbound = FederationInbound(
             server_name=identity.server_name,
             local_user_id=f"@{settings.join_localpart}:{identity.server_name}",

@@ -8,7 +8,7 @@ import asyncpg
 from nats.js import JetStreamContext
 
 from warden.bus.consumer import PullConsumer, ensure_durable_consumer
-from warden.bus.streams import durable_consumer_config, ensure_verdicts_stream
+from warden.bus.streams import StreamSettings, durable_consumer_config, ensure_verdicts_stream
 from warden.bus.subjects import (
     MODERATION_REQUEST_SUBJECT,
     MODERATOR_CONSUMER,
@@ -58,7 +58,7 @@ class ModeratorService:
         requests_durable = requests_durable or f"{durable}-requests"
         # The handler gives up by itself after its own attempts; never cut it short.
         max_deliveries = max(settings.bus_max_deliveries, settings.moderation_max_attempts)
-        await ensure_verdicts_stream(js)
+        await ensure_verdicts_stream(js, limits=StreamSettings.from_settings(settings))
         await ensure_durable_consumer(
             js,
             VERDICTS_STREAM,

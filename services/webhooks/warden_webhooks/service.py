@@ -8,7 +8,7 @@ import asyncpg
 from nats.aio.client import Client as NATS
 
 from warden.bus.consumer import PullConsumer, ensure_durable_consumer
-from warden.bus.streams import durable_consumer_config, ensure_verdicts_stream
+from warden.bus.streams import StreamSettings, durable_consumer_config, ensure_verdicts_stream
 from warden.bus.subjects import VERDICTS_STREAM, WEBHOOKS_CONSUMER, verdict_subject
 from warden.policy.config import instance_defaults
 from warden.policy.verdict import ContentClass
@@ -48,7 +48,7 @@ class WebhooksService:
         # The handler gives up by itself after its own attempts; never cut it short.
         max_deliveries = max(settings.bus_max_deliveries, settings.webhook_max_attempts)
         js = nc.jetstream()
-        await ensure_verdicts_stream(js)
+        await ensure_verdicts_stream(js, limits=StreamSettings.from_settings(settings))
         await ensure_durable_consumer(
             js,
             VERDICTS_STREAM,
