@@ -14,6 +14,7 @@ from warden.settings import parse_bind
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
+SECRET_EXAMPLE = K8S / "examples" / "secret.example.yaml"
 SERVICES = ("gateway", "filter-worker", "moderator", "webhooks")
 
 
@@ -23,6 +24,8 @@ def load_k8s() -> list[dict[str, Any]]:
         if path.name == "kustomization.yaml":
             continue
         docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d is not None)
+    # The Secret the manifests read is the operator's; its example documents the keys.
+    docs.extend(d for d in yaml.safe_load_all(SECRET_EXAMPLE.read_text()) if d is not None)
     return docs
 
 
@@ -51,6 +54,18 @@ def test_every_k8s_file_parses_and_is_listed_in_the_kustomization() -> None:
         for doc in yaml.safe_load_all((K8S / name).read_text()):
             assert {"apiVersion", "kind", "metadata"} <= set(doc)
             assert "namespace" not in doc["metadata"]  # namespace-agnostic
+
+
+def test_an_apply_never_overwrites_the_secret() -> None:
+    """Operations review gap 2: `kubectl apply -k deploy/k8s` replaced a real
+    `warden-secrets` (database URL, API key, both signing keys) with placeholders."""
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    for name in kustomization["resources"]:
+        for doc in yaml.safe_load_all((K8S / name).read_text()):
+            assert doc["kind"] != "Secret", name
+    assert "secretGenerator" not in kustomization
+    (example,) = yaml.safe_load_all(SECRET_EXAMPLE.read_text())
+    assert example["metadata"]["name"] == "warden-secrets"
 
 
 def test_config_names_real_settings(config: dict[str, str]) -> None:
