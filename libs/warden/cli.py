@@ -25,25 +25,31 @@ def _service_entry(name: str) -> Callable[[Settings], int]:
     raise SystemExit(f"warden: service {name!r} is not installed")
 
 
-def _cmd_migrate(settings: Settings) -> int:
+def _cmd_migrate(settings: Settings, show_status: bool = False) -> int:
     import asyncpg
 
-    from warden.storage.migrations import migrate
+    from warden.storage.migrations import migrate, status
 
-    async def go() -> list[int]:
+    async def go() -> int:
         conn = await asyncpg.connect(settings.database, timeout=10)
         try:
-            return await migrate(conn)
+            if show_status:
+                rows = await status(conn)
+                for mig, applied_at in rows:
+                    print(f"{mig.version:04d}  {mig.name:<40} {applied_at or 'pending'}")
+                # Exit 3 when migrations are pending, so a script can wait on it.
+                return 3 if any(at is None for _, at in rows) else 0
+            applied = await migrate(conn)
+            print(f"applied migrations: {applied}" if applied else "database is up to date")
+            return 0
         finally:
             await conn.close()
 
     try:
-        applied = asyncio.run(go())
+        return asyncio.run(go())
     except (OSError, asyncpg.PostgresError) as exc:
         print(f"warden migrate: cannot reach PS_DATABASE: {exc}", file=sys.stderr)
         return 1
-    print(f"applied migrations: {applied}" if applied else "database is up to date")
-    return 0
 
 
 def _cmd_keygen(settings: Settings, args: argparse.Namespace) -> int:
@@ -82,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} service in the foreground")
-    sub.add_parser("migrate", help="apply pending database migrations")
+    migrate_cmd = sub.add_parser("migrate", help="apply pending database migrations")
+    migrate_cmd.add_argument(
+        "--status",
+        action="store_true",
+        help="list every migration and when it was applied; exit 3 if any is pending",
+    )
     keygen = sub.add_parser(
         "keygen", help="write the federation and policy signing keys if they are missing"
     )
@@ -115,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return _service_entry(args.command)(settings)
     if args.command == "migrate":
-        return _cmd_migrate(settings)
+        return _cmd_migrate(settings, show_status=args.status)
     if args.command == "keygen":
         return _cmd_keygen(settings, args)
     if args.command == "dev":

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     database: str = "postgres://policyserv:devonly@localhost/policyserv?sslmode=disable"
     database_max_open_conns: int = Field(default=10, ge=1)
     database_max_idle_conns: int = Field(default=5, ge=0)
+    # Warden: apply pending migrations when a service starts. Off, a service waits (up to
+    # PS_STARTUP_TIMEOUT_SECONDS) for `warden migrate` to bring the schema up to date, so
+    # services can run as a role without DDL rights.
+    migrate_on_start: bool = True
     # Warden. Credentials may be given in the URL (nats://user:password@host, or
     # nats://token@host); tls://host makes the connection use TLS.
     nats_url: str = "nats://127.0.0.1:4222"

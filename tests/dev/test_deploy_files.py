@@ -15,6 +15,7 @@ from warden.settings import parse_bind
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 SECRET_EXAMPLE = K8S / "examples" / "secret.example.yaml"
+MIGRATE = K8S / "migrate"
 SERVICES = ("gateway", "filter-worker", "moderator", "webhooks")
 
 
@@ -25,7 +26,9 @@ def load_k8s() -> list[dict[str, Any]]:
             continue
         docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d is not None)
     # The Secret the manifests read is the operator's; its example documents the keys.
-    docs.extend(d for d in yaml.safe_load_all(SECRET_EXAMPLE.read_text()) if d is not None)
+    # The migrations Job is a kustomization of its own (a Job is immutable).
+    for path in (SECRET_EXAMPLE, MIGRATE / "job.yaml"):
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d is not None)
     return docs
 
 
@@ -165,6 +168,13 @@ def test_migration_job(k8s: list[dict[str, Any]]) -> None:
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["args"] == ["migrate"]
     assert job["spec"]["template"]["spec"]["restartPolicy"] in ("OnFailure", "Never")
+    # Operations review gap 4: a fixed-name Job in the main kustomization made every
+    # later `kubectl apply -k deploy/k8s` with a new image fail (immutable template).
+    main = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert not any("job" in name for name in main["resources"])
+    own = yaml.safe_load((MIGRATE / "kustomization.yaml").read_text())
+    assert own["resources"] == ["job.yaml"]
+    assert own["images"] == main["images"]  # the same image as the services
 
 
 def test_compose_file() -> None:

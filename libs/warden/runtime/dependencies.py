@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -20,7 +21,7 @@ from warden.bus.connection import NatsAuth, check_nats, connect_nats
 from warden.runtime.service import ServiceRuntime
 from warden.settings import Settings
 from warden.storage.database import create_pool, ping
-from warden.storage.migrations import migrate
+from warden.storage.migrations import migrate, pending
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +54,33 @@ async def postgres(runtime: ServiceRuntime, *, apply_migrations: bool = True) ->
     """Open the pool, apply pending migrations, and register readiness and close."""
     s = runtime.settings
     pool = await _retry("postgresql", s.startup_timeout_seconds, lambda: create_pool(s))
-    if apply_migrations:
+    if apply_migrations and s.migrate_on_start:
         async with pool.acquire() as conn:
             applied = await migrate(conn)
         if applied:
             logger.info("migrations applied at start", extra={"versions": applied})
+    elif apply_migrations:
+        await _wait_for_schema(pool, s.startup_timeout_seconds)
     runtime.health.add_check("postgresql", lambda: ping(pool))
     runtime.add_shutdown_hook("postgresql", pool.close)
     return pool
+
+
+async def _wait_for_schema(pool: asyncpg.Pool, limit_seconds: float) -> None:
+    """PS_MIGRATE_ON_START=false: wait for `warden migrate` (a Job or hook) to finish."""
+    deadline = time.monotonic() + limit_seconds
+    while True:
+        async with pool.acquire() as conn:
+            missing = await pending(conn)
+        if not missing:
+            return
+        if time.monotonic() >= deadline:
+            raise RuntimeError(
+                f"the database schema lacks migrations {missing}: run `warden migrate` "
+                "(PS_MIGRATE_ON_START is false)"
+            )
+        logger.warning("waiting for migrations", extra={"pending": missing})
+        await asyncio.sleep(2.0)
 
 
 def redis_client(s: Settings) -> aioredis.Redis:

@@ -4,6 +4,10 @@ Files are ``migrations/NNNN_name.sql``; each is applied in its own transaction a
 recorded in ``warden_schema_migrations``. Several replicas starting at once all call
 ``migrate``: the advisory lock makes the others wait, and they then find nothing left
 to apply. Applied migrations are never edited; a change is a new file.
+
+The lock is transaction-scoped (``pg_advisory_xact_lock``), taken again in each
+migration's transaction: behind PgBouncer in transaction mode a session lock and its
+unlock can land on different server connections, leaving the lock held forever.
 """
 
 from __future__ import annotations
@@ -53,8 +57,8 @@ def load_migrations() -> list[Migration]:
 
 async def migrate(conn: Connection) -> list[int]:
     """Apply every pending migration; return the versions this call applied."""
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
-    try:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_ID)
         await conn.execute(
             """
             CREATE TABLE IF NOT EXISTS warden_schema_migrations (
@@ -67,22 +71,26 @@ async def migrate(conn: Connection) -> list[int]:
         done = {
             r["version"] for r in await conn.fetch("SELECT version FROM warden_schema_migrations")
         }
-        applied: list[int] = []
-        for mig in load_migrations():
-            if mig.version in done:
+    applied: list[int] = []
+    for mig in load_migrations():
+        if mig.version in done:
+            continue
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_ID)
+            # Another replica may have applied it while this one waited for the lock.
+            if await conn.fetchval(
+                "SELECT 1 FROM warden_schema_migrations WHERE version = $1", mig.version
+            ):
                 continue
-            async with conn.transaction():
-                await conn.execute(mig.sql)
-                await conn.execute(
-                    "INSERT INTO warden_schema_migrations (version, name) VALUES ($1, $2)",
-                    mig.version,
-                    mig.name,
-                )
-            logger.info("applied migration", extra={"version": mig.version, "migration": mig.name})
-            applied.append(mig.version)
-        return applied
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+            await conn.execute(mig.sql)
+            await conn.execute(
+                "INSERT INTO warden_schema_migrations (version, name) VALUES ($1, $2)",
+                mig.version,
+                mig.name,
+            )
+        logger.info("applied migration", extra={"version": mig.version, "migration": mig.name})
+        applied.append(mig.version)
+    return applied
 
 
 async def pending(conn: Connection) -> list[int]:
@@ -94,3 +102,13 @@ async def pending(conn: Connection) -> list[int]:
             r["version"] for r in await conn.fetch("SELECT version FROM warden_schema_migrations")
         }
     return [m.version for m in load_migrations() if m.version not in done]
+
+
+async def status(conn: Connection) -> list[tuple[Migration, str | None]]:
+    """Every bundled migration with when it was applied (ISO 8601), or None if pending."""
+    exists = await conn.fetchval("SELECT to_regclass('warden_schema_migrations') IS NOT NULL")
+    when: dict[int, str] = {}
+    if exists:
+        for r in await conn.fetch("SELECT version, applied_at FROM warden_schema_migrations"):
+            when[r["version"]] = r["applied_at"].isoformat(timespec="seconds")
+    return [(m, when.get(m.version)) for m in load_migrations()]
