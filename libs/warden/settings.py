@@ -14,9 +14,9 @@ import ipaddress
 import ssl
 import sys
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_origin
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from warden.matrix.ids import KeyID, ServerName
@@ -34,6 +34,9 @@ DEFAULT_DENIED_NETWORKS = (
 )
 
 CSV = Annotated[list[str], NoDecode]
+
+# Settings for which an empty variable is a value of its own rather than "unset".
+_EMPTY_IS_A_VALUE = frozenset({"key_query_server"})
 
 
 def _split_csv(value: Any) -> Any:
@@ -290,6 +293,20 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
+        """An empty variable means "not set", as Compose files and Helm templates write
+        them (``PS_JOIN_SERVER=`` used to stop every service). Except where empty is a
+        value policyserv documents: a list (empty disables it, e.g. the keyword list) and
+        ``PS_KEY_QUERY_SERVER`` (empty: no notary)."""
+        if value != "" or info.field_name is None:
+            return value
+        field = cls.model_fields[info.field_name]
+        if get_origin(field.annotation) is list or info.field_name in _EMPTY_IS_A_VALUE:
+            return value
+        return field.get_default(call_default_factory=True)
 
     @field_validator("homeserver_allowed_networks", "homeserver_denied_networks")
     @classmethod

@@ -129,7 +129,9 @@ def instance_defaults(environ: Mapping[str, str] | None = None) -> dict[str, Any
     values: dict[str, Any] = {}
     for key in known_keys().values():
         raw = env.get(key.env_var)
-        if raw is None:
+        # Empty means unset for a number or a switch (Compose and Helm write empty
+        # variables); for a list or text, empty is policyserv's way to turn a filter off.
+        if raw is None or (not raw.strip() and key.type in ("bool", "int", "float")):
             values[key.name] = key.default
             continue
         try:
