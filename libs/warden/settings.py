@@ -255,6 +255,10 @@ class Settings(BaseSettings):
     # Past either: 408 and the connection is closed.
     http_header_timeout_seconds: float = Field(default=10.0, gt=0)
     http_body_timeout_seconds: float = Field(default=30.0, gt=0)
+    # An idle kept-alive connection is closed after this. Longer than the idle timeout
+    # of common proxies and load balancers (60 s for ingress-nginx and AWS ALB): a
+    # backend closing first races the proxy's reuse of the connection (intermittent 502).
+    http_keep_alive_seconds: float = Field(default=75.0, gt=0)
     # Requests handled at once per listener; the next gets 503 with Retry-After.
     http_max_concurrency: int = Field(default=1024, ge=1)
     # Open connections per listener; the next gets 503 and is closed.

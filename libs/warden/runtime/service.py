@@ -96,7 +96,7 @@ class ServiceRuntime:
             # headers, read deadlines, concurrency and connections (http_limits.py).
             http=protocol_class(limits),
             ws="none",  # no service speaks WebSocket; an Upgrade is served as plain HTTP
-            timeout_keep_alive=30,
+            timeout_keep_alive=int(max(1.0, self.settings.http_keep_alive_seconds)),
             timeout_graceful_shutdown=max(1, int(self.settings.shutdown_timeout_seconds)),
         )
         self._servers.append(_HttpServer(name, _EmbeddedServer(config), limits))
