@@ -17,6 +17,15 @@ from warden.settings import Settings, load_settings
 SERVICES = ("gateway", "filter-worker", "moderator", "webhooks")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("warden")
+    except PackageNotFoundError:  # running from a checkout without an install
+        return "unknown"
+
+
 def _service_entry(name: str) -> Callable[[Settings], int]:
     for ep in entry_points(group="warden.services"):
         if ep.name == name:
@@ -85,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="warden",
         description="Warden, a Matrix policy server. Settings come from PS_* variables.",
     )
+    parser.add_argument("--version", action="version", version=f"warden {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} service in the foreground")
@@ -100,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--federation-key", help="path (default PS_HOMESERVER_SIGNING_KEY_PATH)")
     keygen.add_argument("--policy-key", help="path (default PS_HOMESERVER_EVENT_SIGNING_KEY_PATH)")
     sub.add_parser("dev", help="run the whole stack locally (embedded servers where needed)")
+    check = sub.add_parser(
+        "check-config",
+        help="validate every setting and key file and reach each dependency; exit 1 on any problem",
+    )
+    check.add_argument("--offline", action="store_true", help="skip PostgreSQL, Redis and NATS")
     from warden.dev.sign_request import add_arguments as sign_request_arguments
 
     sign_request_arguments(
@@ -113,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``warden`` console script."""
     args = build_parser().parse_args(argv)
+    if args.command == "check-config":
+        # Before load_settings, which stops at the first bad value: this lists them all.
+        from warden.config_check import run as run_check
+
+        return run_check(offline=args.offline)
     settings = load_settings()
     if args.command in SERVICES:
         # Filter defaults come from PS_<KEY> variables declared by the filters; a bad

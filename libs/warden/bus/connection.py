@@ -75,6 +75,10 @@ async def connect_nats(
     last_error: list[str] = []
 
     async def on_disconnect() -> None:
+        # A drain or close of our own also disconnects: not worth a warning.
+        if nc.is_closed or nc.is_draining:
+            logger.info("nats connection closed", extra={"event": "nats_closed"})
+            return
         logger.warning("nats disconnected", extra={"event": "nats_disconnected"})
 
     async def on_reconnect() -> None:
