@@ -144,12 +144,17 @@ async def test_join_rate_does_not_count_profile_changes_of_learned_members(
         rename = member("@member:x.org", "@member:x.org", "join", room, displayname=name)
         assert (await judge(p, rename, cfg)).content_class is N
     assert await redis_client.zcard(redis_keys.join_rate(room)) == 0
-    assert (
-        await judge(p, member("@new:x.org", "@new:x.org", "join", room), cfg)
-    ).content_class is N
-    assert (
-        await judge(p, member("@new2:x.org", "@new2:x.org", "join", room), cfg)
-    ).content_class is P
+
+    # A join learned from /send before it is judged is still a join (its own event set
+    # the learned membership).
+    fresh = state_event("m.room.member", "@fresh:x.org", {"membership": "join"}, "@fresh:x.org")
+    fresh["room_id"] = room
+    fresh_id = new_event_id()
+    await room_state.apply_event(pg_pool, room, fresh, fresh_id)
+    assert (await judge(p, fresh, cfg, event_id=fresh_id)).content_class is N
+    assert await redis_client.zcard(redis_keys.join_rate(room)) == 1
+    late = await judge(p, member("@new:x.org", "@new:x.org", "join", room), cfg)
+    assert late.content_class is P and refused_by(late) == {"join_rate"}
 
 
 async def _start_worker(pg_url: str, room: str, limit: int, go: str, users: list[str]) -> Any:

@@ -10,9 +10,11 @@ is refused, and so is every further join until the window drains; refused joins 
 too, so a raid keeps the window closed while it lasts.
 
 Not counted: a join by a user the room's learned (verified) state already has as joined
-(that is a display name or avatar change, not a join; one PostgreSQL lookup, only for
-joins and only while the filter is on), and a join whose sender is not verified
-(``FilterContext.sender_verified``), which is only measured against the window.
+by an earlier event (that is a display name or avatar change, not a join; one
+PostgreSQL lookup, only for joins and only while the filter is on; a profile change
+learned from ``/send`` before anyone asked about it counts as a join), and a join whose
+sender is not verified (``FilterContext.sender_verified``), which is only measured
+against the window.
 """
 
 from __future__ import annotations
@@ -53,8 +55,12 @@ class JoinRateFilter(Filter):
         sender = ctx.sender
         if not sender or ctx.event.get("state_key") != sender or not ctx.room_id:
             return FilterResult.neutral()
-        if await learned_membership(ctx.deps.pool, ctx.room_id, sender) == "join":
-            return FilterResult.neutral()  # a profile change of a member
+        learned = await learned_membership(ctx.deps.pool, ctx.room_id, sender)
+        # Joined by an earlier event: this one is a profile change. The room-state
+        # consumer learns a /send PDU before it is judged, so a membership set by this
+        # very event is still a join.
+        if learned is not None and learned[0] == "join" and learned[1] != ctx.event_id:
+            return FilterResult.neutral()
         count = await count_event(
             ctx.deps.auto_pipeline,
             redis_keys.join_rate(ctx.room_id),

@@ -10,11 +10,16 @@ from __future__ import annotations
 import asyncpg
 
 
-async def learned_membership(pool: asyncpg.Pool, room_id: str, user_id: str) -> str | None:
-    """The user's learned membership (``join``, ``invite``, ``ban``...), or None."""
-    found = await pool.fetchval(
-        "SELECT membership FROM room_members WHERE room_id = $1 AND user_id = $2",
+async def learned_membership(
+    pool: asyncpg.Pool, room_id: str, user_id: str
+) -> tuple[str, str] | None:
+    """The user's learned membership (``join``, ``invite``, ``ban``...) and the ID of the
+    event that set it, or None when nothing is learned of the user."""
+    row = await pool.fetchrow(
+        "SELECT membership, event_id FROM room_members WHERE room_id = $1 AND user_id = $2",
         room_id,
         user_id,
     )
-    return found if isinstance(found, str) else None
+    if row is None:
+        return None
+    return row["membership"], row["event_id"]
