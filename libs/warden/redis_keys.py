@@ -103,3 +103,18 @@ def startup_join_lock() -> str:
     replica's random token, so only the holder refreshes or releases it. Others wait and
     take over if the holder dies (the TTL runs out)."""
     return f"{PREFIX}lock:startup_joins"
+
+
+def join_rate(room_id: str) -> str:
+    """``warden:joins:<room_id>``: the join-rate window of one room, shared by every
+    worker. A sorted set of join event IDs scored by the time (ms) Warden first counted
+    them (``ZADD NX``: a re-evaluated event counts once); entries older than 60 s are
+    pruned on each count. TTL: 120 s, renewed by each count, so a quiet room's key goes."""
+    return f"{PREFIX}joins:{room_id}"
+
+
+def invite_rate(community_id: str, user_id: str) -> str:
+    """``warden:invites:<community>:<user>``: the invite-rate window of one sender in one
+    community, shared by every worker; a sorted set like ``join_rate`` (event IDs scored
+    by first-count time in ms, pruned past 60 s). TTL: 120 s, renewed by each count."""
+    return f"{PREFIX}invites:{community_id}:{user_id}"

@@ -307,6 +307,7 @@ def test_on_by_default_as_in_policyserv() -> None:
     assert on == {
         "protect_own_user",
         "event_type_prefilter",
+        "moderation_prefilter",
         "hellban_prefilter",
         "keyword",
         "mentions",
@@ -316,7 +317,7 @@ def test_on_by_default_as_in_policyserv() -> None:
         "density",
         "media",
         "hellban_postfilter",
-    }  # sender prefilter (empty list) and frequency (rate 0) are off
+    }  # sender prefilter (empty list), frequency, join and invite rates (0) are off
 
 
 async def test_unset_is_not_false(deps: FilterDeps) -> None:

@@ -17,7 +17,8 @@ cached per worker for ``RULE_CACHE_SECONDS``.
 
 Decisions: the refusal's harm is ``org.matrix.msc4456.other``, as policyserv's (a list
 ban may be for any reason, and the list's reason is free text); a user's own ``leave``
-is let through (leaving is what a ban asks of them). policyserv's key
+is let through (leaving is what a ban asks of them); an invite is refused when the
+invitee (its ``state_key``) is banned, whoever sends it. policyserv's key
 ``mjolnir_filter_enabled`` is also declared, so its stored configs keep working: the
 filter runs only when it and ``policy_list_filter_enabled`` are both true.
 """
@@ -146,7 +147,8 @@ class PolicyListFilter(Filter):
         )
 
     async def check(self, ctx: FilterContext) -> FilterResult:
-        """Prohibited when a user rule matches the sender or a server rule its server."""
+        """Prohibited when a user rule matches the sender or a server rule its server,
+        or, for an invite, the same of the invitee."""
         sender = ctx.sender
         if not sender:
             return FilterResult.neutral()
@@ -159,4 +161,10 @@ class PolicyListFilter(Filter):
         index = await index_for(ctx.deps.pool, ctx.config.get_list(ROOM_IDS.name))
         if index.banning_rule(sender) is not None:
             return FilterResult.prohibited(OTHER)
+        # An invite brings its invitee towards the room: a banned invitee is refused too
+        # (a join is checked by its sender, the joining user, above).
+        if ctx.event_type == "m.room.member" and ctx.content.get("membership") == "invite":
+            invitee = ctx.event.get("state_key")
+            if isinstance(invitee, str) and invitee and index.banning_rule(invitee) is not None:
+                return FilterResult.prohibited(OTHER)
         return FilterResult.neutral()

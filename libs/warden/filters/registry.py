@@ -15,11 +15,14 @@ from warden.filters.event_type_prefilter import EventTypePrefilter
 from warden.filters.frequency import FrequencyFilter
 from warden.filters.hellban_postfilter import HellbanPostfilter
 from warden.filters.hellban_prefilter import HellbanPrefilter
+from warden.filters.invite_rate import InviteRateFilter
+from warden.filters.join_rate import JoinRateFilter
 from warden.filters.keyword import KeywordFilter
 from warden.filters.length import LengthFilter
 from warden.filters.many_ats import ManyAtsFilter
 from warden.filters.media import MediaFilter
 from warden.filters.mentions import MentionsFilter
+from warden.filters.moderation_prefilter import ModerationPrefilter
 from warden.filters.policy_list import PolicyListFilter
 from warden.filters.protect_own_user import ProtectOwnUser
 from warden.filters.sender_prefilter import SenderPrefilter
@@ -30,6 +33,7 @@ _ALL: tuple[type[Filter], ...] = (
     EventTypePrefilter,
     SenderPrefilter,
     PolicyListFilter,
+    ModerationPrefilter,
     HellbanPrefilter,
     KeywordFilter,
     MentionsFilter,
@@ -39,6 +43,8 @@ _ALL: tuple[type[Filter], ...] = (
     DensityFilter,
     MediaFilter,
     FrequencyFilter,
+    JoinRateFilter,
+    InviteRateFilter,
     HellbanPostfilter,
 )
 
