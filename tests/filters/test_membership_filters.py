@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
@@ -445,3 +446,21 @@ async def test_redacting_needs_the_redact_level(pg_pool: asyncpg.Pool, deps: Fil
     ev = event("m.room.redaction", {"reason": "spam"}, sender="@helper:x.org", room_id=room)
     ev["redacts"] = "$x"
     assert (await judge(p, ev, cfg)).content_class is P
+
+
+async def test_a_failed_state_lookup_is_no_verdict(
+    pg_database: str, redis_client: aioredis.Redis
+) -> None:
+    """Failures are not verdicts: judged without its exemption, a moderator's ban could
+    be refused forever. With the database gone the evaluation is unavailable (503)."""
+    from warden.policy.dependency_failures import EvaluationUnavailable
+
+    pool = await asyncpg.create_pool(pg_database, min_size=1, max_size=1)
+    await pool.close()
+    p = pipeline(FilterDeps(redis=redis_client, pool=pool, local_user_id=OWN_USER))
+    ban = member(MOD, SPAMMER, "ban", new_room(), reason="spam")
+    cfg = config(event_type_prefilter_allowed_state_event_types=[], hellban_postfilter_minutes=0)
+    failed_before = moderation_checks("failed")
+    with pytest.raises(EvaluationUnavailable, match="moderation_prefilter"):
+        await judge(p, ban, cfg)
+    assert moderation_checks("failed") - failed_before == 1

@@ -22,8 +22,9 @@ Warden's user) or ``policy_list`` (a banned moderator) still wins.
 
 Cost: other event types return at once without I/O, so the filter is marked as not
 waiting on I/O (no task, no timer per event). The state lookup for the few moderation
-events is bounded by its own timeout, and any failure of it only withholds the
-exemption (logged and counted), never refuses.
+events is bounded by its own timeout; a slow or failed database makes the evaluation
+unavailable (503 and judged again), as for any filter's dependency failure, rather than
+judging without it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from prometheus_client import Counter
 from warden.filters.base import Filter, FilterContext, FilterResult, Group
 from warden.matrix.room_versions import get_room_version
 from warden.matrix.state_auth import AuthState, check_event
+from warden.policy.dependency_failures import DependencyUnavailable
 from warden.storage.room_state import load_auth_state
 
 logger = logging.getLogger(__name__)
@@ -112,13 +114,18 @@ class ModerationPrefilter(Filter):
         try:
             async with asyncio.timeout(LOOKUP_TIMEOUT_SECONDS):
                 state = await load_auth_state(ctx.deps.pool, ctx.room_id, version, ctx.event)
-        except Exception as exc:  # no exemption, never a refusal: judged like any event
+        except Exception as exc:
+            # Failures are not verdicts: judging a moderator's kick without its exemption
+            # could refuse it forever. A slow or failed database makes the whole
+            # evaluation unavailable (503, judged again on the next ask).
             MODERATION_CHECKS.labels("failed").inc()
             logger.warning(
                 "moderation state lookup failed",
                 extra={"event_id": ctx.event_id, "error": f"{type(exc).__name__}: {exc}"[:300]},
             )
-            return FilterResult.neutral()
+            if isinstance(exc, TimeoutError):
+                raise DependencyUnavailable("learned room state lookup timed out") from exc
+            raise
         if may_moderate(ctx.event, kind, state):
             MODERATION_CHECKS.labels("allowed").inc()
             return FilterResult.allowed()
