@@ -14,7 +14,8 @@ from tests.filters.filter_helpers import ALICE, ROOM, config, event, message, ne
 from warden import redis_keys
 from warden.filters.base import Filter, FilterContext, FilterDeps, FilterResult, Group
 from warden.filters.registry import FILTERS
-from warden.policy import filter_scope, pipeline as pipeline_module
+from warden.policy import filter_scope
+from warden.policy import pipeline as pipeline_module
 from warden.policy.config import ConfigError, EffectiveConfig, validate_community_config
 from warden.policy.harms import OTHER, SPAM
 from warden.policy.pipeline import Pipeline
