@@ -136,3 +136,26 @@ async def test_unknown_events_are_404(admin: httpx.AsyncClient, admin_pool: asyn
     assert_matrix_error(
         await admin.get(f"/api/v1/events/{event_id.rsplit('/', 1)[0]}"), 404, "M_NOT_FOUND"
     )
+
+
+async def test_a_dry_run_outcome_is_shown_as_such(
+    admin: httpx.AsyncClient, admin_pool: asyncpg.Pool
+) -> None:
+    event_id = real_event_id("10")
+    dry = FilterOutcome("many_ats", ContentClass.PROHIBITED, (SPAM,), dry_run=True)
+    verdict = dataclasses.replace(
+        verdict_for(event_id), filters=(dry, *verdict_for(event_id).filters)
+    )
+    await insert_verdicts(admin_pool, [verdict])
+    r = await admin.get(f"/api/v1/events/{quote(event_id, safe='')}")
+    assert r.status_code == 200, r.text
+    assert r.json()["filters"] == [
+        {
+            "name": "many_ats",
+            "class": "prohibited",
+            "harms": [SPAM],
+            "duration_ms": 0.0,
+            "dry_run": True,
+        },
+        *EXPECTED_FILTERS,
+    ]

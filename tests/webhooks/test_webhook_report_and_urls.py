@@ -129,3 +129,19 @@ def test_check_webhook_url_keeps_path_and_query_and_host_header() -> None:
 def test_check_webhook_url_refuses(url: str, reason: str) -> None:
     with pytest.raises(NotAllowed, match=reason):
         check_webhook_url(url, ["element.ems.host"])
+
+
+def test_report_marks_dry_run_outcomes_as_not_counted() -> None:
+    verdict = dataclasses.replace(
+        hostile_verdict(),
+        filters=(
+            FilterOutcome("keyword", ContentClass.PROHIBITED, ("org.matrix.msc4387.spam",)),
+            FilterOutcome(
+                "links", ContentClass.PROHIBITED, ("org.matrix.msc4387.spam",), dry_run=True
+            ),
+        ),
+    )
+    report = build_report(verdict, now_ms=1)
+    assert "keyword: prohibited (org.matrix.msc4387.spam)\n" in report["text"]
+    assert "links: prohibited (org.matrix.msc4387.spam) [dry run: not counted]" in report["text"]
+    assert "[dry run: not counted]</li>" in report["html"]

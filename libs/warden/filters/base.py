@@ -143,6 +143,9 @@ class FilterContext:
     # sender (no hellban, no frequency count) and trust nothing about them (no allow
     # list); what only refuses the event (a hellban or a policy list ban) still applies.
     sender_verified: bool = True
+    # True while a filter the community runs in dry run is checking: its outcome will not
+    # count, so it must not act (set a hellban) either.
+    dry_run: bool = False
 
     @property
     def event_type(self) -> str:

@@ -11,7 +11,8 @@ prohibited for the reasons the other filters gave, and adding ``spam.flooding`` 
 keyword hit would misreport why. A verdict that is prohibited only because filters
 *failed* (fail-secure) does not hellban anyone: an outage is not the sender's doing.
 Nor does an event whose sender is not verified (``FilterContext.sender_verified``):
-whoever forged it must not get the named user banned.
+whoever forged it must not get the named user banned. Nor does a refusal by a filter
+in dry run, and in dry run itself this filter sets no ban.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ class HellbanPostfilter(Filter):
     async def check(self, ctx: FilterContext) -> FilterResult:
         """Set the ban (NX: never extended) when a filter really prohibited the event."""
         judged = any(
-            o.content_class is ContentClass.PROHIBITED and o.error is None for o in ctx.earlier
+            o.content_class is ContentClass.PROHIBITED and o.error is None and not o.dry_run
+            for o in ctx.earlier
         )
-        if judged and ctx.sender and ctx.sender_verified:
+        if judged and ctx.sender and ctx.sender_verified and not ctx.dry_run:
             minutes = ctx.config.get_int(HELLBAN_MINUTES.name)
             key = redis_keys.hellban(ctx.community_id, ctx.sender)
             await ctx.deps.auto_pipeline.execute_command("SET", key, b"1", "NX", "EX", minutes * 60)

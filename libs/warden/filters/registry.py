@@ -27,6 +27,7 @@ from warden.filters.policy_list import PolicyListFilter
 from warden.filters.protect_own_user import ProtectOwnUser
 from warden.filters.sender_prefilter import SenderPrefilter
 from warden.filters.trim_length import TrimLengthFilter
+from warden.policy import filter_scope  # noqa: F401  (declares dry_run_filters, filter_conditions)
 
 _ALL: tuple[type[Filter], ...] = (
     ProtectOwnUser,

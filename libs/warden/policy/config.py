@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-KeyType = Literal["bool", "int", "float", "str", "list[str]"]
+import orjson
+
+KeyType = Literal["bool", "int", "float", "str", "list[str]", "object"]
 
 # Importing this module registers every filter's keys (see ``known_keys``).
 FILTER_REGISTRY_MODULE = "warden.filters.registry"
@@ -46,6 +48,9 @@ class ConfigKey:
     # Instance-only keys (secrets, server-wide lists) come from the environment only;
     # a community cannot set them.
     instance_only: bool = False
+    # Checks beyond the type (``object`` keys mostly): returns the value normalised or
+    # raises ``ConfigError``. Run when a community's config or an instance default is read.
+    validate: Callable[[Any], Any] | None = field(default=None, compare=False)
 
     @property
     def env_var(self) -> str:
@@ -82,6 +87,7 @@ def check_value(key: ConfigKey, value: Any) -> Any:
         or (t == "float" and isinstance(value, int | float) and not isinstance(value, bool))
         or (t == "str" and isinstance(value, str))
         or (t == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value))
+        or (t == "object" and isinstance(value, dict))
     )
     if not ok:
         raise ConfigError(key.name, f"must be {_describe(t)}, not {type(value).__name__}")
@@ -95,6 +101,7 @@ def _describe(t: KeyType) -> str:
         "float": "a number",
         "str": "a string",
         "list[str]": "a list of strings",
+        "object": "a JSON object",
     }[t]
 
 
@@ -115,6 +122,11 @@ def parse_env_value(key: ConfigKey, raw: str) -> Any:
             return float(text)
         if t == "list[str]":
             return [item.strip() for item in raw.split(",") if item.strip()]
+        if t == "object":
+            value = orjson.loads(text or "{}")
+            if not isinstance(value, dict):
+                raise ValueError("must be a JSON object")
+            return value
         return raw
     except ValueError as exc:
         raise ConfigError(key.name, str(exc)) from None
@@ -136,6 +148,8 @@ def instance_defaults(environ: Mapping[str, str] | None = None) -> dict[str, Any
             continue
         try:
             values[key.name] = parse_env_value(key, raw)
+            if key.validate is not None:
+                values[key.name] = key.validate(values[key.name])
         except ConfigError as exc:
             raise ConfigError(key.env_var, exc.message) from None
     return values
@@ -154,6 +168,8 @@ def validate_community_config(data: object) -> dict[str, Any]:
         if key.instance_only:
             raise ConfigError(name, "can only be set by the instance operator")
         out[name] = check_value(key, value)
+        if key.validate is not None:
+            out[name] = key.validate(out[name])
     return out
 
 

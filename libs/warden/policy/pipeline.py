@@ -17,6 +17,10 @@ and its harms their union, so a prohibiting prefilter beats an allowing one. The
 class is the maximum over groups, normalised (harms force prohibited; prohibited needs a
 harm). An event whose sender is not a user ID is prohibited before any group runs.
 
+A community can narrow where a filter runs (``filter_conditions``) and run filters in
+dry run (``dry_run_filters``): their outcomes are recorded but count for nothing
+(``warden.policy.filter_scope``, worked out once per configuration like ``enabled``).
+
 A filter that raises or exceeds the timeout fails one of two ways
 (``warden.policy.dependency_failures`` tells them apart):
 
@@ -43,6 +47,7 @@ from warden.filters.base import Filter, FilterContext, FilterDeps, FilterResult,
 from warden.matrix.event_hashes import covered_event
 from warden.policy.config import EffectiveConfig
 from warden.policy.dependency_failures import EvaluationUnavailable, is_dependency_failure
+from warden.policy.filter_scope import Scope, compile_scope, dry_context, mark_dry_run
 from warden.policy.harms import OTHER, SPAM, SPEC_NON_COMPLIANCE
 from warden.policy.verdict import (
     SENDER_UNVERIFIED,
@@ -67,6 +72,7 @@ _RUNS_WHEN: dict[Group, frozenset[ContentClass]] = {
 }
 
 OutcomeHook = Callable[[FilterOutcome], None]
+_Groups = list[tuple[Group, list[Filter]]]
 
 # Configurations whose enabled filters a pipeline remembers (one per community in use).
 _ACTIVE_CACHE_SIZE = 256
@@ -111,7 +117,8 @@ class Pipeline:
         # kept so its ``id`` is not reused, and the groups). ``enabled`` depends on the
         # configuration alone, and the worker reuses one object per community until it
         # changes, so this is worked out once rather than for every event.
-        self._active: dict[int, tuple[EffectiveConfig, list[tuple[Group, list[Filter]]]]] = {}
+        # With them, the configuration's dry-run filters and conditions (None: neither).
+        self._active: dict[int, tuple[EffectiveConfig, _Groups, Scope | None]] = {}
 
     async def evaluate(
         self,
@@ -185,28 +192,39 @@ class Pipeline:
         content_class = ContentClass.NEUTRAL
         harms: list[str] = []
         outcomes: list[FilterOutcome] = []
-        for group, active in self._active_groups(ctx.config):
+        counted: list[FilterOutcome] = []  # without dry-run outcomes
+        groups, scope = self._active_groups(ctx.config)
+        for group, active in groups:
             if not active or content_class not in _RUNS_WHEN[group]:
                 continue
-            ctx.earlier = list(outcomes)
-            for outcome in await self._run_group(active, ctx):
+            ctx.earlier = list(counted)
+            if scope is not None:
+                active = scope.select(active, ctx)
+            for outcome in await self._run_group(active, ctx, scope):
                 outcomes.append(outcome)
+                if outcome.dry_run:
+                    continue  # recorded only: it decides nothing
+                counted.append(outcome)
                 content_class = max(content_class, outcome.content_class)
                 harms.extend(outcome.harms)
         return content_class, harms, outcomes
 
-    def _active_groups(self, config: EffectiveConfig) -> list[tuple[Group, list[Filter]]]:
-        """Each group with the filters ``config`` enables, in pipeline order."""
+    def _active_groups(self, config: EffectiveConfig) -> tuple[_Groups, Scope | None]:
+        """Each group with the filters ``config`` enables, in pipeline order, and the
+        configuration's scope (``warden.policy.filter_scope``)."""
         hit = self._active.get(id(config))
         if hit is not None and hit[0] is config:
-            return hit[1]
+            return hit[1], hit[2]
         groups = [(g, [f for f in members if f.enabled(config)]) for g, members in self._groups]
+        scope = compile_scope(config)
         if len(self._active) >= _ACTIVE_CACHE_SIZE:
             self._active.clear()  # configurations replaced since: cheap to work out again
-        self._active[id(config)] = (config, groups)
-        return groups
+        self._active[id(config)] = (config, groups, scope)
+        return groups, scope
 
-    async def _run_group(self, active: list[Filter], ctx: FilterContext) -> list[FilterOutcome]:
+    async def _run_group(
+        self, active: list[Filter], ctx: FilterContext, scope: Scope | None = None
+    ) -> list[FilterOutcome]:
         """Run a group's filters; the outcomes in the group's order.
 
         Filters that wait on I/O run concurrently, each in its own task. The others
@@ -214,16 +232,23 @@ class Pipeline:
         concurrently would change nothing but add a task, a timer and a trip round the
         event loop for each, which under load was most of the pipeline's cost.
         """
+        dry = {f.name for f in active if scope.is_dry(f.name)} if scope is not None else ()
         waiting = [f for f in active if f.waits_on_io]
         if len(waiting) > 1:
-            tasks = {f.name: asyncio.ensure_future(self._run_one(f, ctx)) for f in waiting}
+            tasks = {
+                f.name: asyncio.ensure_future(self._run_one(f, ctx, f.name in dry)) for f in waiting
+            }
         else:
             tasks = {}
         outcomes: list[FilterOutcome] = []
         try:
             for flt in active:
                 task = tasks.get(flt.name)
-                outcomes.append(await task if task is not None else await self._run_one(flt, ctx))
+                outcomes.append(
+                    await task
+                    if task is not None
+                    else await self._run_one(flt, ctx, flt.name in dry)
+                )
         finally:
             for task in tasks.values():
                 # Still running only if this evaluation was cancelled or given up on.
@@ -232,7 +257,11 @@ class Pipeline:
                     task.exception()  # retrieved: one given-up filter is reported, once
         return outcomes
 
-    async def _run_one(self, flt: Filter, ctx: FilterContext) -> FilterOutcome:
+    async def _run_one(
+        self, flt: Filter, ctx: FilterContext, dry_run: bool = False
+    ) -> FilterOutcome:
+        if dry_run:
+            ctx = dry_context(ctx)
         start = time.perf_counter()
         error: str | None = None
         dependency = False
@@ -273,12 +302,19 @@ class Pipeline:
         duration_ms = (time.perf_counter() - start) * 1000
         content_class, harms = normalise(result.content_class, result.harms)
         outcome = FilterOutcome(flt.name, content_class, harms, error, duration_ms)
+        if dry_run:
+            # Recorded and counted, never a verdict: not even a given-up evaluation.
+            return self._observe(mark_dry_run(outcome))
+        self._observe(outcome)
+        if dependency and fail_secure:
+            assert error is not None
+            raise EvaluationUnavailable(flt.name, error)
+        return outcome
+
+    def _observe(self, outcome: FilterOutcome) -> FilterOutcome:
         if self._on_outcome is not None:
             try:
                 self._on_outcome(outcome)
             except Exception:  # metrics must not change a verdict
                 logger.exception("outcome hook failed")
-        if dependency and fail_secure:
-            assert error is not None
-            raise EvaluationUnavailable(flt.name, error)
         return outcome

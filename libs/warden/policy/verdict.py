@@ -70,6 +70,9 @@ class FilterOutcome:
     harms: tuple[str, ...] = ()
     error: str | None = None  # set when the filter failed or timed out
     duration_ms: float = 0.0
+    # The community runs this filter in dry run (``warden.policy.filter_scope``): the
+    # outcome is recorded but counted towards neither the verdict nor any side effect.
+    dry_run: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -81,6 +84,8 @@ class FilterOutcome:
         }
         if self.error is not None:
             d["error"] = self.error
+        if self.dry_run:
+            d["dry_run"] = True
         return d
 
     @classmethod
@@ -92,6 +97,7 @@ class FilterOutcome:
             harms=tuple(d.get("harms", ())),
             error=d.get("error"),
             duration_ms=float(d.get("duration_ms", 0.0)),
+            dry_run=d.get("dry_run") is True,
         )
 
 

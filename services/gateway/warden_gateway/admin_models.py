@@ -35,6 +35,7 @@ _JSON_TYPES: dict[KeyType, dict[str, Any]] = {
     "float": {"type": "number"},
     "str": {"type": "string"},
     "list[str]": {"type": "array", "items": {"type": "string"}},
+    "object": {"type": "object"},
 }
 
 
@@ -153,6 +154,11 @@ class FilterOutcome(BaseModel):
     duration_ms: float
     error: str | None = Field(
         default=None, description="Present when the filter failed or timed out."
+    )
+    dry_run: bool | None = Field(
+        default=None,
+        description="Present (true) when the community runs this filter in dry run "
+        "(dry_run_filters): recorded, but it counted towards nothing.",
     )
 
     model_config = ConfigDict(populate_by_name=True)

@@ -32,12 +32,16 @@ def _time(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _filter_line(name: str, content_class: str, harms: tuple[str, ...], error: str | None) -> str:
+def _filter_line(
+    name: str, content_class: str, harms: tuple[str, ...], error: str | None, dry_run: bool
+) -> str:
     line = f"{name}: {content_class}"
     if harms:
         line += f" ({', '.join(harms)})"
     if error:
         line += f" [error: {error}]"
+    if dry_run:
+        line += " [dry run: not counted]"
     return line
 
 
@@ -48,7 +52,8 @@ def build_report(verdict: Verdict, *, now_ms: int) -> dict[str, str]:
     source = verdict.extra.get("source")
     asked = verdict.origin + (f" ({source})" if isinstance(source, str) and source else "")
     filters = [
-        _filter_line(f.name, f.content_class.label, f.harms, f.error) for f in verdict.filters
+        _filter_line(f.name, f.content_class.label, f.harms, f.error, f.dry_run)
+        for f in verdict.filters
     ]
     # A sender nothing proved (an unsigned third-party invite) is not named as the
     # author: the event may be a forgery meant to get that user punished.
