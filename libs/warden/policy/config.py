@@ -143,7 +143,7 @@ def instance_defaults(environ: Mapping[str, str] | None = None) -> dict[str, Any
         raw = env.get(key.env_var)
         # Empty means unset for a number or a switch (Compose and Helm write empty
         # variables); for a list or text, empty is policyserv's way to turn a filter off.
-        if raw is None or (not raw.strip() and key.type in ("bool", "int", "float")):
+        if raw is None or (not raw.strip() and key.type in ("bool", "int", "float", "object")):
             values[key.name] = key.default
             continue
         try:
