@@ -366,6 +366,7 @@ def test_cli_prints_json_and_summary(
     assert "rooms: 2 created, 0 updated, 0 unchanged, 1 skipped" in out
     assert "ranged: not translated mechanically" in out
     assert "media_classifications: 1: Warden has no media scanning" in out
+    assert TOKEN not in out  # tokens are never printed
 
     monkeypatch.setenv("PS_DATABASE", "postgresql://postgres@127.0.0.1:5432/no_such_db_here")
     assert main(["import-policyserv", "--from", source]) == 1
