@@ -346,6 +346,33 @@ async def test_changed_source_rows_update_and_a_verdict_warden_gave_stands(
     assert (rows[0]["class"], rows[0]["harms"]) == (2, [SPAM])  # no verdict flips
 
 
+async def test_a_token_shared_by_two_communities_opens_only_the_first(
+    source: str, target: str
+) -> None:
+    # policyserv's token index is not unique; Warden's is (one token, one community).
+    conn = await asyncpg.connect(source)
+    try:
+        await conn.execute(
+            "UPDATE communities SET api_access_token = $1 WHERE id = '2Nq8zbeta'", TOKEN
+        )
+    finally:
+        await conn.close()
+    report = (await run_import(source, target, dry_run=False)).to_dict()
+    rows = await fetch(
+        target,
+        "SELECT id FROM communities WHERE api_access_token_hash = $1",
+        hash_access_token(TOKEN),
+    )
+    assert [r["id"] for r in rows] == ["2Nq8zalpha"]
+    assert {
+        "community_id": "2Nq8zbeta",
+        "key": "api_access_token",
+        "reason": "already the token of Warden community 2Nq8zalpha",
+    } in report["config_keys_dropped"]
+    again = (await run_import(source, target, dry_run=False)).to_dict()
+    assert again["kinds"]["communities"]["unchanged"] == 3
+
+
 async def test_a_database_that_is_not_policyservs_is_refused(source: str, target: str) -> None:
     # A database without policyserv's tables is refused before anything is read or written.
     with pytest.raises(SourceError, match="not a policyserv database"):

@@ -240,6 +240,11 @@ class _Importer:
                 " api_access_token_hash FROM communities"
             )
         }
+        token_holders = {
+            r["api_access_token_hash"]: r["id"]
+            for r in existing.values()
+            if r["api_access_token_hash"] is not None
+        }
         for row in await self.src.fetch(
             "SELECT id, name, config::text AS config, api_access_token, can_self_join_rooms"
             " FROM communities ORDER BY id"
@@ -249,6 +254,17 @@ class _Importer:
                 self.report.config_dropped[row["id"]] = dropped
             token = row["api_access_token"]
             token_hash = hash_access_token(token) if token else None
+            holder = token_holders.get(token_hash) if token_hash else None
+            if holder is not None and holder != row["id"]:
+                # The hash is unique: the token cannot open two communities.
+                dropped.append(
+                    ("api_access_token", f"already the token of Warden community {holder}")
+                )
+                self.report.config_dropped[row["id"]] = dropped
+                have_row = existing.get(row["id"])
+                token_hash = None if have_row is None else have_row["api_access_token_hash"]
+            if token_hash is not None:
+                token_holders[token_hash] = row["id"]
             wanted = (row["name"], config, bool(row["can_self_join_rooms"]), token_hash)
             have = existing.get(row["id"])
             if have is not None and wanted == (
