@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
             "sign-request", help="ask a policy server to sign an event, as a test origin (dev)"
         )
     )
+    from warden.policyserv_import.command import add_arguments as import_arguments
+
+    import_arguments(
+        sub.add_parser("import-policyserv", help="import a policyserv database into PS_DATABASE")
+    )
     return parser
 
 
@@ -157,6 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from warden.dev.sign_request import run as run_sign_request
 
         return run_sign_request(args)
+    if args.command == "import-policyserv":
+        from warden.policyserv_import.command import run as run_import
+
+        return run_import(settings, args)
     raise AssertionError(args.command)
 
 

@@ -1,0 +1,14 @@
+"""``warden import-policyserv``: carry a policyserv database over to Warden.
+
+See ``importer`` for what is imported and how; the README's "Moving from policyserv"
+section for the operator's steps.
+"""
+
+from warden.policyserv_import.importer import (
+    ImportReport,
+    SourceError,
+    TargetError,
+    run_import,
+)
+
+__all__ = ["ImportReport", "SourceError", "TargetError", "run_import"]
