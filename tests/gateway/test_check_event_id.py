@@ -32,6 +32,7 @@ from starlette.routing import Route
 from tests.gateway.conftest import DENIED_WITHOUT_LOOPBACK
 from tests.gateway.policy_harness import GATEWAY_NAME, Origin, new_room_id
 from tests.gateway.real_worker import real_worker  # noqa: F401
+from tests.service_processes import ServiceProcess
 from warden.federation.client import FederationClient
 from warden.federation.event_fetch import EventFetcher
 from warden.federation.keyring import Keyring
@@ -524,3 +525,36 @@ async def test_requests_need_a_community_token(
     r = await checker.client.get(CHECK_EVENT_ID_PATH)
     assert (r.status_code, r.json()["errcode"]) == (405, "M_UNRECOGNIZED")
     assert remote.fetches == 0
+
+
+async def test_gateway_process_serves_the_route(
+    spawn_service: Callable[..., ServiceProcess],
+    new_caller: Callable[[], Awaitable[Caller]],
+) -> None:
+    """``warden gateway`` wires the route with the community bearer lookup."""
+    caller = await new_caller()
+    gateway = spawn_service("gateway", PS_EVENT_FETCH_SERVERS="")
+    await asyncio.to_thread(gateway.wait_ready)
+    async with httpx.AsyncClient(base_url=str(gateway.api_url), timeout=30) as client:
+        r = await client.post(CHECK_EVENT_ID_PATH, json={"event_id": "$x"})
+        assert (r.status_code, r.json()["errcode"]) == (401, "M_MISSING_TOKEN")
+        r = await client.post(
+            CHECK_EVENT_ID_PATH,
+            json={"event_id": "$x"},
+            headers={"Authorization": f"Bearer {caller.token}"},
+        )
+        assert (r.status_code, r.json()["errcode"]) == (404, "M_NOT_FOUND")
+        assert "PS_EVENT_FETCH_SERVERS" in r.json()["error"]
+    assert gateway.stop() == 0
+
+
+@pytest.mark.parametrize("value", ["not a server!", "matrix.org,https://x"])
+def test_event_fetch_servers_must_be_server_names(
+    make_settings: Callable[..., Settings], value: str
+) -> None:
+    with pytest.raises(ValueError, match="is not a server name"):
+        make_settings(event_fetch_servers=value)
+    assert make_settings(event_fetch_servers="a.example, b.example:8448").event_fetch_servers == [
+        "a.example",
+        "b.example:8448",
+    ]
