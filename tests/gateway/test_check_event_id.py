@@ -558,3 +558,55 @@ def test_event_fetch_servers_must_be_server_names(
         "a.example",
         "b.example:8448",
     ]
+
+
+async def test_fetches_in_flight_are_bounded(
+    start_server: Callable[..., Awaitable[EventServer]],
+    make_checker: Callable[..., Awaitable[Checker]],
+    new_caller: Callable[[], Awaitable[Caller]],
+    pg_pool: asyncpg.Pool,
+) -> None:
+    """With one slot, a silent server holds it: the server that has the event is never
+    asked before the total timeout ends the check."""
+    silent = await start_server()
+    silent.hang = True
+    genuine = await start_server()
+    checker = await make_checker(
+        [silent.name, genuine.name],
+        event_fetch_concurrency=1,
+        event_fetch_timeout_seconds=20.0,
+        event_fetch_total_timeout_seconds=1.0,
+    )
+    caller = await new_caller()
+    room_id = await _protected_room(pg_pool, caller, "10")
+    event_id = genuine.serve(_event(genuine, room_id, "10", "hello", "alice"), "10")
+    r = await asyncio.wait_for(checker.check(caller, {"event_id": event_id}), 15)
+    assert r.status_code == 503, r.text
+    assert (silent.fetches, genuine.fetches) == (1, 0)
+    # Two slots: both are asked and the genuine copy is judged.
+    wide = await make_checker(
+        [silent.name, genuine.name],
+        event_fetch_concurrency=2,
+        event_fetch_timeout_seconds=20.0,
+        event_fetch_total_timeout_seconds=10.0,
+    )
+    r = await asyncio.wait_for(wide.check(caller, {"event_id": event_id}), 30)
+    assert (r.status_code, r.json()) == (200, {})
+
+
+async def test_events_larger_than_a_pdu_are_not_judged(
+    start_server: Callable[..., Awaitable[EventServer]],
+    make_checker: Callable[..., Awaitable[Checker]],
+    new_caller: Callable[[], Awaitable[Caller]],
+    pg_pool: asyncpg.Pool,
+) -> None:
+    remote = await start_server()
+    checker = await make_checker([remote.name], max_pdu_bytes=1024)
+    caller = await new_caller()
+    room_id = await _protected_room(pg_pool, caller, "10")
+    event_id = remote.serve(_event(remote, room_id, "10", "x" * 2000, "alice"), "10")
+    before = _answers("too_large")
+    r = await checker.check(caller, {"event_id": event_id})
+    assert (r.status_code, r.json()["errcode"]) == (404, "M_NOT_FOUND")
+    assert _answers("too_large") - before == 1
+    assert await get_verdict(pg_pool, event_id) is None
