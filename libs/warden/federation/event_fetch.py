@@ -57,7 +57,7 @@ from warden.matrix.event_hashes import (
     room_id_from_create_event,
 )
 from warden.matrix.event_signing import EventSignatureError, servers_required_to_sign
-from warden.matrix.pdu import validate_pdu
+from warden.matrix.pdu import MAX_ID_LENGTH, validate_pdu
 from warden.matrix.room_versions import get_room_version
 
 logger = logging.getLogger(__name__)
@@ -270,8 +270,8 @@ class EventFetcher:
                 room_id = room_id_from_create_event(pdu)
             except (ValueError, MatrixError):
                 return None, "bad_event"
-        if not isinstance(room_id, str):
-            return None, "bad_event"
+        if not isinstance(room_id, str) or len(room_id.encode("utf-8")) > MAX_ID_LENGTH:
+            return None, "bad_event"  # checked before it becomes a room lookup
         version_id = await room_version_for(room_id)
         if version_id is None:
             return None, "other_room"
