@@ -282,6 +282,19 @@ class Settings(BaseSettings):
     # (definitive failures: PS_KEY_NEGATIVE_CACHE_SECONDS).
     key_negative_cache_timeout_seconds: int = Field(default=10, ge=0)
 
+    # --- Server-centric API: POST /_policyserv/v1/check/event_id (issue 13) ---
+    # Servers asked for an event Warden has no verdict for (policyserv's name), all at
+    # once; the first copy that verifies wins. Empty: only stored verdicts are answered.
+    event_fetch_servers: CSV = Field(default_factory=list)
+    # Warden: bound on one server's answer, and on the whole fetch and verification.
+    event_fetch_timeout_seconds: float = Field(default=10.0, gt=0)
+    event_fetch_total_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Warden: event fetches in flight at once per gateway; a check that needs one more
+    # waits for a slot within its total timeout, then gets 503 with Retry-After.
+    event_fetch_concurrency: int = Field(default=16, ge=1)
+    # Warden: largest answer read from a server (the event must also fit PS_MAX_PDU_BYTES).
+    event_fetch_max_response_bytes: int = Field(default=256 * 1024, ge=1024)
+
     @field_validator(
         "homeserver_allowed_networks",
         "homeserver_denied_networks",
@@ -292,6 +305,7 @@ class Settings(BaseSettings):
         "allowed_webhook_domains",
         "support_admin_contacts",
         "support_security_contacts",
+        "event_fetch_servers",
         mode="before",
     )
     @classmethod
@@ -311,6 +325,16 @@ class Settings(BaseSettings):
         if get_origin(field.annotation) is list or info.field_name in _EMPTY_IS_A_VALUE:
             return value
         return field.get_default(call_default_factory=True)
+
+    @field_validator("event_fetch_servers")
+    @classmethod
+    def _event_fetch_servers(cls, value: list[str]) -> list[str]:
+        from warden.federation.xmatrix import is_valid_server_name
+
+        for server in value:
+            if not is_valid_server_name(server):
+                raise ValueError(f"{server!r} is not a server name (host or host:port)")
+        return value
 
     @field_validator("homeserver_allowed_networks", "homeserver_denied_networks")
     @classmethod

@@ -147,10 +147,17 @@ class FederationClient:
         query: QueryParams | None = None,
         signed: bool = True,
         timeout: float | None = None,  # noqa: ASYNC109 - the budget covers resolution too
+        max_response_size: int | None = None,
     ) -> JsonDict:
         """``GET`` a JSON object from ``destination``; see ``request_json``."""
         return await self.request_json(
-            "GET", destination, path, query=query, signed=signed, timeout=timeout
+            "GET",
+            destination,
+            path,
+            query=query,
+            signed=signed,
+            timeout=timeout,
+            max_response_size=max_response_size,
         )
 
     async def post_json(
@@ -193,6 +200,7 @@ class FederationClient:
         body: Mapping[str, Any] | None = None,
         signed: bool = True,
         timeout: float | None = None,  # noqa: ASYNC109
+        max_response_size: int | None = None,
     ) -> JsonDict:
         """Send one request and return the JSON object of a 2xx answer.
 
@@ -203,9 +211,18 @@ class FederationClient:
 
         Raises a ``TemporaryFederationError`` or ``PermanentFederationError``; non-2xx
         answers are ``HttpResponseError`` subclasses carrying status and errcode.
+        ``max_response_size`` lowers the client's body cap for this request (for callers
+        that expect a small answer, such as one event).
         """
         document = await self._request_document(
-            method, destination, path, query=query, body=body, signed=signed, timeout=timeout
+            method,
+            destination,
+            path,
+            query=query,
+            body=body,
+            signed=signed,
+            timeout=timeout,
+            max_response_size=max_response_size,
         )
         if not isinstance(document, dict):
             raise InvalidResponse(destination, "response is not a JSON object")
@@ -246,6 +263,7 @@ class FederationClient:
         body: Mapping[str, Any] | None = None,
         signed: bool = True,
         timeout: float | None = None,  # noqa: ASYNC109
+        max_response_size: int | None = None,
     ) -> Any:
         """Send one request and return the parsed JSON of a 2xx answer, whatever its type."""
         if not path.startswith("/") or "?" in path or "#" in path:
@@ -269,7 +287,15 @@ class FederationClient:
         budget = self.default_timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(budget):
-                return await self._send(method, destination, target, headers, content, budget)
+                return await self._send(
+                    method,
+                    destination,
+                    target,
+                    headers,
+                    content,
+                    budget,
+                    self.max_response_size if max_response_size is None else max_response_size,
+                )
         except TimeoutError:
             raise FederationTimeout(
                 destination, f"{method} {path} took longer than {budget:g}s"
@@ -283,6 +309,7 @@ class FederationClient:
         headers: dict[str, str],
         content: bytes | None,
         budget: float,
+        max_response_size: int,
     ) -> Any:
         try:
             resolved = await self.resolver.resolve(destination)
@@ -306,7 +333,7 @@ class FederationClient:
         try:
             if not 200 <= response.status_code < 300:
                 raise await self._error_for(destination, response)
-            raw = await self._read_limited(destination, response, self.max_response_size)
+            raw = await self._read_limited(destination, response, max_response_size)
         finally:
             await response.aclose()
         try:

@@ -23,6 +23,7 @@ from warden.settings import Settings
 from warden.telemetry.http import HttpMetricsMiddleware
 from warden.telemetry.metrics import WARDEN_VERSION
 from warden_gateway.errors import on_http_exception, on_matrix_error, on_unexpected
+from warden_gateway.event_id_check import EventIdCheck
 from warden_gateway.federation_inbound import FederationInbound
 from warden_gateway.hot_path import HotPathMiddleware
 from warden_gateway.invites import InviteAPI
@@ -53,6 +54,7 @@ def build_app(
     admin_router: APIRouter | None = None,
     federation: FederationInbound | None = None,
     invites: InviteAPI | None = None,
+    event_id_check: EventIdCheck | None = None,
 ) -> GatewayApp:
     """Assemble the gateway app for one identity.
 
@@ -65,7 +67,8 @@ def build_app(
     adds ``/sign`` and ``/check``. ``admin_router`` is the admin API router (built by
     ``admin_api.build_admin_router``, which carries the ``/api/v1`` prefix); pass it
     only when ``PS_API_KEY`` is set. ``federation`` adds ``/send`` and the user queries.
-    ``invites`` adds the ``/invite`` routes (v2 and v1).
+    ``invites`` adds the ``/invite`` routes (v2 and v1). ``event_id_check`` adds
+    ``POST /_policyserv/v1/check/event_id``.
 
     The result is the FastAPI app wrapped in the HTTP metrics and, when ``policy`` is
     given, the hot-path dispatcher for ``/sign`` (see ``hot_path``); ``.fastapi`` is the
@@ -97,6 +100,8 @@ def build_app(
         raw_routes.extend(federation.routes())
     if invites is not None:
         raw_routes.extend(invites.routes())
+    if event_id_check is not None:
+        raw_routes.extend(event_id_check.routes())
     app.router.routes.extend(raw_routes)
     if admin_router is not None:
         from warden_gateway.admin_api import install_admin_error_handlers

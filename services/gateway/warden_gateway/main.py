@@ -8,6 +8,7 @@ from signedjson.key import get_verify_key
 from warden.bus.streams import StreamSettings, ensure_inbound_stream, ensure_verdicts_stream
 from warden.bus.subjects import CONFIG_CHANGED_SUBJECT
 from warden.federation.client import FederationClient
+from warden.federation.event_fetch import EventFetcher
 from warden.federation.keyring import Keyring
 from warden.federation.membership import MembershipClient
 from warden.runtime import dependencies
@@ -15,7 +16,9 @@ from warden.runtime.identity import load_identity
 from warden.runtime.service import bootstrap, run_async
 from warden.settings import Settings
 from warden_gateway.app import build_admin_app, build_app
+from warden_gateway.community_bearer import CommunityBearer
 from warden_gateway.event_checks import CheckedEvents
+from warden_gateway.event_id_check import EventIdCheck
 from warden_gateway.federation_inbound import FederationInbound
 from warden_gateway.invites import InviteAPI
 from warden_gateway.metrics import SEND_RATE_LIMIT_ERRORS
@@ -61,11 +64,12 @@ def run(settings: Settings) -> int:
         await ensure_verdicts_stream(js, limits=StreamSettings.from_settings(settings))
         moderation = ModerationRequests(js)
         runtime.add_shutdown_hook("moderation-requests", moderation.aclose)
+        verdicts = VerdictSource(nc, timeout_seconds=settings.verdict_timeout_seconds)
         policy = PolicyAPI(
             identity=identity,
             keyring=keyring,
             rooms=rooms,
-            verdicts=VerdictSource(nc, timeout_seconds=settings.verdict_timeout_seconds),
+            verdicts=verdicts,
             rate_limiter=rate_limiter,
             max_body_bytes=settings.max_pdu_bytes,
             checked_events=CheckedEvents(max_bytes=settings.event_check_cache_max_bytes),
@@ -110,6 +114,23 @@ def run(settings: Settings) -> int:
             identity=identity, settings=settings, keyring=keyring, pool=pool, joiner=joiner
         )
         startup_joins = StartupJoins(joiner, redis, settings)
+        # The server-centric API's check/event_id (community bearer tokens).
+        event_id_check = EventIdCheck(
+            authenticate=CommunityBearer(pool).authenticate,
+            pool=pool,
+            rooms=rooms,
+            verdicts=verdicts,
+            fetcher=EventFetcher(
+                federation,
+                keyring,
+                settings.event_fetch_servers,
+                timeout_seconds=settings.event_fetch_timeout_seconds,
+                total_timeout_seconds=settings.event_fetch_total_timeout_seconds,
+                concurrency=settings.event_fetch_concurrency,
+                max_response_bytes=settings.event_fetch_max_response_bytes,
+                max_pdu_bytes=settings.max_pdu_bytes,
+            ),
+        )
         admin_router = None
         if settings.api_key:
             from warden_gateway.admin_api import build_admin_router
@@ -133,6 +154,7 @@ def run(settings: Settings) -> int:
             admin_router=None if separate_admin else admin_router,
             federation=federation_inbound,
             invites=invites,
+            event_id_check=event_id_check,
         )
         runtime.add_http_server(
             "api",
