@@ -16,6 +16,7 @@ from warden.filters.frequency import FrequencyFilter
 from warden.filters.hellban_postfilter import HellbanPostfilter
 from warden.filters.hellban_prefilter import HellbanPrefilter
 from warden.filters.keyword import KeywordFilter
+from warden.filters.keyword_template import KeywordTemplateFilter
 from warden.filters.length import LengthFilter
 from warden.filters.many_ats import ManyAtsFilter
 from warden.filters.media import MediaFilter
@@ -32,6 +33,7 @@ _ALL: tuple[type[Filter], ...] = (
     PolicyListFilter,
     HellbanPrefilter,
     KeywordFilter,
+    KeywordTemplateFilter,
     MentionsFilter,
     ManyAtsFilter,
     LengthFilter,

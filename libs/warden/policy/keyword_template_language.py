@@ -284,7 +284,7 @@ class _Environment(ImmutableSandboxedEnvironment):
             return name in _LOOP_METHODS
         return False
 
-    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         """Call an allowed function, with the deadline checked and the result bounded."""
         _budget().tick()
         return _check_size(super().call(__context, __obj, *args, **kwargs))
@@ -294,19 +294,28 @@ class _Environment(ImmutableSandboxedEnvironment):
         _budget().tick()
         if operator == "%" and isinstance(left, str):
             raise SecurityError("string formatting with % is not allowed")
-        if operator == "*":
-            for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, str | list | tuple) and isinstance(n, int):
-                    if len(seq) * max(n, 0) > MAX_VALUE_LENGTH:
-                        raise TemplateLimitExceeded(
-                            f"a value longer than {MAX_VALUE_LENGTH} items"
-                        )
-        if operator == "**" and isinstance(left, int) and isinstance(right, int):
-            if right > 0 and max(left.bit_length(), 1) * right > MAX_INT_BITS:
-                raise TemplateLimitExceeded(f"an integer larger than {MAX_INT_BITS} bits")
-        if operator == "+" and isinstance(left, str | list | tuple) and hasattr(right, "__len__"):
-            if len(left) + len(right) > MAX_VALUE_LENGTH:
-                raise TemplateLimitExceeded(f"a value longer than {MAX_VALUE_LENGTH} items")
+        if operator == "*" and any(
+            isinstance(seq, str | list | tuple)
+            and isinstance(n, int)
+            and len(seq) * max(n, 0) > MAX_VALUE_LENGTH
+            for seq, n in ((left, right), (right, left))
+        ):
+            raise TemplateLimitExceeded(f"a value longer than {MAX_VALUE_LENGTH} items")
+        if (
+            operator == "**"
+            and isinstance(left, int)
+            and isinstance(right, int)
+            and right > 0
+            and max(left.bit_length(), 1) * right > MAX_INT_BITS
+        ):
+            raise TemplateLimitExceeded(f"an integer larger than {MAX_INT_BITS} bits")
+        if (
+            operator == "+"
+            and isinstance(left, str | list | tuple)
+            and isinstance(right, str | list | tuple)
+            and len(left) + len(right) > MAX_VALUE_LENGTH
+        ):
+            raise TemplateLimitExceeded(f"a value longer than {MAX_VALUE_LENGTH} items")
         return _check_size(super().call_binop(context, operator, left, right))
 
 
@@ -342,7 +351,7 @@ def _check_and_rewrite(tree: nodes.Template) -> None:
         elif isinstance(node, nodes.Getitem):
             name = node.arg.value if isinstance(node.arg, nodes.Const) else None
         else:
-            name = node.name
+            name = getattr(node, "name", None)
         if isinstance(name, str) and name.startswith("_"):
             raise _refuse(node, f"names starting with '_' are not allowed ({name!r})")
     for loop in tree.find_all(nodes.For):
@@ -415,4 +424,3 @@ class CompiledTemplate:
 def body_inputs(body_raw: str) -> tuple[str, list[str]]:
     """``BodyRaw`` and ``BodyWords`` (``BodyRaw`` split on whitespace) for a text."""
     return body_raw, body_raw.split()
-
