@@ -19,9 +19,9 @@ refuses internal attributes (``__class__`` …) and mutation; on top of it:
 * the globals are only the inputs, the helpers and a small ``range``; the filters an
   allow-list of ones that cannot amplify their input; method calls an allow-list of
   plain string and list methods;
-* every ``for`` loop draws from one iteration budget per render, ``~`` and the
-  arithmetic operators refuse results past ``MAX_VALUE_LENGTH`` items (or huge
-  integers), and a deadline is checked at every iteration and helper call;
+* every ``for`` loop iteration, call and operator draws from one budget per render;
+  ``~`` and the arithmetic operators refuse results past ``MAX_VALUE_LENGTH`` items (or
+  huge integers); a deadline is checked at every iteration, call and operator;
 * the output stops at ``MAX_OUTPUT_CHARS``.
 
 Anything over a bound raises ``TemplateLimitExceeded`` (a ``TemplateRenderError``).
@@ -79,7 +79,7 @@ class _Budget:
     def tick(self) -> None:
         self.iterations -= 1
         if self.iterations < 0:
-            raise TemplateLimitExceeded(f"more than {MAX_ITERATIONS} loop iterations")
+            raise TemplateLimitExceeded(f"more than {MAX_ITERATIONS} loop iterations and calls")
         if time.monotonic() > self.deadline:
             raise TemplateLimitExceeded(
                 f"rendering took longer than {RENDER_DEADLINE_SECONDS} seconds"
