@@ -100,6 +100,12 @@ async def test_compile_errors_are_400_naming_the_line(
     assert_matrix_error(await admin.get(path), 404, "M_NOT_FOUND")  # nothing stored
 
 
+async def test_deeply_nested_templates_are_400(admin: httpx.AsyncClient) -> None:
+    body = "{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}"
+    r = await admin.post(f"/api/v1/keyword_templates/{new_name()}", content=body)
+    assert "nested too deeply" in assert_matrix_error(r, 400, "M_BAD_JSON")
+
+
 async def test_an_edit_with_an_error_keeps_the_stored_template(admin: httpx.AsyncClient) -> None:
     path = f"/api/v1/keyword_templates/{new_name()}"
     assert (await admin.post(path, content=TEMPLATE)).status_code == 200

@@ -161,3 +161,15 @@ def test_errors_in_templates_are_render_errors() -> None:
 def test_templates_too_large_are_refused() -> None:
     with pytest.raises(TemplateCompileError, match="larger than"):
         CompiledTemplate("t", "x" * (lang.MAX_TEMPLATE_BYTES + 1))
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}",
+        "{% for x in BodyWords %}" * 25 + "{% endfor %}" * 25,
+    ],
+)
+def test_deep_nesting_is_a_compile_error(source: str) -> None:
+    with pytest.raises(TemplateCompileError, match="nested too deeply"):
+        CompiledTemplate("t", source)

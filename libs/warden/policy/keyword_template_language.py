@@ -397,6 +397,10 @@ class CompiledTemplate:
             code = _ENV.compile(tree, name=name)
         except TemplateSyntaxError as exc:
             raise TemplateCompileError(exc.message or "syntax error", exc.lineno) from None
+        except (RecursionError, SyntaxError, MemoryError):
+            # Jinja2's parser and Python's compiler recurse per nesting level, and Python
+            # allows only 20 nested loops.
+            raise TemplateCompileError("the template is nested too deeply", None) from None
         self._template = _ENV.template_class.from_code(_ENV, code, _ENV.make_globals(None))
 
     def render_text(self, body_raw: str, body_words: Sequence[str]) -> str:
