@@ -73,6 +73,11 @@ async def test_upload_get_replace_delete(
     await notifications.expect({"name": name})
     assert (await admin.get(path)).json()["body"] == "org.matrix.msc4456.spam"
 
+    # An empty body stores an empty template (it outputs nothing), as policyserv.
+    r = await admin.post(path, content=b"")
+    assert r.status_code == 200 and r.json() == {"name": name, "body": ""}
+    await notifications.expect({"name": name})
+
     r = await admin.delete(path)
     assert r.status_code == 200 and r.json() == {}
     await notifications.expect({"name": name})
