@@ -39,6 +39,7 @@ ENDPOINTS = {
     "/api/v1/communities/{community_id}/config": {"post"},
     "/api/v1/instance/community_config": {"get"},
     "/api/v1/events/{event_id}": {"get"},
+    "/api/v1/keyword_templates/{name}": {"get", "post", "delete"},
 }
 
 

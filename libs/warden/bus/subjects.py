@@ -43,6 +43,12 @@ Configuration (core NATS)
     ``CONFIG_CHANGED_SUBJECT`` — published by the admin API after a community's config
     or a room's community changes; every worker drops its cached copy. Body:
     ``{"community_id": ...}`` or ``{"room_id": ...}``.
+
+Keyword templates (core NATS)
+    ``KEYWORD_TEMPLATES_CHANGED_SUBJECT`` — published by the admin API after a keyword
+    template is stored or deleted; every worker reloads that template into its compiled
+    cache. Body: ``{"name": ...}``. Workers also reload every template periodically, in
+    case a notification was lost while disconnected.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ MODERATOR_CONSUMER: Final = "warden-moderator"
 WEBHOOKS_CONSUMER: Final = "warden-webhooks"
 
 CONFIG_CHANGED_SUBJECT: Final = "warden.config.changed"
+KEYWORD_TEMPLATES_CHANGED_SUBJECT: Final = "warden.keyword_templates.changed"
 
 INBOUND_STREAM: Final = "WARDEN_INBOUND"
 INBOUND_SUBJECTS: Final = "warden.inbound.>"

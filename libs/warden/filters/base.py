@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 
 from warden.matrix.canonical_json import encode_canonical_json
 from warden.policy.config import ConfigKey, EffectiveConfig, declare
+from warden.policy.keyword_template_cache import KeywordTemplateCache
 from warden.policy.verdict import ContentClass, FilterOutcome
 from warden.storage.displaynames import get_displaynames
 from warden.storage.redis_autopipeline import RedisAutoPipeline
@@ -116,9 +117,12 @@ class FilterDeps:
     displaynames: DisplaynameCache = field(init=False)
     auto_pipeline: RedisAutoPipeline = field(init=False)
     displayname_ttl_seconds: float = 10.0
+    # Compiled keyword templates; the worker subscribes it to template changes.
+    keyword_templates: KeywordTemplateCache = field(init=False)
 
     def __post_init__(self) -> None:
         self.displaynames = DisplaynameCache(self.pool, self.displayname_ttl_seconds)
+        self.keyword_templates = KeywordTemplateCache(self.pool)
         self.auto_pipeline = RedisAutoPipeline(self.redis)
 
 

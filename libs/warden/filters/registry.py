@@ -18,6 +18,7 @@ from warden.filters.hellban_prefilter import HellbanPrefilter
 from warden.filters.invite_rate import InviteRateFilter
 from warden.filters.join_rate import JoinRateFilter
 from warden.filters.keyword import KeywordFilter
+from warden.filters.keyword_template import KeywordTemplateFilter
 from warden.filters.length import LengthFilter
 from warden.filters.many_ats import ManyAtsFilter
 from warden.filters.media import MediaFilter
@@ -37,6 +38,7 @@ _ALL: tuple[type[Filter], ...] = (
     ModerationPrefilter,
     HellbanPrefilter,
     KeywordFilter,
+    KeywordTemplateFilter,
     MentionsFilter,
     ManyAtsFilter,
     LengthFilter,

@@ -19,4 +19,20 @@ OTHER: Final = f"{NS}.other"
 MEDIA: Final = "org.matrix.policyserv.media"
 SPEC_NON_COMPLIANCE: Final = "org.matrix.policyserv.spec_non_compliance"
 
+# Every harm ID Warden emits or accepts from a keyword template.
+KNOWN_HARMS: Final = frozenset(
+    {
+        SPAM,
+        SPAM_FRAUD,
+        SPAM_IMPERSONATION,
+        SPAM_FLOODING,
+        HARASSMENT,
+        CHILD_SAFETY_CSAM,
+        TOS_BAN_EVASION,
+        OTHER,
+        MEDIA,
+        SPEC_NON_COMPLIANCE,
+    }
+)
+
 HARMS_FIELD: Final = "org.matrix.msc4387.harms"

@@ -103,6 +103,8 @@ def run(settings: Settings) -> int:
         )
         configs = CommunityConfigCache(pool, instance)
         await configs.subscribe(nc)
+        await deps.keyword_templates.subscribe(nc)
+        await deps.keyword_templates.reload_all(trigger="first_use")
         writer = GroupCommitWriter(pool)
         writer.start()
         marker = PublishedMarker(pool)
@@ -130,6 +132,7 @@ def run(settings: Settings) -> int:
 
         async def stop() -> None:
             await configs.unsubscribe()
+            await deps.keyword_templates.unsubscribe()
             await service.stop()
 
         # Hooks run last-added first: this runs before NATS is drained and pools close.
@@ -195,8 +198,11 @@ def run(settings: Settings) -> int:
         async def refresh() -> None:
             await refresher.run(runtime.stopping)
 
+        async def reload_templates() -> None:
+            await deps.keyword_templates.run(runtime.stopping)
+
         runtime.add_http_server("metrics", runtime.health_app(), settings.http_metrics_bind)
-        await runtime.serve(background=[marker.run, sweeper.run, refresh])
+        await runtime.serve(background=[marker.run, sweeper.run, refresh, reload_templates])
         raise_if_failed(task)
 
     return run_async(main)

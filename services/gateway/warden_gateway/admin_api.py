@@ -92,6 +92,7 @@ from warden_gateway.admin_models import (
 )
 from warden_gateway.client_address import client_address
 from warden_gateway.errors import on_matrix_error
+from warden_gateway.keyword_templates_api import add_keyword_template_routes
 from warden_gateway.room_joins import NotificationFailed, RoomJoiner
 
 logger = logging.getLogger(__name__)
@@ -636,5 +637,9 @@ def build_admin_router(
         return Verdict.model_validate(
             {**verdict.to_dict(), "sender_verified": verdict.sender_verified}
         )
+
+    # --- Keyword templates (keyword_templates_api) -----------------------------------
+
+    add_keyword_template_routes(router, pool=pool, nats=nats)
 
     return router
