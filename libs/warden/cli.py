@@ -96,12 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
             "sign-request", help="ask a policy server to sign an event, as a test origin (dev)"
         )
     )
+    from warden.admin_cli import add_arguments as admin_arguments
+
+    admin_arguments(
+        sub.add_parser("admin", help="use the admin API (PS_API_KEY): communities, rooms, verdicts")
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``warden`` console script."""
     args = build_parser().parse_args(argv)
+    if args.command == "admin":
+        # A client of a (maybe remote) gateway: this machine's settings do not matter.
+        from warden.admin_cli import run as run_admin
+
+        return run_admin(args)
     settings = load_settings()
     if args.command in SERVICES:
         # Filter defaults come from PS_<KEY> variables declared by the filters; a bad

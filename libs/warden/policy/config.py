@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from warden.policyserv_settings import LEGACY_ENV_NAMES
+
 KeyType = Literal["bool", "int", "float", "str", "list[str]"]
 
 # Importing this module registers every filter's keys (see ``known_keys``).
@@ -128,14 +130,20 @@ def instance_defaults(environ: Mapping[str, str] | None = None) -> dict[str, Any
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for key in known_keys().values():
-        raw = env.get(key.env_var)
+        # Warden's name first, then policyserv's (e.g. PS_TRIM_FILTER_MAX_DIFFERENCE).
+        env_var = key.env_var
+        raw = env.get(env_var)
+        for legacy in LEGACY_ENV_NAMES.get(key.name, ()):
+            if raw is not None:
+                break
+            env_var, raw = legacy, env.get(legacy)
         if raw is None:
             values[key.name] = key.default
             continue
         try:
             values[key.name] = parse_env_value(key, raw)
         except ConfigError as exc:
-            raise ConfigError(key.env_var, exc.message) from None
+            raise ConfigError(env_var, exc.message) from None
     return values
 
 
