@@ -72,7 +72,7 @@ class AdminClient:
             base_url=self.base_url + ADMIN_PREFIX,
             # UTF-8 bytes: the server compares the key's UTF-8 bytes, and httpx would
             # refuse a non-ASCII str header.
-            headers={"Authorization": b"Bearer " + api_key.encode("utf-8")},
+            headers={b"Authorization": b"Bearer " + api_key.encode("utf-8")},
             timeout=timeout,
             trust_env=False,  # an operator's proxy variables must not see the admin key
         )
