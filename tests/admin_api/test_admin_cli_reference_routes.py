@@ -202,3 +202,35 @@ async def test_the_key_goes_to_the_server(
     status, _, err = await run(capsys, "templates", "show", "x")
     assert status == 1
     assert err == "warden admin: M_UNAUTHORIZED: Bad key (HTTP 401)\n"
+
+
+async def test_set_config_from_a_file_and_bad_input(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Refused before any request: no server is needed (the URL leads nowhere).
+    monkeypatch.setenv("PS_API_KEY", KEY)
+    monkeypatch.setenv("WARDEN_ADMIN_URL", "http://127.0.0.1:9")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    status, out, err = await run(capsys, "communities", "set-config", "c1", "--from-file", str(bad))
+    assert (status, out) == (2, "")
+    assert err.startswith(f"warden admin: {bad}: not JSON (")
+    assert err.count("\n") == 1
+    status, _, err = await run(capsys, "communities", "set-config", "c1", "no-equals-sign")
+    assert status == 2
+    assert err == "warden admin: 'no-equals-sign' is not KEY=VALUE\n"
+    status, _, err = await run(capsys, "communities", "set-config", "c1")
+    assert status == 2
+    assert "nothing to change" in err
+
+
+def test_the_default_url_follows_the_admin_listener() -> None:
+    from warden.admin_cli.client import default_url
+
+    assert default_url({}) == "http://127.0.0.1:8080"
+    assert default_url({"PS_HTTP_BIND": "[::]:9000"}) == "http://[::1]:9000"
+    both = {"PS_HTTP_BIND": "0.0.0.0:8080", "PS_ADMIN_HTTP_BIND": "10.0.0.5:8082"}
+    assert default_url(both) == "http://10.0.0.5:8082"
+    assert default_url({**both, "WARDEN_ADMIN_URL": "https://admin.example"}) == (
+        "https://admin.example"
+    )

@@ -91,7 +91,10 @@ def _config_value(text: str) -> Any:
 def _config_changes(args: argparse.Namespace) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     if args.from_file:
-        data = orjson.loads(_read_input(args.from_file))
+        try:
+            data = orjson.loads(_read_input(args.from_file))
+        except orjson.JSONDecodeError as exc:
+            raise UsageError(f"{args.from_file}: not JSON ({exc})") from None
         if not isinstance(data, dict):
             raise UsageError(f"{args.from_file}: must hold a JSON object of config keys")
         changes.update(data)
