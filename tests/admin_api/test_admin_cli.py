@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -91,8 +92,6 @@ def cli(admin_url: str, capsys: pytest.CaptureFixture[str]) -> Cli:
 
 def rows_of(table: str) -> list[list[str]]:
     """A printed table's data rows, split on runs of two or more spaces."""
-    import re
-
     lines = table.strip().splitlines()
     assert set(lines[1].replace(" ", "")) == {"-"}, table  # the rule under the headers
     return [re.split(r"\s{2,}", line.strip()) for line in lines[2:]]

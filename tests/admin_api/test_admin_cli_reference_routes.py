@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tests.local_servers import start_threaded, stop_all
+from warden.admin_cli.client import default_url
 from warden.cli import main
 
 KEY = "reference-key"
@@ -225,8 +226,6 @@ async def test_set_config_from_a_file_and_bad_input(
 
 
 def test_the_default_url_follows_the_admin_listener() -> None:
-    from warden.admin_cli.client import default_url
-
     assert default_url({}) == "http://127.0.0.1:8080"
     assert default_url({"PS_HTTP_BIND": "[::]:9000"}) == "http://[::1]:9000"
     both = {"PS_HTTP_BIND": "0.0.0.0:8080", "PS_ADMIN_HTTP_BIND": "10.0.0.5:8082"}
