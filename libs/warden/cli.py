@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     import_arguments(
         sub.add_parser("import-policyserv", help="import a policyserv database into PS_DATABASE")
     )
+    from warden.admin_cli import add_arguments as admin_arguments
+
+    admin_arguments(
+        sub.add_parser("admin", help="use the admin API (PS_API_KEY): communities, rooms, verdicts")
+    )
     return parser
 
 
@@ -138,6 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from warden.config_check import run as run_check
 
         return run_check(offline=args.offline)
+    if args.command == "admin":
+        # A client of a (maybe remote) gateway: this machine's settings do not matter.
+        from warden.admin_cli import run as run_admin
+
+        return run_admin(args)
     settings = load_settings()
     if args.command in SERVICES:
         # Filter defaults come from PS_<KEY> variables declared by the filters; a bad

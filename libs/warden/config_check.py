@@ -36,6 +36,7 @@ def settings_checks(
 ) -> tuple[Settings | None, list[Check]]:
     """Validate the settings and the filters' instance defaults; every problem a line."""
     from warden.policy.config import ConfigError, known_keys, parse_env_value
+    from warden.policyserv_settings import LEGACY_ENV_NAMES
 
     env = os.environ if environ is None else environ
     checks: list[Check] = []
@@ -49,14 +50,18 @@ def settings_checks(
             checks.append(Check(f"setting {ENV_PREFIX}{field}", False, message))
     bad_keys = 0
     for key in known_keys().values():
-        raw = env.get(key.env_var)
-        if raw is None or not raw.strip():
-            continue
-        try:
-            parse_env_value(key, raw)
-        except ConfigError as exc:
-            bad_keys += 1
-            checks.append(Check(f"setting {key.env_var}", False, exc.message))
+        # policyserv's spellings too (e.g. PS_TRIM_FILTER_MAX_DIFFERENCE).
+        for env_var in (key.env_var, *LEGACY_ENV_NAMES.get(key.name, ())):
+            raw = env.get(env_var)
+            if raw is None or not raw.strip():
+                continue
+            try:
+                value = parse_env_value(key, raw)
+                if key.validate is not None:
+                    key.validate(value)
+            except ConfigError as exc:
+                bad_keys += 1
+                checks.append(Check(f"setting {env_var}", False, exc.message))
     if settings is not None and not bad_keys:
         checks.append(Check("settings", True, "every PS_* variable is valid"))
     return settings, checks

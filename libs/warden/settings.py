@@ -5,7 +5,8 @@ setting exists there, so operators can move over unchanged; settings new to Ward
 design are marked as such. List-valued settings are comma-separated, as in policyserv.
 
 A bad value stops a service at start with one line naming the variable
-(see ``load_settings``).
+(see ``load_settings``). policyserv's settings that Warden does not use are accepted and
+warned about at start (``warden.policyserv_settings``).
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ ENDPOINTS = {
     # join and leave are registered only with a RoomJoiner (tests/membership covers them).
     "/api/v1/rooms/{room_id}/approve_invite": {"get", "post", "delete"},
     "/api/v1/set_room_moderator": {"post"},
+    "/api/v1/communities": {"get"},
     "/api/v1/communities/new": {"post"},
     "/api/v1/communities/{community_id}": {"get", "patch"},
     "/api/v1/communities/{community_id}/config": {"post"},
@@ -93,7 +94,7 @@ async def test_openapi_lists_every_endpoint_with_models(admin: httpx.AsyncClient
 
 
 async def test_unknown_paths_and_methods_are_m_unrecognized(admin: httpx.AsyncClient) -> None:
-    for path in ("/api/v1/nothing", "/api/v1/rooms/!a:b.c/join", "/api/v1/communities"):
+    for path in ("/api/v1/nothing", "/api/v1/rooms/!a:b.c/join", "/api/v1/communitie"):
         assert_matrix_error(await admin.get(path), 404, "M_UNRECOGNIZED")
     r = await admin.post("/api/v1/rooms")
     assert_matrix_error(r, 405, "M_UNRECOGNIZED")

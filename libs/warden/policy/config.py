@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import orjson
 
+from warden.policyserv_settings import LEGACY_ENV_NAMES
+
 KeyType = Literal["bool", "int", "float", "str", "list[str]", "object"]
 
 # Importing this module registers every filter's keys (see ``known_keys``).
@@ -140,7 +142,13 @@ def instance_defaults(environ: Mapping[str, str] | None = None) -> dict[str, Any
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for key in known_keys().values():
-        raw = env.get(key.env_var)
+        # Warden's name first, then policyserv's (e.g. PS_TRIM_FILTER_MAX_DIFFERENCE).
+        env_var = key.env_var
+        raw = env.get(env_var)
+        for legacy in LEGACY_ENV_NAMES.get(key.name, ()):
+            if raw is not None:
+                break
+            env_var, raw = legacy, env.get(legacy)
         # Empty means unset for a number or a switch (Compose and Helm write empty
         # variables); for a list or text, empty is policyserv's way to turn a filter off.
         if raw is None or (not raw.strip() and key.type in ("bool", "int", "float", "object")):
@@ -151,7 +159,7 @@ def instance_defaults(environ: Mapping[str, str] | None = None) -> dict[str, Any
             if key.validate is not None:
                 values[key.name] = key.validate(values[key.name])
         except ConfigError as exc:
-            raise ConfigError(key.env_var, exc.message) from None
+            raise ConfigError(env_var, exc.message) from None
     return values
 
 

@@ -23,6 +23,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
+from warden.policyserv_settings import warn_ignored_settings
 from warden.runtime.health import Health
 from warden.runtime.http_limits import HttpLimits, protocol_class, sweep_deadlines
 from warden.settings import Settings, parse_bind
@@ -215,6 +216,8 @@ def bootstrap(name: str, settings: Settings) -> ServiceRuntime:
     """Configure logs and tracing for a service process and create its runtime."""
     configure_logging(name, settings.log_level, log_content=settings.log_content)
     configure_tracing(name, settings.otel_exporter)
+    # policyserv variables an operator kept from policyserv that Warden does not use.
+    warn_ignored_settings()
     runtime = ServiceRuntime(name, settings)
     runtime.freeze_startup_objects = True  # a service process of its own
     return runtime

@@ -114,3 +114,9 @@ async def patch_community(
         can_self_join_rooms,
     )
     return _community(row) if row else None
+
+
+async def list_communities(pool: asyncpg.Pool) -> list[Community]:
+    """Every community, ordered by ID."""
+    rows = await pool.fetch(f"SELECT {_COLUMNS} FROM communities ORDER BY id")
+    return [_community(row) for row in rows]

@@ -404,6 +404,11 @@ def build_admin_router(
         """Create a community with an empty config (it inherits every instance default)."""
         return _community(await communities.create_community(pool, body.name))
 
+    @router.get("/communities", summary="List communities")
+    async def list_communities() -> list[Community]:
+        """Every community, ordered by ID, with its config overrides (``[]`` if none)."""
+        return [_community(c) for c in await communities.list_communities(pool)]
+
     @router.get("/communities/{community_id}", summary="Get a community")
     async def get_community(community_id: str) -> Community:
         """The community and its stored config overrides."""
