@@ -69,8 +69,10 @@ def rate_limit(origin: str, window: int, budget: str = "sign") -> str:
 
     Other budgets have their own prefix, ``warden:rl_<budget>:<origin>:<window>``:
     ``sign_others`` (policy requests about other servers' events that needed a
-    verdict) and ``send`` (``/send``: PDUs plus one per transaction). The window is a
-    number and comes last, so a key names one origin whatever ``:`` it holds.
+    verdict), ``send`` (``/send``: PDUs plus one per transaction) and
+    ``community_api`` (the server-centric API; the "origin" is the community ID, never
+    its token). The window is a number and comes last, so a key names one origin
+    whatever ``:`` it holds.
     """
     if budget == "sign":
         return f"{PREFIX}rl:{origin}:{window}"

@@ -151,6 +151,18 @@ class Settings(BaseSettings):
     # Bearer key of the admin API (policyserv's name and default); empty disables the API.
     api_key: str = Field(default="", repr=False)
 
+    # --- Server-centric API (/_policyserv/v1, community access tokens; Warden) ---
+    # Requests one community (one token) may make per minute, shared by every gateway
+    # replica through Redis; past it 429 M_LIMIT_EXCEEDED. 0 turns the limit off.
+    community_api_rate_limit_per_minute: int = Field(default=300, ge=0)
+    # Failed token authentications allowed per client address per minute; past it,
+    # 429 M_LIMIT_EXCEEDED until the minute ends.
+    community_api_auth_failures_per_minute: int = Field(default=10, ge=1)
+    # Largest text /_policyserv/v1/check/text accepts (413 M_TOO_LARGE past it).
+    check_text_max_bytes: int = Field(default=64 * 1024, ge=1, le=512 * 1024)
+    # How long the gateway waits for a filter worker's text check (then 503).
+    check_text_timeout_seconds: float = Field(default=5.0, gt=0)
+
     # --- Filters (Warden) ---
     # Bound on one filter's run; past it the filter counts as failed (see each filter's
     # <name>_fail_secure community key).

@@ -36,7 +36,8 @@ ENDPOINTS = {
     "/api/v1/set_room_moderator": {"post"},
     "/api/v1/communities": {"get"},
     "/api/v1/communities/new": {"post"},
-    "/api/v1/communities/{community_id}": {"get", "patch"},
+    "/api/v1/communities/{community_id}": {"get", "patch", "delete"},
+    "/api/v1/communities/{community_id}/rotate_access_token": {"post"},
     "/api/v1/communities/{community_id}/config": {"post"},
     "/api/v1/instance/community_config": {"get"},
     "/api/v1/events/{event_id}": {"get"},
@@ -99,7 +100,7 @@ async def test_unknown_paths_and_methods_are_m_unrecognized(admin: httpx.AsyncCl
     r = await admin.post("/api/v1/rooms")
     assert_matrix_error(r, 405, "M_UNRECOGNIZED")
     assert "GET" in r.headers["allow"]
-    assert_matrix_error(await admin.delete("/api/v1/communities/default"), 405, "M_UNRECOGNIZED")
+    assert_matrix_error(await admin.put("/api/v1/communities/default"), 405, "M_UNRECOGNIZED")
 
 
 async def test_bodies_over_the_limit_are_m_too_large(

@@ -47,7 +47,7 @@ from warden.storage.communities import create_community, hash_access_token
 from warden.storage.rooms import put_room
 from warden.storage.verdicts import get_verdict
 from warden_gateway.app import build_app
-from warden_gateway.community_bearer import CommunityBearer
+from warden_gateway.community_auth import CommunityAuth
 from warden_gateway.event_id_check import CHECK_EVENT_ID_PATH, EventIdCheck
 from warden_gateway.room_cache import RoomCache
 from warden_gateway.verdict_source import VerdictSource
@@ -196,7 +196,9 @@ async def make_checker(
             max_pdu_bytes=settings.max_pdu_bytes,
         )
         route = EventIdCheck(
-            authenticate=CommunityBearer(pg_pool).authenticate,
+            authenticate=CommunityAuth(
+                pg_pool, rate_limiter=None, failures_per_minute=1000
+            ).authenticate,
             pool=pg_pool,
             rooms=RoomCache(pg_pool),
             verdicts=VerdictSource(

@@ -9,6 +9,13 @@ Evaluation (core NATS request/reply)
     W3C ``traceparent``/``tracestate``. Reply: a verdict (``warden.policy.verdict``) as
     JSON, or ``{"error": "..."}`` when the worker could not judge.
 
+Text checks (core NATS request/reply)
+    ``CHECK_TEXT_SUBJECT`` — the gateway asks for a judgement of a text (the
+    server-centric ``/_policyserv/v1/check/text``) by the community's text-capable
+    filters. Served by the filter workers in ``FILTER_WORKERS_QUEUE``. Body: the text
+    (UTF-8). Header ``HEADER_COMMUNITY``. Reply: ``{"harms": [...]}`` (empty: allowed)
+    or ``{"error": "..."}``. Nothing is stored or published: a text is no event.
+
 Verdicts (JetStream)
     One message per first-time verdict on ``warden.verdict.<class>`` (neutral, allowed,
     prohibited), with ``Nats-Msg-Id`` set to the event ID so JetStream drops duplicates.
@@ -57,6 +64,7 @@ from typing import Final
 
 EVALUATE_SUBJECT: Final = "warden.evaluate.v1"
 FILTER_WORKERS_QUEUE: Final = "warden-filter-workers"
+CHECK_TEXT_SUBJECT: Final = "warden.check_text.v1"
 
 VERDICTS_STREAM: Final = "WARDEN_VERDICTS"
 VERDICT_SUBJECT_PREFIX: Final = "warden.verdict."

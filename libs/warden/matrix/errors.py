@@ -106,3 +106,27 @@ class Unavailable(MatrixError):
 
     errcode = "M_UNKNOWN"
     status = 503
+
+
+@_register
+class MissingToken(MatrixError):
+    """No access token was given (server-centric API)."""
+
+    errcode = "M_MISSING_TOKEN"
+    status = 401
+
+
+@_register
+class UnknownToken(MatrixError):
+    """The access token is not one Warden issued, or was rotated away."""
+
+    errcode = "M_UNKNOWN_TOKEN"
+    status = 401
+
+
+@_register
+class BadState(MatrixError):
+    """The request is valid but the resource's state forbids it (policyserv's code)."""
+
+    errcode = "M_BAD_STATE"
+    status = 400

@@ -120,3 +120,57 @@ async def list_communities(pool: asyncpg.Pool) -> list[Community]:
     """Every community, ordered by ID."""
     rows = await pool.fetch(f"SELECT {_COLUMNS} FROM communities ORDER BY id")
     return [_community(row) for row in rows]
+
+
+DEFAULT_COMMUNITY_ID = "default"
+
+
+class CommunityHasRooms(Exception):
+    """The community still has rooms and the deletion names nowhere to move them."""
+
+    def __init__(self, rooms: int) -> None:
+        super().__init__(f"{rooms} room(s)")
+        self.rooms = rooms
+
+
+class UnknownMoveTarget(LookupError):
+    """The community the rooms should move to does not exist (or is the one deleted)."""
+
+
+async def delete_community(
+    pool: asyncpg.Pool, community_id: str, *, move_rooms_to: str | None = None
+) -> list[str] | None:
+    """Delete a community; None if unknown. Returns the IDs of the rooms moved.
+
+    Raises ``CommunityHasRooms`` when it has rooms and ``move_rooms_to`` is None, and
+    ``UnknownMoveTarget`` when ``move_rooms_to`` is unknown or the same community. The
+    move and the deletion are one transaction; invite approvals of the community go
+    with it (``ON DELETE CASCADE``).
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        found = await conn.fetchval(
+            "SELECT 1 FROM communities WHERE id = $1 FOR UPDATE", community_id
+        )
+        if found is None:
+            return None
+        moved: list[str] = []
+        if move_rooms_to is not None:
+            target = await conn.fetchval(
+                "SELECT 1 FROM communities WHERE id = $1 FOR SHARE", move_rooms_to
+            )
+            if target is None or move_rooms_to == community_id:
+                raise UnknownMoveTarget(move_rooms_to)
+            rows = await conn.fetch(
+                "UPDATE rooms SET community_id = $2 WHERE community_id = $1 RETURNING room_id",
+                community_id,
+                move_rooms_to,
+            )
+            moved = sorted(r["room_id"] for r in rows)
+        else:
+            count = await conn.fetchval(
+                "SELECT count(*) FROM rooms WHERE community_id = $1", community_id
+            )
+            if count:
+                raise CommunityHasRooms(int(count))
+        await conn.execute("DELETE FROM communities WHERE id = $1", community_id)
+        return moved

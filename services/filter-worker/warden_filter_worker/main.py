@@ -50,6 +50,7 @@ from warden_filter_worker.outbox import OutboxSweeper, PublishedMarker
 from warden_filter_worker.publisher import VerdictPublisher
 from warden_filter_worker.room_state_consumer import RoomStateConsumer
 from warden_filter_worker.state_refresh import StateRefresher
+from warden_filter_worker.text_checks import TextCheckService
 
 NAME = "filter-worker"
 
@@ -129,10 +130,16 @@ def run(settings: Settings) -> int:
             store_timeout_seconds=settings.filter_timeout_seconds,
         )
         await service.start(nc)
+        # The server-centric API's text checks: no verdict, nothing stored.
+        text_checks = TextCheckService(
+            deps=deps, configs=configs, timeout_seconds=settings.filter_timeout_seconds
+        )
+        await text_checks.start(nc)
 
         async def stop() -> None:
             await configs.unsubscribe()
             await deps.keyword_templates.unsubscribe()
+            await text_checks.stop()
             await service.stop()
 
         # Hooks run last-added first: this runs before NATS is drained and pools close.

@@ -16,7 +16,11 @@ app includes this router only when ``PS_API_KEY`` is set. Differences from polic
   ``PS_JOIN_SERVER``) and protects the room, also when it is already known: rejoining
   after a kick works, and a join naming another community moves the room;
   ``POST /rooms/{room_id}/leave`` leaves and stops protecting it;
-- ``POST``/``DELETE /rooms/{room_id}/approve_invite`` pre-approve invites to a room.
+- ``POST``/``DELETE /rooms/{room_id}/approve_invite`` pre-approve invites to a room;
+- community access tokens are stored only as a hash: ``rotate_access_token`` shows the
+  new one once and cannot show the old one (``old_access_token`` is ``""``);
+- ``DELETE /communities/{id}`` deletes a community without rooms, or moving its rooms
+  (``?move_rooms_to=<community_id>``).
 
 Request validation errors become Matrix errors here (in the route class), not in an
 app-wide handler, and the key is checked before the body is even read. Failed
@@ -52,6 +56,7 @@ from warden.federation.membership import MembershipFailed
 from warden.federation.xmatrix import is_valid_server_name
 from warden.matrix.errors import (
     BadJSON,
+    BadState,
     InvalidParam,
     MatrixError,
     NotFound,
@@ -68,7 +73,7 @@ from warden.policy.config import (
     known_keys,
     validate_community_config,
 )
-from warden.storage import communities, room_state, rooms, verdicts
+from warden.storage import communities, community_tokens, room_state, rooms, verdicts
 from warden.storage import membership as membership_store
 from warden.storage import records as storage_records
 from warden.telemetry.tracing import inject_headers
@@ -78,6 +83,7 @@ from warden_gateway.admin_models import (
     Community,
     CommunityPatch,
     ConfigBody,
+    DeletedCommunity,
     EmptyBody,
     InviteApproval,
     JoinRoomRequest,
@@ -87,6 +93,7 @@ from warden_gateway.admin_models import (
     ProtectRoomRequest,
     Room,
     RoomDetail,
+    RotatedAccessToken,
     SetRoomModeratorRequest,
     Verdict,
 )
@@ -461,6 +468,60 @@ def build_admin_router(
             raise NotFound("Unknown community")
         await notify({"community_id": community_id})
         return _community(community)
+
+    @router.post(
+        "/communities/{community_id}/rotate_access_token",
+        summary="Issue a new access token for a community",
+    )
+    async def rotate_access_token(community_id: str) -> RotatedAccessToken:
+        """Give the community a new token for the server-centric API (``/_policyserv/v1``).
+
+        The old token stops working at once. The new one is in this answer only: Warden
+        keeps its SHA-256, never the token."""
+        rotation = await community_tokens.rotate_access_token(pool, community_id)
+        if rotation is None:
+            raise NotFound("Unknown community")
+        # The community, never the token, is what the log names.
+        logger.info(
+            "community access token rotated",
+            extra={"community_id": community_id, "had_token": rotation.had_access_token},
+        )
+        return RotatedAccessToken(
+            old_access_token="",
+            new_access_token=rotation.new_access_token,
+            had_access_token=rotation.had_access_token,
+        )
+
+    @router.delete(
+        "/communities/{community_id}", summary="Delete a community", responses=_WRITE_ERRORS
+    )
+    async def delete_community(
+        community_id: str, move_rooms_to: str | None = None
+    ) -> DeletedCommunity:
+        """Delete a community and its token. Refused (400 ``M_BAD_STATE``) while it
+        protects rooms, unless ``move_rooms_to`` names the community they move to. The
+        ``default`` community cannot be deleted (start-up joins use it)."""
+        if community_id == communities.DEFAULT_COMMUNITY_ID:
+            raise BadState("The default community cannot be deleted")
+        try:
+            moved = await communities.delete_community(
+                pool, community_id, move_rooms_to=move_rooms_to
+            )
+        except communities.CommunityHasRooms as exc:
+            raise BadState(
+                f"The community protects {exc.rooms} room(s): move them first "
+                "(?move_rooms_to=<community_id>) or unprotect them"
+            ) from None
+        except communities.UnknownMoveTarget:
+            raise InvalidParam(
+                f"move_rooms_to: unknown community {move_rooms_to!r} (or the one deleted)"
+            ) from None
+        if moved is None:
+            raise NotFound("Unknown community")
+        # Not a room ID: every worker and gateway drops what it cached of rooms and
+        # this community.
+        await notify({"community_id": community_id})
+        return DeletedCommunity(moved_room_ids=moved)
 
     @router.get(
         "/instance/community_config",

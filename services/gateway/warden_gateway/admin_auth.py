@@ -24,8 +24,6 @@ ADMIN_AUTH_FAILURES = Counter(
     "missing key) or throttled (429, too many failures from the client address).",
     ["outcome"],
 )
-_REFUSED = ADMIN_AUTH_FAILURES.labels("refused")
-_THROTTLED = ADMIN_AUTH_FAILURES.labels("throttled")
 
 WINDOW_SECONDS = 60.0
 MAX_CLIENTS = 10_000
@@ -35,9 +33,17 @@ class AdminAuthThrottle:
     """Failed authentications per client address in a one-minute window."""
 
     def __init__(
-        self, failures_per_minute: int, *, clock: Callable[[], float] = time.monotonic
+        self,
+        failures_per_minute: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        metric: Counter = ADMIN_AUTH_FAILURES,
     ) -> None:
+        """``metric`` counts failures by outcome (``refused``, ``throttled``): the
+        server-centric API passes its own."""
         self._limit = failures_per_minute
+        self._refused = metric.labels("refused")
+        self._throttled = metric.labels("throttled")
         self._clock = clock
         self._failures: dict[str, tuple[float, int]] = {}  # bucket -> (window start, count)
 
@@ -49,7 +55,7 @@ class AdminAuthThrottle:
         start, count = entry
         left = start + WINDOW_SECONDS - self._clock()
         if left > 0 and count >= self._limit:
-            _THROTTLED.inc()
+            self._throttled.inc()
             raise LimitExceeded(
                 "Too many failed authentications from this address; retry later",
                 retry_after_ms=max(1, int(left * 1000)),
@@ -57,7 +63,7 @@ class AdminAuthThrottle:
 
     def failed(self, client: str | None) -> None:
         """Count one failed authentication of ``client``."""
-        _REFUSED.inc()
+        self._refused.inc()
         bucket = client_bucket(client or "unknown")
         now = self._clock()
         entry = self._failures.pop(bucket, None)

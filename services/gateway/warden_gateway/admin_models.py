@@ -250,3 +250,27 @@ class RoomDetail(Room):
     """A protected room with its learned policy server state."""
 
     policy_server: PolicyServerInfo
+
+
+class RotatedAccessToken(BaseModel):
+    """Answer of ``POST /api/v1/communities/{community_id}/rotate_access_token``."""
+
+    old_access_token: str = Field(
+        description='Always "": Warden stores only a hash of tokens, so the old one cannot '
+        "be shown (policyserv shows it). It stopped working when this answer was made."
+    )
+    new_access_token: str = Field(
+        description="The new token (pst_ + 256 random bits). Shown only here, once: "
+        "Warden keeps only its SHA-256."
+    )
+    had_access_token: bool = Field(
+        description="Whether the community had a token before (now revoked)."
+    )
+
+
+class DeletedCommunity(BaseModel):
+    """Answer of ``DELETE /api/v1/communities/{community_id}``."""
+
+    moved_room_ids: list[str] = Field(
+        description="The rooms moved to the move_rooms_to community (empty without rooms)."
+    )

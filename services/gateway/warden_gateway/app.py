@@ -28,6 +28,7 @@ from warden_gateway.federation_inbound import FederationInbound
 from warden_gateway.hot_path import HotPathMiddleware
 from warden_gateway.invites import InviteAPI
 from warden_gateway.policy_api import SIGN_PATH, UNSTABLE_SIGN_PATH, PolicyAPI
+from warden_gateway.server_centric import ServerCentricAPI
 from warden_gateway.server_keys import ServerKeyEndpoint
 from warden_gateway.well_known import WellKnown
 
@@ -55,6 +56,7 @@ def build_app(
     federation: FederationInbound | None = None,
     invites: InviteAPI | None = None,
     event_id_check: EventIdCheck | None = None,
+    server_centric: ServerCentricAPI | None = None,
 ) -> GatewayApp:
     """Assemble the gateway app for one identity.
 
@@ -67,7 +69,8 @@ def build_app(
     adds ``/sign`` and ``/check``. ``admin_router`` is the admin API router (built by
     ``admin_api.build_admin_router``, which carries the ``/api/v1`` prefix); pass it
     only when ``PS_API_KEY`` is set. ``federation`` adds ``/send`` and the user queries.
-    ``invites`` adds the ``/invite`` routes (v2 and v1). ``event_id_check`` adds
+    ``invites`` adds the ``/invite`` routes (v2 and v1). ``server_centric`` adds the
+    community-token API (``/_policyserv/v1``), ``event_id_check`` its
     ``POST /_policyserv/v1/check/event_id``.
 
     The result is the FastAPI app wrapped in the HTTP metrics and, when ``policy`` is
@@ -102,6 +105,8 @@ def build_app(
         raw_routes.extend(invites.routes())
     if event_id_check is not None:
         raw_routes.extend(event_id_check.routes())
+    if server_centric is not None:
+        raw_routes.extend(server_centric.routes())
     app.router.routes.extend(raw_routes)
     if admin_router is not None:
         from warden_gateway.admin_api import install_admin_error_handlers

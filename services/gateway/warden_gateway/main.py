@@ -16,7 +16,7 @@ from warden.runtime.identity import load_identity
 from warden.runtime.service import bootstrap, run_async
 from warden.settings import Settings
 from warden_gateway.app import build_admin_app, build_app
-from warden_gateway.community_bearer import CommunityBearer
+from warden_gateway.community_auth import COMMUNITY_API_RATE_LIMIT_ERRORS, CommunityAuth
 from warden_gateway.event_checks import CheckedEvents
 from warden_gateway.event_id_check import EventIdCheck
 from warden_gateway.federation_inbound import FederationInbound
@@ -27,6 +27,7 @@ from warden_gateway.policy_api import PolicyAPI
 from warden_gateway.rate_limit import OriginRateLimiter
 from warden_gateway.room_cache import RoomCache
 from warden_gateway.room_joins import RoomJoiner, StartupJoins
+from warden_gateway.server_centric import ServerCentricAPI
 from warden_gateway.verdict_source import VerdictSource
 
 NAME = "gateway"
@@ -114,9 +115,31 @@ def run(settings: Settings) -> int:
             identity=identity, settings=settings, keyring=keyring, pool=pool, joiner=joiner
         )
         startup_joins = StartupJoins(joiner, redis, settings)
-        # The server-centric API's check/event_id (community bearer tokens).
+        # The server-centric API (/_policyserv/v1), authenticated by community token.
+        community_limiter = OriginRateLimiter(
+            redis,
+            settings.community_api_rate_limit_per_minute,
+            60,
+            budget="community_api",
+            what="server-centric API requests",
+            errors=COMMUNITY_API_RATE_LIMIT_ERRORS,
+        )
+        runtime.add_shutdown_hook("community-rate-limit", community_limiter.aclose)
+        server_centric = ServerCentricAPI(
+            auth=CommunityAuth(
+                pool,
+                rate_limiter=community_limiter,
+                failures_per_minute=settings.community_api_auth_failures_per_minute,
+            ),
+            nats=nc,
+            pool=pool,
+            joiner=joiner,
+            max_text_bytes=settings.check_text_max_bytes,
+            text_timeout_seconds=settings.check_text_timeout_seconds,
+        )
+        # check/event_id shares the community-token authentication and its limits.
         event_id_check = EventIdCheck(
-            authenticate=CommunityBearer(pool).authenticate,
+            authenticate=server_centric.auth.authenticate,
             pool=pool,
             rooms=rooms,
             verdicts=verdicts,
@@ -155,6 +178,7 @@ def run(settings: Settings) -> int:
             federation=federation_inbound,
             invites=invites,
             event_id_check=event_id_check,
+            server_centric=server_centric,
         )
         runtime.add_http_server(
             "api",
