@@ -13,6 +13,7 @@ import re
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import asyncpg
 import orjson
@@ -276,3 +277,48 @@ async def test_the_console_command_exits_non_zero_on_an_error(admin_url: str) ->
     assert proc.returncode == 1
     assert out == b""
     assert err == b"warden admin: M_NOT_FOUND: Unknown community (HTTP 404)\n"
+
+
+async def test_rotate_token_against_the_real_api(cli: Cli, admin_pool: asyncpg.Pool) -> None:
+    from warden.storage.communities import hash_access_token
+
+    created = await cli.json("communities", "create", "Tokens")
+    assert isinstance(created, dict)
+    cid = created["community_id"]
+    out = await cli.ok("communities", "rotate-token", cid)
+    token = re.search(r"new access token:\s+(pst_\S+)", out)
+    assert token is not None, out
+    assert re.search(r"old token:\s+\(none\)", out), out
+    stored = await admin_pool.fetchval(
+        "SELECT api_access_token_hash FROM communities WHERE id = $1", cid
+    )
+    assert stored == hash_access_token(token.group(1))
+    again = await cli.json("communities", "rotate-token", cid)
+    assert isinstance(again, dict)
+    assert again["had_access_token"] is True and again["new_access_token"] != token.group(1)
+    out = await cli.ok("communities", "rotate-token", cid)
+    assert "revoked (not shown" in out
+    status, out, err = await cli("communities", "rotate-token", "nope")
+    assert (status, out) == (1, "")
+    assert err.startswith("warden admin: M_NOT_FOUND: ")
+
+
+async def test_templates_upload_and_show_against_the_real_api(cli: Cli, tmp_path: Path) -> None:
+    text = (
+        '{% if StringContains(ToLower(BodyRaw), "free crypto") %}'
+        "org.matrix.msc4456.spam{% endif %}\n"
+    )
+    source = tmp_path / "scams.j2"
+    source.write_text(text, encoding="utf-8")
+    out = await cli.ok("templates", "upload", "scams", str(source))
+    assert out.startswith("template scams: stored")
+    assert await cli.ok("templates", "show", "scams") == text + "\n"
+    assert await cli.json("templates", "show", "scams") == {"name": "scams", "body": text}
+    bad = tmp_path / "bad.j2"
+    bad.write_text("{% if %}", encoding="utf-8")
+    status, _, err = await cli("templates", "upload", "bad", str(bad))
+    assert status == 1
+    assert err.startswith("warden admin: M_BAD_JSON: ") and "line 1" in err
+    status, out, err = await cli("templates", "show", "other")
+    assert (status, out) == (1, "")
+    assert err.startswith("warden admin: M_NOT_FOUND: ")

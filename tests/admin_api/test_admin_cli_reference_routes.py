@@ -1,9 +1,7 @@
-"""``warden admin`` for routes other branches are adding (rotate_access_token, keyword
-templates) and for join/leave (which need federation): against a small real HTTP server
-that answers as policyserv's reference describes (§4.3), recording what the CLI sent.
-
-Once those routes are on main these tests can point at the real admin app, as
-``test_admin_cli.py`` does.
+"""``warden admin`` for join/leave (which need federation) and for what a policyserv
+reference server answers (its rotation shows the old token): against a small real HTTP
+server that answers as policyserv's reference describes (§4.3), recording what the CLI
+sent. The other commands run against the real admin app in ``test_admin_cli.py``.
 """
 
 from __future__ import annotations
@@ -118,52 +116,6 @@ async def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str,
     status = await asyncio.to_thread(main, ["admin", *argv])
     out, err = capsys.readouterr()
     return status, out, err
-
-
-async def test_rotate_token(
-    reference: tuple[ReferenceAdmin, str], capsys: pytest.CaptureFixture[str]
-) -> None:
-    ref, _ = reference
-    status, out, err = await run(capsys, "communities", "rotate-token", "c1")
-    assert (status, err) == (0, "")
-    assert ref.requests[-1][:3] == ("POST", "/api/v1/communities/c1/rotate_access_token", b"{}")
-    assert "new access token:     pst_1secret" in out
-    assert "old token (now dead): (none)" in out
-    status, out, _ = await run(capsys, "communities", "rotate-token", "c1", "--json")
-    assert status == 0
-    assert orjson.loads(out) == {
-        "old_access_token": "pst_1secret",
-        "new_access_token": "pst_2secret",
-    }
-    status, out, err = await run(capsys, "communities", "rotate-token", "nope")
-    assert (status, out) == (1, "")
-    assert err == "warden admin: M_NOT_FOUND: Community not found (HTTP 404)\n"
-
-
-async def test_templates_upload_and_show(
-    reference: tuple[ReferenceAdmin, str], capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    ref, _ = reference
-    text = "# crypto scams\nfree (bitcoin|eth)\ndouble your ✨money✨\n"
-    source = tmp_path / "scams.txt"
-    source.write_text(text, encoding="utf-8")
-    status, out, err = await run(capsys, "templates", "upload", "scams", str(source))
-    assert (status, err) == (0, "")
-    assert out == "template scams: stored 3 lines\n"
-    method, path, body, content_type = ref.requests[-1]
-    assert (method, path) == ("POST", "/api/v1/keyword_templates/scams")
-    assert body == text.encode()  # the raw text, not JSON
-    assert content_type.startswith("text/plain")
-    status, out, _ = await run(capsys, "templates", "show", "scams")
-    assert (status, out) == (0, text + "\n")
-    status, out, _ = await run(capsys, "templates", "show", "scams", "--json")
-    assert orjson.loads(out) == {"name": "scams", "body": text}
-    status, out, err = await run(capsys, "templates", "show", "other")
-    assert (status, out) == (1, "")
-    assert err == "warden admin: M_NOT_FOUND: Template not found (HTTP 404)\n"
-    status, _, err = await run(capsys, "templates", "upload", "x", str(tmp_path / "missing"))
-    assert status == 2
-    assert err.startswith("warden admin: cannot read ")
 
 
 async def test_rooms_join_and_leave(

@@ -131,11 +131,15 @@ def communities_rotate_token(client: AdminClient, args: argparse.Namespace) -> s
     answer = client.request("POST", path, json={})
     if args.json:
         return as_json(answer)
-    old = answer.get("old_access_token") or "(none)"
+    # Warden stores only a hash, so it cannot show the old token; policyserv can.
+    if answer.get("old_access_token"):
+        old = f"{answer['old_access_token']} (now dead)"
+    elif answer.get("had_access_token"):
+        old = "revoked (not shown: only its hash was kept)"
+    else:
+        old = "(none)"
     return (
-        fields(
-            [("new access token", answer.get("new_access_token")), ("old token (now dead)", old)]
-        )
+        fields([("new access token", answer.get("new_access_token")), ("old token", old)])
         + "\nThe new token is shown only this once: store it now."
     )
 
