@@ -120,7 +120,10 @@ def statements() -> list[tuple[str, list[Any]]]:
         ),
         (
             "INSERT INTO media_classifications VALUES ('mxc://example.org/abc', 'default',"
-            ' \'["Prohibited", "org.matrix.msc4456.child_safety.csam"]\')',
+            ' \'["Prohibited", "org.matrix.msc4456.child_safety.csam"]\'),'
+            " ('mxc://example.org/old', 'default', '[\"org.matrix.msc4456.spam\"]'),"
+            " ('mxc://example.org/ok', 'default', '[\"Neutral\"]'),"
+            " ('mxc://example.org/none', 'default', NULL)",
             [],
         ),
         ("INSERT INTO state_learn_queue VALUES ('!r1:example.org', '$e', 'example.org', 0)", []),
@@ -284,12 +287,28 @@ async def test_import_carries_every_kind_over(source: str, target: str) -> None:
 
     assert kinds["ban_rules"]["skipped"] == 1
     assert report["ban_rule_rooms"] == ["!policy:example.org"]
-    assert kinds["trust_data"]["skipped"] == 2
+    # Trust data: the Muninn Hall directory is carried over; power levels policyserv
+    # learned without verifying are not (Warden derives them from verified state).
+    assert kinds["trust_data"]["created"] == 1 and kinds["trust_data"]["skipped"] == 1
+    assert await fetch(target, "SELECT source_name, key, data::text AS d FROM trust_data") == [
+        ("muninn_hall", "", '{"example.org": true}')
+    ]
+    # Media scan results: class then harms, or harms only (prohibited); NULL skipped.
+    assert kinds["media_classifications"]["created"] == 3
     assert kinds["media_classifications"]["skipped"] == 1
+    media = await fetch(
+        target,
+        "SELECT mxc_uri, class, harms, source FROM media_classifications ORDER BY mxc_uri",
+    )
+    assert media == [
+        ("mxc://example.org/abc", 2, ["org.matrix.msc4456.child_safety.csam"], "policyserv_import"),
+        ("mxc://example.org/ok", 0, [], "policyserv_import"),
+        ("mxc://example.org/old", 2, ["org.matrix.msc4456.spam"], "policyserv_import"),
+    ]
     assert kinds["state_learn_queue"]["skipped"] == 1
     assert kinds["destination_edus"]["skipped"] == 1
-    assert "Warden has no trust sources" in next(iter(reasons(report, "trust_data")))
-    assert "no media scanning" in next(iter(reasons(report, "media_classifications")))
+    assert "did not verify" in next(iter(reasons(report, "trust_data")))
+    assert "no classification" in next(iter(reasons(report, "media_classifications")))
 
 
 async def test_second_run_changes_nothing_and_source_is_never_written(
@@ -392,7 +411,7 @@ def test_cli_prints_json_and_summary(
     out = capsys.readouterr().out
     assert "rooms: 2 created, 0 updated, 0 unchanged, 1 skipped" in out
     assert "ranged: not translated mechanically" in out
-    assert "media_classifications: 1: Warden has no media scanning" in out
+    assert "media_classifications: 3 created" in out
     assert TOKEN not in out  # tokens are never printed
 
     monkeypatch.setenv("PS_DATABASE", "postgresql://postgres@127.0.0.1:5432/no_such_db_here")

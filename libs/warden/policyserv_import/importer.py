@@ -16,6 +16,7 @@ the moderator and webhooks now would redact or report old events again.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ import asyncpg
 import orjson
 
 from warden.matrix.room_versions import get_room_version
-from warden.policy.verdict import FilterOutcome
+from warden.policy.verdict import ContentClass, FilterOutcome
 from warden.policyserv_import.config import map_config
 from warden.policyserv_import.templates import Untranslatable, translate
 from warden.policyserv_import.verdicts import Unimportable, decode_event
@@ -67,15 +68,16 @@ SKIP_BAN_RULES = (
     "verify. Set policy_list_room_ids to the policy room (policyserv's "
     "PS_MJOLNIR_FILTER_ROOM_ID) and Warden learns its rules when it joins or refreshes it"
 )
-SKIP_TRUST_DATA = (
-    "Warden has no trust sources yet (self-directed, Muninn Hall, creators, power levels) "
-    "and no untrusted-media filter to read them; creators and power levels are learned "
-    "from room state anyway"
+# Trust sources policyserv filled from room state it never verified; Warden derives the
+# same facts from the state it verified.
+ROOM_DERIVED_TRUST_SOURCES = frozenset({"power_levels", "creator"})
+SKIP_TRUST_ROOM_DERIVED = (
+    "derived from room state policyserv did not verify; Warden derives creators and "
+    "power levels from the room state it verified"
 )
-SKIP_MEDIA = (
-    "Warden has no media scanning (HMA) yet, so it has no cache of scan results to fill; "
-    "its media filters judge by type only"
-)
+SKIP_MEDIA_COMMUNITY = "its community is not imported"
+SKIP_MEDIA_UNREADABLE = "no classification, or not an array of strings"
+IMPORT_SOURCE = "policyserv_import"
 SKIP_STATE_QUEUE = "a work queue of policyserv's state learning; Warden learns state itself"
 SKIP_EDUS = (
     "policyserv's outgoing redaction-command EDU queue; Warden redacts through its "
@@ -489,11 +491,82 @@ class _Importer:
             )
         report.created += len(new)
 
+    async def media_classifications(self) -> None:
+        """Scan results per (media, community); policyserv's JSON array is the class
+        then the harms, or (its oldest form) only harms, which meant prohibited."""
+        report = self.report.kinds["media_classifications"]
+        communities = {r["id"] for r in await self.dst.fetch("SELECT id FROM communities")}
+        have = {
+            (r["mxc_uri"], r["community_id"]): (r["class"], list(r["harms"]))
+            for r in await self.dst.fetch(
+                "SELECT mxc_uri, community_id, class, harms FROM media_classifications"
+            )
+        }
+        new: list[tuple[str, str, int, list[str]]] = []
+        for row in await self.src.fetch(
+            "SELECT mxc_uri, community_id, classifications::text AS c"
+            " FROM media_classifications ORDER BY mxc_uri, community_id"
+        ):
+            key = (row["mxc_uri"], row["community_id"])
+            if row["community_id"] not in communities:
+                report.skip(SKIP_MEDIA_COMMUNITY, row["community_id"])
+                continue
+            decoded = decode_media_classification(row["c"])
+            if decoded is None:
+                report.skip(SKIP_MEDIA_UNREADABLE, row["mxc_uri"][:80])
+                continue
+            if key in have:
+                # A result Warden has (imported or its own) stands.
+                report.unchanged += 1
+                continue
+            new.append((*key, int(decoded[0]), list(decoded[1])))
+        if new and not self.dry_run:
+            now = int(time.time() * 1000)
+            await self.dst.executemany(
+                "INSERT INTO media_classifications"
+                " (mxc_uri, community_id, class, harms, source, classified_ts)"
+                " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                [(*n, IMPORT_SOURCE, now) for n in new],
+            )
+        report.created += len(new)
+
+    async def trust_data(self) -> None:
+        """Trust sources not derived from room state (a Muninn Hall directory, say)."""
+        report = self.report.kinds["trust_data"]
+        have = {
+            (r["source_name"], r["key"]): r["data"]
+            for r in await self.dst.fetch(
+                "SELECT source_name, key, data::text AS data FROM trust_data"
+            )
+        }
+        for row in await self.src.fetch(
+            "SELECT source_name, key, data::text AS data FROM trust_data ORDER BY source_name, key"
+        ):
+            key = (row["source_name"], row["key"])
+            if row["source_name"] in ROOM_DERIVED_TRUST_SOURCES:
+                report.skip(SKIP_TRUST_ROOM_DERIVED, f"{key[0]}/{key[1]}"[:80])
+                continue
+            data = orjson.loads(row["data"])
+            if key in have:
+                if orjson.loads(have[key]) == data:
+                    report.unchanged += 1
+                    continue
+                report.updated += 1
+            else:
+                report.created += 1
+            await self._write(
+                "INSERT INTO trust_data (source_name, key, data, updated_ts)"
+                " VALUES ($1, $2, $3::jsonb, $4) ON CONFLICT (source_name, key)"
+                " DO UPDATE SET data = EXCLUDED.data, updated_ts = EXCLUDED.updated_ts",
+                key[0],
+                key[1],
+                orjson.dumps(data).decode(),
+                int(time.time() * 1000),
+            )
+
     async def skipped_tables(self) -> None:
         for kind, table, reason in (
             ("ban_rules", "ban_rules", SKIP_BAN_RULES),
-            ("trust_data", "trust_data", SKIP_TRUST_DATA),
-            ("media_classifications", "media_classifications", SKIP_MEDIA),
             ("state_learn_queue", "state_learn_queue", SKIP_STATE_QUEUE),
             ("destination_edus", "destination_edus", SKIP_EDUS),
         ):
@@ -545,9 +618,29 @@ async def run_import(source_url: str, target_url: str, *, dry_run: bool) -> Impo
                     await importer.templates()
                     await importer.displaynames()
                     await importer.verdicts()
+                    await importer.media_classifications()
+                    await importer.trust_data()
                     await importer.skipped_tables()
             return importer.report
         finally:
             await dst.close()
     finally:
         await src.close()
+
+
+def decode_media_classification(text: str | None) -> tuple[ContentClass, tuple[str, ...]] | None:
+    """policyserv's ``classifications``: ``[class, harm...]``, or harms only (prohibited)."""
+    if text is None:
+        return None
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return None
+    classes = {c.name.lower(): c for c in ContentClass}
+    if value and value[0].lower() in classes:
+        return classes[value[0].lower()], tuple(value[1:])
+    if not value:
+        return None
+    return ContentClass.PROHIBITED, tuple(value)
