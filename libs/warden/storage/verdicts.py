@@ -77,17 +77,19 @@ async def lookup_verdicts(
     columns = ", ".join(f"v.{c.strip()}" for c in _COLUMNS.split(","))
     rows = await pool.fetch(
         f"""
-        WITH asked AS (
-            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-                AS a(event_id, reference_hash, room_id, community_id)
-        ), bound AS (
-            UPDATE verdicts v SET reference_hash = a.reference_hash,
-                room_id = CASE WHEN v.room_id = '' THEN a.room_id ELSE v.room_id END,
-                community_id = CASE WHEN v.community_id = '' THEN a.community_id
+        WITH bound AS (
+            -- Each row's values by its event ID's place in $1; event_id = ANY keeps the
+            -- primary key lookup of get_verdicts.
+            UPDATE verdicts v
+            SET reference_hash = ($2::text[])[array_position($1::text[], v.event_id)],
+                room_id = CASE WHEN v.room_id = ''
+                    THEN ($3::text[])[array_position($1::text[], v.event_id)]
+                    ELSE v.room_id END,
+                community_id = CASE WHEN v.community_id = ''
+                    THEN ($4::text[])[array_position($1::text[], v.event_id)]
                     ELSE v.community_id END
-            FROM asked a
-            WHERE v.event_id = a.event_id AND v.reference_hash IS NULL
-                AND a.reference_hash <> ''
+            WHERE v.event_id = ANY($1::text[]) AND v.reference_hash IS NULL
+                AND ($2::text[])[array_position($1::text[], v.event_id)] <> ''
             RETURNING {columns}
         )
         SELECT * FROM bound
