@@ -55,3 +55,21 @@ async def test_a_waiter_leaves_the_binding_to_the_claims_holder(
 
     verdict = Verdict.from_json(reply)
     assert verdict.prohibited and verdict.reference_hash == req.reference_hash
+
+
+async def test_an_ask_without_a_reference_hash_leaves_it_unbound_and_uncached(
+    make_service: ServiceFactory, pg_pool: asyncpg.Pool, redis_client: aioredis.Redis
+) -> None:
+    service = make_service(claim_ttl_seconds=5, wait_seconds=25)
+    bound_ask = request("hello")
+    await store_unbound(pg_pool, bound_ask.event_id)
+
+    # Judged, but the stored refusal wins the insert: answered, not cached in Redis.
+    reply, _ = await service.answer(dataclasses.replace(bound_ask, reference_hash=""))
+    verdict = Verdict.from_json(reply)
+    assert verdict.prohibited and verdict.reference_hash == ""
+    assert not await redis_client.exists(redis_keys.verdict(bound_ask.event_id))
+
+    reply, outcome = await service.answer(bound_ask)
+    assert outcome == "cached_db"
+    assert Verdict.from_json(reply).reference_hash == bound_ask.reference_hash

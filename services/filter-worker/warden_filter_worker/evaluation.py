@@ -585,8 +585,12 @@ class EvaluationService:
         # one, the next ask finds it (first writer wins) and the outbox publishes it.
         winner = await self._writer.write(verdict)  # durable from here on
         if not _same_verdict(winner, verdict):
-            # A worker whose claim had lapsed committed first; its verdict stands.
-            return _Answer(winner.to_json(), metrics.OUTCOME_CACHED_DB, cache=True)
+            # A worker whose claim had lapsed committed first; its verdict stands. An
+            # unbound one (asked about without a reference hash) is not cached, so that
+            # the next ask binds it.
+            return _Answer(
+                winner.to_json(), metrics.OUTCOME_CACHED_DB, cache=bool(winner.reference_hash)
+            )
         metrics.VERDICTS_BY_CLASS[verdict.content_class].inc()
         logger.info(
             "verdict",
