@@ -69,7 +69,8 @@ async def lookup_verdicts(
     ordinary lookup costs the round trip ``get_verdicts`` would. An unbound verdict that
     a concurrent lookup bound meanwhile is absent from the result, as is one asked
     about without a reference hash: the caller judges the event, and its insert loses
-    to the stored row (first writer wins), which it then reads back bound.
+    to the stored row (first writer wins), which it reads back (bound by the other
+    lookup; still unbound in the second case, so not to be cached).
     """
     if not asked:
         return {}
