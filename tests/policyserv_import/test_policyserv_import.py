@@ -18,6 +18,7 @@ from tests.policyserv_import.policyserv_db import TABLES, policyserv_database, s
 from warden.cli import main
 from warden.policy.harms import OTHER
 from warden.policyserv_import import SourceError, run_import
+from warden.policyserv_import.verdicts import SKIP_V1_V2_NOT_REFUSED
 from warden.storage.communities import hash_access_token
 from warden.storage.migrations import migrate
 
@@ -57,6 +58,8 @@ EVENTS: dict[str, tuple[str, bool, str]] = {
     "legacy_reasons": (v4_id(), True, '{"keyword": 1.0}'),
     "room_v3": (v3_id(), True, '{"h:org.matrix.msc4456.spam": 1.0}'),
     "room_v1": ("$a1b2c3:old.example", True, '{"h:org.matrix.msc4456.spam": 1.0}'),
+    "room_v1_allowed": ("$d4e5f6:old.example", False, '{"Allowed": 1.0}'),
+    "room_v2_neutral": ("$g7h8i9:old.example", False, "{}"),
     "garbled": (v4_id(), True, "{not json"),
 }
 
@@ -260,26 +263,33 @@ async def test_import_carries_every_kind_over(source: str, target: str) -> None:
         "legacy_vectors_ok": (0, []),
         "legacy_reasons": (2, [OTHER]),
         "room_v3": (2, [SPAM]),
+        "room_v1": (2, [SPAM]),
     }
     assert set(verdicts) == {EVENTS[k][0] for k in expected}
     for key, (cls, harms) in expected.items():
         event_id = EVENTS[key][0]
         row = verdicts[event_id]
         assert (row["class"], row["harms"]) == (cls, harms), key
-        # The verdict is bound to the content the event ID names (its reference hash).
-        digest = event_id[1:].replace("-", "+").replace("_", "/")
-        assert row["reference_hash"] == digest
+        if key == "room_v1":
+            # Its ID names no content: unbound until the first event asked about.
+            assert row["reference_hash"] is None
+        else:
+            # The verdict is bound to the content the event ID names (its reference hash).
+            digest = event_id[1:].replace("-", "+").replace("_", "/")
+            assert row["reference_hash"] == digest
         assert row["published"] is True  # never sent to the moderator or webhooks
         assert row["first_seen_ts"] == 1767323045000
     legacy = orjson.loads(verdicts[EVENTS["legacy_reasons"][0]]["filters"])
     assert legacy[0]["name"] == "policyserv_import"
     assert legacy[0]["policyserv_reasons"] == ["keyword=1.0"]
-    skipped = reasons(report, "verdicts")
-    assert len(skipped) == 2 and sum(skipped.values()) == 2
-    assert any(r.startswith("room v1/v2 event ID") for r in skipped)
-    assert "confidence_vectors is not JSON" in skipped
+    # Room v1/v2 verdicts that allow are not imported: judged afresh, never looser.
+    assert reasons(report, "verdicts") == {
+        SKIP_V1_V2_NOT_REFUSED: 2,
+        "confidence_vectors is not JSON": 1,
+    }
+    assert report["verdicts_unbound"] == 1
     assert report["verdict_encodings"] == {
-        "harms": 4,
+        "harms": 5,
         "empty": 2,
         "legacy_vectors": 2,
         "legacy_reasons": 1,
@@ -323,7 +333,8 @@ async def test_second_run_changes_nothing_and_source_is_never_written(
     assert await snapshot(target, WARDEN_TABLES) == after_first
     for kind, counts in second["kinds"].items():
         assert (counts["created"], counts["updated"]) == (0, 0), kind
-    assert second["kinds"]["verdicts"]["unchanged"] == 9
+    assert second["kinds"]["verdicts"]["unchanged"] == 10
+    assert second["verdicts_unbound"] == 0
     assert second["kinds"]["communities"]["unchanged"] == 3
     assert second["kinds"]["keyword_templates"]["unchanged"] == 2
     assert second["kinds"]["displaynames"]["unchanged"] == 2
@@ -337,7 +348,7 @@ async def test_dry_run_writes_nothing_and_reports_what_it_would_do(
     report = (await run_import(source, target, dry_run=True)).to_dict()
     assert await snapshot(target, WARDEN_TABLES) == before
     assert report["dry_run"] is True
-    assert report["kinds"]["verdicts"]["created"] == 9
+    assert report["kinds"]["verdicts"]["created"] == 10
     assert report["kinds"]["communities"]["created"] == 2
     assert report["kinds"]["keyword_templates"]["created"] == 2
 
@@ -358,7 +369,8 @@ async def test_changed_source_rows_update_and_a_verdict_warden_gave_stands(
         await conn.close()
     report = (await run_import(source, target, dry_run=False)).to_dict()
     assert report["kinds"]["communities"]["updated"] == 1
-    assert report["kinds"]["verdicts"]["skipped"] == 3  # v1, garbled, and the changed one
+    # v1 allowed, v2 neutral, garbled, and the changed one
+    assert report["kinds"]["verdicts"]["skipped"] == 4
     rows = await fetch(
         target, "SELECT class, harms FROM verdicts WHERE event_id = $1", EVENTS["harm"][0]
     )
@@ -412,6 +424,7 @@ def test_cli_prints_json_and_summary(
     assert "rooms: 2 created, 0 updated, 0 unchanged, 1 skipped" in out
     assert "ranged: not translated mechanically" in out
     assert "media_classifications: 3 created" in out
+    assert "room v1/v2 refusals imported unbound: 1" in out
     assert TOKEN not in out  # tokens are never printed
 
     monkeypatch.setenv("PS_DATABASE", "postgresql://postgres@127.0.0.1:5432/no_such_db_here")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Any
 
@@ -11,7 +12,12 @@ from jinja2.sandbox import SandboxedEnvironment
 from warden.policy.harms import OTHER
 from warden.policy.verdict import ContentClass
 from warden.policyserv_import.templates import Untranslatable, translate
-from warden.policyserv_import.verdicts import Unimportable, decode_event, reference_hash_of
+from warden.policyserv_import.verdicts import (
+    SKIP_V1_V2_NOT_REFUSED,
+    Unimportable,
+    decode_event,
+    reference_hash_of,
+)
 
 SPAM = "org.matrix.msc4456.spam"
 EVENT_ID = "$" + "A" * 42 + "g"
@@ -158,3 +164,32 @@ def test_unreadable_vectors(vectors: Any) -> None:
 def test_url_safe_and_standard_ids_give_the_hash_the_gateway_computes() -> None:
     assert reference_hash_of("$" + "-" * 42 + "w") == "+" * 42 + "w"
     assert reference_hash_of("$" + "/" * 42 + "w") == "/" * 42 + "w"
+
+
+@pytest.mark.parametrize(
+    ("spam", "vectors", "harms"),
+    [
+        (True, '{"h:org.matrix.msc4456.spam": 1.0}', (SPAM,)),
+        (True, "{}", (OTHER,)),
+        (False, '{"h:org.matrix.msc4456.spam": 1.0}', (SPAM,)),
+    ],
+)
+def test_room_v1_v2_refusals_come_unbound(spam: bool, vectors: str, harms: tuple[str, ...]) -> None:
+    v = decode_event("$abc:example.org", spam, vectors)
+    assert (v.content_class, v.harms, v.reference_hash) == (ContentClass.PROHIBITED, harms, None)
+
+
+@pytest.mark.parametrize(
+    ("event_id", "spam", "vectors", "why"),
+    [
+        ("$abc:example.org", False, '{"Allowed": 1.0}', SKIP_V1_V2_NOT_REFUSED),
+        ("$abc:example.org", False, "{}", SKIP_V1_V2_NOT_REFUSED),
+        ("$a b:example.org", True, "{}", "room v1/v2"),  # not an ID Warden would accept
+        ("$" + "a" * 250 + ":example.org", True, "{}", "room v1/v2"),  # over 255 bytes
+    ],
+)
+def test_room_v1_v2_verdicts_not_imported(
+    event_id: str, spam: bool, vectors: str, why: str
+) -> None:
+    with pytest.raises(Unimportable, match=re.escape(why)):
+        decode_event(event_id, spam, vectors)

@@ -10,7 +10,9 @@ writes nothing.
 
 What policyserv holds and Warden does not use is counted and reported as skipped.
 Imported verdicts are marked published: they were judged long ago, and sending them to
-the moderator and webhooks now would redact or report old events again.
+the moderator and webhooks now would redact or report old events again. Room v1/v2
+refusals are imported unbound (no reference hash; bound on first sight by the filter
+workers, see ``verdicts``) and counted in ``verdicts_unbound``.
 """
 
 from __future__ import annotations
@@ -138,6 +140,8 @@ class ImportReport:
     config_dropped: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     templates_disabled: list[tuple[str, str]] = field(default_factory=list)
     verdict_encodings: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # Room v1/v2 refusals created unbound, bound to the first event asked about.
+    verdicts_unbound: int = 0
     policy_rooms: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,6 +156,7 @@ class ImportReport:
             ],
             "templates_disabled": [{"name": n, "reason": r} for n, r in self.templates_disabled],
             "verdict_encodings": dict(self.verdict_encodings),
+            "verdicts_unbound": self.verdicts_unbound,
             "ban_rule_rooms": self.policy_rooms,
         }
 
@@ -166,6 +171,11 @@ class ImportReport:
         if self.verdict_encodings:
             enc = ", ".join(f"{k} {v}" for k, v in sorted(self.verdict_encodings.items()))
             lines.append(f"  verdict encodings read: {enc}")
+        if self.verdicts_unbound:
+            lines.append(
+                f"  room v1/v2 refusals imported unbound: {self.verdicts_unbound} (each is"
+                " bound to the content of the first event asked about under its ID)"
+            )
         skipped = [(k, r) for k, r in self.kinds.items() if r.reasons]
         if skipped:
             lines.append("skipped:")
@@ -212,12 +222,17 @@ async def _check_source(src: asyncpg.Connection) -> None:
 
 async def _check_target(dst: asyncpg.Connection) -> None:
     rows = await dst.fetch(
-        "SELECT table_name, column_name FROM information_schema.columns"
+        "SELECT table_name, column_name, is_nullable FROM information_schema.columns"
         " WHERE table_schema = current_schema()"
         " AND (table_name, column_name) IN (('verdicts', 'published'),"
-        " ('keyword_templates', 'original_body'), ('communities', 'api_access_token_hash'))"
+        " ('keyword_templates', 'original_body'), ('communities', 'api_access_token_hash'),"
+        " ('verdicts', 'reference_hash'))"
     )
-    if len(rows) != 3:
+    # Migration 0012 lets a room v1/v2 refusal be stored unbound.
+    unbound_ok = any(
+        r["column_name"] == "reference_hash" and r["is_nullable"] == "YES" for r in rows
+    )
+    if len(rows) != 4 or not unbound_ok:
         raise TargetError("Warden's database is not migrated: run `warden migrate` first")
 
 
@@ -449,10 +464,12 @@ class _Importer:
             have = existing.get(v.event_id)
             if have is None:
                 new.append((v, ts))
-            elif (have["class"], tuple(have["harms"]), have["reference_hash"]) == (
+            elif (have["class"], tuple(have["harms"])) == (
                 int(v.content_class),
                 v.harms,
-                v.reference_hash,
+            ) and (
+                # An unbound refusal may have been bound on first sight since.
+                v.reference_hash is None or have["reference_hash"] == v.reference_hash
             ):
                 report.unchanged += 1
             else:
@@ -490,6 +507,7 @@ class _Importer:
                 ).decode(),
             )
         report.created += len(new)
+        self.report.verdicts_unbound += sum(v.reference_hash is None for v, _ in new)
 
     async def media_classifications(self) -> None:
         """Scan results per (media, community); policyserv's JSON array is the class

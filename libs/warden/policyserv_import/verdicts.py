@@ -14,9 +14,14 @@ it). Only the current encoding carries harm IDs; the legacy keys are reasons, no
 harms, and are kept in the verdict's filter outcome for the record.
 
 Warden binds each verdict to the event's content through its reference hash. From
-room version 3 the event ID *is* that hash, so it is recovered from the ID; a room v1/v2
+room version 3 the event ID *is* that hash, so it is recovered from the ID. A room v1/v2
 event ID (``$opaque:server``) says nothing about the content, and policyserv kept no
-hash, so such verdicts cannot be carried over.
+hash. Such a *refusal* is imported unbound (no reference hash): the filter workers bind
+it to the first event asked about under that ID, and from then on another event under
+the ID is a reused event ID. At worst that refuses an event someone crafted under an ID
+policyserv refused. An allowed (or neutral) verdict bound that way could sign spam sent
+under its ID first, so those are not imported: the event is judged afresh, which can
+only make the answer stricter.
 """
 
 from __future__ import annotations
@@ -42,6 +47,16 @@ _HARM_ID = re.compile(r"[A-Za-z0-9._-]{1,255}")
 MAX_REASONS = 32
 
 
+# Room v1/v2 event IDs are "$" + opaque local part + ":" + server name.
+_V1_V2_EVENT_ID = re.compile(r"\$[^:\s]+:\S+")
+MAX_EVENT_ID_BYTES = 255  # as Warden's PDU checks
+SKIP_V1_V2_NOT_REFUSED = (
+    "room v1/v2 event ID not refused by policyserv: its ID does not name the content and "
+    "policyserv kept no content hash, and an allowed verdict bound to whatever is asked "
+    "about first could sign spam under that ID; the event is judged afresh if asked again"
+)
+
+
 class Unimportable(ValueError):
     """A row that cannot become a Warden verdict; the message says why."""
 
@@ -53,7 +68,8 @@ class ImportedVerdict:
     event_id: str
     content_class: ContentClass
     harms: tuple[str, ...]
-    reference_hash: str
+    # None: a room v1/v2 refusal, bound to the content first asked about (see above).
+    reference_hash: str | None
     encoding: str  # "harms", "legacy_vectors", "legacy_reasons" or "empty"
     reasons: tuple[str, ...]  # legacy keys, kept for the record
 
@@ -83,6 +99,14 @@ def reference_hash_of(event_id: str) -> str:
     return encode_base64(digest)
 
 
+def is_room_v1_v2_event_id(event_id: str) -> bool:
+    """Whether ``event_id`` has the room v1/v2 form ``$local:server`` (bounded)."""
+    return (
+        len(event_id.encode("utf-8")) <= MAX_EVENT_ID_BYTES
+        and _V1_V2_EVENT_ID.fullmatch(event_id) is not None
+    )
+
+
 def _vectors(raw: str | None) -> dict[str, Any]:
     if raw is None or not raw.strip():
         return {}
@@ -102,8 +126,13 @@ def _positive(value: Any) -> bool:
 def decode_event(
     event_id: str, is_probably_spam: bool, confidence_vectors: str | None
 ) -> ImportedVerdict:
-    """Policyserv's verdict for one ``events`` row. Raises ``Unimportable``."""
-    reference_hash = reference_hash_of(event_id)
+    """Policyserv's verdict for one ``events`` row. Raises ``Unimportable``.
+
+    A room v1/v2 event ID gives a verdict without a reference hash if it is a refusal,
+    and raises ``Unimportable`` otherwise.
+    """
+    v1_v2 = is_room_v1_v2_event_id(event_id)
+    reference_hash = None if v1_v2 else reference_hash_of(event_id)
     vectors = _vectors(confidence_vectors)
     harms: set[str] = set()
     reasons: list[str] = []
@@ -135,6 +164,8 @@ def decode_event(
     else:
         content_class = ContentClass.ALLOWED if allowed else ContentClass.NEUTRAL
         harm_ids = ()
+        if v1_v2:
+            raise Unimportable(SKIP_V1_V2_NOT_REFUSED)
     return ImportedVerdict(
         event_id=event_id,
         content_class=content_class,

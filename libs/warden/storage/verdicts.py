@@ -1,4 +1,10 @@
-"""The ``verdicts`` table: one row per event ID, first writer wins, never updated."""
+"""The ``verdicts`` table: one row per event ID, first writer wins, never updated.
+
+One exception: a refusal imported from policyserv for a room v1/v2 event ID is stored
+unbound (``reference_hash`` NULL, read as ``""``) and bound once, to the content of the
+first event asked about under that ID (``lookup_verdicts``). From then on it is like
+any other verdict: another event under the same ID is a reused event ID.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ def _verdict(row: asyncpg.Record) -> Verdict:
         sender=row["sender"],
         event_type=row["event_type"],
         origin=row["origin"],
-        reference_hash=row["reference_hash"],
+        reference_hash=row["reference_hash"] or "",  # NULL: unbound (imported)
         first_seen_ts=row["first_seen_ts"],
     )
 
@@ -48,6 +54,55 @@ async def get_verdicts(pool: asyncpg.Pool, event_ids: Sequence[str]) -> dict[str
         return {}
     rows = await pool.fetch(
         f"SELECT {_COLUMNS} FROM verdicts WHERE event_id = ANY($1::text[])", list(event_ids)
+    )
+    return {r["event_id"]: _verdict(r) for r in rows}
+
+
+async def lookup_verdicts(
+    pool: asyncpg.Pool, asked: Sequence[tuple[str, str, str, str]]
+) -> dict[str, Verdict]:
+    """The stored verdicts of the events asked about, binding unbound ones on the way.
+
+    ``asked`` holds ``(event_id, reference_hash, room_id, community_id)`` of each event
+    as asked. An unbound verdict (an imported room v1/v2 refusal) is bound to that
+    reference hash, room and community, and returned bound; all in one statement, so an
+    ordinary lookup costs the round trip ``get_verdicts`` would. An unbound verdict that
+    a concurrent lookup bound meanwhile is absent from the result, as is one asked
+    about without a reference hash: the caller judges the event, and its insert loses
+    to the stored row (first writer wins), which it reads back (bound by the other
+    lookup; still unbound in the second case, so not to be cached).
+    """
+    if not asked:
+        return {}
+    event_ids = [a[0] for a in asked]
+    columns = ", ".join(f"v.{c.strip()}" for c in _COLUMNS.split(","))
+    rows = await pool.fetch(
+        f"""
+        WITH bound AS (
+            -- Each row's values by its event ID's place in $1; event_id = ANY keeps the
+            -- primary key lookup of get_verdicts.
+            UPDATE verdicts v
+            SET reference_hash = ($2::text[])[array_position($1::text[], v.event_id)],
+                room_id = CASE WHEN v.room_id = ''
+                    THEN ($3::text[])[array_position($1::text[], v.event_id)]
+                    ELSE v.room_id END,
+                community_id = CASE WHEN v.community_id = ''
+                    THEN ($4::text[])[array_position($1::text[], v.event_id)]
+                    ELSE v.community_id END
+            WHERE v.event_id = ANY($1::text[]) AND v.reference_hash IS NULL
+                AND ($2::text[])[array_position($1::text[], v.event_id)] <> ''
+            RETURNING {columns}
+        )
+        SELECT * FROM bound
+        UNION ALL
+        -- The statement's snapshot: rows bound above still read NULL here.
+        SELECT {columns} FROM verdicts v
+        WHERE v.event_id = ANY($1::text[]) AND v.reference_hash IS NOT NULL
+        """,
+        event_ids,
+        [a[1] for a in asked],
+        [a[2] for a in asked],
+        [a[3] for a in asked],
     )
     return {r["event_id"]: _verdict(r) for r in rows}
 

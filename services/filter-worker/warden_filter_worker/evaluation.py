@@ -72,7 +72,7 @@ from warden.policy.dependency_failures import EvaluationUnavailable, is_dependen
 from warden.policy.pipeline import Pipeline
 from warden.policy.verdict import Verdict
 from warden.storage.room_state import get_third_party_invite
-from warden.storage.verdicts import get_verdict, get_verdicts
+from warden.storage.verdicts import get_verdict, lookup_verdicts
 from warden.telemetry.tracing import extract_context, tracer
 from warden_filter_worker import metrics
 from warden_filter_worker.community_config import CommunityConfigCache, UnknownCommunity
@@ -203,6 +203,18 @@ def _same_verdict(stored: Verdict, ours: Verdict) -> bool:
         dataclasses.replace(f, duration_ms=round(f.duration_ms, 3)) for f in ours.filters
     )
     return stored == dataclasses.replace(ours, filters=rounded, extra=stored.extra)
+
+
+def _asked(event: _Event) -> tuple[str, str, str, str]:
+    """What ``lookup_verdicts`` binds an unbound verdict to: the event as asked."""
+    request = event.request
+    room_id = request.event.get("room_id")
+    return (
+        request.event_id,
+        request.reference_hash,
+        room_id if isinstance(room_id, str) else "",
+        request.community_id,
+    )
 
 
 def _in_span(span: Span | None) -> AbstractContextManager[object]:
@@ -448,8 +460,12 @@ class EvaluationService:
             # Bounded, so that the claims kept alive meanwhile are released in time.
             async with asyncio.timeout(self._wait_seconds):
                 # Redis may have lost a verdict PostgreSQL keeps (eviction, restart).
+                # The same statement binds an imported room v1/v2 refusal, stored without
+                # a reference hash, to the event asked about first.
                 async with asyncio.timeout(self._store_timeout):
-                    stored = await get_verdicts(self._pool, list(claimed))
+                    stored = await lookup_verdicts(
+                        self._pool, [_asked(e) for e in claimed.values()]
+                    )
                 for event_id, verdict in stored.items():
                     answers[event_id] = _Answer(
                         verdict.to_json(), metrics.OUTCOME_CACHED_DB, cache=True
@@ -569,8 +585,12 @@ class EvaluationService:
         # one, the next ask finds it (first writer wins) and the outbox publishes it.
         winner = await self._writer.write(verdict)  # durable from here on
         if not _same_verdict(winner, verdict):
-            # A worker whose claim had lapsed committed first; its verdict stands.
-            return _Answer(winner.to_json(), metrics.OUTCOME_CACHED_DB, cache=True)
+            # A worker whose claim had lapsed committed first; its verdict stands. An
+            # unbound one (asked about without a reference hash) is not cached, so that
+            # the next ask binds it.
+            return _Answer(
+                winner.to_json(), metrics.OUTCOME_CACHED_DB, cache=bool(winner.reference_hash)
+            )
         metrics.VERDICTS_BY_CLASS[verdict.content_class].inc()
         logger.info(
             "verdict",
@@ -617,7 +637,8 @@ class EvaluationService:
                 if polls % _DB_POLL_EVERY == 0:
                     async with asyncio.timeout(self._store_timeout):
                         stored = await get_verdict(self._pool, event_id)
-                    if stored is not None:
+                    # An unbound (imported) verdict is bound by the claim's holder first.
+                    if stored is not None and stored.reference_hash:
                         await deliver(event_id, _Answer(stored.to_json(), metrics.OUTCOME_WAITED))
                         return
                 token = secrets.token_hex(8)

@@ -9,7 +9,8 @@ In order:
 2. the body: at most ``MAX_BODY_BYTES`` (413 ``M_TOO_LARGE``), JSON (400
    ``M_NOT_JSON``), an object whose ``event_id`` is an event ID (400 ``M_BAD_JSON``);
 3. a stored verdict (PostgreSQL, first writer wins, imported ones included) is the
-   answer, without fetching anything;
+   answer, without fetching anything (except an imported room v1/v2 refusal not yet
+   bound to content: step 4 fetches the event, and the worker binds the refusal to it);
 4. else the event is fetched from ``PS_EVENT_FETCH_SERVERS`` and verified
    (``warden.federation.event_fetch``) and judged by the filter workers exactly as
    ``/sign`` has it judged (``VerdictSource``, the same evaluation request); the server
@@ -154,7 +155,9 @@ class EventIdCheck:
             community = await self._authenticate(request)
             event_id = parse_event_id(await read_limited_body(request, MAX_BODY_BYTES))
             stored = await get_verdict(self._pool, event_id)
-            if stored is not None:
+            # An unbound verdict (a room v1/v2 refusal imported from policyserv) names no
+            # content or room yet: the event is fetched, and judging it binds it.
+            if stored is not None and stored.reference_hash:
                 if not await self._stored_is_ours(stored.room_id, stored.community_id, community):
                     raise NotFound(NOT_YOURS_MESSAGE)
                 source = "stored"
