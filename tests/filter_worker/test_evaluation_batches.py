@@ -326,6 +326,7 @@ async def test_a_lapsed_claimer_that_committed_first_wins(
         sender="@u:x",
         event_type="m.room.message",
         origin="the-lapsed-worker",
+        reference_hash="refhash",  # the same event as ours: only an unbound row is not cached
         first_seen_ts=9,
     )
 

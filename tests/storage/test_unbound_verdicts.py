@@ -85,3 +85,26 @@ async def test_only_refusals_may_be_unbound(pg_pool: asyncpg.Pool) -> None:
     for cls in (0, 1):
         with pytest.raises(asyncpg.CheckViolationError):
             await store_unbound(pg_pool, f"${uuid.uuid4().hex}:old.example", cls)
+
+
+async def test_an_imported_verdict_without_a_room_gets_the_room_of_the_first_ask(
+    pg_pool: asyncpg.Pool,
+) -> None:
+    """policyserv kept no room for a verdict: the first ask with the same content (the
+    same reference hash) fills room and community, so check/event_id can answer from it.
+    An ask with other content does not."""
+    event_id = f"${uuid.uuid4().hex}"
+    await pg_pool.execute(
+        "INSERT INTO verdicts (event_id, room_id, community_id, reference_hash, class, harms,"
+        " sender, event_type, origin, first_seen_ts, published)"
+        " VALUES ($1, '', '', 'the-hash', 2, '{org.matrix.msc4456.spam}', '', '', '', 1, TRUE)",
+        event_id,
+    )
+    other = await verdicts.lookup_verdicts(pg_pool, [(event_id, "other-hash", "!evil:x", "c2")])
+    assert other[event_id].room_id == "" and other[event_id].reference_hash == "the-hash"
+    got = await verdicts.lookup_verdicts(pg_pool, [(event_id, "the-hash", "!room:x", "comm")])
+    assert (got[event_id].room_id, got[event_id].community_id) == ("!room:x", "comm")
+    assert got[event_id].harms == ("org.matrix.msc4456.spam",)
+    again = await verdicts.lookup_verdicts(pg_pool, [(event_id, "the-hash", "!other:x", "c3")])
+    assert (again[event_id].room_id, again[event_id].community_id) == ("!room:x", "comm")
+    assert len(again) == 1

@@ -82,15 +82,23 @@ async def lookup_verdicts(
             -- Each row's values by its event ID's place in $1; event_id = ANY keeps the
             -- primary key lookup of get_verdicts.
             UPDATE verdicts v
-            SET reference_hash = ($2::text[])[array_position($1::text[], v.event_id)],
+            SET reference_hash = COALESCE(
+                    v.reference_hash, ($2::text[])[array_position($1::text[], v.event_id)]),
                 room_id = CASE WHEN v.room_id = ''
                     THEN ($3::text[])[array_position($1::text[], v.event_id)]
                     ELSE v.room_id END,
                 community_id = CASE WHEN v.community_id = ''
                     THEN ($4::text[])[array_position($1::text[], v.event_id)]
                     ELSE v.community_id END
-            WHERE v.event_id = ANY($1::text[]) AND v.reference_hash IS NULL
+            -- Unbound (imported v1/v2 refusals), or imported without a room (policyserv
+            -- kept none): the first ask with the same content gives it its room and
+            -- community, so check/event_id can answer from it.
+            WHERE v.event_id = ANY($1::text[])
                 AND ($2::text[])[array_position($1::text[], v.event_id)] <> ''
+                AND (v.reference_hash IS NULL OR (v.room_id = ''
+                    AND ($3::text[])[array_position($1::text[], v.event_id)] <> ''))
+                AND COALESCE(v.reference_hash, ($2::text[])[array_position($1::text[], v.event_id)])
+                    = ($2::text[])[array_position($1::text[], v.event_id)]
             RETURNING {columns}
         )
         SELECT * FROM bound
@@ -98,6 +106,7 @@ async def lookup_verdicts(
         -- The statement's snapshot: rows bound above still read NULL here.
         SELECT {columns} FROM verdicts v
         WHERE v.event_id = ANY($1::text[]) AND v.reference_hash IS NOT NULL
+            AND v.event_id NOT IN (SELECT event_id FROM bound)
         """,
         event_ids,
         [a[1] for a in asked],
