@@ -326,6 +326,8 @@ def test_defaults_render_no_secret_and_read_the_existing_one() -> None:
         "key": "redis-url",
         "optional": True,
     }
+    # A release named "warden" reads the Secret deploy/k8s documents.
+    assert {name for name, _ in secret_refs(render(release="warden"))} == {"warden-secrets"}
     keys = secret_refs(docs)
     assert {
         ("one-warden-secrets", "signing.key"),
