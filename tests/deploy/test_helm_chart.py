@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "warden"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 K8S_VERSIONS = ["1.29.0", "1.31.0", "1.33.0"]
-MONITORING = ["monitoring.coreos.com/v1", "monitoring.coreos.com/v1/ServiceMonitor"]
+# What `helm template --api-versions monitoring.coreos.com/v1` declares.
+MONITORING = ["monitoring.coreos.com/v1"]
 # Kinds of CRDs kubernetes-validate has no schema for; checked by the tests below instead.
 CRD_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
