@@ -541,6 +541,24 @@ def test_network_policies() -> None:
             container(d)["name"] == "gateway"
         )
     assert of_kind(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy") == []
+    assert not [
+        n for n in of_kind(docs, "NetworkPolicy") if n["metadata"]["name"].endswith("-dependencies")
+    ]
+
+
+def test_a_policy_can_keep_other_clients_off_nats_redis_and_postgres() -> None:
+    docs = render({"networkPolicy": {"dependencies": {"enabled": True}}})
+    deps = one(docs, "NetworkPolicy", "one-warden-dependencies")["spec"]
+    (expression,) = deps["podSelector"]["matchExpressions"]
+    assert expression["values"] == ["nats", "redis", "postgresql"]
+    (rule,) = deps["ingress"]
+    (peer,) = rule["from"]
+    warden_pods = [pod_labels(d) for d in of_kind(docs, "Deployment")]
+    assert all(selects(peer["podSelector"]["matchLabels"], p) for p in warden_pods)
+    other_release = [pod_labels(d) for d in of_kind(render(release="two"), "Deployment")]
+    assert not any(selects(peer["podSelector"]["matchLabels"], p) for p in other_release)
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.29.0", strict=True)
 
 
 def test_per_service_scheduling_values() -> None:
