@@ -572,6 +572,8 @@ class EvaluationService:
             # A worker whose claim had lapsed committed first; its verdict stands.
             return _Answer(winner.to_json(), metrics.OUTCOME_CACHED_DB, cache=True)
         metrics.VERDICTS_BY_CLASS[verdict.content_class].inc()
+        if verdict.harms:
+            metrics.count_harms(verdict.harms)
         logger.info(
             "verdict",
             extra={
