@@ -305,6 +305,11 @@ class EvaluationService:
         await self._publisher.close()
 
     async def _run_batch(self, batch: list[tuple[Msg, float]]) -> None:
+        metrics.EVALUATION_BATCH_SIZE.observe(len(batch))
+        began = time.perf_counter()
+        queued = metrics.EVALUATION_QUEUE_SECONDS.observe
+        for _, arrived in batch:
+            queued(began - arrived)
         jobs = [
             _Job(
                 msg,

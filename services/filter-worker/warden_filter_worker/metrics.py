@@ -84,6 +84,18 @@ VERDICT_BATCH_SIZE = Histogram(
     "Verdicts written per PostgreSQL transaction by the group-commit writer.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+EVALUATION_BATCH_SIZE = Histogram(
+    "warden_evaluation_batch_size",
+    "Evaluation requests answered together as one batch (one Redis and PostgreSQL round"
+    " trip per batch; PS_EVALUATION_BATCH_LINGER_MS lets batches grow under load).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+EVALUATION_QUEUE_SECONDS = Histogram(
+    "warden_evaluation_queue_seconds",
+    "Time an evaluation request waited in this worker between arriving and its batch"
+    " starting (the batch linger, and the event loop being busy).",
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+)
 VERDICT_PUBLISH_FAILURES = Counter(
     "warden_verdict_publish_failures_total",
     "Failed attempts to publish a verdict to JetStream, by whether it was then given up.",
