@@ -274,3 +274,25 @@ def test_every_metric_used_is_exported_by_the_services(source: str) -> None:
             if name in SCRAPE_SERIES:
                 continue
             assert matched <= labels[name] | {"instance", "job"}, f"{where}: {name}{matched}"
+
+
+def make_recipe(target: str) -> str:
+    """The recipe lines of a Makefile target."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{target}:"))
+    recipe = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line)
+    return "\n".join(recipe)
+
+
+def test_make_test_and_ci_install_promtool_when_missing() -> None:
+    install = make_recipe("install-promtool")
+    assert "apt-get install -y" in install and "--no-install-recommends prometheus" in install
+    assert "exit 1" in install  # a failed install says so; the tests then fail, never skip
+    test = make_recipe("test")
+    assert test.index("install-promtool") < test.index("pytest")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.index("install-promtool") < ci.index("exec make test")
