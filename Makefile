@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Touched after a successful install; reinstall when pyproject.toml or the lock is newer.
 STAMP := $(VENV)/.warden-installed
 
-.PHONY: venv lock run test lint bench install-wrk clean check-python
+.PHONY: venv lock run test lint bench install-wrk install-promtool clean check-python
 
 check-python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { \
@@ -37,7 +37,10 @@ lock: venv
 run: venv
 	$(BIN)/warden dev
 
+# promtool (Debian's prometheus package) checks and unit-tests the alert rules
+# (tests/deploy/test_observability.py); installed first when missing.
 test: venv
+	@command -v promtool >/dev/null 2>&1 || $(MAKE) --no-print-directory install-promtool || true
 	$(BIN)/pytest tests
 
 lint: venv
@@ -59,6 +62,19 @@ install-wrk:
 	    || echo "warning: could not install wrk; the Python load generator will be used" >&2; \
 	else \
 	  echo "warning: no apt-get to install wrk; the Python load generator will be used" >&2; \
+	fi
+
+# promtool for the alert rule tests; the tests fail (they never skip) without it.
+install-promtool:
+	@if command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing promtool (Debian's prometheus package) with apt-get"; \
+	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+	    || { apt-get update -qq >/dev/null 2>&1 \
+	         && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } \
+	    || { echo "error: could not install promtool (apt-get install prometheus)" >&2; exit 1; }; \
+	else \
+	  echo "error: no apt-get to install promtool; install Prometheus' promtool on PATH" >&2; \
+	  exit 1; \
 	fi
 
 # Removes local state (embedded servers' data, dev keys) and caches; keeps the venv.

@@ -32,7 +32,7 @@ from warden.bus.subjects import (
 )
 from warden.filters.base import FilterDeps
 from warden.policy.config import instance_defaults
-from warden.policy.harms import OTHER
+from warden.policy.harms import OTHER, SPAM
 from warden.policy.pipeline import Pipeline
 from warden.policy.verdict import ContentClass, Verdict
 from warden.storage.verdicts import get_verdict, insert_verdicts
@@ -150,6 +150,10 @@ async def make_worker(
         await counting.aclose()
 
 
+def harm_count(harm: str) -> float:
+    return REGISTRY.get_sample_value("warden_verdict_harms_total", {"harm": harm}) or 0.0
+
+
 def outcome_count(outcome: str) -> float:
     value = REGISTRY.get_sample_value("warden_evaluations_total", {"outcome": outcome})
     return value or 0.0
@@ -166,6 +170,7 @@ async def test_duplicates_in_a_batch_share_one_evaluation_and_two_redis_round_tr
         for _ in range(3)
     ]
     random.Random(7).shuffle(requests)
+    spam_harms = harm_count(SPAM)
 
     replies = await worker.service.answer_many(requests)
 
@@ -189,6 +194,8 @@ async def test_duplicates_in_a_batch_share_one_evaluation_and_two_redis_round_tr
     # lookup (the group-commit writer has its own pool), not one of each per event.
     assert worker.redis.commands == ["EVALSHA", "EVALSHA"]
     assert worker.pool.queries == 1
+    # The three spam events are counted by harm once each (not their duplicates).
+    assert harm_count(SPAM) - spam_harms == 3
 
 
 async def test_a_batch_mixing_every_kind_of_event(
@@ -427,6 +434,8 @@ async def test_requests_arriving_while_a_batch_is_answered_wait_to_share_the_nex
         wait_seconds=5,
         linger_seconds=0.3,
     )
+    sizes = batch_metric("warden_evaluation_batch_size")
+    waits = batch_metric("warden_evaluation_queue_seconds")
     await service.start(nats_client)
     try:
 
@@ -456,3 +465,16 @@ async def test_requests_arriving_while_a_batch_is_answered_wait_to_share_the_nex
     assert all(Verdict.from_json(r).content_class is ContentClass.NEUTRAL for r in replies)
     # One PostgreSQL lookup per batch: the first request's, then one for the three.
     assert pool.queries == 2
+    # Two batches, of one and three requests; the three waited for the linger (0.3 s)
+    # from the first one's arrival.
+    count, total = batch_metric("warden_evaluation_batch_size")
+    assert (count - sizes[0], total - sizes[1]) == (2, 4)
+    count, total = batch_metric("warden_evaluation_queue_seconds")
+    assert count - waits[0] == 4
+    assert total - waits[1] >= 0.25
+
+
+def batch_metric(name: str) -> tuple[float, float]:
+    """A histogram's count and sum."""
+    count = REGISTRY.get_sample_value(f"{name}_count") or 0.0
+    return count, REGISTRY.get_sample_value(f"{name}_sum") or 0.0

@@ -4,6 +4,7 @@ drains on SIGTERM (readiness first)."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -30,6 +31,27 @@ def test_service_serves_health_and_metrics_then_stops_cleanly(
     metrics = httpx.get(f"{svc.metrics_url}/metrics").text
     assert f'warden_build_info{{service="{name}"' in metrics
     assert f'warden_dependency_up{{dependency="postgresql",service="{name}"}} 1.0' in metrics
+    # Process metrics of every service: its pool (PS_DATABASE_MAX_OPEN_CONNS, default 10),
+    # event-loop lag, JetStream consumer lag where it consumes, and no _created series.
+    assert 'warden_db_pool_connections{state="max"} 10.0' in metrics
+    assert "_created" not in metrics
+    consumer = {
+        "filter-worker": "warden-room-state",
+        "moderator": "warden-moderator",
+        "webhooks": "warden-webhooks",
+    }.get(name)
+    wanted = [] if consumer is None else [f'warden_bus_consumer_pending{{consumer="{consumer}"}}']
+
+    def missing() -> list[str]:
+        lag = re.search(r"^warden_event_loop_lag_seconds_count (\S+)$", metrics, re.MULTILINE)
+        absent = [w for w in wanted if w not in metrics]
+        return absent + ([] if lag and float(lag.group(1)) > 0 else ["loop lag samples"])
+
+    deadline = time.monotonic() + 30
+    while missing() and time.monotonic() < deadline:
+        time.sleep(0.2)
+        metrics = httpx.get(f"{svc.metrics_url}/metrics").text
+    assert missing() == []
 
     assert svc.stop() == 0
     lines = [ln for ln in svc.output().splitlines() if ln.strip()]

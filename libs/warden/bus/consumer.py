@@ -44,7 +44,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, ConsumerInfo
 from nats.js.errors import APIError, NotFoundError
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from warden.telemetry.tracing import extract_context, tracer
 
@@ -67,6 +67,34 @@ DEAD_LETTERED = Counter(
     "redelivered), by durable consumer.",
     ["consumer"],
 )
+
+REDELIVERIES = Counter(
+    "warden_bus_redeliveries_total",
+    "JetStream messages handed to this process again after an earlier delivery (a retry,"
+    " a handler that failed, or a replica that died before acknowledging), by consumer.",
+    ["consumer"],
+)
+# Consumer lag, as JetStream reports it for the whole durable consumer (every replica
+# reports the same numbers: aggregate with max, not sum).
+CONSUMER_PENDING = Gauge(
+    "warden_bus_consumer_pending",
+    "Messages in the stream not yet delivered to the durable consumer (num_pending),"
+    " polled every 15 s by each replica.",
+    ["consumer"],
+)
+CONSUMER_ACK_PENDING = Gauge(
+    "warden_bus_consumer_ack_pending",
+    "Messages delivered to the durable consumer and not yet acknowledged (num_ack_pending).",
+    ["consumer"],
+)
+CONSUMER_REDELIVERED = Gauge(
+    "warden_bus_consumer_redelivered",
+    "Messages of the durable consumer delivered more than once and not yet acknowledged"
+    " (num_redelivered).",
+    ["consumer"],
+)
+# How often each replica asks JetStream for its consumer's numbers: one small request.
+LAG_POLL_SECONDS = 15.0
 
 _jitter = random.SystemRandom()
 _tracer = tracer(__name__)
@@ -150,6 +178,7 @@ class PullConsumer:
         drain_timeout: float = 20.0,
         max_deliveries: int = DEFAULT_MAX_DELIVERIES,
         handler_timeout: float = HANDLER_TIMEOUT_SECONDS,
+        lag_poll_seconds: float = LAG_POLL_SECONDS,
     ) -> None:
         self._js = js
         self.stream = stream
@@ -163,6 +192,8 @@ class PullConsumer:
         self._handler_timeout = handler_timeout
         self._ack_wait = 30.0
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._lag_poll = lag_poll_seconds
+        self._redeliveries = REDELIVERIES.labels(durable)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Fetch and handle messages until ``stopping`` is set, then drain."""
@@ -175,6 +206,7 @@ class PullConsumer:
             extra={"event": "consumer_started", "stream": self.stream, "consumer": self.durable},
         )
         stop_task = asyncio.create_task(stopping.wait())
+        lag_task = asyncio.create_task(self._poll_lag(), name=f"{self.durable}-lag")
         try:
             while not stopping.is_set():
                 free = self._max_in_flight - len(self._in_flight)
@@ -201,9 +233,27 @@ class PullConsumer:
                     task.add_done_callback(self._in_flight.discard)
         finally:
             stop_task.cancel()
+            lag_task.cancel()
             await self._drain()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def poll_lag_once(self) -> None:
+        """Ask JetStream for the consumer's pending counts and set the lag gauges."""
+        info = await self._js.consumer_info(self.stream, self.durable)
+        CONSUMER_PENDING.labels(self.durable).set(info.num_pending or 0)
+        CONSUMER_ACK_PENDING.labels(self.durable).set(info.num_ack_pending or 0)
+        CONSUMER_REDELIVERED.labels(self.durable).set(info.num_redelivered or 0)
+
+    async def _poll_lag(self) -> None:
+        while True:
+            try:
+                await self.poll_lag_once()
+            except Exception as exc:
+                # NATS away for a moment: the gauges keep their last values (the
+                # readiness check and warden_dependency_up report the outage itself).
+                logger.debug("consumer_info failed", extra={"error": str(exc)})
+            await asyncio.sleep(self._lag_poll)
 
     async def _drain(self) -> None:
         if not self._in_flight:
@@ -229,6 +279,8 @@ class PullConsumer:
             attempt=int(meta.num_delivered or 1),
             stream_sequence=int(meta.sequence.stream if meta.sequence else 0),
         )
+        if delivery.attempt > 1:
+            self._redeliveries.inc()
         if delivery.attempt > self._max_deliveries:
             # Earlier deliveries never settled: whoever had them died or wedged on it.
             # Do not hand it to this process's handler as well.

@@ -22,6 +22,7 @@ from warden.runtime.service import ServiceRuntime
 from warden.settings import Settings
 from warden.storage.database import create_pool, ping
 from warden.storage.migrations import migrate, pending
+from warden.telemetry.runtime_metrics import watch_pool
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ async def postgres(runtime: ServiceRuntime, *, apply_migrations: bool = True) ->
     elif apply_migrations:
         await _wait_for_schema(pool, s.startup_timeout_seconds)
     runtime.health.add_check("postgresql", lambda: ping(pool))
+    watch_pool(pool)
     runtime.add_shutdown_hook("postgresql", pool.close)
     return pool
 

@@ -29,6 +29,7 @@ from warden.runtime.http_limits import HttpLimits, protocol_class, sweep_deadlin
 from warden.settings import Settings, parse_bind
 from warden.telemetry.logs import configure_logging
 from warden.telemetry.metrics import BUILD_INFO, WARDEN_VERSION
+from warden.telemetry.runtime_metrics import measure_loop_lag
 from warden.telemetry.tracing import configure_tracing
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class ServiceRuntime:
         for s in self._servers:
             s.task = asyncio.create_task(s.server.serve(), name=f"http-{s.name}")
         bg_tasks = [asyncio.create_task(self._guard(fn)) for fn in (background or [])]
+        bg_tasks.append(asyncio.create_task(measure_loop_lag(), name="loop-lag"))
 
         await self._wait_started()
         for s in self._servers:

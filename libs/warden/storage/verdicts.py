@@ -252,3 +252,20 @@ async def release_unpublished(db: Executor, event_ids: Sequence[str]) -> None:
             " WHERE event_id = ANY($1::text[]) AND NOT published",
             list(event_ids),
         )
+
+
+# The outbox backlog count stops here, so measuring a huge backlog stays a bounded scan
+# of the partial index ``verdicts_unpublished``.
+OUTBOX_BACKLOG_COUNT_CAP = 100_000
+
+
+async def outbox_backlog(db: Executor) -> tuple[int, int | None]:
+    """Unpublished verdicts (at most ``OUTBOX_BACKLOG_COUNT_CAP``) and the oldest's
+    ``first_seen_ts`` (None when there are none)."""
+    row = await db.fetchrow(
+        "SELECT count(*) AS n, min(first_seen_ts) AS oldest FROM ("
+        " SELECT first_seen_ts FROM verdicts WHERE NOT published LIMIT $1) AS backlog",
+        OUTBOX_BACKLOG_COUNT_CAP,
+    )
+    assert row is not None
+    return int(row["n"]), row["oldest"]

@@ -9,12 +9,24 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 try:
     WARDEN_VERSION = version("warden")
 except PackageNotFoundError:  # running from a source tree without an install
     WARDEN_VERSION = "0+unknown"
+
+# No ``_created`` series: a sample per counter and histogram child that dashboards never
+# use (58 of the gateway's 324 samples at idle). It is read when scraped, so this covers
+# metrics defined in any module.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 BUILD_INFO = Gauge("warden_build_info", "Warden's version; always 1.", ["service", "version"])
 READY = Gauge("warden_ready", "1 while the service reports ready, 0 otherwise.", ["service"])

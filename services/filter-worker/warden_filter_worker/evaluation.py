@@ -317,6 +317,11 @@ class EvaluationService:
         await self._publisher.close()
 
     async def _run_batch(self, batch: list[tuple[Msg, float]]) -> None:
+        metrics.EVALUATION_BATCH_SIZE.observe(len(batch))
+        began = time.perf_counter()
+        queued = metrics.EVALUATION_QUEUE_SECONDS.observe
+        for _, arrived in batch:
+            queued(began - arrived)
         jobs = [
             _Job(
                 msg,
@@ -592,6 +597,8 @@ class EvaluationService:
                 winner.to_json(), metrics.OUTCOME_CACHED_DB, cache=bool(winner.reference_hash)
             )
         metrics.VERDICTS_BY_CLASS[verdict.content_class].inc()
+        if verdict.harms:
+            metrics.count_harms(verdict.harms)
         logger.info(
             "verdict",
             extra={

@@ -45,7 +45,7 @@ from warden.storage.room_state import StateCaps
 from warden_filter_worker.community_config import CommunityConfigCache
 from warden_filter_worker.evaluation import EvaluationService
 from warden_filter_worker.group_commit import GroupCommitWriter
-from warden_filter_worker.metrics import observe_outcome
+from warden_filter_worker.metrics import PUBLISH_PENDING, observe_outcome
 from warden_filter_worker.outbox import OutboxSweeper, PublishedMarker
 from warden_filter_worker.publisher import VerdictPublisher
 from warden_filter_worker.room_state_consumer import RoomStateConsumer
@@ -110,6 +110,7 @@ def run(settings: Settings) -> int:
         writer.start()
         marker = PublishedMarker(pool)
         publisher = VerdictPublisher(nc, on_published=marker.add)
+        PUBLISH_PENDING.set_function(lambda: publisher.pending)
         sweeper = OutboxSweeper(
             pool,
             publisher.publish_now,

@@ -3,8 +3,9 @@ classes; never room, user or event IDs)."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
+from warden.policy import harms
 from warden.policy.verdict import ContentClass, FilterOutcome
 
 # How a request was answered.
@@ -54,10 +55,46 @@ VERDICTS = Counter(
 )
 # Its children, bound once rather than looked up per verdict.
 VERDICTS_BY_CLASS = {c: VERDICTS.labels(c.label) for c in ContentClass}
+VERDICT_HARMS = Counter(
+    "warden_verdict_harms_total",
+    "First-time prohibited verdicts, by harm ID (one count per harm of the verdict; IDs"
+    ' outside Warden\'s own set count as "unknown").',
+    ["harm"],
+)
+# The bounded label set: every harm ID Warden declares (warden.policy.harms).
+_KNOWN_HARMS = {
+    value: VERDICT_HARMS.labels(value)
+    for name, value in vars(harms).items()
+    if name.isupper()
+    and isinstance(value, str)
+    and value.startswith("org.matrix.")
+    and name not in ("NS", "HARMS_FIELD")
+}
+
+
+def count_harms(verdict_harms: tuple[str, ...]) -> None:
+    """Count a first-time prohibited verdict's harms."""
+    for harm in verdict_harms:
+        child = _KNOWN_HARMS.get(harm)
+        (child if child is not None else VERDICT_HARMS.labels("unknown")).inc()
+
+
 VERDICT_BATCH_SIZE = Histogram(
     "warden_verdict_batch_size",
     "Verdicts written per PostgreSQL transaction by the group-commit writer.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+EVALUATION_BATCH_SIZE = Histogram(
+    "warden_evaluation_batch_size",
+    "Evaluation requests answered together as one batch (one Redis and PostgreSQL round"
+    " trip per batch; PS_EVALUATION_BATCH_LINGER_MS lets batches grow under load).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+EVALUATION_QUEUE_SECONDS = Histogram(
+    "warden_evaluation_queue_seconds",
+    "Time an evaluation request waited in this worker between arriving and its batch"
+    " starting (the batch linger, and the event loop being busy).",
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
 )
 VERDICT_PUBLISH_FAILURES = Counter(
     "warden_verdict_publish_failures_total",
@@ -68,6 +105,23 @@ VERDICT_PUBLISH_DEFERRED = Counter(
     "warden_verdict_publish_deferred_total",
     "First-time verdicts not published at once because too many publishes were pending"
     " (the outbox sweeper publishes them).",
+)
+# The outbox backlog as one worker's sweeper last measured it (the whole table, so every
+# worker reports the same numbers: aggregate with max).
+OUTBOX_UNPUBLISHED = Gauge(
+    "warden_outbox_unpublished_verdicts",
+    "Committed verdicts not yet acknowledged by JetStream (counted up to 100000), measured"
+    " by the outbox sweeper every PS_OUTBOX_SWEEP_SECONDS.",
+)
+OUTBOX_OLDEST_AGE = Gauge(
+    "warden_outbox_oldest_unpublished_age_seconds",
+    "Age of the oldest committed verdict not yet acknowledged by JetStream (0 when none),"
+    " measured by the outbox sweeper every PS_OUTBOX_SWEEP_SECONDS.",
+)
+PUBLISH_PENDING = Gauge(
+    "warden_verdict_publish_pending",
+    "This worker's verdict publications started in the background and not yet finished"
+    " (bounded; past the bound they are left to the outbox sweeper).",
 )
 CONFIG_INVALIDATIONS = Counter(
     "warden_config_invalidations_total",

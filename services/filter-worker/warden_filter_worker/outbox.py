@@ -22,7 +22,13 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from warden.policy.verdict import Verdict
-from warden.storage.verdicts import claim_unpublished, mark_published, release_unpublished
+from warden.storage.verdicts import (
+    claim_unpublished,
+    mark_published,
+    outbox_backlog,
+    release_unpublished,
+)
+from warden_filter_worker.metrics import OUTBOX_OLDEST_AGE, OUTBOX_UNPUBLISHED
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +109,14 @@ class OutboxSweeper:
             logger.info("republished lost verdict messages", extra={"count": len(done)})
         return len(done)
 
+    async def measure_backlog(self) -> int:
+        """Set the outbox backlog gauges from the table; return the count."""
+        count, oldest_ts = await outbox_backlog(self._pool)
+        OUTBOX_UNPUBLISHED.set(count)
+        age = 0.0 if oldest_ts is None else max(0.0, time.time() - oldest_ts / 1000)
+        OUTBOX_OLDEST_AGE.set(age)
+        return count
+
     async def run(self) -> None:
         """Sweep every interval until cancelled."""
         while True:
@@ -110,5 +124,6 @@ class OutboxSweeper:
             try:
                 while await self.sweep_once() >= self._batch:
                     pass  # a backlog: keep going without waiting
+                await self.measure_backlog()
             except (OSError, asyncpg.PostgresError) as exc:
                 logger.warning("outbox sweep failed", extra={"error": str(exc)})
