@@ -63,9 +63,7 @@ class OtlpReceiver:
     def _add(self, request: ExportTraceServiceRequest, headers: dict[str, str]) -> None:
         spans = []
         for resource_spans in request.resource_spans:
-            resource = {
-                a.key: a.value.string_value for a in resource_spans.resource.attributes
-            }
+            resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
                     spans.append(

@@ -93,8 +93,10 @@ async def test_sign_with_traceparent_is_traced_through_the_worker(
     first, first_trace, caller_span = _traceparent(sampled=True)
     await sign("a traced message", f"traceparent: {first}")
     spans = otlp_receiver.wait_for(
-        lambda got: {"policy.sign", "policy.evaluate", "filter-worker.evaluate"}
-        <= _of(got, first_trace).keys()
+        lambda got: (
+            {"policy.sign", "policy.evaluate", "filter-worker.evaluate"}
+            <= _of(got, first_trace).keys()
+        )
     )
     traced = _of(spans, first_trace)
     sign_span = traced["policy.sign"]

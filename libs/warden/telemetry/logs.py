@@ -2,8 +2,9 @@
 
 Every line carries ``ts``, ``level``, ``logger``, ``service`` and ``message``, plus any
 ``extra={...}`` fields, and ``trace_id``/``span_id`` (hex, as trace backends show them)
-while a sampled span is current, so that a line leads to its trace. Message content (event bodies) is only logged when
-``PS_LOG_CONTENT`` is on and the level is DEBUG; call sites check ``content_logging()``.
+while a sampled span is current, so that a line leads to its trace. Message content
+(event bodies) is only logged when ``PS_LOG_CONTENT`` is on and the level is DEBUG; call
+sites check ``content_logging()``.
 """
 
 from __future__ import annotations

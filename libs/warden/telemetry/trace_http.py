@@ -25,22 +25,20 @@ class TraceContextMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the app, in the caller's trace context if the request carries one."""
-        if scope["type"] == "http":
-            for name, value in scope["headers"]:
-                if name == _TRACEPARENT:
-                    break
-            else:
-                await self.app(scope, receive, send)
-                return
-            carrier = {"traceparent": value.decode("latin-1")}
-            for name, value in scope["headers"]:
-                if name == _TRACESTATE:
-                    carrier["tracestate"] = value.decode("latin-1")
-                    break
-            token = context.attach(extract_context(carrier))
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                context.detach(token)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        carrier: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            if name == _TRACEPARENT:
+                carrier["traceparent"] = value.decode("latin-1")
+            elif name == _TRACESTATE:
+                carrier["tracestate"] = value.decode("latin-1")
+        if "traceparent" not in carrier:
+            await self.app(scope, receive, send)
+            return
+        token = context.attach(extract_context(carrier))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            context.detach(token)

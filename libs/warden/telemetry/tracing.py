@@ -120,9 +120,8 @@ def build_sampler(exporter: str, ratio: float, env: Mapping[str, str] | None = N
     env = os.environ if env is None else env
     name = (env.get("OTEL_TRACES_SAMPLER") or DEFAULT_SAMPLER).strip().lower()
     if name not in SAMPLERS:
-        raise ValueError(
-            f"OTEL_TRACES_SAMPLER={name!r} is not supported; use one of {', '.join(sorted(SAMPLERS))}"
-        )
+        known = ", ".join(sorted(SAMPLERS))
+        raise ValueError(f"OTEL_TRACES_SAMPLER={name!r} is not supported; use one of {known}")
     arg = (env.get("OTEL_TRACES_SAMPLER_ARG") or "").strip()
     if arg:
         try:
@@ -158,7 +157,7 @@ def build_resource(service: str) -> Resource:
 
 
 def _one_line(span: ReadableSpan) -> str:
-    return span.to_json(indent=None) + "\n"
+    return str(span.to_json(indent=None)) + "\n"
 
 
 def build_tracer_provider(
@@ -217,7 +216,7 @@ def entry_context(sampler: Sampler | None = None) -> tuple[context.Context, bool
         return current, True
     trace_id = random.getrandbits(128) or 1
     result = (sampler or _sampler).should_sample(None, trace_id, "entry")
-    if result.decision.is_sampled():
+    if result.decision is Decision.RECORD_AND_SAMPLE:
         return context.set_value(_SAMPLED_ROOT_KEY, True, current), True
     span_context = SpanContext(
         trace_id, random.getrandbits(64) or 1, is_remote=False, trace_flags=_UNSAMPLED

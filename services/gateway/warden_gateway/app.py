@@ -21,8 +21,8 @@ from warden.runtime.health import Health
 from warden.runtime.identity import Identity
 from warden.settings import Settings
 from warden.telemetry.http import HttpMetricsMiddleware
-from warden.telemetry.trace_http import TraceContextMiddleware
 from warden.telemetry.metrics import WARDEN_VERSION
+from warden.telemetry.trace_http import TraceContextMiddleware
 from warden_gateway.errors import on_http_exception, on_matrix_error, on_unexpected
 from warden_gateway.federation_inbound import FederationInbound
 from warden_gateway.hot_path import HotPathMiddleware
