@@ -310,3 +310,13 @@ def test_log_lines_carry_the_ids_of_a_sampled_span(log_lines: io.StringIO) -> No
     assert inside["span_id"] == format(s.get_span_context().span_id, "016x")
     for line in (unsampled, outside):
         assert "trace_id" not in line and "span_id" not in line
+
+
+def test_sign_request_refuses_a_header_without_a_name() -> None:
+    r = run_warden(
+        "sign-request",
+        *("--build-event", "--room", "!room:origin.test", "--url", "http://127.0.0.1:1/x"),
+        *("--header", "traceparent 00-abc"),
+    )
+    assert r.returncode == 2
+    assert "--header: 'traceparent 00-abc' is not NAME:VALUE" in r.stderr

@@ -327,6 +327,7 @@ async def send_signed_request(
         raise UsageError(f"--url: {args.url!r} is not an http(s) URL")
     uri = parts.path + (f"?{parts.query}" if parts.query else "")
     event, room_version = _event_for(args, origin, signing_key)
+    extra_headers = _extra_headers(args.header)
     async with httpx.AsyncClient(verify=not args.insecure, timeout=args.timeout) as client:
         destination = args.destination or await _destination(client, args.url)
         authorization = sign_request(origin, destination, "POST", uri, event, signing_key)
@@ -339,7 +340,7 @@ async def send_signed_request(
             args.url,
             content=encode_canonical_json(event),
             headers={
-                **_extra_headers(args.header),
+                **extra_headers,
                 "Authorization": authorization,
                 "Content-Type": "application/json",
             },
