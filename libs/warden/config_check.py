@@ -86,6 +86,17 @@ def key_checks(settings: Settings) -> list[Check]:
     ]
 
 
+def tracing_checks(settings: Settings, environ: Mapping[str, str] | None = None) -> list[Check]:
+    """``OTEL_TRACES_SAMPLER``/``_ARG`` name a sampler Warden builds (a line only if not)."""
+    from warden.telemetry.tracing import build_sampler
+
+    try:
+        build_sampler(settings.otel_exporter, settings.otel_sample_ratio, environ)
+    except ValueError as exc:
+        return [Check("tracing sampler", False, str(exc))]
+    return []
+
+
 async def _postgres(settings: Settings) -> str:
     import asyncpg
 
@@ -170,6 +181,7 @@ def run(offline: bool = False) -> int:
     settings, checks = settings_checks()
     if settings is not None:
         checks.extend(key_checks(settings))
+        checks.extend(tracing_checks(settings))
         if not offline:
             checks.extend(asyncio.run(dependency_checks(settings)))
     for check in checks:

@@ -232,7 +232,9 @@ class Settings(BaseSettings):
     shutdown_delay_seconds: float = Field(default=5.0, ge=0)  # readiness 503 before draining
     shutdown_timeout_seconds: float = Field(default=25.0, gt=0)
     startup_timeout_seconds: float = Field(default=60.0, gt=0)  # wait for dependencies
-    otel_exporter: str = "none"  # "none" or "console"
+    otel_exporter: str = "none"  # "none", "console" or "otlp"
+    # New traces recorded when exporting (OTEL_TRACES_SAMPLER/_ARG override it).
+    otel_sample_ratio: float = Field(default=0.01, ge=0, le=1)
 
     # --- Bounded work (Warden) ---
     # Deliveries of one JetStream message (room-state, moderator and webhook consumers)
@@ -436,8 +438,8 @@ class Settings(BaseSettings):
     @field_validator("otel_exporter")
     @classmethod
     def _otel(cls, value: str) -> str:
-        if value not in {"none", "console"}:
-            raise ValueError("must be 'none' or 'console'")
+        if value not in {"none", "console", "otlp"}:
+            raise ValueError("must be 'none', 'console' or 'otlp'")
         return value
 
     @field_validator("moderator_access_tokens")

@@ -111,6 +111,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--insecure", action="store_true", help="do not verify the gateway's TLS certificate"
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="request timeout (s)")
+    parser.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME:VALUE",
+        help="an extra request header, e.g. 'traceparent: 00-...-01' (repeatable)",
+    )
 
 
 def build_event(
@@ -320,6 +327,7 @@ async def send_signed_request(
         raise UsageError(f"--url: {args.url!r} is not an http(s) URL")
     uri = parts.path + (f"?{parts.query}" if parts.query else "")
     event, room_version = _event_for(args, origin, signing_key)
+    extra_headers = _extra_headers(args.header)
     async with httpx.AsyncClient(verify=not args.insecure, timeout=args.timeout) as client:
         destination = args.destination or await _destination(client, args.url)
         authorization = sign_request(origin, destination, "POST", uri, event, signing_key)
@@ -331,13 +339,27 @@ async def send_signed_request(
         response = await client.post(
             args.url,
             content=encode_canonical_json(event),
-            headers={"Authorization": authorization, "Content-Type": "application/json"},
+            headers={
+                **extra_headers,
+                "Authorization": authorization,
+                "Content-Type": "application/json",
+            },
         )
     try:
         body: Any = response.json()
     except ValueError:
         body = response.text
     return response.status_code, body, event
+
+
+def _extra_headers(values: list[str]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for value in values:
+        name, sep, content = value.partition(":")
+        if not sep or not name.strip():
+            raise UsageError(f"--header: {value!r} is not NAME:VALUE")
+        headers[name.strip()] = content.strip()
+    return headers
 
 
 async def _run(args: argparse.Namespace) -> tuple[int, Any, dict[str, Any]]:

@@ -217,7 +217,11 @@ def freeze_startup_objects() -> None:
 def bootstrap(name: str, settings: Settings) -> ServiceRuntime:
     """Configure logs and tracing for a service process and create its runtime."""
     configure_logging(name, settings.log_level, log_content=settings.log_content)
-    configure_tracing(name, settings.otel_exporter)
+    try:
+        configure_tracing(name, settings.otel_exporter, settings.otel_sample_ratio)
+    except ValueError as exc:  # OTEL_TRACES_SAMPLER or its argument: one clear line
+        logger.error(f"tracing: {exc}", extra={"event": "startup_failed"})
+        raise SystemExit(1) from None
     # policyserv variables an operator kept from policyserv that Warden does not use.
     warn_ignored_settings()
     runtime = ServiceRuntime(name, settings)

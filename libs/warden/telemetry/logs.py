@@ -1,8 +1,10 @@
 """JSON logs on stdout, one line per event.
 
 Every line carries ``ts``, ``level``, ``logger``, ``service`` and ``message``, plus any
-``extra={...}`` fields. Message content (event bodies) is only logged when
-``PS_LOG_CONTENT`` is on and the level is DEBUG; call sites check ``content_logging()``.
+``extra={...}`` fields, and ``trace_id``/``span_id`` (hex, as trace backends show them)
+while a sampled span is current, so that a line leads to its trace. Message content
+(event bodies) is only logged when ``PS_LOG_CONTENT`` is on and the level is DEBUG; call
+sites check ``content_logging()``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import sys
 from typing import Any
 
+from opentelemetry.trace import get_current_span
 from pythonjsonlogger.json import JsonFormatter
 
 _content_logging = False
@@ -25,6 +28,11 @@ class _ServiceFilter(logging.Filter):
         record.service = self.service
         # uvicorn adds a copy of its message with terminal colour codes.
         record.__dict__.pop("color_message", None)
+        # Only a sampled trace can be looked up; an unsampled one's IDs would lead nowhere.
+        span_context = get_current_span().get_span_context()
+        if span_context.trace_flags.sampled:
+            record.trace_id = format(span_context.trace_id, "032x")
+            record.span_id = format(span_context.span_id, "016x")
         return True
 
 

@@ -22,6 +22,7 @@ from warden.runtime.identity import Identity
 from warden.settings import Settings
 from warden.telemetry.http import HttpMetricsMiddleware
 from warden.telemetry.metrics import WARDEN_VERSION
+from warden.telemetry.trace_http import TraceContextMiddleware
 from warden_gateway.errors import on_http_exception, on_matrix_error, on_unexpected
 from warden_gateway.event_id_check import EventIdCheck
 from warden_gateway.federation_inbound import FederationInbound
@@ -117,7 +118,8 @@ def build_app(
     # Outside FastAPI: its own middleware (exception handling, telemetry, body limits)
     # costs about a tenth of the gateway's CPU per /sign, which handles all of that itself.
     inner: ASGIApp = HotPathMiddleware(app, hot_routes) if hot_routes else app
-    return GatewayApp(HttpMetricsMiddleware(inner), app)  # metrics outermost: every request
+    # Metrics outermost: every request; a caller's trace context around every route.
+    return GatewayApp(HttpMetricsMiddleware(TraceContextMiddleware(inner)), app)
 
 
 def build_admin_app(admin_router: APIRouter) -> GatewayApp:
@@ -138,7 +140,7 @@ def build_admin_app(admin_router: APIRouter) -> GatewayApp:
     app.include_router(admin_router)
     install_admin_error_handlers(app)
     _add_error_handlers(app)
-    return GatewayApp(HttpMetricsMiddleware(app), app)
+    return GatewayApp(HttpMetricsMiddleware(TraceContextMiddleware(app)), app)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

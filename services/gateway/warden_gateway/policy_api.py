@@ -58,6 +58,8 @@ from typing import Any, Protocol
 
 import asyncpg
 import orjson
+from opentelemetry import context as otel_context
+from opentelemetry.trace import SpanKind
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -103,7 +105,7 @@ from warden.matrix.room_versions import RoomVersion, get_room_version
 from warden.policy.harms import HARMS_FIELD
 from warden.runtime.identity import Identity
 from warden.storage.records import Room
-from warden.telemetry.tracing import exporting, tracer
+from warden.telemetry.tracing import entry_context, exporting, tracer
 from warden_gateway.client_address import client_address
 from warden_gateway.errors import TemporarilyUnavailable, error_response
 from warden_gateway.event_checks import CheckedEvent, CheckedEvents
@@ -282,13 +284,26 @@ class PolicyAPI:
         outcome = Outcome.OTHER_ERROR
         try:
             if exporting():
-                with _tracer.start_as_current_span(
-                    "policy." + endpoint.value, attributes={"warden.endpoint": endpoint.value}
-                ):
-                    decision = await self._decide(request, endpoint, path_event_id)
+                trace_context, with_span = entry_context()
+                if with_span:
+                    with _tracer.start_as_current_span(
+                        "policy." + endpoint.value,
+                        context=trace_context,
+                        kind=SpanKind.SERVER,
+                        attributes={"warden.endpoint": endpoint.value},
+                    ):
+                        decision = await self._decide(request, endpoint, path_event_id)
+                else:
+                    # Not sampled: no span object, but the unsampled trace travels on
+                    # so that the workers do not sample it on their own.
+                    token = otel_context.attach(trace_context)
+                    try:
+                        decision = await self._decide(request, endpoint, path_event_id)
+                    finally:
+                        otel_context.detach(token)
             else:
-                # No exporter: a span per request would cost CPU for nobody; the NATS
-                # request still opens one (``VerdictSource``), so context travels on.
+                # No exporter: a span per request would cost CPU for nobody. A caller's
+                # trace context (``TraceContextMiddleware``) still travels on.
                 decision = await self._decide(request, endpoint, path_event_id)
             outcome = Outcome.SIGNED if decision.signature is not None else Outcome.REFUSED
             return self._render(endpoint, decision)

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import nats.errors
 from nats.aio.client import Client as NATS
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, get_current_span
 
 from warden.bus.evaluation import EvaluationRequest, WorkerError, decode_reply
 from warden.bus.subjects import EVALUATE_SUBJECT
@@ -152,13 +152,12 @@ class VerdictSource:
         return entry
 
     async def _ask_workers(self, request: EvaluationRequest) -> Verdict:
-        if exporting():
+        if exporting() and get_current_span().is_recording():
             with _tracer.start_as_current_span("policy.evaluate", kind=SpanKind.CLIENT):
                 headers = inject_headers(request.headers())
         else:
-            # Nobody would read the span, and a trace ID that nobody records is no use
-            # downstream (an unsampled parent would even stop a worker that exports
-            # from sampling). A trace a caller sampled still travels on.
+            # Nobody would read the span (no exporter, or a trace not sampled): the
+            # current trace context, if any, travels on as it is.
             headers = inject_headers(request.headers())
         try:
             msg = await self._nc.request(
