@@ -103,3 +103,12 @@ def startup_join_lock() -> str:
     replica's random token, so only the holder refreshes or releases it. Others wait and
     take over if the holder dies (the TTL runs out)."""
     return f"{PREFIX}lock:startup_joins"
+
+
+def frequency_counts(filter_name: str, community_id: str, user_id: str) -> str:
+    """``warden:freqn:<filter>:<community>:<user>``: a hash beside the ``frequency``
+    window of the same filter, community and user for a window that counts more than
+    one per event (mentions): event ID → the number that event added, plus ``#total``,
+    their sum. An event ID starts with ``$``, so it never collides with ``#total``.
+    Entries leave with the window's members; the TTL is the window's (two windows)."""
+    return f"{PREFIX}freqn:{filter_name}:{community_id}:{user_id}"

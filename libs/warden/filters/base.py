@@ -143,6 +143,9 @@ class FilterContext:
     # sender (no hellban, no frequency count) and trust nothing about them (no allow
     # list); what only refuses the event (a hellban or a policy list ban) still applies.
     sender_verified: bool = True
+    # The sender's server's signatures as received (key ID → unpadded base64), for the
+    # unsafe signing key filter only: no hash covers them, so nothing else may look.
+    sender_signatures: dict[str, Any] = field(default_factory=dict)
 
     @property
     def event_type(self) -> str:
