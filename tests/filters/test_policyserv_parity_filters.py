@@ -10,8 +10,10 @@ from typing import Any
 
 import nacl.signing
 import pytest
+import redis.asyncio as aioredis
 
 from tests.filters.filter_helpers import ALICE, config, context, event, message, new_event_id
+from warden import redis_keys
 from warden.filters.base import Filter, FilterDeps
 from warden.filters.inline_emoji_size import InlineEmojiSizeFilter
 from warden.filters.link import LinkFilter, star_glob_matches
@@ -455,36 +457,56 @@ async def _judge(deps: FilterDeps, ev: dict[str, Any], cfg: EffectiveConfig | No
     )
 
 
-async def test_unsafe_signing_key_next_to_a_good_one_is_prohibited(deps: FilterDeps) -> None:
+async def test_unsafe_signing_key_the_server_publishes_is_prohibited(
+    deps: FilterDeps, redis_client: aioredis.Redis
+) -> None:
     good = nacl.signing.SigningKey.generate()
     bad = nacl.signing.SigningKey(BAD_SEED)
     server = ALICE.partition(":")[2]
+    # The keyring found the compromised key under ed25519:b in this server's own key
+    # document (see tests/federation/test_keyring.py).
+    await redis_client.set(redis_keys.unsafe_signing_key(server, "ed25519:b"), 1, ex=60)
+    try:
+        refused = await _judge(
+            deps, _signed((server, good, "ed25519:a"), (server, bad, "ed25519:b"))
+        )
+        assert refused.content_class is P and refused.harms == (OTHER,)
+        by_name = {f.name: f for f in refused.filters}
+        assert by_name["unsafe_signing_key"].content_class is P
 
-    refused = await _judge(deps, _signed((server, good, "ed25519:a"), (server, bad, "ed25519:b")))
-    assert refused.content_class is P and refused.harms == (OTHER,)
-    by_name = {f.name: f for f in refused.filters}
-    assert by_name["unsafe_signing_key"].content_class is P
+        fine = await _judge(deps, _signed((server, good, "ed25519:a")))
+        assert fine.content_class is N
 
-    fine = await _judge(deps, _signed((server, good, "ed25519:a")))
-    assert fine.content_class is N
+        # A bad-key signature under a key ID the server does not publish for that key:
+        # anyone relaying the event could have added it, so it decides nothing.
+        padded = await _judge(
+            deps, _signed((server, good, "ed25519:a"), (server, bad, "ed25519:made_up"))
+        )
+        assert padded.content_class is N
+        assert {f.name: f for f in padded.filters}["unsafe_signing_key"].content_class is N
 
-    # The same bad signature under another key ID of the sender's server still counts;
-    # what another server signed is not looked at (only the sender's server's).
-    other = await _judge(
-        deps, _signed((server, good, "ed25519:a"), ("other.example", bad, "ed25519:b"))
-    )
-    assert other.content_class is N
+        # What another server signed is not looked at (only the sender's server's).
+        other = await _judge(
+            deps, _signed((server, good, "ed25519:a"), ("other.example", bad, "ed25519:b"))
+        )
+        assert other.content_class is N
 
-    # A bad-key signature over different bytes (not this event) is no match. (The body is
-    # redacted away before signing, so change a kept field.)
-    ev = _signed((server, good, "ed25519:a"))
-    ev["signatures"][server]["ed25519:b"] = _signed((server, bad, "ed25519:b"))["signatures"][
-        server
-    ]["ed25519:b"]
-    ev["origin_server_ts"] = NOW + 1
-    assert (await _judge(deps, ev)).content_class is N
+        # A bad-key signature over different bytes (not this event) is no match. (The
+        # body is redacted away before signing, so change a kept field.)
+        ev = _signed((server, good, "ed25519:a"))
+        ev["signatures"][server]["ed25519:b"] = _signed((server, bad, "ed25519:b"))["signatures"][
+            server
+        ]["ed25519:b"]
+        ev["origin_server_ts"] = NOW + 1
+        assert (await _judge(deps, ev)).content_class is N
 
-    # A community can switch it off (policyserv cannot store false).
-    off = config(unsafe_signing_key_filter_enabled=False, hellban_postfilter_minutes=0)
-    both = _signed((server, good, "ed25519:a"), (server, bad, "ed25519:b"))
-    assert (await _judge(deps, both, off)).content_class is N
+        # A good key's signature under the marked key ID is no match either.
+        ev = _signed((server, good, "ed25519:b"))
+        assert (await _judge(deps, ev)).content_class is N
+
+        # A community can switch it off (policyserv cannot store false).
+        off = config(unsafe_signing_key_filter_enabled=False, hellban_postfilter_minutes=0)
+        both = _signed((server, good, "ed25519:a"), (server, bad, "ed25519:b"))
+        assert (await _judge(deps, both, off)).content_class is N
+    finally:
+        await redis_client.delete(redis_keys.unsafe_signing_key(server, "ed25519:b"))

@@ -8,11 +8,15 @@ signatures are deterministic, so checking each signature against the key's publi
 (``warden.federation.keyring.COMPROMISED_KEYS``) finds the same ones without holding the
 private key.
 
-Only the sender's server's signatures are checked (``FilterContext.sender_signatures``):
-the keyring already refuses the key, so an event signed *only* with it fails
-verification; this filter catches one that carries it next to a valid signature. Note
-that no hash covers signatures, so whoever relays an event can add such a signature; the
-refusal then is the one policyserv would give.
+Only the sender's server's signatures are checked (``FilterContext.sender_signatures``),
+and a bad-key signature counts only under a key ID that the server's own key document
+gives the compromised key: the keyring marks those when it fetches the document
+(``redis_keys.unsafe_signing_key``) and drops the key, so an event signed *only* with it
+fails verification at the gateway. No hash covers signatures and the key's private half
+is public, so anyone relaying an event could add such a signature under a made-up key
+ID; counting that would let whoever asks first get someone else's event refused and its
+sender hellbanned. What trips this filter is therefore a server that itself uses the
+compromised key, next to a valid key (policyserv checks every signature of every server).
 
 ``unsafe_signing_key_filter_enabled`` (default true) can be stored as ``false`` by a
 community, unlike in policyserv (where a stored ``false`` is dropped).
@@ -26,6 +30,7 @@ import nacl.exceptions
 import nacl.signing
 from unpaddedbase64 import decode_base64
 
+from warden import redis_keys
 from warden.federation.keyring import COMPROMISED_KEYS
 from warden.filters.base import Filter, FilterContext, FilterResult, Group
 from warden.matrix.event_hashes import redacted_signing_bytes
@@ -68,12 +73,14 @@ def signed_with_unsafe_key(message: bytes, signature: object) -> bool:
 
 
 class UnsafeSigningKeyFilter(Filter):
-    """Prohibits (``other``) events signed by the sender's server with a compromised key."""
+    """Prohibits (``other``) events signed by the sender's server with a compromised key
+    that the server itself publishes."""
 
     name = "unsafe_signing_key"
     group = Group.PREFILTER
     harm_ids = (OTHER,)
-    waits_on_io = False
+    # Redis is read only for an event carrying a compromised-key signature (rare).
+    waits_on_io = True
 
     @classmethod
     def enabled(cls, config: EffectiveConfig) -> bool:
@@ -81,9 +88,9 @@ class UnsafeSigningKeyFilter(Filter):
         return config.get_bool(ENABLED.name)
 
     async def check(self, ctx: FilterContext) -> FilterResult:
-        """Prohibited when any of the sender's server's signatures verifies under a
-        compromised key."""
-        signatures = list(ctx.sender_signatures.values())[:MAX_SIGNATURES]
+        """Prohibited when a signature of the sender's server verifies under a
+        compromised key, under a key ID that server publishes for that key."""
+        signatures = list(ctx.sender_signatures.items())[:MAX_SIGNATURES]
         if not signatures:
             return FilterResult.neutral()
         version = KNOWN_ROOM_VERSIONS.get(ctx.room_version)
@@ -93,6 +100,12 @@ class UnsafeSigningKeyFilter(Filter):
             message = redacted_signing_bytes(version, ctx.event)
         except ValueError:  # not canonical JSON: no valid signature can cover it
             return FilterResult.neutral()
-        if any(signed_with_unsafe_key(message, s) for s in signatures):
+        server = ctx.sender.partition(":")[2]
+        marks = [
+            redis_keys.unsafe_signing_key(server, key_id)
+            for key_id, signature in signatures
+            if isinstance(key_id, str) and signed_with_unsafe_key(message, signature)
+        ]
+        if marks and int(await ctx.deps.auto_pipeline.execute_command("EXISTS", *marks)) > 0:
             return FilterResult.prohibited(OTHER)
         return FilterResult.neutral()
