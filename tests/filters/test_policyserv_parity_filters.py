@@ -142,6 +142,36 @@ CASES: list[Case] = [
         N,
         (),
     ),
+    # A tokenizer, not a substring search: markup that is not an <img> tag is no image.
+    (
+        "img in an attribute value",
+        InlineEmojiSizeFilter,
+        _html('<a title="<img src=x>">link</a>'),
+        {},
+        N,
+        (),
+    ),
+    ("img in a comment", InlineEmojiSizeFilter, _html("<!-- <img src=x> --> hi"), {}, N, ()),
+    ("img tag cut off", InlineEmojiSizeFilter, _html('hi <img src="x'), {}, N, ()),
+    (
+        "height as entities",
+        InlineEmojiSizeFilter,
+        _html('<img data-mx-emoticon height="&#51;&#51;">'),
+        {},
+        P,
+        (SPAM, SPEC_NON_COMPLIANCE),
+    ),
+    (
+        "height unquoted",
+        InlineEmojiSizeFilter,
+        _html("<img height=33 data-mx-emoticon>"),
+        {},
+        P,
+        (SPAM, SPEC_NON_COMPLIANCE),
+    ),
+    # Inputs that make Python's HTMLParser quadratic are read once here.
+    ("many <img without a tag", InlineEmojiSizeFilter, _html("<img" * 15000), {}, N, ()),
+    ("many emoji", InlineEmojiSizeFilter, _html(EMOJI.format(1) * 1500), {}, N, ()),
     # sticky events (MSC4354), when not allowed: sticky while min(ts, now) + 1 h max > now
     (
         "sticky",
