@@ -120,3 +120,25 @@ def invite_rate(community_id: str, user_id: str) -> str:
     community, shared by every worker; a sorted set like ``join_rate`` (event IDs scored
     by first-count time in ms, pruned past 60 s). TTL: 120 s, renewed by each count."""
     return f"{PREFIX}invites:{community_id}:{user_id}"
+
+
+def frequency_counts(filter_name: str, community_id: str, user_id: str) -> str:
+    """``warden:freqn:<filter>:<community>:<user>``: a hash beside the ``frequency``
+    window of the same filter, community and user for a window that counts more than
+    one per event (mentions): event ID → the number that event added, plus ``#total``,
+    their sum. An event ID starts with ``$``, so it never collides with ``#total``.
+    Entries leave with the window's members; the TTL is the window's (two windows)."""
+    return f"{PREFIX}freqn:{filter_name}:{community_id}:{user_id}"
+
+
+def unsafe_signing_key(server_name: str, key_id: str) -> str:
+    """``warden:unsafe_key:<server>/<key_id>``: the server's own key document (fetched
+    and verified by the keyring) publishes the publicly known compromised key under this
+    key ID. Value ``1``; TTL ``UNSAFE_KEY_MARK_SECONDS`` (7 days), set again on each
+    fetch that still finds it. Read by the unsafe signing key filter. One per (server,
+    key ID) whose document really holds that key, so an outsider grows it only by
+    serving such documents, and each one expires."""
+    return f"{PREFIX}unsafe_key:{server_name}/{key_id}"
+
+
+UNSAFE_KEY_MARK_SECONDS = 7 * 24 * 3600

@@ -244,7 +244,7 @@ async def test_concurrent_lookups_share_one_fetch(
 
 
 async def test_compromised_key_is_refused(
-    key_server_start: Any, key_server_keyring: KeyringFactory
+    key_server_start: Any, key_server_keyring: KeyringFactory, redis_client: aioredis.Redis
 ) -> None:
     # The key Go's ed25519.GenerateKey makes from math/rand seed 0.
     seed = bytes.fromhex("0194fdc2fa2ffcc041d3ff12045b73c86e4ff95ff662a5eee82abdf44a2d0b75")
@@ -256,6 +256,17 @@ async def test_compromised_key_is_refused(
     with pytest.raises(KeyNotFound):
         await keyring.get_verify_key(ServerName(server.name), KeyID("ed25519:a_bad0"))
     assert server.hits == 1
+    # Marked for the unsafe signing key filter: this server itself uses the key.
+    mark = redis_keys.unsafe_signing_key(server.name, "ed25519:a_bad0")
+    assert 0 < await redis_client.ttl(mark) <= redis_keys.UNSAFE_KEY_MARK_SECONDS
+    # A server publishing a good key gets no mark.
+    good = generate_signing_key("a_good0")
+    other = await key_server_start(KeyServer())
+    other.serve = self_signed(other, good)
+    await keyring.get_verify_key(ServerName(other.name), KeyID("ed25519:a_good0"))
+    assert not await redis_client.exists(
+        redis_keys.unsafe_signing_key(other.name, "ed25519:a_good0")
+    )
 
 
 # --- expiry ---

@@ -110,7 +110,12 @@ async def test_allowed_from_prefilters_skips_content_filters(deps: FilterDeps) -
     redaction = event("m.room.redaction", {"reason": "spam spam spam"})
     v = await judge(pipeline(deps), redaction)
     assert v.content_class is A
-    assert ran(v) == {"protect_own_user", "event_type_prefilter", "moderation_prefilter"}
+    assert ran(v) == {
+        "protect_own_user",
+        "event_type_prefilter",
+        "moderation_prefilter",
+        "unsafe_signing_key",
+    }
     cfg = config(sender_prefilter_allowed_senders=[ALICE])
     v = await judge(pipeline(deps), message("spam"), cfg)
     assert v.content_class is A and "keyword" not in ran(v) and "hellban_prefilter" not in ran(v)

@@ -308,6 +308,7 @@ def test_on_by_default_as_in_policyserv() -> None:
         "protect_own_user",
         "event_type_prefilter",
         "moderation_prefilter",
+        "unsafe_signing_key",
         "hellban_prefilter",
         "keyword",
         "mentions",
@@ -316,8 +317,10 @@ def test_on_by_default_as_in_policyserv() -> None:
         "trim_length",
         "density",
         "media",
+        "inline_emoji_size",
         "hellban_postfilter",
-    }  # sender prefilter (empty list), frequency, join and invite rates (0) are off
+    }  # sender prefilter (empty list), frequency, mention frequency, join and invite rates
+    # (0), sticky events (allowed), link (no globs) and the user ID filters (max 0) are off
 
 
 async def test_unset_is_not_false(deps: FilterDeps) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import nacl.signing
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -35,6 +36,7 @@ from warden import redis_keys
 from warden.bus.streams import ensure_verdicts_stream
 from warden.filters.base import FilterDeps
 from warden.matrix.event_hashes import compute_event_id
+from warden.matrix.event_signing import sign_event
 from warden.matrix.room_versions import get_room_version
 from warden.policy.config import instance_defaults
 from warden.policy.harms import HARMS_FIELD
@@ -97,7 +99,9 @@ async def hellbanned(redis: aioredis.Redis, user_id: str) -> bool:
 # --- H5 --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("padding", ["unsigned", "other_server_signature", "sender_signatures"])
+@pytest.mark.parametrize(
+    "padding", ["unsigned", "other_server_signature", "sender_signatures", "unsafe_key_signature"]
+)
 async def test_padding_nothing_signs_cannot_get_an_event_refused(
     gateway: Gateway,
     real_worker: EvaluationService,
@@ -119,9 +123,17 @@ async def test_padding_nothing_signs_cannot_get_an_event_refused(
         padded["unsigned"]["pad"] = "x" * 12_000
     elif padding == "other_server_signature":
         padded["signatures"]["junk.example"] = {"ed25519:pad": "A" * 12_000}
-    else:  # an entry of the sender's server that no key check looks at
+    elif padding == "sender_signatures":  # an entry of the sender's server no key check reads
         padded["signatures"][home.name]["pad"] = "A" * 12_000
-    assert len(orjson.dumps(padded)) > 12_000  # over length_filter_max_length (10 000)
+    else:
+        # A valid signature by the publicly known compromised key (its private half is
+        # public), under a key ID the sender's server does not publish: anyone can add it.
+        bad = nacl.signing.SigningKey(
+            bytes.fromhex("0194fdc2fa2ffcc041d3ff12045b73c86e4ff95ff662a5eee82abdf44a2d0b75")
+        )
+        sign_event(get_room_version("10"), padded, home.name, bad, "ed25519:pad")
+    if padding != "unsafe_key_signature":
+        assert len(orjson.dumps(padded)) > 12_000  # over length_filter_max_length (10 000)
 
     r = await ask(gateway, relay, padded)
     assert r.status_code == 200, r.text  # was 400 M_FORBIDDEN spam.flooding (length)

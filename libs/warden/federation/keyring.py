@@ -70,7 +70,7 @@ from warden.federation.xmatrix import is_valid_server_name
 from warden.matrix.ids import KeyID, ServerName
 from warden.matrix.keys import VerifyKey, decode_verify_key
 from warden.settings import Settings
-from warden.telemetry.metrics import KEY_FETCHES, KEY_FETCHES_REFUSED
+from warden.telemetry.metrics import COMPROMISED_KEYS_SEEN, KEY_FETCHES, KEY_FETCHES_REFUSED
 
 __all__ = ["KeyExpired", "KeyFetchClient", "KeyNotFound", "Keyring", "KeyringError"]
 
@@ -399,6 +399,7 @@ class Keyring:
                     transient = False
                 continue
             KEY_FETCHES.labels(_source_label(source), "ok").inc()
+            await self._mark_compromised(fetched)
             fetched = self._drop_compromised(fetched)
             await self._store(fetched.values(), source)
             for kid, key in fetched.items():
@@ -464,6 +465,26 @@ class Keyring:
                 continue
             kept[kid] = key
         return kept
+
+    async def _mark_compromised(self, keys: dict[KeyID, FetchedKey]) -> None:
+        """Remember, for the unsafe signing key filter, which key IDs a server's own key
+        document gives the compromised key (a signature under such a key ID is the
+        server's own, not one anyone relaying the event could add)."""
+        bad = [k for k in keys.values() if bytes(k.verify_key) in COMPROMISED_KEYS]
+        if not bad:
+            return
+        COMPROMISED_KEYS_SEEN.inc(len(bad))
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in bad:
+                    pipe.set(
+                        redis_keys.unsafe_signing_key(key.server_name, key.key_id),
+                        1,
+                        ex=redis_keys.UNSAFE_KEY_MARK_SECONDS,
+                    )
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            logger.warning("could not mark a compromised key in Redis: %s", exc)
 
     # --- storage layers ---
 

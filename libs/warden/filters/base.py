@@ -150,6 +150,9 @@ class FilterContext:
     # True while a filter the community runs in dry run is checking: its outcome will not
     # count, so it must not act (set a hellban) either.
     dry_run: bool = False
+    # The sender's server's signatures as received (key ID → unpadded base64), for the
+    # unsafe signing key filter only: no hash covers them, so nothing else may look.
+    sender_signatures: dict[str, Any] = field(default_factory=dict)
 
     @property
     def event_type(self) -> str:

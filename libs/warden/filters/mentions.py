@@ -43,27 +43,36 @@ class MentionsFilter(Filter):
 
     async def check(self, ctx: FilterContext) -> FilterResult:
         """Prohibited once the mention count reaches the maximum (≥)."""
-        if ctx.event_type != "m.room.message":
-            return FilterResult.neutral()
         limit = ctx.config.get_int(MAX_MENTIONS.name)
         min_len = ctx.config.get_int(MIN_PLAINTEXT_LENGTH.name)
-        members = await ctx.deps.displaynames.get(ctx.room_id)
-
-        mentions = ctx.content.get("m.mentions")
-        raw_ids = mentions.get("user_ids") if isinstance(mentions, dict) else None
-        mentioned = (
-            {u for u in raw_ids if isinstance(u, str)} if isinstance(raw_ids, list) else set()
-        )
-        count = len(mentioned & members.keys())
-        if count >= limit:
+        if await count_mentions(ctx, limit, min_len) >= limit:
             return FilterResult.prohibited(SPAM_FLOODING)
-
-        body = ctx.string_field("body")
-        formatted = ctx.string_field("formatted_body")
-        names = {n for n in members.values() if n and len(n.encode("utf-8")) >= min_len}
-        for needle in (*(u for u in members if u), *names):
-            if needle in body or needle in formatted:
-                count += 1
-                if count >= limit:
-                    return FilterResult.prohibited(SPAM_FLOODING)
         return FilterResult.neutral()
+
+
+async def count_mentions(ctx: FilterContext, limit: int, min_len: int) -> int:
+    """Mentions of learned members in an ``m.room.message``, counted up to ``limit``
+    (0 for other event types); names shorter than ``min_len`` bytes are not looked for.
+
+    Shared with the mention frequency filter, as in policyserv.
+    """
+    if ctx.event_type != "m.room.message":
+        return 0
+    members = await ctx.deps.displaynames.get(ctx.room_id)
+
+    mentions = ctx.content.get("m.mentions")
+    raw_ids = mentions.get("user_ids") if isinstance(mentions, dict) else None
+    mentioned = {u for u in raw_ids if isinstance(u, str)} if isinstance(raw_ids, list) else set()
+    count = len(mentioned & members.keys())
+    if count >= limit:
+        return limit
+
+    body = ctx.string_field("body")
+    formatted = ctx.string_field("formatted_body")
+    names = {n for n in members.values() if n and len(n.encode("utf-8")) >= min_len}
+    for needle in (*(u for u in members if u), *names):
+        if needle in body or needle in formatted:
+            count += 1
+            if count >= limit:
+                return count
+    return count

@@ -15,25 +15,33 @@ from warden.filters.event_type_prefilter import EventTypePrefilter
 from warden.filters.frequency import FrequencyFilter
 from warden.filters.hellban_postfilter import HellbanPostfilter
 from warden.filters.hellban_prefilter import HellbanPrefilter
+from warden.filters.inline_emoji_size import InlineEmojiSizeFilter
 from warden.filters.invite_rate import InviteRateFilter
 from warden.filters.join_rate import JoinRateFilter
 from warden.filters.keyword import KeywordFilter
 from warden.filters.keyword_template import KeywordTemplateFilter
 from warden.filters.length import LengthFilter
+from warden.filters.link import LinkFilter
 from warden.filters.many_ats import ManyAtsFilter
 from warden.filters.media import MediaFilter
+from warden.filters.mention_frequency import MentionFrequencyFilter
 from warden.filters.mentions import MentionsFilter
 from warden.filters.moderation_prefilter import ModerationPrefilter
 from warden.filters.policy_list import PolicyListFilter
 from warden.filters.protect_own_user import ProtectOwnUser
 from warden.filters.sender_prefilter import SenderPrefilter
+from warden.filters.sticky_events import StickyEventsFilter
 from warden.filters.trim_length import TrimLengthFilter
+from warden.filters.unsafe_signing_key import UnsafeSigningKeyFilter
+from warden.filters.user_id_contains_words import UserIdContainsWordsFilter
+from warden.filters.user_id_length import UserIdLengthFilter
 from warden.policy import filter_scope  # noqa: F401  (declares dry_run_filters, filter_conditions)
 
 _ALL: tuple[type[Filter], ...] = (
     ProtectOwnUser,
     EventTypePrefilter,
     SenderPrefilter,
+    UnsafeSigningKeyFilter,
     PolicyListFilter,
     ModerationPrefilter,
     HellbanPrefilter,
@@ -48,6 +56,12 @@ _ALL: tuple[type[Filter], ...] = (
     FrequencyFilter,
     JoinRateFilter,
     InviteRateFilter,
+    InlineEmojiSizeFilter,
+    MentionFrequencyFilter,
+    StickyEventsFilter,
+    LinkFilter,
+    UserIdContainsWordsFilter,
+    UserIdLengthFilter,
     HellbanPostfilter,
 )
 

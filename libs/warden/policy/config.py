@@ -10,6 +10,8 @@ layers make a community's effective configuration, as in policyserv:
    ``0`` or ``[]`` (unset is not false). Lists replace, never merge.
 
 Unknown keys and wrong types in a community's JSON are refused with the key named.
+Legacy keys (``LEGACY_KEYS``, left over from policyserv's removed score model) are
+accepted and ignored; ``legacy_key_warnings`` says so to whoever sets them.
 """
 
 from __future__ import annotations
@@ -237,3 +239,21 @@ COMMUNITY_KEYS = declare(
         "verdicts are classes, not scores.",
     ),
 )
+
+
+# Keys policyserv communities may still hold from its removed score model (≤ v1.7.0,
+# reference §3.1): the only community key of that model was the threshold; the group
+# ranges were constants. Declared above so stored configs still load and validate,
+# and ignored by every filter.
+LEGACY_KEYS: Mapping[str, str] = {
+    "spam_threshold": "policyserv's removed score model; verdicts are classes, not scores",
+}
+
+
+def legacy_key_warnings(data: Mapping[str, object]) -> list[str]:
+    """One warning per legacy key set in ``data`` (a community's config or patch)."""
+    return [
+        f"{name}: accepted for compatibility and ignored ({LEGACY_KEYS[name]})"
+        for name in data
+        if name in LEGACY_KEYS and data[name] is not None
+    ]

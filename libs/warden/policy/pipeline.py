@@ -86,6 +86,16 @@ def is_user_id(value: object) -> bool:
     return bool(sep and localpart and server)
 
 
+def _sender_signatures(event: dict[str, Any]) -> dict[str, Any]:
+    """``signatures[<sender's server>]`` of ``event`` ({} when absent or malformed)."""
+    signatures = event.get("signatures")
+    sender = event.get("sender")
+    if not isinstance(signatures, dict) or not isinstance(sender, str):
+        return {}
+    by_server = signatures.get(sender.partition(":")[2])
+    return by_server if isinstance(by_server, dict) else {}
+
+
 def now_ms() -> int:
     """Wall-clock milliseconds."""
     return int(time.time() * 1000)
@@ -145,6 +155,7 @@ class Pipeline:
         there is no verdict, and the event must be judged again later.
         """
         seen = now_ms() if first_seen_ts is None else first_seen_ts
+        sender_signatures = _sender_signatures(event)
         event = covered_event(event)
         room_id = event.get("room_id")
         ctx = FilterContext(
@@ -157,6 +168,7 @@ class Pipeline:
             room_version=room_version,
             now_ms=seen,
             sender_verified=sender_verified,
+            sender_signatures=sender_signatures,
         )
         if exporting():
             with _tracer.start_as_current_span("pipeline.evaluate"):

@@ -53,6 +53,11 @@ KEY_FETCHES = Counter(
     "Fetches of other servers' keys, by source (direct or notary) and outcome.",
     ["source", "outcome"],
 )
+COMPROMISED_KEYS_SEEN = Counter(
+    "warden_compromised_keys_seen_total",
+    "Keys of fetched server key documents that are the publicly known compromised key "
+    "(dropped, and marked for the unsafe signing key filter).",
+)
 KEY_FETCHES_REFUSED = Counter(
     "warden_key_fetches_refused_total",
     "Key fetches not started because a bound was reached: client_budget "

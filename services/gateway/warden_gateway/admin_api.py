@@ -71,6 +71,7 @@ from warden.policy.config import (
     ConfigError,
     instance_defaults,
     known_keys,
+    legacy_key_warnings,
     validate_community_config,
 )
 from warden.storage import communities, community_tokens, room_state, rooms, verdicts
@@ -82,6 +83,7 @@ from warden_gateway.admin_models import (
     ApproveInviteRequest,
     Community,
     CommunityPatch,
+    CommunityWriteAnswer,
     ConfigBody,
     DeletedCommunity,
     EmptyBody,
@@ -298,6 +300,14 @@ def _community(community: storage_records.Community) -> Community:
     return Community.model_validate(community.to_api())
 
 
+def _written(community: storage_records.Community, config: dict[str, Any]) -> Community:
+    """The answer to a config write: the community, plus warnings about ignored keys."""
+    warnings = legacy_key_warnings(config)
+    if not warnings:
+        return _community(community)
+    return CommunityWriteAnswer.model_validate({**community.to_api(), "warnings": warnings})
+
+
 def _room(room: storage_records.Room) -> Room:
     return Room.model_validate(room.to_api())
 
@@ -425,7 +435,11 @@ def build_admin_router(
         return _community(community)
 
     @router.patch(
-        "/communities/{community_id}", summary="Change a community", responses=_WRITE_ERRORS
+        "/communities/{community_id}",
+        summary="Change a community",
+        responses=_WRITE_ERRORS,
+        response_model=CommunityWriteAnswer,
+        response_model_exclude_none=True,
     )
     async def patch_community(community_id: str, body: CommunityPatch) -> Community:
         """Change the given fields; ``config`` is merged key by key (``null`` removes a key)."""
@@ -453,12 +467,14 @@ def build_admin_router(
             raise NotFound("Unknown community")
         if body.model_fields_set:
             await notify({"community_id": community_id})
-        return _community(community)
+        return _written(community, body.config or {})
 
     @router.post(
         "/communities/{community_id}/config",
         summary="Replace a community's config",
         responses=_WRITE_ERRORS,
+        response_model=CommunityWriteAnswer,
+        response_model_exclude_none=True,
     )
     async def replace_config(community_id: str, body: Annotated[ConfigBody, Body()]) -> Community:
         """Replace the whole config: keys not given fall back to the instance defaults."""
@@ -467,7 +483,7 @@ def build_admin_router(
         if community is None:
             raise NotFound("Unknown community")
         await notify({"community_id": community_id})
-        return _community(community)
+        return _written(community, config)
 
     @router.post(
         "/communities/{community_id}/rotate_access_token",

@@ -94,6 +94,18 @@ class Community(BaseModel):
     can_self_join_rooms: bool
 
 
+class CommunityWriteAnswer(Community):
+    """A community as a config write left it, with warnings when there is any."""
+
+    warnings: list[str] | None = Field(
+        default=None,
+        description=(
+            "Present when the request set keys that are accepted but ignored (legacy "
+            "keys of policyserv's removed score model, such as spam_threshold)."
+        ),
+    )
+
+
 class NewCommunityRequest(_Request):
     """Body of ``POST /api/v1/communities/new``."""
 
