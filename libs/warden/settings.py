@@ -563,6 +563,19 @@ def parse_bind(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def local_url(bind: str) -> str:
+    """The ``http://`` base a client on this machine uses for a server bound to ``bind``
+    (a wildcard address is reached on loopback)."""
+    host, port = parse_bind(bind)
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 def _parse_notary(value: str) -> NotaryServer | None:
     if not value.strip():
         return None

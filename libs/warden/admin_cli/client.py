@@ -9,6 +9,8 @@ from urllib.parse import quote
 
 import httpx
 
+from warden.settings import local_url
+
 ADMIN_PREFIX = "/api/v1"
 # Where the CLI looks for the admin API when neither --url nor WARDEN_ADMIN_URL is given.
 URL_ENV = "WARDEN_ADMIN_URL"
@@ -46,16 +48,7 @@ def default_url(environ: Mapping[str, str] | None = None) -> str:
     if url:
         return url
     bind = env.get("PS_ADMIN_HTTP_BIND", "").strip() or env.get("PS_HTTP_BIND", "").strip()
-    bind = bind or "0.0.0.0:8080"
-    host, _, port = bind.rpartition(":")
-    host = host.strip("[]")
-    if host in ("", "0.0.0.0"):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
+    return local_url(bind or "0.0.0.0:8080")
 
 
 def path_part(value: str) -> str:

@@ -42,7 +42,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from warden.dev.embedded import EmbeddedError, Servers, ensure_servers
 from warden.dev.procs import port_is_free
 from warden.dev.supervisor import ChildSpec, Output, RestartPolicy, Supervisor, run_once
-from warden.settings import DEFAULT_DENIED_NETWORKS, Settings, parse_bind
+from warden.settings import DEFAULT_DENIED_NETWORKS, Settings, local_url, parse_bind
 
 T = TypeVar("T")
 
@@ -96,18 +96,6 @@ def warden_command(dev: DevSettings) -> list[str]:
     raise DevError("cannot find the `warden` command; run `make venv`")
 
 
-def _reachable(bind: str) -> str:
-    """The URL base a local client uses to reach a server bound to ``bind``."""
-    host, port = parse_bind(bind)
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
-
-
 @dataclass(frozen=True)
 class Plan:
     """What the stack will run: the shared environment and each service's binds."""
@@ -123,8 +111,8 @@ class Plan:
                 name=name,
                 argv=(*command, name),
                 env={**self.env, **extra},
-                ready_url=_reachable(extra["PS_HTTP_METRICS_BIND"]) + "/readyz",
-                live_url=_reachable(extra["PS_HTTP_METRICS_BIND"]) + "/livez",
+                ready_url=local_url(extra["PS_HTTP_METRICS_BIND"]) + "/readyz",
+                live_url=local_url(extra["PS_HTTP_METRICS_BIND"]) + "/livez",
             )
             for name, extra in self.binds.items()
         ]
@@ -326,11 +314,11 @@ async def run_stack(settings: Settings, dev: DevSettings, out: Output) -> int:
             )
             raise DevError(reason)
 
-        gateway = _reachable(plan.binds["gateway"]["PS_HTTP_BIND"])
+        gateway = local_url(plan.binds["gateway"]["PS_HTTP_BIND"])
         out.line("dev", f"Warden is ready: gateway at {gateway}")
         out.line("dev", f"  server keys: {gateway}/_matrix/key/v2/server")
         metrics = ", ".join(
-            f"{name} {_reachable(extra['PS_HTTP_METRICS_BIND'])}/metrics"
+            f"{name} {local_url(extra['PS_HTTP_METRICS_BIND'])}/metrics"
             for name, extra in plan.binds.items()
         )
         out.line("dev", f"  metrics: {metrics}")

@@ -34,7 +34,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Annotated, Any
 
 import asyncpg
@@ -102,7 +102,7 @@ from warden_gateway.admin_models import (
 from warden_gateway.client_address import client_address
 from warden_gateway.errors import on_matrix_error
 from warden_gateway.keyword_templates_api import add_keyword_template_routes
-from warden_gateway.room_joins import NotificationFailed, RoomJoiner
+from warden_gateway.room_joins import JoinOutcome, NotificationFailed, RoomJoiner
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +179,20 @@ def membership_error(exc: MembershipFailed) -> MatrixError:
     if exc.temporary:
         return Unavailable(message, reasons=exc.reasons)
     return BadGateway(message, reasons=exc.reasons)
+
+
+async def join_or_raise(
+    joiner: RoomJoiner, room_id: str, community_id: str, via: Sequence[str] | None = None
+) -> JoinOutcome:
+    """Join (or join again) and protect the room; failures as the admin API answers them."""
+    try:
+        return await joiner.join(room_id, community_id, via)
+    except MembershipFailed as exc:
+        raise membership_error(exc) from None
+    except NotificationFailed:
+        raise Unavailable(
+            "Joined and saved, but the gateways could not be notified; repeat the request"
+        ) from None
 
 
 def _check_any_room_id(room_id: str) -> None:
@@ -609,14 +623,7 @@ def build_admin_router(
             for server in body.via or []:
                 if not is_valid_server_name(server):
                     raise BadJSON(f"via: {server!r} is not a server name")
-            try:
-                outcome = await joiner.join(room_id, body.community_id, body.via)
-            except MembershipFailed as exc:
-                raise membership_error(exc) from None
-            except NotificationFailed:
-                raise Unavailable(
-                    "Joined and saved, but the gateways could not be notified; repeat the request"
-                ) from None
+            outcome = await join_or_raise(joiner, room_id, body.community_id, body.via)
             policy = await room_state.get_policy_server(
                 pool, room_id, server_name, policy_public_key
             )

@@ -34,14 +34,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from warden.bus.subjects import CHECK_TEXT_SUBJECT, HEADER_COMMUNITY
-from warden.federation.membership import MembershipFailed
-from warden.matrix.errors import Forbidden, InvalidParam, MatrixError, Unavailable
+from warden.matrix.errors import Forbidden, InvalidParam, MatrixError
 from warden.policy.harms import HARMS_FIELD
 from warden.storage import rooms
 from warden_gateway.community_auth import CommunityAuth
 from warden_gateway.errors import TemporarilyUnavailable, error_response
 from warden_gateway.request_body import read_limited_body
-from warden_gateway.room_joins import NotificationFailed, RoomJoiner
+from warden_gateway.room_joins import RoomJoiner
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +141,7 @@ class ServerCentricAPI:
 
     async def join(self, request: Request) -> Response:
         """``POST /_policyserv/v1/join/{roomId}``."""
-        from warden_gateway.admin_api import _check_any_room_id, membership_error
+        from warden_gateway.admin_api import _check_any_room_id, join_or_raise
 
         try:
             community = await self.auth.authenticate(request)
@@ -154,14 +153,7 @@ class ServerCentricAPI:
             if known is not None and known.community_id != community.community_id:
                 raise Forbidden("The room is protected for another community")
             assert self._joiner is not None
-            try:
-                outcome = await self._joiner.join(room_id, community.community_id)
-            except MembershipFailed as exc:
-                raise membership_error(exc) from None
-            except NotificationFailed:
-                raise Unavailable(
-                    "Joined and saved, but the gateways could not be notified; repeat the request"
-                ) from None
+            outcome = await join_or_raise(self._joiner, room_id, community.community_id)
         except MatrixError as exc:
             SERVER_CENTRIC_REQUESTS.labels("join", exc.errcode).inc()
             return error_response(exc)
