@@ -68,7 +68,7 @@ def sentinel_setup(tmp_path: Path) -> Iterator[SentinelSetup]:
     for name, port in (("master", master_port), ("replica", replica_port)):
         confs[name] = tmp_path / f"{name}.conf"
         confs[name].write_text(
-            f"port {port}\nbind 127.0.0.1\nsave \"\"\nappendonly no\n"
+            f'port {port}\nbind 127.0.0.1\nsave ""\nappendonly no\n'
             f"dir {tmp_path}\ndbfilename {name}.rdb\n"
             f"user default on nopass ~* &* +@all\n"
             f"user warden on >{MASTER_PASSWORD} ~* &* +@all\n"
@@ -154,7 +154,8 @@ async def test_after_a_failover_the_client_writes_to_the_new_master(
             try:
                 await sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
             except RedisError as exc:  # NOGOODSLAVE until the sentinel has polled it
-                assert "NOGOODSLAVE" in str(exc)
+                if "NOGOODSLAVE" not in str(exc):
+                    raise
                 return False
             return True
 
@@ -211,7 +212,7 @@ async def test_the_pool_waits_for_a_free_connection_then_fails_as_redis_error(
     client = redis_client(_settings(sentinel_setup, redis_max_connections=1))
     key = f"warden:test:empty:{uuid.uuid4().hex}"
     try:
-        task = asyncio.create_task(client.blpop([key], timeout=2))
+        task = asyncio.ensure_future(client.blpop([key], timeout=2))
         await asyncio.sleep(0.2)  # the only connection is now busy
         with pytest.raises(RedisError, match="No connection available"):
             await client.get(key)
