@@ -120,7 +120,10 @@ def print_rotation(which: str, federation_path: str, policy_path: str, old_keys:
     print(f"{which} key: {path} (rotated) {key_id_of(new)} {verify_key_base64(new)}")
     print(f"old {which} key: {rotation.retired_path} {key_id_of(old)} {verify_key_base64(old)}")
     if which == "federation":
-        print("Set this and restart every gateway now (the timestamp is this rotation's):")
+        print(
+            "Set this and restart every gateway and filter worker now "
+            "(the timestamp is this rotation's):"
+        )
         print(f"PS_OLD_VERIFY_KEYS={value}")
     else:
         print(
