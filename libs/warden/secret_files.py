@@ -37,6 +37,11 @@ SECRET_SETTINGS = (
 FILE_SUFFIX = "_FILE"
 
 
+def file_variables(prefix: str = "PS_") -> frozenset[str]:
+    """Every ``PS_<NAME>_FILE`` variable, for checks of deployment files."""
+    return frozenset(f"{prefix}{name.upper()}{FILE_SUFFIX}" for name in SECRET_SETTINGS)
+
+
 class SecretFileProblem:
     """What a ``PS_<NAME>_FILE`` could not provide; the message names the variables."""
 

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import NATS_URL, REDIS_URL
 from tests.services.test_cli import run_warden
-from warden.secret_files import SECRET_SETTINGS
+from warden.secret_files import SECRET_SETTINGS, file_variables
 from warden.settings import Settings, SettingsError, load_settings
 from warden.storage.database import create_pool
 
@@ -170,3 +170,22 @@ async def test_the_statement_cache_setting_reaches_asyncpg(
         assert (kept > 0) is named_statements
     finally:
         await pool.close()
+
+
+def test_warden_dev_keeps_an_api_key_given_as_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from warden.dev.stack import DevSettings, make_plan
+
+    _clear(monkeypatch)
+    (tmp_path / "k").write_text("key-in-file\n")
+    monkeypatch.setenv("PS_API_KEY_FILE", str(tmp_path / "k"))
+    plan = make_plan(load_settings(), DevSettings(), tmp_path / "dev")
+    # Setting PS_API_KEY beside the file would stop every service ("not both").
+    assert "PS_API_KEY" not in plan.env
+    assert plan.env["PS_API_KEY_FILE"] == str(tmp_path / "k")
+
+
+def test_file_variables_names_each_secret_setting() -> None:
+    assert file_variables() == {f"PS_{name.upper()}_FILE" for name in SECRET_SETTINGS}
+    assert "PS_API_KEY_FILE" in file_variables()
