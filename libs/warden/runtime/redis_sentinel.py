@@ -40,7 +40,9 @@ class SentinelRedis(aioredis.Redis):
         """Close the master's pool and the sentinel clients."""
         await super().aclose(close_connection_pool)
         if self.sentinel_manager is not None:
-            await self.sentinel_manager.aclose()
+            # Each sentinel client in turn: Sentinel.aclose is newer than redis 5.0.1.
+            for sentinel in self.sentinel_manager.sentinels:
+                await sentinel.aclose()
 
 
 def parse_sentinels(entries: list[str]) -> list[tuple[str, int]]:
