@@ -72,6 +72,10 @@ def _cmd_keygen(settings: Settings, args: argparse.Namespace) -> int:
 
     fed_path = args.federation_key or settings.homeserver_signing_key_path
     pol_path = args.policy_key or settings.homeserver_event_signing_key_path
+    if args.rotate:
+        from warden.key_rotation import print_rotation
+
+        return print_rotation(args.rotate, fed_path, pol_path, settings.old_verify_keys)
     try:
         fed, fed_new = ensure_key(fed_path)
         pol, pol_new = ensure_key(pol_path)
@@ -109,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keygen.add_argument("--federation-key", help="path (default PS_HOMESERVER_SIGNING_KEY_PATH)")
     keygen.add_argument("--policy-key", help="path (default PS_HOMESERVER_EVENT_SIGNING_KEY_PATH)")
+    keygen.add_argument(
+        "--rotate",
+        choices=("federation", "policy"),
+        help="replace that existing key with a new one (the old file is kept as "
+        "<path>.<version>.retired) and print what to do next (README: Keys)",
+    )
     sub.add_parser("dev", help="run the whole stack locally (embedded servers where needed)")
     check = sub.add_parser(
         "check-config",

@@ -128,15 +128,13 @@ async def _redis(settings: Settings) -> str:
 
 
 async def _nats(settings: Settings) -> str:
-    from warden.bus.connection import NatsAuth, connect_nats
+    from warden.bus.connection import connect_nats, nats_auth
 
     nc = await connect_nats(
         settings.nats_url,
         name="warden-check-config",
         initial_timeout=CONNECT_SECONDS,
-        auth=NatsAuth(
-            settings.nats_creds_file, settings.nats_nkey_seed_file, settings.nats_tls_ca_file
-        ),
+        auth=nats_auth(settings),
     )
     try:
         account = await nc.jetstream().account_info()

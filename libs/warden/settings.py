@@ -18,9 +18,15 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_origin
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from warden.matrix.ids import KeyID, ServerName
+from warden.secret_files import SecretFilesSource, check_secret_file_problem
 
 ENV_PREFIX = "PS_"
 
@@ -74,26 +80,49 @@ class Settings(BaseSettings):
     tls_key_path: str | None = None
 
     # --- Storage and bus ---
-    database: str = "postgres://policyserv:devonly@localhost/policyserv?sslmode=disable"
+    # Secret-bearing settings (database, redis_url, nats_url, api_key,
+    # moderator_access_tokens, redis_sentinel_password) also accept PS_<NAME>_FILE, a file
+    # holding the value (warden.secret_files).
+    database: str = Field(
+        default="postgres://policyserv:devonly@localhost/policyserv?sslmode=disable",
+        repr=False,
+    )
     database_max_open_conns: int = Field(default=10, ge=1)
     database_max_idle_conns: int = Field(default=5, ge=0)
+    # Warden: asyncpg's prepared-statement cache per connection (asyncpg's default, 100).
+    # 0 behind PgBouncer in transaction mode (before 1.21, or without
+    # max_prepared_statements): a statement prepared on one server connection is not there
+    # on the next.
+    database_statement_cache_size: int = Field(default=100, ge=0)
     # Warden: apply pending migrations when a service starts. Off, a service waits (up to
     # PS_STARTUP_TIMEOUT_SECONDS) for `warden migrate` to bring the schema up to date, so
     # services can run as a role without DDL rights.
     migrate_on_start: bool = True
     # Warden. Credentials may be given in the URL (nats://user:password@host, or
     # nats://token@host); tls://host makes the connection use TLS.
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = Field(default="nats://127.0.0.1:4222", repr=False)
     # Warden: NATS authentication beyond the URL: a user credentials file (JWT and NKey
     # seed, as `nsc` writes it) or a bare NKey seed file; a CA bundle (PEM) for a TLS
     # server with a private CA. See the README's "Security model".
     nats_creds_file: str | None = None
     nats_nkey_seed_file: str | None = None
     nats_tls_ca_file: str | None = None
+    # Warden: a client certificate (PEM) for a NATS server that verifies clients
+    # (tls { verify: true }); the key file may be omitted when the certificate file
+    # holds the key too. Needs a tls:// URL.
+    nats_tls_key_file: str | None = None
+    nats_tls_cert_file: str | None = Field(default=None, validate_default=True)
     # Warden. A password goes in the URL (redis://:password@host/0, or
     # redis://user:password@host/0 with Redis ACLs); rediss:// uses TLS
     # (?ssl_ca_certs=/path/ca.pem for a private CA).
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
+    # Warden: Redis behind Sentinel. With sentinels set, the master is the one the
+    # sentinels name for PS_REDIS_SENTINEL_MASTER, and PS_REDIS_URL gives only the
+    # master's user, password, database and TLS (its host and port are not used).
+    # The sentinels' own password (their requirepass), if any, is separate.
+    redis_sentinel_master: str = ""
+    redis_sentinels: CSV = Field(default_factory=list)  # host:port,...
+    redis_sentinel_password: str = Field(default="", repr=False)
     # Warden: each service's Redis connection pool. A command past the maximum waits for
     # a free connection up to the timeout (then fails as a Redis error: 503 or the
     # caller's fallback) instead of failing at once.
@@ -327,6 +356,25 @@ class Settings(BaseSettings):
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """PS_<NAME>_FILE of the secret settings, between the arguments and the
+        environment (setting both PS_X and PS_X_FILE is refused, so order is moot)."""
+        secret_files = SecretFilesSource(settings_cls)
+        return init_settings, secret_files, env_settings, dotenv_settings, file_secret_settings
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _secret_file_problem(cls, value: Any) -> Any:
+        return check_secret_file_problem(value)
+
     @field_validator("*", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
@@ -402,7 +450,40 @@ class Settings(BaseSettings):
             raise ValueError(f"cannot load CA bundle {value!r}: {exc}") from None
         return value
 
-    @field_validator("nats_creds_file", "nats_nkey_seed_file")
+    @field_validator("nats_tls_cert_file")
+    @classmethod
+    def _nats_tls_cert(cls, value: str | None, info: ValidationInfo) -> str | None:
+        key = info.data.get("nats_tls_key_file")
+        if not value:
+            if key:
+                raise ValueError("PS_NATS_TLS_KEY_FILE is set but PS_NATS_TLS_CERT_FILE is not")
+            return None
+        if "nats_tls_key_file" not in info.data:
+            return value  # the key file itself was refused; that error is reported
+        try:
+            ssl.create_default_context().load_cert_chain(value, key)
+        except (OSError, ssl.SSLError) as exc:
+            # Without PS_NATS_TLS_KEY_FILE the certificate file must hold the key too.
+            raise ValueError(f"cannot load client certificate {value!r}: {exc}") from None
+        return value
+
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _sentinels_csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        for sentinel in value:
+            host, sep, port = sentinel.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{sentinel!r} is not host:port")
+        if value and not info.data.get("redis_sentinel_master"):
+            raise ValueError("PS_REDIS_SENTINEL_MASTER must name the master's service")
+        return value
+
+    @field_validator("nats_creds_file", "nats_nkey_seed_file", "nats_tls_key_file")
     @classmethod
     def _readable_secret_file(cls, value: str | None) -> str | None:
         # Fail at start with the setting's name rather than at the first reconnect.

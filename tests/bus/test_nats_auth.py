@@ -16,8 +16,9 @@ from pathlib import Path
 import nacl.utils
 import nkeys
 import pytest
+import trustme
 
-from warden.bus.connection import NatsAuth, connect_nats, without_credentials
+from warden.bus.connection import NatsAuth, connect_nats, nats_auth, without_credentials
 from warden.dev.embedded import nats_server_binary
 from warden.dev.procs import free_port
 from warden.settings import Settings
@@ -143,3 +144,125 @@ def test_urls_are_shown_without_secrets(url: str, shown: str) -> None:
 def test_unreadable_nats_secret_files_fail_at_start(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="nats_creds_file"):
         Settings(nats_creds_file=str(tmp_path / "missing.creds"))
+
+
+@pytest.fixture
+def tls_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def client_cert_nats(tmp_path: Path, tls_ca: trustme.CA) -> Iterator[int]:
+    """A NATS server on TLS that admits only clients with a certificate from ``tls_ca``."""
+    server = tls_ca.issue_cert("127.0.0.1")
+    server.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
+    server.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    tls_ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    yield from _start(
+        f'tls {{ cert_file: "{tmp_path / "server.pem"}", key_file: "{tmp_path / "server.key"}",'
+        f' ca_file: "{tmp_path / "ca.pem"}", verify: true, timeout: 2 }}',
+        tmp_path,
+    )
+
+
+def _client_files(tls_ca: trustme.CA, directory: Path) -> tuple[str, str, str]:
+    """(CA bundle, client certificate, client key) written under ``directory``."""
+    directory.mkdir()
+    client = tls_ca.issue_cert("warden-gateway")
+    ca, cert, key = directory / "ca.pem", directory / "client.pem", directory / "client.key"
+    tls_ca.cert_pem.write_to_path(str(ca))
+    client.cert_chain_pems[0].write_to_path(str(cert))
+    client.private_key_pem.write_to_path(str(key))
+    return str(ca), str(cert), str(key)
+
+
+async def test_a_client_certificate_from_the_settings_is_presented(
+    client_cert_nats: int, tls_ca: trustme.CA, tmp_path: Path
+) -> None:
+    ca, cert, key = _client_files(tls_ca, tmp_path / "client")
+    settings = Settings(
+        nats_url=f"tls://127.0.0.1:{client_cert_nats}",
+        nats_tls_ca_file=ca,
+        nats_tls_cert_file=cert,
+        nats_tls_key_file=key,
+    )
+    nc = await connect_nats(
+        settings.nats_url, name="t", initial_timeout=10, auth=nats_auth(settings)
+    )
+    try:
+        await nc.flush(timeout=2)
+    finally:
+        await nc.close()
+
+
+async def test_a_certificate_file_holding_the_key_too_needs_no_key_file(
+    client_cert_nats: int, tls_ca: trustme.CA, tmp_path: Path
+) -> None:
+    ca, cert, key = _client_files(tls_ca, tmp_path / "client")
+    combined = tmp_path / "combined.pem"
+    combined.write_text(Path(key).read_text() + Path(cert).read_text())
+    settings = Settings(
+        nats_url=f"tls://127.0.0.1:{client_cert_nats}",
+        nats_tls_ca_file=ca,
+        nats_tls_cert_file=str(combined),
+    )
+    nc = await connect_nats(
+        settings.nats_url, name="t", initial_timeout=10, auth=nats_auth(settings)
+    )
+    try:
+        await nc.flush(timeout=2)
+    finally:
+        await nc.close()
+
+
+async def test_without_a_client_certificate_the_server_refuses(
+    client_cert_nats: int, tls_ca: trustme.CA, tmp_path: Path
+) -> None:
+    ca, _, _ = _client_files(tls_ca, tmp_path / "client")
+    with pytest.raises(TimeoutError):
+        await connect_nats(
+            f"tls://127.0.0.1:{client_cert_nats}",
+            name="t",
+            initial_timeout=3,
+            auth=NatsAuth(tls_ca_file=ca),
+        )
+
+
+async def test_a_certificate_from_another_ca_is_refused(
+    client_cert_nats: int, tls_ca: trustme.CA, tmp_path: Path
+) -> None:
+    ca, _, _ = _client_files(tls_ca, tmp_path / "client")
+    _, cert, key = _client_files(trustme.CA(), tmp_path / "stranger")
+    with pytest.raises(TimeoutError):
+        await connect_nats(
+            f"tls://127.0.0.1:{client_cert_nats}",
+            name="t",
+            initial_timeout=3,
+            auth=NatsAuth(tls_ca_file=ca, tls_cert_file=cert, tls_key_file=key),
+        )
+
+
+async def test_a_client_certificate_with_a_plain_url_is_refused(
+    tls_ca: trustme.CA, tmp_path: Path
+) -> None:
+    _, cert, key = _client_files(tls_ca, tmp_path / "client")
+    with pytest.raises(ValueError, match=r"PS_NATS_TLS_CERT_FILE.*tls://"):
+        await connect_nats(
+            "nats://127.0.0.1:1",
+            name="t",
+            auth=NatsAuth(tls_cert_file=cert, tls_key_file=key),
+        )
+
+
+def test_client_certificate_settings_are_checked_at_start(
+    tls_ca: trustme.CA, tmp_path: Path
+) -> None:
+    _, cert, key = _client_files(tls_ca, tmp_path / "client")
+    with pytest.raises(ValueError, match="PS_NATS_TLS_CERT_FILE is not"):
+        Settings(nats_tls_key_file=key)
+    # A certificate file without its key, and no key file: refused at start.
+    with pytest.raises(ValueError, match="cannot load client certificate"):
+        Settings(nats_tls_cert_file=cert)
+    with pytest.raises(ValueError, match="nats_tls_key_file"):
+        Settings(nats_tls_cert_file=cert, nats_tls_key_file=str(tmp_path / "missing.key"))
+    assert Settings(nats_tls_cert_file=cert, nats_tls_key_file=key).nats_tls_key_file == key

@@ -10,6 +10,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from nats.aio.client import Client as NATS
 
+from warden.settings import Settings
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,6 +26,21 @@ class NatsAuth:
     creds_file: str | None = None
     nkey_seed_file: str | None = None
     tls_ca_file: str | None = None
+    # A client certificate for servers that verify clients; the key may be in the
+    # certificate file, then ``tls_key_file`` is None.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+
+
+def nats_auth(settings: Settings) -> NatsAuth:
+    """The ``PS_NATS_*`` credentials and TLS files of ``settings``."""
+    return NatsAuth(
+        creds_file=settings.nats_creds_file,
+        nkey_seed_file=settings.nats_nkey_seed_file,
+        tls_ca_file=settings.nats_tls_ca_file,
+        tls_cert_file=settings.nats_tls_cert_file,
+        tls_key_file=settings.nats_tls_key_file,
+    )
 
 
 def without_credentials(url: str) -> str:
@@ -46,12 +63,17 @@ def _redact_one(url: str) -> str:
 
 
 def _tls_context(auth: NatsAuth, url: str) -> ssl.SSLContext | None:
-    if auth.tls_ca_file is None:
+    if auth.tls_ca_file is None and auth.tls_cert_file is None:
         return None  # nats-py uses the system's trust store for tls:// URLs
     if not any(urlsplit(u.strip()).scheme == "tls" for u in url.split(",")):
-        # A CA bundle with a plain nats:// URL would silently mean no TLS at all.
-        raise ValueError("PS_NATS_TLS_CA_FILE is set but PS_NATS_URL does not use tls://")
-    return ssl.create_default_context(cafile=auth.tls_ca_file)
+        # A CA bundle or client certificate with a plain nats:// URL would silently mean
+        # no TLS at all.
+        what = "PS_NATS_TLS_CA_FILE" if auth.tls_cert_file is None else "PS_NATS_TLS_CERT_FILE"
+        raise ValueError(f"{what} is set but PS_NATS_URL does not use tls://")
+    context = ssl.create_default_context(cafile=auth.tls_ca_file)
+    if auth.tls_cert_file is not None:
+        context.load_cert_chain(auth.tls_cert_file, auth.tls_key_file)
+    return context
 
 
 async def connect_nats(

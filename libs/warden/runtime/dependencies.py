@@ -11,13 +11,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 
-from warden.bus.connection import NatsAuth, check_nats, connect_nats
+from warden.bus.connection import check_nats, connect_nats, nats_auth
 from warden.runtime.service import ServiceRuntime
 from warden.settings import Settings
 from warden.storage.database import create_pool, ping
@@ -94,15 +94,22 @@ def redis_client(s: Settings) -> aioredis.Redis:
     wait for a free connection, up to ``PS_REDIS_POOL_TIMEOUT_SECONDS``; past that it
     raises ``redis.ConnectionError`` ("No connection available"), a ``RedisError`` that
     callers already handle as Redis being unavailable.
+
+    With ``PS_REDIS_SENTINELS`` the master is found through the sentinels
+    (``warden.runtime.redis_sentinel``), with the same pool behaviour.
     """
-    pool = aioredis.BlockingConnectionPool.from_url(
-        s.redis_url,
-        max_connections=s.redis_max_connections,
-        timeout=s.redis_pool_timeout_seconds,
-        socket_connect_timeout=5,
-        socket_timeout=5,
-        health_check_interval=30,
-    )
+    pool_kwargs: dict[str, Any] = {
+        "max_connections": s.redis_max_connections,
+        "timeout": s.redis_pool_timeout_seconds,
+        "socket_connect_timeout": 5,
+        "socket_timeout": 5,
+        "health_check_interval": 30,
+    }
+    if s.redis_sentinels:
+        from warden.runtime.redis_sentinel import sentinel_client
+
+        return sentinel_client(s, **pool_kwargs)
+    pool = aioredis.BlockingConnectionPool.from_url(s.redis_url, **pool_kwargs)
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose closes it
 
 
@@ -130,7 +137,7 @@ async def nats(runtime: ServiceRuntime) -> NATS:
             s.nats_url,
             name=f"warden-{runtime.name}",
             initial_timeout=s.startup_timeout_seconds,
-            auth=NatsAuth(s.nats_creds_file, s.nats_nkey_seed_file, s.nats_tls_ca_file),
+            auth=nats_auth(s),
         ),
     )
     runtime.health.add_check("nats", lambda: check_nats(nc))

@@ -36,12 +36,14 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 async def create_pool(settings: Settings, **kwargs: Any) -> asyncpg.Pool:
     """Open the pool sized by ``PS_DATABASE_MAX_OPEN_CONNS`` / ``_MAX_IDLE_CONNS``.
 
-    ``statement_cache_size`` stays on: Warden talks to PostgreSQL directly, not through
-    a transaction-pooling PgBouncer (set it to 0 via kwargs if you put one in front, and
-    let ``plan_cache_mode`` through: ``ignore_startup_parameters``, or set it on the role
-    with ``ALTER ROLE ... SET plan_cache_mode = force_custom_plan``).
+    asyncpg's statement cache is ``PS_DATABASE_STATEMENT_CACHE_SIZE``: 0 behind a
+    transaction-pooling PgBouncer, where consecutive statements of one client connection
+    may run on different server connections (let ``plan_cache_mode`` through there too:
+    ``ignore_startup_parameters``, or ``ALTER ROLE ... SET plan_cache_mode =
+    force_custom_plan``). See the README's "PostgreSQL connections".
     """
     min_size = min(settings.database_max_idle_conns, settings.database_max_open_conns)
+    kwargs.setdefault("statement_cache_size", settings.database_statement_cache_size)
     server_settings = {**CONNECTION_SETTINGS, **kwargs.pop("server_settings", {})}
     pool = await asyncpg.create_pool(
         dsn_for_asyncpg(settings.database),
