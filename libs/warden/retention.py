@@ -311,7 +311,11 @@ def run_command(settings: Settings) -> int:
     from warden.storage.database import create_pool
 
     async def go() -> int:
-        pool = await create_pool(settings, min_size=1, max_size=2)
+        # One statement at a time: two connections are plenty.
+        small = settings.model_copy(
+            update={"database_max_open_conns": 2, "database_max_idle_conns": 1}
+        )
+        pool = await create_pool(small)
         client = redis_client(settings)
         try:
             pruner = Pruner(pool=pool, redis=client, policy=RetentionPolicy.from_settings(settings))
