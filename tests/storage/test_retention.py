@@ -17,12 +17,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
+import httpx
 import orjson
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from tests.conftest import REDIS_URL, _create_database, _drop_database, _pg_url_for
+from tests.service_processes import ServiceProcess
 from warden import redis_keys
 from warden.policy.verdict import ContentClass, FilterOutcome, Verdict
 from warden.retention import DAY_MS, Pruner, RetentionPolicy
@@ -484,6 +486,31 @@ async def wait_for(check: Callable[[], Awaitable[Any]], limit: float = 10.0) -> 
     while not await check():
         assert time.monotonic() < deadline, "condition not met"
         await asyncio.sleep(0.01)
+
+
+async def test_a_filter_worker_process_prunes_by_default(
+    pool: asyncpg.Pool,
+    redis_client: aioredis.Redis,
+    retention_database: str,
+    spawn_service: Callable[..., ServiceProcess],
+) -> None:
+    old_ts = int(time.time() * 1000) - 100 * DAY_MS  # the worker's clock is the real one
+    await store_verdicts(pool, ("$old", old_ts, True))
+    worker = spawn_service(
+        "filter-worker",
+        PS_DATABASE=retention_database,
+        PS_RETENTION_INTERVAL_MINUTES="0.01",
+    )
+    await asyncio.to_thread(worker.wait_ready)
+
+    async def cleared() -> bool:
+        row = await raw_verdict(pool, "$old")
+        return row is not None and row["sender"] == ""
+
+    await wait_for(cleared, 60)
+    text = httpx.get(f"{worker.metrics_url}/metrics", timeout=5).text
+    assert 'warden_retention_pruned_rows_total{kind="details",table="verdicts"} 1.0' in text
+    assert worker.stop() == 0
 
 
 # --- warden prune -------------------------------------------------------------------
