@@ -8,6 +8,7 @@ before each test.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from prometheus_client import REGISTRY
 from tests.conftest import REDIS_URL, _create_database, _drop_database, _pg_url_for
 from tests.service_processes import ServiceProcess
 from warden import redis_keys
-from warden.policy.verdict import ContentClass, FilterOutcome, Verdict
+from warden.policy.verdict import SENDER_UNVERIFIED, ContentClass, FilterOutcome, Verdict
 from warden.retention import DAY_MS, Pruner, RetentionPolicy
 from warden.storage import retention as store
 from warden.storage import rooms, verdicts
@@ -169,6 +170,34 @@ async def test_old_verdict_details_are_cleared_and_the_minimal_verdict_still_ans
     assert winners["$old"].prohibited
 
     # A second pass finds nothing left to clear.
+    again = await pruner(pool, redis_client).run_pass()
+    assert again is not None and again.rows == {}
+
+
+async def test_an_unverified_sender_stays_unverified_after_its_details_go(
+    pool: asyncpg.Pool, redis_client: aioredis.Redis
+) -> None:
+    marked = dataclasses.replace(
+        verdict("$unverified", OLD),
+        filters=(
+            FilterOutcome("keyword", ContentClass.PROHIBITED, (SPAM,)),
+            FilterOutcome(SENDER_UNVERIFIED, ContentClass.NEUTRAL),
+        ),
+    )
+    await verdicts.insert_verdicts(pool, [marked, verdict("$verified", OLD)])
+    await verdicts.mark_published(pool, ["$unverified", "$verified"])
+
+    result = await pruner(pool, redis_client).run_pass()
+
+    assert result is not None and result.rows == {("verdicts", "details"): 2}
+    unverified = await verdicts.get_verdict(pool, "$unverified")
+    assert unverified is not None and unverified.sender == ""
+    # A moderation request must not take it for attributed to its sender.
+    assert not unverified.sender_verified
+    assert [f.name for f in unverified.filters] == [SENDER_UNVERIFIED]
+    verified = await verdicts.get_verdict(pool, "$verified")
+    assert verified is not None and verified.filters == () and verified.sender_verified
+    # Pruned rows are not taken again.
     again = await pruner(pool, redis_client).run_pass()
     assert again is not None and again.rows == {}
 

@@ -8,8 +8,8 @@ waits on a row a service is writing.
 What is kept and what goes:
 
 - ``verdicts``: the *details* (``sender``, ``origin``, the filter outcomes ``filters``
-  and the outbox extras ``outbox_extra``, which hold the body excerpt) are cleared from
-  verdicts first seen before a cutoff; the *minimal verdict* (event ID, class, harms,
+  but for the sender-unverified mark, and the outbox extras ``outbox_extra``, which hold
+  the body excerpt) are cleared from verdicts first seen before a cutoff; the *minimal verdict* (event ID, class, harms,
   reference hash, with the room, community and event type) stays, so the event keeps its
   answer. Minimal verdicts are deleted only before a second cutoff, off by default.
   Unpublished verdicts (the outbox) are never touched: their sweeper needs them whole.
@@ -26,9 +26,11 @@ from collections.abc import Sequence
 
 import asyncpg
 
+from warden.policy.verdict import SENDER_UNVERIFIED
+
 # The same predicate as the partial index verdicts_details_ts (migration 0014), written
 # out so that the planner can use the index.
-_HAS_DETAILS = "(sender <> '' OR origin <> '' OR filters <> '[]'::jsonb)"
+_HAS_DETAILS = "(sender <> '' OR origin <> '')"
 
 
 def _count(status: str) -> int:
@@ -37,12 +39,19 @@ def _count(status: str) -> int:
 
 
 async def prune_verdict_details(pool: asyncpg.Pool, *, before_ts: int, limit: int) -> int:
-    """Clear sender, origin, filter outcomes and outbox extras of up to ``limit``
+    """Clear sender, origin, filter outcomes (the sender-unverified mark stays, so
+    ``Verdict.sender_verified`` keeps its answer) and outbox extras of up to ``limit``
     published verdicts first seen before ``before_ts`` (ms), oldest first."""
     status = await pool.execute(
         f"""
         UPDATE verdicts v
-        SET sender = '', origin = '', filters = '[]'::jsonb, outbox_extra = NULL
+        SET sender = '', origin = '', outbox_extra = NULL,
+            -- Only the sender-unverified mark stays: it is not about anyone, and without
+            -- it the verdict would read as attributed to its (unknown) sender.
+            filters = COALESCE((
+                SELECT jsonb_agg(f) FROM jsonb_array_elements(v.filters) AS f
+                WHERE f->>'name' = $3
+            ), '[]'::jsonb)
         FROM (
             SELECT event_id FROM verdicts
             WHERE {_HAS_DETAILS} AND first_seen_ts < $1 AND published
@@ -54,6 +63,7 @@ async def prune_verdict_details(pool: asyncpg.Pool, *, before_ts: int, limit: in
         """,
         before_ts,
         limit,
+        SENDER_UNVERIFIED,
     )
     return _count(status)
 

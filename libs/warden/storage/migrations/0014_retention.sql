@@ -5,11 +5,12 @@
 --
 -- Verdicts whose details (sender, origin, filter outcomes) are still held, oldest
 -- first: the detail pruning takes its batches from here. The predicate is the one the
--- pruning query repeats; a pruned row leaves the index, so each pass reads only rows
--- it will change, never the pruned history. Cost on the hot path: one small B-tree
--- entry per new verdict.
+-- pruning query repeats; a pruned row (sender and origin '') leaves the index, so each
+-- pass reads only rows it will change, never the pruned history. Imported verdicts have
+-- neither (policyserv kept none) and are not in it. Cost on the hot path: one small
+-- B-tree entry per new verdict.
 CREATE INDEX IF NOT EXISTS verdicts_details_ts ON verdicts (first_seen_ts)
-    WHERE sender <> '' OR origin <> '' OR filters <> '[]'::jsonb;
+    WHERE sender <> '' OR origin <> '';
 
 -- Every verdict by age, for deleting minimal verdicts (PS_RETENTION_VERDICTS_DAYS, off
 -- by default). BRIN: rows arrive in first_seen_ts order, so a summary per block range
