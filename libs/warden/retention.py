@@ -245,11 +245,14 @@ class Pruner:
     ) -> None:
         pool = self._pool
         limit = self._policy.batch_size
+        after = (-1, "")
         while True:
-            room_ids = await store.left_rooms(pool, before_ts=cutoff, limit=limit)
+            found = await store.left_rooms(pool, before_ts=cutoff, limit=limit, after=after)
             result.statements += 1
-            if not room_ids:
+            if not found:
                 return
+            after = found[-1]
+            room_ids = [room_id for _, room_id in found]
             for table in store.LEARNED_STATE_TABLES:
                 await self._batches(
                     result,

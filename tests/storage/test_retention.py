@@ -395,6 +395,28 @@ async def test_learned_state_of_rooms_warden_left_is_deleted_after_the_period(
     assert again is not None and again.rows == {}
 
 
+async def test_a_room_whose_rows_are_locked_is_left_for_the_next_pass(
+    pool: asyncpg.Pool, redis_client: aioredis.Redis
+) -> None:
+    await learned_room(
+        pool, "!busy:x", updated_ts=OLD, protected=False, warden_membership="leave",
+        recorded=None,
+    )  # fmt: skip
+    async with pool.acquire() as conn, conn.transaction():
+        # A writer holds one of the room's rows: the pass skips it rather than wait, and
+        # does not pick the room again and again (batches of one room).
+        await conn.execute(
+            "SELECT 1 FROM room_members WHERE room_id = '!busy:x' AND user_id = '@bob:y' FOR UPDATE"
+        )
+        first = await asyncio.wait_for(pruner(pool, redis_client, batch_size=1).run_pass(), 30)
+    assert first is not None and first.complete
+    assert await held(pool, "!busy:x") == {**NOTHING, "room_state": 1, "room_members": 1}
+
+    second = await pruner(pool, redis_client, batch_size=1).run_pass()
+    assert second is not None and second.rows[("room_state", "deleted")] == 1
+    assert await held(pool, "!busy:x") == NOTHING
+
+
 # --- batches and the lock ---------------------------------------------------------------
 
 

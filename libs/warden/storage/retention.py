@@ -9,10 +9,11 @@ What is kept and what goes:
 
 - ``verdicts``: the *details* (``sender``, ``origin``, the filter outcomes ``filters``
   but for the sender-unverified mark, and the outbox extras ``outbox_extra``, which hold
-  the body excerpt) are cleared from verdicts first seen before a cutoff; the *minimal verdict* (event ID, class, harms,
-  reference hash, with the room, community and event type) stays, so the event keeps its
-  answer. Minimal verdicts are deleted only before a second cutoff, off by default.
-  Unpublished verdicts (the outbox) are never touched: their sweeper needs them whole.
+  the body excerpt) are cleared from verdicts first seen before a cutoff; the *minimal
+  verdict* (event ID, class, harms, reference hash, with the room, community and event
+  type) stays, so the event keeps its answer. Minimal verdicts are deleted only before
+  a second cutoff, off by default. Unpublished verdicts (the outbox) are never touched:
+  their sweeper needs them whole.
 - ``webhook_deliveries`` and ``moderation_actions``: final rows (delivered, done,
   failed) last updated before a cutoff are deleted; pending ones (in flight, or to be
   retried) never.
@@ -118,9 +119,13 @@ async def delete_final_deliveries(
     return _count(status)
 
 
-async def left_rooms(pool: asyncpg.Pool, *, before_ts: int, limit: int) -> list[str]:
+async def left_rooms(
+    pool: asyncpg.Pool, *, before_ts: int, limit: int, after: tuple[int, str] = (-1, "")
+) -> list[tuple[int, str]]:
     """Up to ``limit`` rooms Warden left whose learned state is still held and has not
-    changed since ``before_ts`` (ms).
+    changed since ``before_ts`` (ms), as ``(updated_ts, room_id)`` in that order, from
+    just past ``after`` (the last of the previous batch: a room whose rows could not all
+    be deleted is not picked again in the same pass).
 
     A room is *left* when Warden no longer protects it (no ``rooms`` row) or its learned
     membership is 'leave' or 'ban', and no join of Warden's is recorded for it
@@ -131,7 +136,7 @@ async def left_rooms(pool: asyncpg.Pool, *, before_ts: int, limit: int) -> list[
     """
     rows = await pool.fetch(
         """
-        SELECT s.room_id FROM room_state s
+        SELECT s.updated_ts, s.room_id FROM room_state s
         LEFT JOIN rooms r ON r.room_id = s.room_id
         WHERE s.updated_ts < $1
           AND (r.room_id IS NULL OR s.warden_membership IN ('leave', 'ban'))
@@ -144,13 +149,16 @@ async def left_rooms(pool: asyncpg.Pool, *, before_ts: int, limit: int) -> list[
                OR EXISTS (SELECT 1 FROM room_state_events e WHERE e.room_id = s.room_id)
                OR EXISTS (SELECT 1 FROM room_members m WHERE m.room_id = s.room_id)
                OR EXISTS (SELECT 1 FROM displaynames d WHERE d.room_id = s.room_id))
-        ORDER BY s.updated_ts
+          AND (s.updated_ts, s.room_id) > ($3, $4)
+        ORDER BY s.updated_ts, s.room_id
         LIMIT $2
         """,
         before_ts,
         limit,
+        after[0],
+        after[1],
     )
-    return [r["room_id"] for r in rows]
+    return [(r["updated_ts"], r["room_id"]) for r in rows]
 
 
 # The per-room tables of learned state, pruned in this order (room_state last).
