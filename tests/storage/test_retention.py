@@ -512,6 +512,19 @@ async def test_a_pass_that_loses_its_lock_stops_and_is_not_complete(
     assert await redis_client.get(redis_keys.retention_last_run()) is None
 
 
+async def test_a_stopping_worker_ends_its_pass_after_the_current_batch(
+    pool: asyncpg.Pool, redis_client: aioredis.Redis
+) -> None:
+    await store_verdicts(pool, *((f"$v{i}", OLD + i, True) for i in range(5)))
+    stopping = asyncio.Event()
+    stopping.set()
+    result = await pruner(pool, redis_client, batch_size=2).run_pass(stopping)
+    assert result is not None and not result.complete
+    assert result.rows == {("verdicts", "details"): 2}
+    assert await redis_client.exists(redis_keys.retention_lock()) == 0  # released
+    assert await redis_client.get(redis_keys.retention_last_run()) is None
+
+
 async def test_a_worker_prunes_when_a_pass_is_due(
     pool: asyncpg.Pool, redis_client: aioredis.Redis
 ) -> None:
