@@ -29,6 +29,7 @@ from tests.service_processes import ServiceProcess
 from warden import redis_keys
 from warden.policy.verdict import SENDER_UNVERIFIED, ContentClass, FilterOutcome, Verdict
 from warden.retention import DAY_MS, Pruner, RetentionPolicy
+from warden.settings import Settings
 from warden.storage import retention as store
 from warden.storage import rooms, verdicts
 from warden.storage.migrations import migrate
@@ -125,6 +126,30 @@ def sample(table: str, kind: str) -> float:
         "warden_retention_pruned_rows_total", {"table": table, "kind": kind}
     )
     return value or 0.0
+
+
+def test_the_policy_comes_from_the_settings(make_settings: Callable[..., Settings]) -> None:
+    defaults = RetentionPolicy.from_settings(make_settings())
+    assert defaults == RetentionPolicy(
+        verdict_details_ms=90 * DAY_MS,
+        verdicts_ms=0,  # minimal verdicts: forever
+        deliveries_ms=30 * DAY_MS,
+        left_rooms_ms=7 * DAY_MS,
+        batch_size=1000,
+        batch_pause_seconds=0.1,
+    )
+    custom = RetentionPolicy.from_settings(
+        make_settings(
+            retention_verdicts_days=365,
+            retention_verdict_details_days=0.5,
+            retention_batch_size=50,
+            retention_batch_pause_ms=0,
+        )
+    )
+    assert (custom.verdicts_ms, custom.verdict_details_ms) == (365 * DAY_MS, DAY_MS // 2)
+    assert (custom.batch_size, custom.batch_pause_seconds) == (50, 0.0)
+    with pytest.raises(ValueError, match="retention_batch_size"):
+        make_settings(retention_batch_size=0)
 
 
 # --- verdicts -----------------------------------------------------------------------
