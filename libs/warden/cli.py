@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         "<path>.<version>.retired) and print what to do next (README: Keys)",
     )
     sub.add_parser("dev", help="run the whole stack locally (embedded servers where needed)")
+    sub.add_parser(
+        "prune",
+        help="prune old verdict details, deliveries and left rooms' state once (PS_RETENTION_*)",
+    )
     check = sub.add_parser(
         "check-config",
         help="validate every setting and key file and reach each dependency; exit 1 on any problem",
@@ -174,6 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_migrate(settings, show_status=args.status)
     if args.command == "keygen":
         return _cmd_keygen(settings, args)
+    if args.command == "prune":
+        from warden.retention import run_command as run_prune
+
+        return run_prune(settings)
     if args.command == "dev":
         from warden.dev.stack import run_dev
 

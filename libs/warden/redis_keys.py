@@ -99,6 +99,19 @@ def state_refresh_lock() -> str:
     return f"{PREFIX}lock:state_refresh"
 
 
+def retention_lock() -> str:
+    """``warden:lock:retention``: held (SET NX with a TTL, renewed after each batch,
+    deleted at the end; the value is the holder's random token) by the one process
+    pruning old rows (``warden.retention``: a filter worker or ``warden prune``)."""
+    return f"{PREFIX}lock:retention"
+
+
+def retention_last_run() -> str:
+    """``warden:retention:last_run``: when the last complete pruning pass ended (Unix
+    ms, no TTL); filter workers prune when it is ``PS_RETENTION_INTERVAL_MINUTES`` old."""
+    return f"{PREFIX}retention:last_run"
+
+
 def startup_join_lock() -> str:
     """``warden:lock:startup_joins``: held (SET NX with a 60 s TTL, refreshed while
     working) by the one gateway replica joining ``PS_JOIN_ROOM_IDS``; the value is that

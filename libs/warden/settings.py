@@ -339,6 +339,23 @@ class Settings(BaseSettings):
     # Warden: largest answer read from a server (the event must also fit PS_MAX_PDU_BYTES).
     event_fetch_max_response_bytes: int = Field(default=256 * 1024, ge=1024)
 
+    # --- Retention (issue 15; all Warden's own; 0 days = keep forever) ---
+    # Verdicts' details (sender, origin, filter outcomes) are cleared after this many days;
+    # the minimal verdict (event ID, class, harms, reference hash) stays.
+    retention_verdict_details_days: float = Field(default=90.0, ge=0)
+    # Minimal verdicts are deleted after this many days; an event asked about again
+    # afterwards is judged afresh. 0: kept forever (one verdict per event, ever).
+    retention_verdicts_days: float = Field(default=0.0, ge=0)
+    # Final webhook deliveries and moderation actions are deleted after this many days.
+    retention_deliveries_days: float = Field(default=30.0, ge=0)
+    # Learned state of rooms Warden left is deleted this many days after it last changed.
+    retention_left_rooms_days: float = Field(default=7.0, ge=0)
+    # How often one filter worker prunes (0: workers never do; use `warden prune`).
+    retention_interval_minutes: float = Field(default=60.0, ge=0)
+    # Rows one pruning statement changes at most, and the pause between statements.
+    retention_batch_size: int = Field(default=1000, ge=1, le=100_000)
+    retention_batch_pause_ms: float = Field(default=100.0, ge=0, le=60_000)
+
     @field_validator(
         "homeserver_allowed_networks",
         "homeserver_denied_networks",

@@ -8,7 +8,8 @@ turns not-ready, then this service stops taking requests, finishes those in flig
 flushes its writes and publishes before NATS is drained.
 
 Each worker also reads inbound PDUs (``room_state_consumer``) and takes its turn at the
-periodic room state refresh (``state_refresh``).
+periodic room state refresh (``state_refresh``) and, every
+``PS_RETENTION_INTERVAL_MINUTES``, at pruning old rows (``warden.retention``).
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ from warden.filters.base import FilterDeps
 from warden.filters.base import Group as FilterGroup
 from warden.policy.config import ConfigError, instance_defaults
 from warden.policy.pipeline import Pipeline
+from warden.retention import Pruner, RetentionPolicy
 from warden.runtime import dependencies
 from warden.runtime.identity import load_identity
-from warden.runtime.service import bootstrap, run_async
+from warden.runtime.service import Hook, bootstrap, run_async
 from warden.settings import Settings
 from warden.storage.room_state import StateCaps
 from warden_filter_worker.community_config import CommunityConfigCache
@@ -209,8 +211,17 @@ def run(settings: Settings) -> int:
         async def reload_templates() -> None:
             await deps.keyword_templates.run(runtime.stopping)
 
+        background: list[Hook] = [marker.run, sweeper.run, refresh, reload_templates]
+        if settings.retention_interval_minutes > 0:
+            pruner = Pruner(pool=pool, redis=redis, policy=RetentionPolicy.from_settings(settings))
+
+            async def prune() -> None:
+                await pruner.run(runtime.stopping, settings.retention_interval_minutes * 60)
+
+            background.append(prune)
+
         runtime.add_http_server("metrics", runtime.health_app(), settings.http_metrics_bind)
-        await runtime.serve(background=[marker.run, sweeper.run, refresh, reload_templates])
+        await runtime.serve(background=background)
         raise_if_failed(task)
 
     return run_async(main)
