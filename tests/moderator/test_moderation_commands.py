@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -35,6 +34,7 @@ from tests.federation.conftest import (  # noqa: F401  (fixtures)
 )
 from tests.local_servers import stop_all
 from tests.moderator.conftest import FakeClientAPI, LocalHTTPServer
+from tests.moderator.federation_destination import OUR_NAME, Attempt, Destination, Keyring
 from tests.moderator.verdict_stream import (
     consumer_settled,
     fresh_durable,
@@ -43,10 +43,8 @@ from tests.moderator.verdict_stream import (
     wait_for,
 )
 from warden.bus.subjects import MODERATION_REQUEST_SUBJECT, VERDICTS_STREAM
-from warden.federation.server_key_document import build_server_key_document
-from warden.federation.xmatrix import verify_request
-from warden.matrix.ids import KeyID, ServerName
-from warden.matrix.keys import POLICY_SERVER_KEY_ID, SigningKey, VerifyKey, key_id_of
+from warden.matrix.ids import ServerName
+from warden.matrix.keys import POLICY_SERVER_KEY_ID, key_id_of
 from warden.policy.config import ConfigError, validate_community_config
 from warden.runtime.identity import Identity
 from warden.settings import DEFAULT_DENIED_NETWORKS, Settings
@@ -56,7 +54,6 @@ from warden_moderator.command_sender import CommandSender
 from warden_moderator.commands import COMMAND_TYPE, build_command_edu
 from warden_moderator.service import ModeratorService
 
-OUR_NAME = "warden.test"
 MODERATOR = "@mod:hs.test"
 TOKEN = "syt_commands_token"
 
@@ -65,107 +62,6 @@ def commands(outcome: str) -> float:
     """warden_moderation_commands_total{outcome}."""
     value = REGISTRY.get_sample_value("warden_moderation_commands_total", {"outcome": outcome})
     return value or 0.0
-
-
-# --- the destination: a federation endpoint receiving /send ---------------------------
-
-
-class _Keyring:
-    """Warden's federation key as the destination knows it (from our key document)."""
-
-    def __init__(self, key_id: str, key: VerifyKey) -> None:
-        self._key_id = key_id
-        self._key = key
-
-    async def get_verify_key(
-        self,
-        server_name: ServerName,
-        key_id: KeyID,
-        *,
-        at_ms: int | None = None,
-        requester: str | None = None,
-    ) -> VerifyKey:
-        if server_name != OUR_NAME or key_id != self._key_id:
-            raise LookupError(f"unknown key {server_name} {key_id}")
-        return self._key
-
-
-@dataclass
-class Attempt:
-    """One ``PUT /send/{txnId}`` as received, and what was answered."""
-
-    txn_id: str
-    body: dict[str, Any]
-    status: int
-
-
-@dataclass
-class Destination:
-    """A homeserver's federation API as far as to-device EDUs go."""
-
-    name: str
-    keyring: _Keyring
-    status: int = 200  # what /send answers (503: temporarily down)
-    attempts: list[Attempt] = field(default_factory=list)
-    accepted: dict[str, dict[str, Any]] = field(default_factory=dict)  # txn ID -> body
-    key: SigningKey = field(default_factory=lambda: generate_signing_key("dest"))
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        assert scope["type"] == "http"
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        status, answer = await self._route(scope, body)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": orjson.dumps(answer)})
-
-    async def _route(self, scope: dict[str, Any], body: bytes) -> tuple[int, Any]:
-        path = scope["raw_path"].decode()
-        if scope["method"] == "GET" and path == "/_matrix/key/v2/server":
-            return 200, build_server_key_document(self.name, self.key)
-        prefix = "/_matrix/federation/v1/send/"
-        if scope["method"] != "PUT" or not path.startswith(prefix):
-            return 404, {"errcode": "M_UNRECOGNIZED", "error": "not here"}
-        content = orjson.loads(body)
-        headers = [v.decode() for k, v in scope["headers"] if k.lower() == b"authorization"]
-        try:
-            origin = await verify_request("PUT", path, content, headers, self.name, self.keyring)
-        except Exception as exc:  # the test fails on any 401 below
-            return 401, {"errcode": "M_UNAUTHORIZED", "error": str(exc)}
-        assert origin == OUR_NAME
-        txn_id = path.removeprefix(prefix)
-        with self.lock:
-            self.attempts.append(Attempt(txn_id, content, self.status))
-            if self.status != 200:
-                return self.status, {"errcode": "M_UNKNOWN", "error": "down"}
-            # A repeat of an accepted transaction is answered, not processed again.
-            self.accepted.setdefault(txn_id, content)
-        return 200, {"pdus": {}}
-
-    def commands(self) -> list[dict[str, Any]]:
-        """Every command content processed, in order (repeats of a txn ID not counted)."""
-        with self.lock:
-            bodies = list(self.accepted.values())
-        return [
-            message
-            for body in bodies
-            for edu in body["edus"]
-            for per_user in edu["content"]["messages"].values()
-            for message in per_user.values()
-        ]
-
-    def event_ids(self) -> list[str]:
-        return [c["event_id"] for c in self.commands()]
 
 
 @pytest.fixture
@@ -185,7 +81,7 @@ def start_destination(
     async def start(
         dest: Destination | None = None, port: int = 0
     ) -> tuple[Destination, LocalHTTPSServer]:
-        keyring = _Keyring(identity.federation_key_id, get_verify_key(identity.federation_key))
+        keyring = Keyring(identity.federation_key_id, get_verify_key(identity.federation_key))
         app = dest or Destination("", keyring)
         server = await https_server(app, host="127.0.0.1", port=port)
         app.name = server.address

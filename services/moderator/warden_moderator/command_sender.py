@@ -73,8 +73,9 @@ class CommandSender:
         self._backoff_base = settings.moderation_command_backoff_base_seconds
         self._backoff_max = settings.moderation_command_backoff_max_seconds
         self._timeout = settings.federation_timeout_seconds
-        # Long enough for the request's whole time budget plus the database writes.
-        self._lease_ms = int((self._timeout + 30.0) * 1000)
+        # Outlives the request's whole time budget and the database writes after it; only
+        # a sender that died holds a claim longer (then the same transaction is resent).
+        self._lease_ms = int((self._timeout + max(5.0, self._timeout)) * 1000)
         self._owner = f"{secrets.token_hex(6)}"
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
