@@ -43,6 +43,8 @@ from warden_moderator.metrics import (
 
 logger = logging.getLogger(__name__)
 
+# What a lost or closing database connection raises; the loop carries on after them.
+_DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 # The spec's limit of EDUs in one federation transaction.
 MAX_EDUS_PER_TRANSACTION = 100
 SEND_PATH = "/_matrix/federation/v1/send/"
@@ -96,7 +98,7 @@ class CommandSender:
                     await self._sweep_if_due()
                     await self._start_due()
                     timeout = await self._until_next()
-                except (OSError, asyncpg.PostgresError) as exc:
+                except _DATABASE_ERRORS as exc:
                     logger.warning(
                         "moderation commands: database unavailable",
                         extra={"event": "moderation_command_sender", "error": str(exc)[:200]},
@@ -180,7 +182,7 @@ class CommandSender:
                 )
                 if claim is None or not await self._send(claim):
                     return
-        except (OSError, asyncpg.PostgresError) as exc:
+        except _DATABASE_ERRORS as exc:
             # Any claim taken runs out; the transaction is kept for the next attempt.
             logger.warning(
                 "moderation commands: database error while sending",
@@ -189,6 +191,12 @@ class CommandSender:
                     "destination": destination,
                     "error": str(exc)[:200],
                 },
+            )
+        except Exception:
+            # A bug must not stop the other destinations; this one is tried again later.
+            logger.exception(
+                "moderation commands: unexpected error while sending",
+                extra={"event": "moderation_command_sender", "destination": destination},
             )
 
     async def _send(self, claim: queue.Claim) -> bool:
