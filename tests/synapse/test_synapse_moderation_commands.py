@@ -135,13 +135,20 @@ async def test_synapse_accepts_the_command_and_the_bot_receives_it(
     policy_verify.version = "policy_server"
     verify_signed_json(command, warden.name, policy_verify)
 
-    # The moderator saw Synapse's 2xx to the transaction (and nothing failed on the way).
-    sent = [
-        json.loads(line)
-        for line in warden.log_lines("moderation_command_transaction")
-        if line.startswith("{")
-    ]
-    assert [line["outcome"] for line in sent] == ["ok"]
-    assert sent[0]["destination"] == synapse.server_name
+    # The moderator saw Synapse's 2xx to the transaction (and nothing failed on the way);
+    # the bot may have the command before the answer reached the moderator.
+    def sent() -> list[dict[str, Any]]:
+        return [
+            json.loads(line)
+            for line in warden.log_lines("moderation_command_transaction")
+            if line.startswith("{")
+        ]
+
+    (line,) = await eventually(sent, timeout=60, what="the moderator's transaction log line")
+    assert line["outcome"] == "ok" and line["destination"] == synapse.server_name
     # Synapse's request log shows the PUT /send it answered with 200.
-    assert synapse.log_lines(f"PUT /_matrix/federation/v1/send/{sent[0]['txn_id']}", " 200 ")
+    await eventually(
+        lambda: synapse.log_lines(f"PUT /_matrix/federation/v1/send/{line['txn_id']}", " 200 "),
+        timeout=60,
+        what="Synapse's log of the 200",
+    )
