@@ -50,6 +50,8 @@ from warden.runtime.identity import Identity
 from warden.settings import DEFAULT_DENIED_NETWORKS, Settings
 from warden.storage import communities, rooms
 from warden.storage import moderation_commands as queue
+from warden.storage.verdicts import insert_verdicts
+from warden_gateway.moderation_requests import request_message
 from warden_moderator.command_sender import CommandSender
 from warden_moderator.commands import COMMAND_TYPE, build_command_edu
 from warden_moderator.service import ModeratorService
@@ -280,6 +282,27 @@ async def test_no_command_without_a_bot_nor_for_the_senders_own_server(
     await wait_for(lambda: consumer_settled(verdicts_js, durable, seq), "the messages handled")
     await wait_for(lambda: len(dest.accepted) == 1, "the marker's transaction")
     assert dest.event_ids() == [marker.event_id]
+
+
+async def test_a_refusal_asked_about_by_another_server_later_sends_the_command(
+    moderator: Callable[..., Any],
+    start_destination: Callable[..., Any],
+    pg_pool: asyncpg.Pool,
+    verdicts_js: Any,
+) -> None:
+    dest, _ = await start_destination()
+    community_id = await community_with_bot(pg_pool, f"@bot:{dest.name}")
+    await moderator()
+    # First asked by the sender's own server: no command then ...
+    verdict = dataclasses.replace(verdict_for(community_id), origin="evil.test")
+    await insert_verdicts(pg_pool, [verdict])
+    await publish_verdict(verdicts_js, verdict)
+    # ... but once another server asks, the event may have spread: the gateway's
+    # moderation request makes the command.
+    body, headers = request_message(verdict.event_id, "bystander.test")
+    await verdicts_js.publish(MODERATION_REQUEST_SUBJECT, body, headers=headers)
+    await wait_for(lambda: len(dest.event_ids()) == 1, "the command")
+    assert dest.event_ids() == [verdict.event_id]
 
 
 async def test_destination_down_then_up_gets_each_command_once_under_one_txn_id(
