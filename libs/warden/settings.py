@@ -217,6 +217,16 @@ class Settings(BaseSettings):
     # is recorded as failed; the delay doubles from the base, capped at five minutes.
     moderation_max_attempts: int = Field(default=10, ge=1)
     moderation_retry_base_seconds: float = Field(default=2.0, gt=0)
+    # Warden: to-device redaction commands to a community's moderation_bot_user_id
+    # (reference §2.3), queued in PostgreSQL per destination server. Commands older
+    # than the retention are dropped unsent (counted); a destination holds at most
+    # max_queued; failed transactions back off from base to max per destination.
+    moderation_command_retention_hours: float = Field(default=72.0, gt=0)
+    moderation_command_max_queued: int = Field(default=100_000, ge=1)
+    moderation_command_backoff_base_seconds: float = Field(default=5.0, gt=0)
+    moderation_command_backoff_max_seconds: float = Field(default=3600.0, gt=0)
+    moderation_command_concurrency: int = Field(default=10, ge=1)  # destinations at once
+    moderation_command_poll_seconds: float = Field(default=5.0, gt=0)  # catch-up scan
 
     # --- Audit webhooks ---
     # Hosts that webhooks may be sent to: each entry matches itself and its subdomains.

@@ -75,6 +75,11 @@ MODERATION_REQUEST_SUBJECT: Final = "warden.moderate.request"
 # supports one filter subject per consumer).
 MODERATION_REQUESTS_CONSUMER: Final = "warden-moderator-requests"
 MODERATOR_CONSUMER: Final = "warden-moderator"
+# The moderator's command path (to-device redact commands to moderation bots) reads
+# prohibited verdicts and moderation requests through durable consumers of its own, so
+# it neither waits for nor repeats the Client-Server API redactions.
+MODERATION_COMMANDS_CONSUMER: Final = "warden-moderator-commands"
+MODERATION_COMMAND_REQUESTS_CONSUMER: Final = "warden-moderator-commands-requests"
 WEBHOOKS_CONSUMER: Final = "warden-webhooks"
 
 CONFIG_CHANGED_SUBJECT: Final = "warden.config.changed"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import warden.policy.moderation_bot  # noqa: F401  (declares moderation_bot_user_id)
 from warden.filters.base import Filter, Group
 from warden.filters.density import DensityFilter
 from warden.filters.event_type_prefilter import EventTypePrefilter
