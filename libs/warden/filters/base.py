@@ -26,7 +26,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import asyncpg
 import orjson
@@ -38,6 +38,10 @@ from warden.policy.keyword_template_cache import KeywordTemplateCache
 from warden.policy.verdict import ContentClass, FilterOutcome
 from warden.storage.displaynames import get_displaynames
 from warden.storage.redis_autopipeline import RedisAutoPipeline
+
+if TYPE_CHECKING:
+    from warden.trust.muninn import MuninnDirectoryCache
+    from warden.trust.sources import RoomTrustCache
 
 FAIL_SECURE_SUFFIX = "_fail_secure"
 
@@ -119,8 +123,17 @@ class FilterDeps:
     displayname_ttl_seconds: float = 10.0
     # Compiled keyword templates; the worker subscribes it to template changes.
     keyword_templates: KeywordTemplateCache = field(init=False)
+    # Trust sources of the untrusted-media filter (read only for media events).
+    muninn: MuninnDirectoryCache = field(init=False)
+    room_trust: RoomTrustCache = field(init=False)
 
     def __post_init__(self) -> None:
+        # Imported here: warden.trust uses filter modules, which import this one.
+        from warden.trust.muninn import MuninnDirectoryCache
+        from warden.trust.sources import RoomTrustCache
+
+        self.muninn = MuninnDirectoryCache(self.pool)
+        self.room_trust = RoomTrustCache(self.pool)
         self.displaynames = DisplaynameCache(self.pool, self.displayname_ttl_seconds)
         self.keyword_templates = KeywordTemplateCache(self.pool)
         self.auto_pipeline = RedisAutoPipeline(self.redis)
