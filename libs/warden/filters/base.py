@@ -256,6 +256,10 @@ class Filter(abc.ABC):
     # False for a filter whose ``check`` never awaits I/O (it only computes): the
     # pipeline then runs it in the evaluation's own task instead of a task of its own.
     waits_on_io: ClassVar[bool] = True
+    # True for a filter (``waits_on_io`` False) that awaits I/O for a few events only:
+    # ``waits_for(ctx)`` names them, and the pipeline treats those as an I/O filter's
+    # (a timer, a task of their own) while running the rest inline.
+    waits_on_io_sometimes: ClassVar[bool] = False
     # True for a filter that judges text alone (an event's body): the server-centric
     # API's text check (``/_policyserv/v1/check/text``) runs exactly these.
     checks_text: ClassVar[bool] = False
@@ -270,6 +274,11 @@ class Filter(abc.ABC):
     def enabled(cls, config: EffectiveConfig) -> bool:
         """Whether the community's configuration turns this filter on."""
         return True
+
+    def waits_for(self, ctx: FilterContext) -> bool:
+        """Whether ``check`` may await I/O for this event (cheap: asked per event of a
+        ``waits_on_io_sometimes`` filter)."""
+        return self.waits_on_io
 
     @classmethod
     def fail_secure(cls, config: EffectiveConfig) -> bool:

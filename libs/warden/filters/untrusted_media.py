@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 from prometheus_client import Counter
 
@@ -91,7 +92,7 @@ UNTRUSTED_MEDIA_CHECKS = Counter(
 )
 
 
-def is_media(ctx: FilterContext, types: list[str]) -> bool:
+def is_media(ctx: FilterContext, types: Sequence[str]) -> bool:
     """Whether the event's type, or an ``m.room.message``'s msgtype, is listed."""
     if ctx.event_type in types:
         return True
@@ -106,9 +107,10 @@ class UntrustedMediaFilter(Filter):
 
     name = "untrusted_media"
     group = Group.MAIN
-    # It may await PostgreSQL for a media event (a cache miss), so it is not declared
-    # inline: the pipeline's filter timeout bounds it like any I/O filter.
-    waits_on_io = True
+    # It may await PostgreSQL for media events only: those run as an I/O filter's (the
+    # filter timeout bounds them), every other event inline with no task or timer.
+    waits_on_io = False
+    waits_on_io_sometimes = True
     harm_ids = (SPAM, MEDIA)
 
     @classmethod
@@ -116,9 +118,13 @@ class UntrustedMediaFilter(Filter):
         """On while the media type list is non-empty."""
         return bool(config.get_list(MEDIA_TYPES.name))
 
+    def waits_for(self, ctx: FilterContext) -> bool:
+        """Media events may need a lookup; nothing else does."""
+        return is_media(ctx, ctx.config[MEDIA_TYPES.name])
+
     async def check(self, ctx: FilterContext) -> FilterResult:
         """Neutral for non-media and trusted senders; prohibited (spam + media) else."""
-        if not is_media(ctx, ctx.config.get_list(MEDIA_TYPES.name)):
+        if not is_media(ctx, ctx.config[MEDIA_TYPES.name]):
             return FilterResult.neutral()
         outcome = await self._trusted_by(ctx) if ctx.sender_verified else "untrusted"
         UNTRUSTED_MEDIA_CHECKS.labels(outcome).inc()
