@@ -278,3 +278,29 @@ async def test_the_in_memory_copy_is_reloaded_and_survives_a_failed_reload(
     assert await broken.servers() == {"b.example"}
     await pool.close()
     assert await broken.servers() == {"b.example"}
+
+
+def test_muninn_settings_are_policyservs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from warden.policy.config import instance_defaults
+    from warden.policyserv_settings import ignored_settings_in
+    from warden.settings import Settings
+
+    assert Settings().muninn_hall_source_api_url == (
+        "https://mau.bot/_matrix/maubot/plugin/muninnbot/member_directory"
+    )
+    # Empty is policyserv's way to turn polling off, not "unset".
+    monkeypatch.setenv("PS_MUNINN_HALL_SOURCE_API_URL", "")
+    monkeypatch.setenv("PS_MUNINN_HALL_SOURCE_API_KEY", "secret")
+    settings = Settings()
+    assert settings.muninn_hall_source_api_url == ""
+    assert "secret" not in repr(settings)
+    env = {
+        "PS_MUNINN_HALL_SOURCE_API_KEY": "k",
+        "PS_UNTRUSTED_MEDIA_FILTER_USE_MUNINN": "false",
+        "PS_UNTRUSTED_MEDIA_FILTER_ALLOWED_USER_GLOBS": "@*:example.org",
+    }
+    # Read now, so no longer warned about as ignored.
+    assert ignored_settings_in(env) == []
+    defaults = instance_defaults(env)
+    assert defaults["untrusted_media_filter_use_muninn"] is False
+    assert defaults["untrusted_media_filter_allowed_user_globs"] == ["@*:example.org"]

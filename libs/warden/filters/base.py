@@ -11,7 +11,10 @@ listed in ``warden.filters.registry``. Next to its code it declares:
 * its configuration keys (``warden.policy.config.declare``);
 * ``enabled(config)`` — whether the community's configuration turns it on (a function
   of the configuration alone: the pipeline remembers the answer per configuration);
-* ``async check(ctx) -> FilterResult``.
+* ``async check(ctx) -> FilterResult``;
+* ``waits_on_io`` (and, for a filter that awaits I/O for a few events only,
+  ``waits_on_io_sometimes`` with ``waits_for(ctx)``), which decides whether the pipeline
+  gives a run a timer and a task of its own.
 
 Filters are stateless: one instance serves every event and community. Shared state
 (hellbans, rate windows) lives in Redis so every worker sees the same thing. Filters send
