@@ -128,6 +128,7 @@ class UntrustedMediaFilter(Filter):
             return FilterResult.neutral()
         outcome = await self._trusted_by(ctx) if ctx.sender_verified else "untrusted"
         UNTRUSTED_MEDIA_CHECKS.labels(outcome).inc()
+        logger.debug("untrusted media check", extra={"event_id": ctx.event_id, "outcome": outcome})
         if outcome in ("denied", "untrusted"):
             return FilterResult.prohibited(SPAM, MEDIA)
         return FilterResult.neutral()
