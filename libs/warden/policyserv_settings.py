@@ -24,14 +24,9 @@ from collections.abc import Mapping
 
 logger = logging.getLogger(__name__)
 
-_MEDIA_TRUST = (
-    "Warden has no untrusted-media filter or trust sources yet; media is allowed or "
-    "refused per community with media_filter_media_types"
-)
 _READ_REPLICA = "Warden reads and writes through one database pool (PS_DATABASE)"
 _HMA = "Warden has no HMA media-scanning filter"
 _OPENAI = "Warden has no OpenAI moderation filter"
-_MUNINN = "Warden has no Muninn Hall trust source"
 _MEDIA_CLIENT = "Warden downloads no media (no filter of Warden scans media)"
 
 # Variable → why Warden ignores it. A variable that a later Warden declares (a setting
@@ -50,13 +45,6 @@ IGNORED_SETTINGS: dict[str, str] = {
     "check",
     "PS_HOMESERVER_MEDIA_CLIENT_URL": _MEDIA_CLIENT,
     "PS_HOMESERVER_MEDIA_CLIENT_ACCESS_TOKEN": _MEDIA_CLIENT,
-    "PS_UNTRUSTED_MEDIA_FILTER_MEDIA_TYPES": _MEDIA_TRUST,
-    "PS_UNTRUSTED_MEDIA_FILTER_USE_MUNINN": _MEDIA_TRUST,
-    "PS_UNTRUSTED_MEDIA_FILTER_USE_POWER_LEVELS": _MEDIA_TRUST,
-    "PS_UNTRUSTED_MEDIA_FILTER_ALLOWED_USER_GLOBS": _MEDIA_TRUST,
-    "PS_UNTRUSTED_MEDIA_FILTER_DENIED_USER_GLOBS": _MEDIA_TRUST,
-    "PS_MUNINN_HALL_SOURCE_API_URL": _MUNINN,
-    "PS_MUNINN_HALL_SOURCE_API_KEY": _MUNINN,
     "PS_OPENAI_FILTER_FAIL_SECURE": _OPENAI,
     "PS_OPENAI_FILTER_API_KEY": _OPENAI,
     "PS_OPENAI_FILTER_ALLOWED_ROOM_IDS": _OPENAI,

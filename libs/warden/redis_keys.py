@@ -155,3 +155,11 @@ def unsafe_signing_key(server_name: str, key_id: str) -> str:
 
 
 UNSAFE_KEY_MARK_SECONDS = 7 * 24 * 3600
+
+
+def muninn_poll_lock() -> str:
+    """``warden:lock:muninn_poll``: taken (SET NX) by the one filter worker polling the
+    Muninn Hall member directory, then left to expire 50 to 70 minutes after the poll (5
+    minutes after a failed one): while it exists no worker polls. Value: the holder's
+    random token."""
+    return f"{PREFIX}lock:muninn_poll"

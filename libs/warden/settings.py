@@ -43,7 +43,7 @@ DEFAULT_DENIED_NETWORKS = (
 CSV = Annotated[list[str], NoDecode]
 
 # Settings for which an empty variable is a value of its own rather than "unset".
-_EMPTY_IS_A_VALUE = frozenset({"key_query_server"})
+_EMPTY_IS_A_VALUE = frozenset({"key_query_server", "muninn_hall_source_api_url"})
 
 
 def _split_csv(value: Any) -> Any:
@@ -237,6 +237,15 @@ class Settings(BaseSettings):
     webhook_retry_base_seconds: float = Field(default=2.0, gt=0)  # Warden
     # Warden: extra CA bundle (PEM) trusted for webhook targets, on top of the system's.
     webhook_ca_file: str | None = None
+
+    # --- Trust sources (the untrusted-media filter) ---
+    # The Muninn Hall member directory, polled about hourly by one filter worker
+    # (policyserv's names and default). Empty URL or key: no polling (the admin API's
+    # /sources/muninn/set_member_directory_event still sets it).
+    muninn_hall_source_api_url: str = (
+        "https://mau.bot/_matrix/maubot/plugin/muninnbot/member_directory"
+    )
+    muninn_hall_source_api_key: str = Field(default="", repr=False)
 
     # --- Policy API: /sign, /check and the well-known documents ---
     # Warden: largest /sign or /check body accepted; enforced while reading, whatever

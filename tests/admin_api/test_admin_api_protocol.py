@@ -42,6 +42,7 @@ ENDPOINTS = {
     "/api/v1/instance/community_config": {"get"},
     "/api/v1/events/{event_id}": {"get"},
     "/api/v1/keyword_templates/{name}": {"get", "post", "delete"},
+    "/api/v1/sources/muninn/set_member_directory_event": {"post"},
 }
 
 

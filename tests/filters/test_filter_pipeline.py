@@ -338,16 +338,58 @@ async def test_filters_that_only_compute_run_in_the_evaluations_own_task(
 async def test_filters_declared_not_to_wait_on_io_never_suspend(
     deps: FilterDeps, ev: dict[str, object]
 ) -> None:
-    """``waits_on_io = False`` is a promise: ``check`` finishes without suspending."""
+    """``waits_on_io = False`` is a promise: ``check`` finishes without suspending, except
+    for the events a ``waits_on_io_sometimes`` filter's ``waits_for`` names."""
     from tests.filters.filter_helpers import context
 
     inline = [cls for cls in FILTERS if not cls.waits_on_io]
     assert len(inline) >= 5
     for cls in inline:
-        coro = cls().check(context(dict(ev), deps))
+        ctx = context(dict(ev), deps)
+        if cls.waits_on_io_sometimes and cls().waits_for(ctx):
+            continue
+        coro = cls().check(ctx)
         try:
             coro.send(None)
         except StopIteration:
             continue
         coro.close()
         raise AssertionError(f"{cls.name} suspended: it waits on something")
+
+
+class Sometimes(Filter):
+    """Waits on I/O for ``m.sticker`` only (as ``untrusted_media`` for media)."""
+
+    name = "test_sometimes"
+    group = Group.MAIN
+    waits_on_io = False
+    waits_on_io_sometimes = True
+    tasks: ClassVar[list[asyncio.Task[object] | None]] = []
+
+    def waits_for(self, ctx: FilterContext) -> bool:
+        return ctx.event_type == "m.sticker"
+
+    async def check(self, ctx: FilterContext) -> FilterResult:
+        self.tasks.append(asyncio.current_task())
+        if ctx.event_type == "m.sticker":
+            await asyncio.sleep(30)  # a lookup that never answers
+        return FilterResult.neutral()
+
+
+async def test_a_filter_waiting_for_some_events_is_timed_for_those_inline_for_others(
+    deps: FilterDeps,
+) -> None:
+    Sometimes.tasks.clear()
+    p = pipeline(deps, Sometimes, timeout=0.2)
+    # The events it names get an I/O filter's timer: a stuck lookup is a dependency
+    # failure (no verdict), not a hang.
+    with pytest.raises(EvaluationUnavailable) as caught:
+        await judge(p, event("m.sticker", {"body": "s", "url": "mxc://x/y"}))
+    assert caught.value.filter_name == "test_sometimes" and "timed out" in caught.value.error
+    # Other events run inline, in the evaluation's own task.
+    Sometimes.tasks.clear()
+    v = await asyncio.ensure_future(judge(p, message("hello")))
+    assert v.content_class is N
+    assert len(Sometimes.tasks) == 1
+    task = Sometimes.tasks[0]
+    assert task is not None and task.get_coro().__name__ == "judge"

@@ -32,6 +32,7 @@ from warden.filters.protect_own_user import ProtectOwnUser
 from warden.filters.registry import BY_NAME, FILTERS
 from warden.filters.sender_prefilter import SenderPrefilter
 from warden.filters.trim_length import TrimLengthFilter
+from warden.filters.untrusted_media import UntrustedMediaFilter
 from warden.matrix.canonical_json import encode_canonical_json
 from warden.policy.config import known_keys
 from warden.policy.harms import MEDIA, OTHER, SPAM, SPAM_FLOODING
@@ -284,6 +285,7 @@ DISABLED: list[tuple[type[Filter], dict[str, Any]]] = [
     (TrimLengthFilter, {"trim_length_filter_max_difference": 0}),
     (DensityFilter, {"density_filter_max_density": 0.0}),
     (MediaFilter, {"media_filter_media_types": []}),
+    (UntrustedMediaFilter, {"untrusted_media_filter_media_types": []}),
     (MentionsFilter, {"mention_filter_max_mentions": 0}),
     (SenderPrefilter, {}),  # empty allow list by default
     (
@@ -317,6 +319,7 @@ def test_on_by_default_as_in_policyserv() -> None:
         "trim_length",
         "density",
         "media",
+        "untrusted_media",
         "inline_emoji_size",
         "hellban_postfilter",
     }  # sender prefilter (empty list), frequency, mention frequency, join and invite rates

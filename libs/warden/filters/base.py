@@ -11,7 +11,10 @@ listed in ``warden.filters.registry``. Next to its code it declares:
 * its configuration keys (``warden.policy.config.declare``);
 * ``enabled(config)`` — whether the community's configuration turns it on (a function
   of the configuration alone: the pipeline remembers the answer per configuration);
-* ``async check(ctx) -> FilterResult``.
+* ``async check(ctx) -> FilterResult``;
+* ``waits_on_io`` (and, for a filter that awaits I/O for a few events only,
+  ``waits_on_io_sometimes`` with ``waits_for(ctx)``), which decides whether the pipeline
+  gives a run a timer and a task of its own.
 
 Filters are stateless: one instance serves every event and community. Shared state
 (hellbans, rate windows) lives in Redis so every worker sees the same thing. Filters send
@@ -26,7 +29,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import asyncpg
 import orjson
@@ -38,6 +41,10 @@ from warden.policy.keyword_template_cache import KeywordTemplateCache
 from warden.policy.verdict import ContentClass, FilterOutcome
 from warden.storage.displaynames import get_displaynames
 from warden.storage.redis_autopipeline import RedisAutoPipeline
+
+if TYPE_CHECKING:
+    from warden.trust.muninn import MuninnDirectoryCache
+    from warden.trust.sources import RoomTrustCache
 
 FAIL_SECURE_SUFFIX = "_fail_secure"
 
@@ -119,8 +126,17 @@ class FilterDeps:
     displayname_ttl_seconds: float = 10.0
     # Compiled keyword templates; the worker subscribes it to template changes.
     keyword_templates: KeywordTemplateCache = field(init=False)
+    # Trust sources of the untrusted-media filter (read only for media events).
+    muninn: MuninnDirectoryCache = field(init=False)
+    room_trust: RoomTrustCache = field(init=False)
 
     def __post_init__(self) -> None:
+        # Imported here: warden.trust uses filter modules, which import this one.
+        from warden.trust.muninn import MuninnDirectoryCache
+        from warden.trust.sources import RoomTrustCache
+
+        self.muninn = MuninnDirectoryCache(self.pool)
+        self.room_trust = RoomTrustCache(self.pool)
         self.displaynames = DisplaynameCache(self.pool, self.displayname_ttl_seconds)
         self.keyword_templates = KeywordTemplateCache(self.pool)
         self.auto_pipeline = RedisAutoPipeline(self.redis)
@@ -243,6 +259,10 @@ class Filter(abc.ABC):
     # False for a filter whose ``check`` never awaits I/O (it only computes): the
     # pipeline then runs it in the evaluation's own task instead of a task of its own.
     waits_on_io: ClassVar[bool] = True
+    # True for a filter (``waits_on_io`` False) that awaits I/O for a few events only:
+    # ``waits_for(ctx)`` names them, and the pipeline treats those as an I/O filter's
+    # (a timer, a task of their own) while running the rest inline.
+    waits_on_io_sometimes: ClassVar[bool] = False
     # True for a filter that judges text alone (an event's body): the server-centric
     # API's text check (``/_policyserv/v1/check/text``) runs exactly these.
     checks_text: ClassVar[bool] = False
@@ -257,6 +277,11 @@ class Filter(abc.ABC):
     def enabled(cls, config: EffectiveConfig) -> bool:
         """Whether the community's configuration turns this filter on."""
         return True
+
+    def waits_for(self, ctx: FilterContext) -> bool:
+        """Whether ``check`` may await I/O for this event (cheap: asked per event of a
+        ``waits_on_io_sometimes`` filter)."""
+        return self.waits_on_io
 
     @classmethod
     def fail_secure(cls, config: EffectiveConfig) -> bool:

@@ -34,6 +34,7 @@ from warden.filters.sender_prefilter import SenderPrefilter
 from warden.filters.sticky_events import StickyEventsFilter
 from warden.filters.trim_length import TrimLengthFilter
 from warden.filters.unsafe_signing_key import UnsafeSigningKeyFilter
+from warden.filters.untrusted_media import UntrustedMediaFilter
 from warden.filters.user_id_contains_words import UserIdContainsWordsFilter
 from warden.filters.user_id_length import UserIdLengthFilter
 from warden.policy import filter_scope  # noqa: F401  (declares dry_run_filters, filter_conditions)
@@ -54,6 +55,7 @@ _ALL: tuple[type[Filter], ...] = (
     TrimLengthFilter,
     DensityFilter,
     MediaFilter,
+    UntrustedMediaFilter,
     FrequencyFilter,
     JoinRateFilter,
     InviteRateFilter,

@@ -245,10 +245,13 @@ class Pipeline:
         event loop for each, which under load was most of the pipeline's cost.
         """
         dry = {f.name for f in active if scope.is_dry(f.name)} if scope is not None else ()
-        waiting = [f for f in active if f.waits_on_io]
+        waiting = [
+            f for f in active if f.waits_on_io or (f.waits_on_io_sometimes and f.waits_for(ctx))
+        ]
         if len(waiting) > 1:
             tasks = {
-                f.name: asyncio.ensure_future(self._run_one(f, ctx, f.name in dry)) for f in waiting
+                f.name: asyncio.ensure_future(self._run_one(f, ctx, f.name in dry, waits=True))
+                for f in waiting
             }
         else:
             tasks = {}
@@ -259,7 +262,7 @@ class Pipeline:
                 outcomes.append(
                     await task
                     if task is not None
-                    else await self._run_one(flt, ctx, flt.name in dry)
+                    else await self._run_one(flt, ctx, flt.name in dry, waits=flt in waiting)
                 )
         finally:
             for task in tasks.values():
@@ -270,15 +273,17 @@ class Pipeline:
         return outcomes
 
     async def _run_one(
-        self, flt: Filter, ctx: FilterContext, dry_run: bool = False
+        self, flt: Filter, ctx: FilterContext, dry_run: bool = False, *, waits: bool | None = None
     ) -> FilterOutcome:
+        if waits is None:
+            waits = flt.waits_on_io or (flt.waits_on_io_sometimes and flt.waits_for(ctx))
         if dry_run:
             ctx = dry_context(ctx)
         start = time.perf_counter()
         error: str | None = None
         dependency = False
         try:
-            if flt.waits_on_io:
+            if waits:
                 async with asyncio.timeout(self.timeout_seconds):
                     result = await flt.check(ctx)
             else:
@@ -294,9 +299,7 @@ class Pipeline:
                 error = f"{type(exc).__name__}: {exc}"[:500]
             # A filter that never waits has no timer: a TimeoutError out of it is its own
             # (a CPU budget, say), not a dependency's.
-            dependency = is_dependency_failure(exc) and (
-                flt.waits_on_io or not isinstance(exc, TimeoutError)
-            )
+            dependency = is_dependency_failure(exc) and (waits or not isinstance(exc, TimeoutError))
             logger.warning(
                 "filter failed",
                 extra={

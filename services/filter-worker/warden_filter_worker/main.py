@@ -34,6 +34,7 @@ from warden.bus.streams import (
 from warden.bus.subjects import INBOUND_PDU_SUBJECT, INBOUND_STREAM, ROOM_STATE_CONSUMER
 from warden.federation.client import FederationClient
 from warden.federation.keyring import Keyring
+from warden.federation.network_guard import NetworkGuard
 from warden.filters.base import FilterDeps
 from warden.filters.base import Group as FilterGroup
 from warden.policy.config import ConfigError, instance_defaults
@@ -44,6 +45,7 @@ from warden.runtime.identity import load_identity
 from warden.runtime.service import Hook, bootstrap, run_async
 from warden.settings import Settings
 from warden.storage.room_state import StateCaps
+from warden.trust.muninn import MuninnPoller
 from warden_filter_worker.community_config import CommunityConfigCache
 from warden_filter_worker.evaluation import EvaluationService
 from warden_filter_worker.group_commit import GroupCommitWriter
@@ -211,7 +213,26 @@ def run(settings: Settings) -> int:
         async def reload_templates() -> None:
             await deps.keyword_templates.run(runtime.stopping)
 
-        background: list[Hook] = [marker.run, sweeper.run, refresh, reload_templates]
+        # The Muninn Hall directory: one worker at a time polls it (redis_keys lock).
+        muninn_poller = MuninnPoller(
+            pool=pool,
+            redis=redis,
+            url=settings.muninn_hall_source_api_url,
+            api_key=settings.muninn_hall_source_api_key,
+            guard=NetworkGuard.from_settings(settings),
+        )
+        runtime.add_shutdown_hook("muninn-poller", muninn_poller.aclose)
+
+        async def poll_muninn() -> None:
+            await muninn_poller.run(runtime.stopping)
+
+        background: list[Hook] = [
+            marker.run,
+            sweeper.run,
+            refresh,
+            reload_templates,
+            poll_muninn,
+        ]
         if settings.retention_interval_minutes > 0:
             pruner = Pruner(pool=pool, redis=redis, policy=RetentionPolicy.from_settings(settings))
 

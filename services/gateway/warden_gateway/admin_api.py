@@ -103,6 +103,7 @@ from warden_gateway.client_address import client_address
 from warden_gateway.errors import on_matrix_error
 from warden_gateway.keyword_templates_api import add_keyword_template_routes
 from warden_gateway.room_joins import JoinOutcome, NotificationFailed, RoomJoiner
+from warden_gateway.trust_sources_api import add_trust_source_routes
 
 logger = logging.getLogger(__name__)
 
@@ -730,5 +731,9 @@ def build_admin_router(
     # --- Keyword templates (keyword_templates_api) -----------------------------------
 
     add_keyword_template_routes(router, pool=pool, nats=nats)
+
+    # --- Trust sources (trust_sources_api) ------------------------------------------
+
+    add_trust_source_routes(router, pool=pool)
 
     return router
