@@ -279,7 +279,12 @@ class OpenAIModeration:
                 continue
             request = self._http.build_request(
                 "POST",
-                httpx.URL(scheme=self._scheme, host=ip, port=self._port, raw_path=self._target),
+                httpx.URL(
+                    scheme=self._scheme,
+                    host=ip,
+                    port=self._port,
+                    raw_path=self._target.encode("ascii"),
+                ),
                 headers=headers,
                 content=body,
                 extensions={"sni_hostname": self._host},
