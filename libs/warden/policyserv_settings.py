@@ -30,7 +30,6 @@ _MEDIA_TRUST = (
 )
 _READ_REPLICA = "Warden reads and writes through one database pool (PS_DATABASE)"
 _HMA = "Warden has no HMA media-scanning filter"
-_OPENAI = "Warden has no OpenAI moderation filter"
 _MUNINN = "Warden has no Muninn Hall trust source"
 _MEDIA_CLIENT = "Warden downloads no media (no filter of Warden scans media)"
 
@@ -57,9 +56,6 @@ IGNORED_SETTINGS: dict[str, str] = {
     "PS_UNTRUSTED_MEDIA_FILTER_DENIED_USER_GLOBS": _MEDIA_TRUST,
     "PS_MUNINN_HALL_SOURCE_API_URL": _MUNINN,
     "PS_MUNINN_HALL_SOURCE_API_KEY": _MUNINN,
-    "PS_OPENAI_FILTER_FAIL_SECURE": _OPENAI,
-    "PS_OPENAI_FILTER_API_KEY": _OPENAI,
-    "PS_OPENAI_FILTER_ALLOWED_ROOM_IDS": _OPENAI,
     "PS_HMA_FILTER_ENABLED_BANKS": _HMA,
     "PS_HMA_API_URL": _HMA,
     "PS_HMA_API_KEY": _HMA,

@@ -396,3 +396,17 @@ def test_settings(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         Settings(openai_filter_allowed_networks=["10.0.0.0/33"])
     monkeypatch.setenv("PS_OPENAI_FILTER_ALLOWED_NETWORKS", "127.0.0.1/32,10.1.0.0/16")
     assert Settings().openai_filter_allowed_networks == ["127.0.0.1/32", "10.1.0.0/16"]
+
+
+def test_policyservs_openai_settings_are_read_not_warned_about() -> None:
+    from warden.policyserv_settings import ignored_settings_in
+
+    env = {
+        "PS_OPENAI_FILTER_API_KEY": API_KEY,
+        "PS_OPENAI_FILTER_ALLOWED_ROOM_IDS": ROOM,
+        "PS_OPENAI_FILTER_FAIL_SECURE": "false",
+    }
+    assert ignored_settings_in(env) == []
+    cfg = config(env)
+    assert cfg["openai_filter_allowed_room_ids"] == [ROOM]
+    assert cfg["openai_filter_fail_secure"] is False
