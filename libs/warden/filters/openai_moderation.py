@@ -1,11 +1,11 @@
 """OpenAI moderation filter: text judged by an OpenAI-compatible moderation model.
 
 policyserv's ``OpenAIOmniFilter`` (reference §3.6). It runs only in the rooms the
-operator lists in ``PS_OPENAI_FILTER_ALLOWED_ROOM_IDS`` (an instance-only key, so no
-community can send its rooms' messages to a third party, nor turn the filter off there:
-as in policyserv, listed rooms are forced to use it) and, like every filter, where the
-community's ``filter_conditions`` let it. It needs the API key setting
-(``warden.openai_moderation``); without one it judges nothing.
+operator lists in ``PS_OPENAI_FILTER_ALLOWED_ROOM_IDS`` (an instance-only key: no
+community can send other rooms' messages to a third party, and listed rooms are on by
+default, "forced" as in policyserv) and, like every filter, where the community's
+``filter_conditions`` let it (``dry_run_filters`` applies too). It needs the API key
+setting (``warden.openai_moderation``); without one it judges nothing.
 
 What is sent: one request per text rendering of the event, each holding the rendering
 and the model name, nothing else (no event ID, room ID or media):
