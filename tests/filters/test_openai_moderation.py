@@ -314,6 +314,8 @@ def test_settings(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
             Settings(openai_filter_api_key="x", openai_filter_api_key_file=str(key_file))
         )
 
+    with pytest.raises(ValidationError):
+        Settings(openai_filter_api_key_file=str(tmp_path / "missing"))
     for bad in ("ftp://models.example/v1", "https://user:pw@models.example/v1", "nope"):
         with pytest.raises(ValidationError):
             Settings(openai_filter_base_url=bad)
@@ -335,3 +337,22 @@ def test_policyservs_openai_settings_are_read_not_warned_about() -> None:
     cfg = config(env)
     assert cfg["openai_filter_allowed_room_ids"] == [ROOM]
     assert cfg["openai_filter_fail_secure"] is False
+
+
+async def test_any_base_url_path_and_host_header(
+    service: tuple[Moderations, ThreadedServer],
+) -> None:
+    moderations, server = service
+    custom = OpenAIModeration.from_settings(
+        settings_for(server, openai_filter_base_url=f"{server.base_url}/proxy/openai/v1/")
+    )
+    assert custom is not None
+    try:
+        [result] = await custom.moderate(["hello"])
+    finally:
+        await custom.aclose()
+    assert not result.flagged
+    [(path, headers, body)] = moderations.received
+    assert path == "/proxy/openai/v1/moderations"
+    assert headers["host"] == server.address
+    assert body == {"model": MODEL, "input": "hello"}
