@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 _READ_REPLICA = "Warden reads and writes through one database pool (PS_DATABASE)"
 _HMA = "Warden has no HMA media-scanning filter"
-_OPENAI = "Warden has no OpenAI moderation filter"
 _MEDIA_CLIENT = "Warden downloads no media (no filter of Warden scans media)"
 
 # Variable → why Warden ignores it. A variable that a later Warden declares (a setting
@@ -45,9 +44,6 @@ IGNORED_SETTINGS: dict[str, str] = {
     "check",
     "PS_HOMESERVER_MEDIA_CLIENT_URL": _MEDIA_CLIENT,
     "PS_HOMESERVER_MEDIA_CLIENT_ACCESS_TOKEN": _MEDIA_CLIENT,
-    "PS_OPENAI_FILTER_FAIL_SECURE": _OPENAI,
-    "PS_OPENAI_FILTER_API_KEY": _OPENAI,
-    "PS_OPENAI_FILTER_ALLOWED_ROOM_IDS": _OPENAI,
     "PS_HMA_FILTER_ENABLED_BANKS": _HMA,
     "PS_HMA_API_URL": _HMA,
     "PS_HMA_API_KEY": _HMA,

@@ -375,6 +375,28 @@ class Settings(BaseSettings):
     retention_batch_size: int = Field(default=1000, ge=1, le=100_000)
     retention_batch_pause_ms: float = Field(default=100.0, ge=0, le=60_000)
 
+    # --- OpenAI-compatible moderation filter (issue 12; warden.openai_moderation) ---
+    # policyserv's name: the service's API key; empty (and no key file) disables the
+    # filter. Never logged. The rooms it runs in are PS_OPENAI_FILTER_ALLOWED_ROOM_IDS,
+    # an instance-only filter key (warden.filters.openai_moderation).
+    openai_filter_api_key: str = Field(default="", repr=False)
+    # Warden: the key read from this file instead (surrounding whitespace dropped).
+    openai_filter_api_key_file: str | None = None
+    # Warden: any OpenAI-compatible moderation endpoint (POST <base>/moderations), http
+    # or https; a locally served model needs its network in ..._ALLOWED_NETWORKS.
+    openai_filter_base_url: str = "https://api.openai.com/v1"
+    openai_filter_model: str = "omni-moderation-latest"  # Warden
+    # Warden: bound on classifying one event (PS_FILTER_TIMEOUT_SECONDS also applies).
+    openai_filter_timeout_seconds: float = Field(default=4.0, gt=0)
+    # Warden: events one worker classifies at once; the next fails at once (a
+    # dependency failure, see the filter's openai_filter_fail_secure).
+    openai_filter_max_concurrency: int = Field(default=16, ge=1)
+    # Warden: networks the service may be reached in although PS_HOMESERVER_DENIED_NETWORKS
+    # denies them (e.g. 127.0.0.1/32 for a model served on this host).
+    openai_filter_allowed_networks: CSV = Field(default_factory=list)
+    # Warden: extra CA bundle (PEM) trusted for the service, on top of the system's.
+    openai_filter_ca_file: str | None = None
+
     @field_validator(
         "homeserver_allowed_networks",
         "homeserver_denied_networks",
@@ -386,6 +408,7 @@ class Settings(BaseSettings):
         "support_admin_contacts",
         "support_security_contacts",
         "event_fetch_servers",
+        "openai_filter_allowed_networks",
         mode="before",
     )
     @classmethod
@@ -435,7 +458,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"{server!r} is not a server name (host or host:port)")
         return value
 
-    @field_validator("homeserver_allowed_networks", "homeserver_denied_networks")
+    @field_validator(
+        "homeserver_allowed_networks",
+        "homeserver_denied_networks",
+        "openai_filter_allowed_networks",
+    )
     @classmethod
     def _cidrs(cls, value: list[str]) -> list[str]:
         for cidr in value:
@@ -475,7 +502,7 @@ class Settings(BaseSettings):
             parse_bind(value)
         return value
 
-    @field_validator("federation_ca_file", "nats_tls_ca_file")
+    @field_validator("federation_ca_file", "nats_tls_ca_file", "openai_filter_ca_file")
     @classmethod
     def _ca_file(cls, value: str | None) -> str | None:
         if not value:
@@ -519,7 +546,9 @@ class Settings(BaseSettings):
             raise ValueError("PS_REDIS_SENTINEL_MASTER must name the master's service")
         return value
 
-    @field_validator("nats_creds_file", "nats_nkey_seed_file", "nats_tls_key_file")
+    @field_validator(
+        "nats_creds_file", "nats_nkey_seed_file", "nats_tls_key_file", "openai_filter_api_key_file"
+    )
     @classmethod
     def _readable_secret_file(cls, value: str | None) -> str | None:
         # Fail at start with the setting's name rather than at the first reconnect.
@@ -530,6 +559,14 @@ class Settings(BaseSettings):
                 pass
         except OSError as exc:
             raise ValueError(f"cannot read {value!r}: {exc.strerror}") from None
+        return value
+
+    @field_validator("openai_filter_base_url")
+    @classmethod
+    def _openai_base_url(cls, value: str) -> str:
+        from warden.openai_moderation import check_base_url
+
+        check_base_url(value)
         return value
 
     @field_validator("key_query_server")

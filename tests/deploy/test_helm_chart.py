@@ -321,6 +321,15 @@ def test_defaults_render_no_secret_and_read_the_existing_one() -> None:
     gateway = env_of(container(one(docs, "Deployment", "one-warden-gateway")))
     assert "optional" not in gateway["PS_DATABASE"]["valueFrom"]["secretKeyRef"]
     assert gateway["PS_API_KEY"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    worker = env_of(container(one(docs, "Deployment", "one-warden-filter-worker")))
+    assert worker["PS_OPENAI_FILTER_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "one-warden-secrets",
+        "key": "openai-filter-api-key",
+        "optional": True,
+    }
+    for d in of_kind(docs, "Deployment"):
+        name = container(d)["name"]
+        assert ("PS_OPENAI_FILTER_API_KEY" in env_of(container(d))) == (name == "filter-worker")
     # Redis and NATS URLs come from the ConfigMap unless the Secret has them.
     assert gateway["PS_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
         "name": "one-warden-secrets",

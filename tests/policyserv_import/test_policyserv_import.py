@@ -83,7 +83,8 @@ def statements() -> list[tuple[str, list[Any]]]:
                         "keyword_filter_keywords": ["buy now"],
                         "length_filter_max_length": 5000.0,
                         "mjolnir_filter_enabled": False,
-                        "openai_filter_fail_secure": True,
+                        "openai_filter_fail_secure": False,
+                        "safeguard_filter_policy": "unknown to Warden",
                         "many_ats_filter_max_ats": "lots",
                     }
                 ).decode(),
@@ -191,10 +192,11 @@ async def test_import_carries_every_kind_over(source: str, target: str) -> None:
         "keyword_filter_keywords": ["buy now"],
         "length_filter_max_length": 5000,
         "mjolnir_filter_enabled": False,
+        "openai_filter_fail_secure": False,
     }
     dropped = {(d["community_id"], d["key"]) for d in report["config_keys_dropped"]}
     assert dropped == {
-        ("2Nq8zalpha", "openai_filter_fail_secure"),
+        ("2Nq8zalpha", "safeguard_filter_policy"),
         ("2Nq8zalpha", "many_ats_filter_max_ats"),
     }
     assert communities["2Nq8zbeta"]["api_access_token_hash"] is None

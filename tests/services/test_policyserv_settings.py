@@ -105,7 +105,7 @@ def test_a_service_warns_at_start_once_per_ignored_setting(
 ) -> None:
     svc = spawn_service(
         "webhooks",
-        PS_OPENAI_FILTER_API_KEY="sk-whatever",
+        PS_HTTP_PPROF_BIND="127.0.0.1:6060",
         PS_DATABASE_READ="postgres://replica/db",
         PS_TRIM_FILTER_MAX_DIFFERENCE="30",  # an alias: read, not warned about
     )
@@ -113,6 +113,6 @@ def test_a_service_warns_at_start_once_per_ignored_setting(
     assert svc.stop() == 0
     lines = [orjson.loads(x) for x in svc.output().splitlines() if x.startswith("{")]
     ignored = [x for x in lines if x.get("event") == "ignored_setting"]
-    assert sorted(x["setting"] for x in ignored) == ["PS_DATABASE_READ", "PS_OPENAI_FILTER_API_KEY"]
+    assert sorted(x["setting"] for x in ignored) == ["PS_DATABASE_READ", "PS_HTTP_PPROF_BIND"]
     assert all(x["level"] == "WARNING" for x in ignored)
     assert "sk-whatever" not in svc.output()  # the value (a secret, maybe) is not logged

@@ -45,6 +45,7 @@ from warden.storage.redis_autopipeline import RedisAutoPipeline
 if TYPE_CHECKING:
     from warden.trust.muninn import MuninnDirectoryCache
     from warden.trust.sources import RoomTrustCache
+    from warden.openai_moderation import OpenAIModeration
 
 FAIL_SECURE_SUFFIX = "_fail_secure"
 
@@ -129,6 +130,8 @@ class FilterDeps:
     # Trust sources of the untrusted-media filter (read only for media events).
     muninn: MuninnDirectoryCache = field(init=False)
     room_trust: RoomTrustCache = field(init=False)
+    # The moderation service client of the openai_filter filter (None: no API key set).
+    openai_moderation: OpenAIModeration | None = None
 
     def __post_init__(self) -> None:
         # Imported here: warden.trust uses filter modules, which import this one.

@@ -28,6 +28,7 @@ from warden.filters.media import MediaFilter
 from warden.filters.mention_frequency import MentionFrequencyFilter
 from warden.filters.mentions import MentionsFilter
 from warden.filters.moderation_prefilter import ModerationPrefilter
+from warden.filters.openai_moderation import OpenAIModerationFilter
 from warden.filters.policy_list import PolicyListFilter
 from warden.filters.protect_own_user import ProtectOwnUser
 from warden.filters.sender_prefilter import SenderPrefilter
@@ -65,6 +66,7 @@ _ALL: tuple[type[Filter], ...] = (
     LinkFilter,
     UserIdContainsWordsFilter,
     UserIdLengthFilter,
+    OpenAIModerationFilter,
     HellbanPostfilter,
 )
 

@@ -1,7 +1,7 @@
 """Policyserv community configurations checked against Warden's declared keys.
 
 Policyserv never validated its stored JSON (unknown keys were ignored), so a community
-may hold keys Warden does not know (``openai_filter_fail_secure``), instance-only ones,
+may hold keys Warden does not know (those of unmerged filters), instance-only ones,
 or values of another type. Keys Warden knows are kept, with lossless conversions (an
 integral number for an integer key, a CSV string for a list); every other key is
 dropped and reported with the reason, as Warden refuses unknown keys.

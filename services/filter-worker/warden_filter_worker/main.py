@@ -14,6 +14,7 @@ periodic room state refresh (``state_refresh``) and, every
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from signedjson.key import get_verify_key
@@ -37,6 +38,7 @@ from warden.federation.keyring import Keyring
 from warden.federation.network_guard import NetworkGuard
 from warden.filters.base import FilterDeps
 from warden.filters.base import Group as FilterGroup
+from warden.openai_moderation import OpenAIModeration
 from warden.policy.config import ConfigError, instance_defaults
 from warden.policy.pipeline import Pipeline
 from warden.retention import Pruner, RetentionPolicy
@@ -57,6 +59,8 @@ from warden_filter_worker.state_refresh import StateRefresher
 from warden_filter_worker.text_checks import TextCheckService
 
 NAME = "filter-worker"
+
+logger = logging.getLogger(__name__)
 
 # Inbound PDUs one worker handles at once (each may wait for a verdict).
 _ROOM_STATE_IN_FLIGHT = 32
@@ -88,6 +92,11 @@ def run(settings: Settings) -> int:
     except ConfigError as exc:
         print(f"warden: invalid setting {exc.key}: {exc.message}", file=sys.stderr)
         return 2
+    try:
+        moderation = OpenAIModeration.from_settings(settings)
+    except (OSError, ValueError) as exc:
+        print(f"warden: invalid setting PS_OPENAI_FILTER_API_KEY_FILE: {exc}", file=sys.stderr)
+        return 2
     runtime = bootstrap(NAME, settings)
     claim_ttl_seconds, wait_seconds = claim_timing(settings)
 
@@ -102,7 +111,15 @@ def run(settings: Settings) -> int:
             redis=redis,
             pool=pool,
             local_user_id=f"@{settings.join_localpart}:{settings.homeserver_name}",
+            openai_moderation=moderation,
         )
+        if moderation is not None:
+            runtime.add_shutdown_hook("openai-moderation", moderation.aclose)
+        elif instance.get("openai_filter_allowed_room_ids"):
+            logger.warning(
+                "PS_OPENAI_FILTER_ALLOWED_ROOM_IDS is set but no API key: "
+                "the openai_filter filter judges nothing"
+            )
         pipeline = Pipeline(
             deps, timeout_seconds=settings.filter_timeout_seconds, on_outcome=observe_outcome
         )

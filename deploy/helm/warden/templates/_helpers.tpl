@@ -90,6 +90,7 @@ context: {root, name (values key), key (default key), required (bool), cred (opt
   "eventSigningKey" (list "" "event_signing.key" true)
   "apiKey" (list "PS_API_KEY" "api-key" false)
   "moderatorAccessTokens" (list "PS_MODERATOR_ACCESS_TOKENS" "moderator-access-tokens" false)
+  "openaiFilterApiKey" (list "PS_OPENAI_FILTER_API_KEY" "openai-filter-api-key" false)
   "redisUrl" (list "PS_REDIS_URL" "redis-url" false)
   "natsUrl" (list "PS_NATS_URL" "nats-url" false)
 ) -}}

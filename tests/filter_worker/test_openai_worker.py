@@ -1,0 +1,141 @@
+"""The openai_filter filter at the worker, with a real local moderation server.
+
+A slow classifier holds up only the events it judges: other rooms' events are answered,
+committed and cached while its request is held open. A failing classifier leaves no
+verdict behind, and the event is judged once the service answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from nats.aio.client import Client as NATS
+
+from tests.filters.filter_helpers import OWN_USER, ROOM, event
+from tests.filters.moderation_service import (
+    OTHER_ROOM,
+    ROOMS_ENV,
+    Moderations,
+    settings_for,
+)
+from tests.filters.moderation_service import service as service  # a fixture
+from tests.local_servers import ThreadedServer
+from warden import redis_keys
+from warden.bus.evaluation import EvaluationRequest
+from warden.bus.streams import ensure_verdicts_stream
+from warden.filters.base import FilterDeps
+from warden.openai_moderation import OpenAIModeration
+from warden.policy.config import instance_defaults
+from warden.policy.harms import SPAM
+from warden.policy.pipeline import Pipeline
+from warden.policy.verdict import ContentClass, Verdict
+from warden.storage.verdicts import get_verdict
+from warden_filter_worker.community_config import CommunityConfigCache
+from warden_filter_worker.evaluation import EvaluationService
+from warden_filter_worker.group_commit import GroupCommitWriter
+from warden_filter_worker.publisher import VerdictPublisher
+
+
+@pytest.fixture
+async def worker(
+    redis_client: aioredis.Redis,
+    pg_pool: asyncpg.Pool,
+    nats_client: NATS,
+    service: tuple[Moderations, ThreadedServer],
+) -> AsyncIterator[EvaluationService]:
+    await ensure_verdicts_stream(nats_client.jetstream())
+    client = OpenAIModeration.from_settings(
+        settings_for(service[1], openai_filter_max_concurrency=4)
+    )
+    assert client is not None
+    deps = FilterDeps(
+        redis=redis_client, pool=pg_pool, local_user_id=OWN_USER, openai_moderation=client
+    )
+    svc = EvaluationService(
+        redis=redis_client,
+        pool=pg_pool,
+        pipeline=Pipeline(deps, timeout_seconds=30),
+        configs=CommunityConfigCache(pg_pool, instance_defaults(ROOMS_ENV)),
+        writer=GroupCommitWriter(pg_pool),
+        publisher=VerdictPublisher(nats_client),
+        claim_ttl_seconds=2,
+        wait_seconds=60,
+        store_timeout_seconds=5,
+    )
+    yield svc
+    if service[0].hold is not None:
+        service[0].hold.set()
+    await svc.stop()
+    await client.aclose()
+
+
+def request(body: str, room_id: str = ROOM) -> EvaluationRequest:
+    return EvaluationRequest(
+        event=event("m.room.message", {"msgtype": "m.text", "body": body}, room_id=room_id),
+        event_id=f"${uuid.uuid4().hex}",
+        community_id="default",
+        origin="origin.example",
+        source="sign",
+    )
+
+
+async def test_other_rooms_are_answered_while_the_classifier_holds_a_request(
+    worker: EvaluationService,
+    service: tuple[Moderations, ThreadedServer],
+    pg_pool: asyncpg.Pool,
+) -> None:
+    moderations, _ = service
+    moderations.hold = threading.Event()
+    judged = request("is this fine")
+    held = asyncio.create_task(worker.answer(judged))
+    while moderations.held < 1:
+        await asyncio.sleep(0.01)
+
+    others = [request(f"message {i}", OTHER_ROOM) for i in range(10)]
+    answers = await asyncio.gather(*(worker.answer(r) for r in others))
+    for (reply, outcome), req in zip(answers, others, strict=True):
+        assert outcome == "first_time"
+        assert Verdict.from_json(reply).content_class is ContentClass.NEUTRAL
+        assert await get_verdict(pg_pool, req.event_id) is not None
+
+    # Every one of them was answered while the classifier still held its request.
+    assert not held.done()
+    assert moderations.held == 1
+    moderations.hold.set()
+    reply, outcome = await held
+    assert outcome == "first_time"
+    assert Verdict.from_json(reply).content_class is ContentClass.NEUTRAL
+
+
+async def test_a_failing_classifier_leaves_no_verdict_and_is_asked_again(
+    worker: EvaluationService,
+    service: tuple[Moderations, ThreadedServer],
+    redis_client: aioredis.Redis,
+    pg_pool: asyncpg.Pool,
+) -> None:
+    moderations, _ = service
+    moderations.status = 503
+    req = request("buy followers cheap")
+
+    reply, outcome = await worker.answer(req)
+    assert outcome == "unavailable"
+    assert orjson.loads(reply)["retry_after_ms"] > 0
+    assert await get_verdict(pg_pool, req.event_id) is None
+    assert not await redis_client.exists(redis_keys.verdict(req.event_id))
+
+    # The service is back and flags it: the same event is refused now.
+    moderations.status = 200
+    moderations.flagged = True
+    reply, outcome = await worker.answer(req)
+    assert outcome == "first_time"
+    verdict = Verdict.from_json(reply)
+    assert verdict.content_class is ContentClass.PROHIBITED
+    assert verdict.harms == (SPAM,)
+    assert len(moderations.received) == 2
