@@ -142,3 +142,13 @@ def unsafe_signing_key(server_name: str, key_id: str) -> str:
 
 
 UNSAFE_KEY_MARK_SECONDS = 7 * 24 * 3600
+
+
+def media_scan_claim(mxc_uri: str) -> str:
+    """Held by the replica downloading and hashing one piece of media (HMA filter).
+
+    Value: a random token of the holder. TTL: ``PS_HMA_TIMEOUT_SECONDS``, so a crashed
+    holder's claim lapses. Others wait for the result to appear in PostgreSQL
+    (``media_hashes``) instead of downloading the same media again.
+    """
+    return f"{PREFIX}media_scan_claim:{mxc_uri}"

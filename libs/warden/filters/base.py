@@ -26,7 +26,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import asyncpg
 import orjson
@@ -38,6 +38,9 @@ from warden.policy.keyword_template_cache import KeywordTemplateCache
 from warden.policy.verdict import ContentClass, FilterOutcome
 from warden.storage.displaynames import get_displaynames
 from warden.storage.redis_autopipeline import RedisAutoPipeline
+
+if TYPE_CHECKING:
+    from warden.media_scan.scanner import MediaScanner
 
 FAIL_SECURE_SUFFIX = "_fail_secure"
 
@@ -119,6 +122,8 @@ class FilterDeps:
     displayname_ttl_seconds: float = 10.0
     # Compiled keyword templates; the worker subscribes it to template changes.
     keyword_templates: KeywordTemplateCache = field(init=False)
+    # The HMA media scanner (None when PS_HMA_API_URL is not set).
+    media_scanner: MediaScanner | None = None
 
     def __post_init__(self) -> None:
         self.displaynames = DisplaynameCache(self.pool, self.displayname_ttl_seconds)
@@ -257,6 +262,11 @@ class Filter(abc.ABC):
     def enabled(cls, config: EffectiveConfig) -> bool:
         """Whether the community's configuration turns this filter on."""
         return True
+
+    def timeout_seconds(self, deps: FilterDeps, default: float) -> float:
+        """This filter's timeout: the pipeline's ``default`` unless the filter needs its own
+        (one waiting on a slow outside service, like media scanning)."""
+        return default
 
     @classmethod
     def fail_secure(cls, config: EffectiveConfig) -> bool:

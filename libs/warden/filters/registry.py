@@ -15,6 +15,7 @@ from warden.filters.event_type_prefilter import EventTypePrefilter
 from warden.filters.frequency import FrequencyFilter
 from warden.filters.hellban_postfilter import HellbanPostfilter
 from warden.filters.hellban_prefilter import HellbanPrefilter
+from warden.filters.hma import HmaFilter
 from warden.filters.inline_emoji_size import InlineEmojiSizeFilter
 from warden.filters.invite_rate import InviteRateFilter
 from warden.filters.join_rate import JoinRateFilter
@@ -62,6 +63,7 @@ _ALL: tuple[type[Filter], ...] = (
     LinkFilter,
     UserIdContainsWordsFilter,
     UserIdLengthFilter,
+    HmaFilter,
     HellbanPostfilter,
 )
 

@@ -35,6 +35,7 @@ from warden.federation.client import FederationClient
 from warden.federation.keyring import Keyring
 from warden.filters.base import FilterDeps
 from warden.filters.base import Group as FilterGroup
+from warden.media_scan.scanner import build_media_scanner
 from warden.policy.config import ConfigError, instance_defaults
 from warden.policy.pipeline import Pipeline
 from warden.runtime import dependencies
@@ -73,6 +74,9 @@ def claim_timing(settings: Settings) -> tuple[float, float]:
     over before the requests waiting on them give up.
     """
     longest_evaluation = len(FilterGroup) * settings.filter_timeout_seconds
+    if settings.hma_api_url:  # the HMA filter (main group) has its own, longer timeout
+        extra = settings.hma_timeout_seconds - settings.filter_timeout_seconds
+        longest_evaluation += max(0.0, extra)
     wait_seconds = longest_evaluation + _CLAIM_SLACK_SECONDS / 2
     return min(settings.evaluation_claim_ttl_seconds, wait_seconds / 3), wait_seconds
 
@@ -99,6 +103,9 @@ def run(settings: Settings) -> int:
             pool=pool,
             local_user_id=f"@{settings.join_localpart}:{settings.homeserver_name}",
         )
+        deps.media_scanner = build_media_scanner(settings, pool, redis)
+        if deps.media_scanner is not None:
+            runtime.add_shutdown_hook("media-scanner", deps.media_scanner.aclose)
         pipeline = Pipeline(
             deps, timeout_seconds=settings.filter_timeout_seconds, on_outcome=observe_outcome
         )
