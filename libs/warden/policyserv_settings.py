@@ -29,10 +29,8 @@ _MEDIA_TRUST = (
     "refused per community with media_filter_media_types"
 )
 _READ_REPLICA = "Warden reads and writes through one database pool (PS_DATABASE)"
-_HMA = "Warden has no HMA media-scanning filter"
 _OPENAI = "Warden has no OpenAI moderation filter"
 _MUNINN = "Warden has no Muninn Hall trust source"
-_MEDIA_CLIENT = "Warden downloads no media (no filter of Warden scans media)"
 
 # Variable → why Warden ignores it. A variable that a later Warden declares (a setting
 # or a filter's config key) is never warned about, whatever this table says.
@@ -48,8 +46,6 @@ IGNORED_SETTINGS: dict[str, str] = {
     "PS_STATE_CACHE_MINUTES": "Warden learns room state from every /send transaction and "
     "refreshes it every PS_STATE_CACHE_INTERVAL_MINUTES; there is no per-event staleness "
     "check",
-    "PS_HOMESERVER_MEDIA_CLIENT_URL": _MEDIA_CLIENT,
-    "PS_HOMESERVER_MEDIA_CLIENT_ACCESS_TOKEN": _MEDIA_CLIENT,
     "PS_UNTRUSTED_MEDIA_FILTER_MEDIA_TYPES": _MEDIA_TRUST,
     "PS_UNTRUSTED_MEDIA_FILTER_USE_MUNINN": _MEDIA_TRUST,
     "PS_UNTRUSTED_MEDIA_FILTER_USE_POWER_LEVELS": _MEDIA_TRUST,
@@ -60,9 +56,6 @@ IGNORED_SETTINGS: dict[str, str] = {
     "PS_OPENAI_FILTER_FAIL_SECURE": _OPENAI,
     "PS_OPENAI_FILTER_API_KEY": _OPENAI,
     "PS_OPENAI_FILTER_ALLOWED_ROOM_IDS": _OPENAI,
-    "PS_HMA_FILTER_ENABLED_BANKS": _HMA,
-    "PS_HMA_API_URL": _HMA,
-    "PS_HMA_API_KEY": _HMA,
 }
 
 # Community config key → policyserv variables read for its instance default when

@@ -455,3 +455,16 @@ async def test_settings_build_a_scanner_with_policyserv_names(
         assert scanner.downloader.base_url == "http://127.0.0.1:2"
     finally:
         await scanner.aclose()
+
+
+def test_policyserv_hma_settings_are_read_not_warned_about() -> None:
+    from warden.policyserv_settings import ignored_settings_in
+
+    env = {
+        "PS_HMA_API_URL": "http://hma",
+        "PS_HMA_API_KEY": "k",
+        "PS_HMA_FILTER_ENABLED_BANKS": "csam",
+        "PS_HOMESERVER_MEDIA_CLIENT_URL": "http://hs",
+        "PS_HOMESERVER_MEDIA_CLIENT_ACCESS_TOKEN": "t",
+    }
+    assert list(ignored_settings_in(env)) == []
