@@ -468,3 +468,15 @@ def test_policyserv_hma_settings_are_read_not_warned_about() -> None:
         "PS_HOMESERVER_MEDIA_CLIENT_ACCESS_TOKEN": "t",
     }
     assert list(ignored_settings_in(env)) == []
+
+
+def test_the_wait_for_another_workers_verdict_covers_the_hma_timeout(
+    make_settings: Callable[..., Settings],
+) -> None:
+    from warden_filter_worker.main import claim_timing
+
+    _, without = claim_timing(make_settings(hma_timeout_seconds=60.0))
+    assert without == 25.0  # HMA off: its timeout changes nothing
+    ttl, wait = claim_timing(make_settings(hma_api_url="http://hma", hma_timeout_seconds=60.0))
+    assert wait == 25.0 + 55.0  # the main group's 5 s became 60 s
+    assert ttl * 3 <= wait
