@@ -42,6 +42,7 @@ from warden.media_scan.extract import MediaRef
 from warden.media_scan.hma import HmaClient, MediaKind
 from warden.policy.dependency_failures import DependencyUnavailable
 from warden.policy.verdict import ContentClass
+from warden.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ class MediaScanner:
 
 
 def build_media_scanner(
-    settings: Any, pool: asyncpg.Pool, redis: aioredis.Redis
+    settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis
 ) -> MediaScanner | None:
     """The process's scanner from the settings; None when ``PS_HMA_API_URL`` is empty."""
     from warden.federation.network_guard import NetworkGuard

@@ -277,7 +277,11 @@ class Pipeline:
         start = time.perf_counter()
         error: str | None = None
         dependency = False
-        limit = flt.timeout_seconds(ctx.deps, self.timeout_seconds)
+        limit = (
+            flt.timeout_seconds(ctx.deps, self.timeout_seconds)
+            if flt.waits_on_io
+            else self.timeout_seconds
+        )
         try:
             if flt.waits_on_io:
                 async with asyncio.timeout(limit):
