@@ -480,3 +480,33 @@ def test_the_wait_for_another_workers_verdict_covers_the_hma_timeout(
     ttl, wait = claim_timing(make_settings(hma_api_url="http://hma", hma_timeout_seconds=60.0))
     assert wait == 25.0 + 55.0  # the main group's 5 s became 60 s
     assert ttl * 3 <= wait
+
+
+async def test_an_imported_policyserv_judgement_is_used_without_a_download(
+    services: Services,
+    make_scanner: ScannerFactory,
+    redis_client: aioredis.Redis,
+    pg_pool: asyncpg.Pool,
+    new_community: NewCommunity,
+) -> None:
+    t = tag()
+    community = await new_community()
+    for media_id, source in ((f"img-ok{t}", "policyserv_import"), (f"img-ok2{t}", "other")):
+        await pg_pool.execute(
+            "INSERT INTO media_classifications "
+            "(mxc_uri, community_id, class, harms, source, classified_ts) "
+            "VALUES ($1, $2, $3, $4, $5, 1)",
+            f"mxc://example.org/{media_id}",
+            community,
+            int(ContentClass.PROHIBITED),
+            [CHILD_SAFETY_CSAM],
+            source,
+        )
+    p = pipeline(redis_client, pg_pool, make_scanner())
+    verdict = await judge(p, image(f"img-ok{t}"), community)
+    assert verdict.content_class is ContentClass.PROHIBITED
+    assert services.media.downloads[f"img-ok{t}"] == 0
+    # A row some other scanner wrote is not an HMA judgement: the media is scanned.
+    verdict = await judge(p, image(f"img-ok2{t}"), community)
+    assert verdict.content_class is ContentClass.NEUTRAL
+    assert services.media.downloads[f"img-ok2{t}"] == 1

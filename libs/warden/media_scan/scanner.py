@@ -47,6 +47,8 @@ from warden.settings import Settings
 logger = logging.getLogger(__name__)
 
 SOURCE = "hma"  # media_classifications.source of this scanner's rows
+# Rows that are HMA judgements: ours and policyserv's (whose only media scanner was HMA).
+_CACHED_SOURCES = (SOURCE, "policyserv_import")
 
 SCANS = Counter(
     "warden_hma_scans_total",
@@ -169,9 +171,10 @@ class MediaScanner:
         when the scan failed, ``MediaTooLarge`` for media over the limit."""
         row = await self.pool.fetchrow(
             "SELECT class, harms FROM media_classifications "
-            "WHERE mxc_uri = $1 AND community_id = $2",
+            "WHERE mxc_uri = $1 AND community_id = $2 AND source = ANY($3::text[])",
             ref.uri,
             community_id,
+            list(_CACHED_SOURCES),
         )
         if row is not None:
             CACHE_HITS.labels("classification").inc()
