@@ -179,6 +179,7 @@ class EventFactory:
         sender_localpart: str | None = None,
         keyword: bool = False,
         kind: str | None = None,
+        media: str | None = None,
     ) -> tuple[dict[str, Any], str]:
         """A PDU sent by a user of ``sender_origin``; returns it and its event ID.
 
@@ -203,7 +204,15 @@ class EventFactory:
             "prev_events": [_event_ref(rng) for _ in range(rng.choice((1, 1, 1, 2, 3)))],
             "auth_events": [_event_ref(rng) for _ in range(rng.choice((3, 4)))],
         }
-        if kind == "reaction":
+        if media is not None:  # an image message: ``media`` is its mxc URI
+            event["type"] = "m.room.message"
+            event["content"] = {
+                "msgtype": "m.image",
+                "body": "image.png",
+                "url": media,
+                "info": {"mimetype": "image/png", "size": 60, "w": 64, "h": 64},
+            }
+        elif kind == "reaction":
             event["type"] = "m.reaction"
             event["content"] = {
                 "m.relates_to": {
@@ -308,6 +317,34 @@ def unique_requests(
         sender = factory.rng.choice(origins)
         event, _ = factory.event(sender)
         out.add_request(out.add_body(event), event, sender, "neutral")
+
+
+def image_requests(
+    factory: EventFactory,
+    origins: Sequence[Origin],
+    count: int,
+    out: RequestFile,
+    *,
+    media_server: str,
+    media_per_event: float = 0.5,
+    bad_share: float = 0.05,
+) -> None:
+    """``count`` distinct image messages, each asked for once by its sender's server.
+
+    Their media come from a pool of ``count * media_per_event`` (so about half the
+    events reuse media another event already had scanned); ``bad_share`` of the pool is
+    in the local HMA's ``csam`` bank. Kinds: ``image_clean``, ``image_bad``.
+    """
+    rng = factory.rng
+    run = os.urandom(4).hex()  # media IDs unique to this window: nothing cached before
+    pool = max(1, int(count * media_per_event))
+    for _ in range(count):
+        n = rng.randrange(pool)
+        bad = n < pool * bad_share
+        tag = f"{'bad' if bad else 'ok'}{run}x{n}"
+        sender = rng.choice(origins)
+        event, _ = factory.event(sender, media=f"mxc://{media_server}/img-{tag}")
+        out.add_request(out.add_body(event), event, sender, "image_bad" if bad else "image_clean")
 
 
 def spam_wave_requests(

@@ -18,7 +18,10 @@ One run:
 5. Runs the workloads, each with requests built and signed before its window:
    ``unique`` (every request a first evaluation), ``unique_paced`` (the same at
    ``BENCH_PACED_RPS``, for latency), ``spam_wave`` (each event asked for by 20 to 50
-   origins within a second), ``mixed`` (10% keyword spam, 5% hellbanned follow-ups).
+   origins within a second), ``mixed`` (10% keyword spam, 5% hellbanned follow-ups),
+   ``images_hma`` (image messages with HMA on, against a local HMA service and media
+   repository in the bench process, ``bench/hma.py``; half reuse media already scanned,
+   5% match the ``csam`` bank and are refused).
 6. The attack windows (``BENCH_ATTACK=1``, the default): one legitimate origin asks for
    its events at ``BENCH_ATTACK_RPS``, first alone (``attack_quiet``), then while one
    attacker process (``bench/attack.py``) floods the gateway with unauthenticated junk,
@@ -76,6 +79,7 @@ import trustme
 from bench import events
 from bench.attack import AttackPlan
 from bench.events import GATEWAY_NAME, SIGN_PATH, BenchRoom, EventFactory, Origin, RequestFile
+from bench.hma import MEDIA_SERVER_NAME, HmaServices, start_hma_services
 from bench.loadgen import (
     LoadResult,
     run_python,
@@ -101,6 +105,11 @@ from warden.settings import DEFAULT_DENIED_NETWORKS
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "bench-admin-key"
+# The bench community's configuration (the image window adds HMA to it for its duration).
+BASE_CONFIG: dict[str, Any] = {
+    "keyword_filter_keywords": [events.PROHIBITED_KEYWORD],
+    "hellban_postfilter_minutes": 60,
+}
 
 
 def _env_int(name: str, default: int) -> int:
@@ -322,6 +331,7 @@ class Bench:
         self.tool = self._pick_tool()
         self.notes: list[str] = []
         self._files = 0
+        self.hma: HmaServices | None = None
 
     def _pick_tool(self) -> str:
         wanted = self.config.loadgen
@@ -389,7 +399,9 @@ class Bench:
         self.origins = [Origin(f"127.0.0.1:{p}", k) for p, k in zip(ports, keys, strict=True)]
         await self._wait_key_server()
 
+        self.hma = await start_hma_services()
         self.rooms = events.make_rooms(c.n_rooms, self.rng)
+
         self.factory = EventFactory(self.rooms, self.rng)
         self.keys_file = self.work / "origin_keys.json"
         self.keys_file.write_bytes(orjson.dumps(events.origin_key_table(self.origins)))
@@ -420,6 +432,8 @@ class Bench:
             PS_SHUTDOWN_DELAY_SECONDS="0",
             PS_STARTUP_TIMEOUT_SECONDS="30",
         )
+        if self.hma is not None:  # used only by communities enabling HMA banks
+            env.update(self.hma.env())
         return env
 
     def _gateway_env(self) -> dict[str, str]:
@@ -479,10 +493,7 @@ class Bench:
             community = str(r.json()["community_id"])
             r = await api.post(
                 f"/api/v1/communities/{community}/config",
-                json={
-                    "keyword_filter_keywords": [events.PROHIBITED_KEYWORD],
-                    "hellban_postfilter_minutes": 60,
-                },
+                json=BASE_CONFIG,
             )
             r.raise_for_status()
             for room in self.rooms:
@@ -729,6 +740,44 @@ class Bench:
         }
         return await self.measure("mixed", path, self.gateways, self.stack, info=info)
 
+    async def workload_images_hma(self, ceiling_rps: float, community: str) -> Window:
+        """Distinct image messages with HMA on, against the local HMA and media services:
+        each distinct media downloaded, hashed and looked up once, then cached."""
+        factory, origins, hma = self.factory, self.origins, self.hma
+        assert factory is not None
+        assert hma is not None
+        await self.configure(
+            community,
+            # The plain media filter off, so HMA alone judges the images.
+            {"hma_filter_enabled_banks": ["csam"], "media_filter_media_types": []},
+        )
+        count = self.unique_count(ceiling_rps)
+        path, requests = self._new_file(
+            lambda out: events.image_requests(
+                factory, origins, count, out, media_server=MEDIA_SERVER_NAME
+            )
+        )
+        before = hma.counts()
+        info: dict[str, Any] = {
+            "distinct_events": count,
+            "mix_in_file": requests.kinds,
+            **self._pdu_sizes(requests),
+        }
+        window = await self.measure("images_hma", path, self.gateways, self.stack, info=info)
+        after = hma.counts()
+        window.info["hma"] = {k: after[k] - before[k] for k in after}
+        return window
+
+    async def configure(self, community: str, extra: dict[str, Any]) -> None:
+        """Set the bench community's configuration: the base one plus ``extra``."""
+        gateway = self.gateways[0]
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with httpx.AsyncClient(base_url=gateway.api_url, headers=headers, timeout=30) as api:
+            r = await api.post(
+                f"/api/v1/communities/{community}/config", json={**BASE_CONFIG, **extra}
+            )
+            r.raise_for_status()
+
     def _memory(self) -> dict[str, float]:
         """Resident memory (MiB) of the stack's processes and the servers."""
         assert self.servers is not None
@@ -888,6 +937,11 @@ class Bench:
             "spam_wave": await self.workload_spam_wave(),
             "mixed": await self.workload_mixed(crypto_rps * max(1, c.gateways)),
         }
+        # Images with HMA on, next to the unique window (text events are not scanned).
+        workloads["images_hma"] = await self.workload_images_hma(
+            crypto_rps * max(1, c.gateways), community
+        )
+        await self.configure(community, {})
         attack: dict[str, Any] = {}
         if c.attack:
             attack_windows, attack = await self.workload_attack()
@@ -965,6 +1019,8 @@ class Bench:
         """Stop everything we started and drop the database."""
         await self.stop_stack()
         stop_all(self.procs)
+        if self.hma is not None:
+            self.hma.stop()
         if self.servers is not None:
             await self.servers.drop_database()
             self.servers.stop()

@@ -25,8 +25,6 @@ from collections.abc import Mapping
 logger = logging.getLogger(__name__)
 
 _READ_REPLICA = "Warden reads and writes through one database pool (PS_DATABASE)"
-_HMA = "Warden has no HMA media-scanning filter"
-_MEDIA_CLIENT = "Warden downloads no media (no filter of Warden scans media)"
 
 # Variable → why Warden ignores it. A variable that a later Warden declares (a setting
 # or a filter's config key) is never warned about, whatever this table says.
@@ -42,11 +40,6 @@ IGNORED_SETTINGS: dict[str, str] = {
     "PS_STATE_CACHE_MINUTES": "Warden learns room state from every /send transaction and "
     "refreshes it every PS_STATE_CACHE_INTERVAL_MINUTES; there is no per-event staleness "
     "check",
-    "PS_HOMESERVER_MEDIA_CLIENT_URL": _MEDIA_CLIENT,
-    "PS_HOMESERVER_MEDIA_CLIENT_ACCESS_TOKEN": _MEDIA_CLIENT,
-    "PS_HMA_FILTER_ENABLED_BANKS": _HMA,
-    "PS_HMA_API_URL": _HMA,
-    "PS_HMA_API_KEY": _HMA,
 }
 
 # Community config key → policyserv variables read for its instance default when

@@ -163,3 +163,13 @@ def muninn_poll_lock() -> str:
     minutes after a failed one): while it exists no worker polls. Value: the holder's
     random token."""
     return f"{PREFIX}lock:muninn_poll"
+
+
+def media_scan_claim(mxc_uri: str) -> str:
+    """Held by the replica downloading and hashing one piece of media (HMA filter).
+
+    Value: a random token of the holder. TTL: ``PS_HMA_TIMEOUT_SECONDS``, so a crashed
+    holder's claim lapses. Others wait for the result to appear in PostgreSQL
+    (``media_hashes``) instead of downloading the same media again.
+    """
+    return f"{PREFIX}media_scan_claim:{mxc_uri}"

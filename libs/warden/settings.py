@@ -345,6 +345,30 @@ class Settings(BaseSettings):
     # (definitive failures: PS_KEY_NEGATIVE_CACHE_SECONDS).
     key_negative_cache_timeout_seconds: int = Field(default=10, ge=0)
 
+    # --- HMA media scanning (policyserv names, issue 12) ---
+    # Base URL of the Hasher-Matcher-Actioner service; empty turns media scanning off
+    # whatever the communities' hma_filter_enabled_banks say.
+    hma_api_url: str = ""
+    hma_api_key: str = Field(default="", repr=False)  # sent as "Authorization: Bearer"
+    # The Client-Server API media are downloaded from (authenticated media,
+    # /_matrix/client/v1/media/download), and the access token of a user there.
+    homeserver_media_client_url: str = "https://matrix-client.matrix.org"
+    homeserver_media_client_access_token: str = Field(default="", repr=False)
+    # Warden: largest media downloaded for hashing; larger media count as failed scans
+    # (see hma_fail_secure). And the bound on one event's whole scan (download, hash,
+    # lookups), which replaces PS_FILTER_TIMEOUT_SECONDS for the HMA filter.
+    hma_max_media_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
+    hma_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Warden: where media downloads may connect, checked at connect time like
+    # federation's PS_HOMESERVER_ALLOWED/DENIED_NETWORKS (deny wins). A homeserver on a
+    # private network is allowed by listing its network here, not by weakening federation.
+    homeserver_media_client_allowed_networks: CSV = Field(
+        default_factory=lambda: ["0.0.0.0/0", "::/0"]
+    )
+    homeserver_media_client_denied_networks: CSV = Field(
+        default_factory=lambda: _split_csv(DEFAULT_DENIED_NETWORKS)
+    )
+
     # --- Server-centric API: POST /_policyserv/v1/check/event_id (issue 13) ---
     # Servers asked for an event Warden has no verdict for (policyserv's name), all at
     # once; the first copy that verifies wins. Empty: only stored verdicts are answered.
@@ -409,6 +433,8 @@ class Settings(BaseSettings):
         "support_security_contacts",
         "event_fetch_servers",
         "openai_filter_allowed_networks",
+        "homeserver_media_client_allowed_networks",
+        "homeserver_media_client_denied_networks",
         mode="before",
     )
     @classmethod
@@ -462,6 +488,8 @@ class Settings(BaseSettings):
         "homeserver_allowed_networks",
         "homeserver_denied_networks",
         "openai_filter_allowed_networks",
+        "homeserver_media_client_allowed_networks",
+        "homeserver_media_client_denied_networks",
     )
     @classmethod
     def _cidrs(cls, value: list[str]) -> list[str]:

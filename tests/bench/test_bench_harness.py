@@ -136,6 +136,7 @@ def test_quick_run_writes_results_with_every_workload(tmp_path: Path) -> None:
         "unique_paced",
         "spam_wave",
         "mixed",
+        "images_hma",
         "attack_quiet",
         "under_attack",
     }
@@ -152,6 +153,13 @@ def test_quick_run_writes_results_with_every_workload(tmp_path: Path) -> None:
     assert not any(s.startswith("5") for s in doc["workloads"]["mixed"]["statuses"])
     assert doc["workloads"]["unique"]["wraps"] == 0
     assert doc["workloads"]["mixed"]["mix_in_file"]["keyword"] > 0
+    # Images with HMA on: each distinct media downloaded and hashed once, the bank's
+    # matches refused, nothing answered 5xx.
+    images = doc["workloads"]["images_hma"]
+    assert not any(s.startswith("5") for s in images["statuses"]), images["statuses"]
+    assert images["statuses"].get("400", 0) > 0
+    assert 0 < images["hma"]["downloads"] == images["hma"]["hma_hashes"]
+    assert images["hma"]["downloads"] <= images["distinct_events"]
 
     # The attack window (issue 10): measured and reported, whatever the figures are.
     assert doc["settings"]["attack"] is True

@@ -55,16 +55,16 @@ def test_every_readme_setting_is_read_or_explained() -> None:
 def test_each_ignored_setting_that_is_set_warns_once_naming_it(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    env = {"PS_HMA_API_URL": "https://hma.example", "PS_PROCESSING_POOL_SIZE": "100"}
+    env = {"PS_STATE_CACHE_MINUTES": "5", "PS_PROCESSING_POOL_SIZE": "100"}
     env["PS_KEYWORD_FILTER_KEYWORDS"] = "spam"  # read by Warden: no warning
     with caplog.at_level(logging.WARNING, logger="warden.policyserv_settings"):
-        assert warn_ignored_settings(env) == ["PS_PROCESSING_POOL_SIZE", "PS_HMA_API_URL"]
+        assert warn_ignored_settings(env) == ["PS_PROCESSING_POOL_SIZE", "PS_STATE_CACHE_MINUTES"]
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
     assert messages[0].startswith("PS_PROCESSING_POOL_SIZE is a policyserv setting Warden ")
     assert "filter-worker processes" in messages[0]
-    assert messages[1].startswith("PS_HMA_API_URL ")
-    assert "no HMA" in messages[1]
+    assert messages[1].startswith("PS_STATE_CACHE_MINUTES ")
+    assert "learns room state" in messages[1]
     caplog.clear()
     assert warn_ignored_settings({}) == []
     assert caplog.records == []

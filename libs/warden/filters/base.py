@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from warden.trust.muninn import MuninnDirectoryCache
     from warden.trust.sources import RoomTrustCache
     from warden.openai_moderation import OpenAIModeration
+    from warden.media_scan.scanner import MediaScanner
 
 FAIL_SECURE_SUFFIX = "_fail_secure"
 
@@ -132,6 +133,8 @@ class FilterDeps:
     room_trust: RoomTrustCache = field(init=False)
     # The moderation service client of the openai_filter filter (None: no API key set).
     openai_moderation: OpenAIModeration | None = None
+    # The HMA media scanner (None when PS_HMA_API_URL is not set).
+    media_scanner: MediaScanner | None = None
 
     def __post_init__(self) -> None:
         # Imported here: warden.trust uses filter modules, which import this one.
@@ -285,6 +288,11 @@ class Filter(abc.ABC):
         """Whether ``check`` may await I/O for this event (cheap: asked per event of a
         ``waits_on_io_sometimes`` filter)."""
         return self.waits_on_io
+
+    def timeout_seconds(self, deps: FilterDeps, default: float) -> float:
+        """This filter's timeout: the pipeline's ``default`` unless the filter needs its own
+        (one waiting on a slow outside service, like media scanning)."""
+        return default
 
     @classmethod
     def fail_secure(cls, config: EffectiveConfig) -> bool:

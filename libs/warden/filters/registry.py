@@ -16,6 +16,7 @@ from warden.filters.event_type_prefilter import EventTypePrefilter
 from warden.filters.frequency import FrequencyFilter
 from warden.filters.hellban_postfilter import HellbanPostfilter
 from warden.filters.hellban_prefilter import HellbanPrefilter
+from warden.filters.hma import HmaFilter
 from warden.filters.inline_emoji_size import InlineEmojiSizeFilter
 from warden.filters.invite_rate import InviteRateFilter
 from warden.filters.join_rate import JoinRateFilter
@@ -67,6 +68,7 @@ _ALL: tuple[type[Filter], ...] = (
     UserIdContainsWordsFilter,
     UserIdLengthFilter,
     OpenAIModerationFilter,
+    HmaFilter,
     HellbanPostfilter,
 )
 

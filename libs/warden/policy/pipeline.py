@@ -282,19 +282,17 @@ class Pipeline:
         start = time.perf_counter()
         error: str | None = None
         dependency = False
+        limit = flt.timeout_seconds(ctx.deps, self.timeout_seconds) if waits else 0.0
         try:
             if waits:
-                async with asyncio.timeout(self.timeout_seconds):
+                async with asyncio.timeout(limit):
                     result = await flt.check(ctx)
             else:
                 # It never suspends, so no timer could interrupt it: spare the timer.
                 result = await flt.check(ctx)
         except Exception as exc:  # a filter must never take the worker down
-            if (
-                isinstance(exc, TimeoutError)
-                and time.perf_counter() - start >= self.timeout_seconds
-            ):
-                error = f"timed out after {self.timeout_seconds:g}s"
+            if isinstance(exc, TimeoutError) and time.perf_counter() - start >= limit:
+                error = f"timed out after {limit:g}s"
             else:
                 error = f"{type(exc).__name__}: {exc}"[:500]
             # A filter that never waits has no timer: a TimeoutError out of it is its own

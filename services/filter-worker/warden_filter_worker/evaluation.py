@@ -87,6 +87,9 @@ BODY_EXCERPT_CHARS = 500
 # Poll the database every this many Redis polls while waiting on another worker (in case
 # Redis lost the cached verdict).
 _DB_POLL_EVERY = 8
+# How long a batch's evaluations may take before those finished are answered without
+# waiting for the rest (a media scan can take seconds; every other filter, milliseconds).
+_SETTLE_EARLY_SECONDS = 0.25
 # What the gateway is told to wait before asking again after a dependency failed.
 UNAVAILABLE_RETRY_AFTER_MS = 5000
 
@@ -458,8 +461,16 @@ class EvaluationService:
     async def _settle(
         self, claimed: dict[str, _Event], tokens: dict[str, str], deliver: Deliver
     ) -> None:
-        """Answer the events we hold the claims of, then release the claims."""
+        """Answer the events we hold the claims of, then release the claims.
+
+        A batch is normally settled at once (one Redis round trip for its caches and
+        claims). When some evaluation is still running ``_SETTLE_EARLY_SECONDS`` after
+        the batch's (a media scan waiting on outside services), the finished ones are
+        settled and answered then, and the rest as they finish: a slow event never holds
+        the others' answers.
+        """
         answers: dict[str, _Answer] = {}
+        settled: set[str] = set()
         keeper = asyncio.create_task(self._keep_claims({e: tokens[e] for e in claimed}))
         try:
             # Bounded, so that the claims kept alive meanwhile are released in time.
@@ -479,8 +490,7 @@ class EvaluationService:
                 if len(fresh) == 1:
                     answers[fresh[0].request.event_id] = await self._evaluate(fresh[0])
                 elif fresh:
-                    results = await asyncio.gather(*(self._evaluate(e) for e in fresh))
-                    answers.update(zip((e.request.event_id for e in fresh), results, strict=True))
+                    await self._evaluate_many(claimed, fresh, answers, settled, tokens, deliver)
         except Exception as exc:
             if is_dependency_failure(exc):
                 logger.warning(
@@ -490,18 +500,57 @@ class EvaluationService:
             else:
                 logger.exception("answering claimed events failed")
             for event_id in claimed:
-                answers.setdefault(event_id, _failure(exc))
+                if event_id not in settled:
+                    answers.setdefault(event_id, _failure(exc))
         finally:
             keeper.cancel()
+            rest = {e: a for e, a in answers.items() if e not in settled}
             await self._cache_and_release(
-                {e: a.reply for e, a in answers.items() if a.cache},
-                {e: tokens[e] for e in claimed},
+                {e: a.reply for e, a in rest.items() if a.cache},
+                {e: tokens[e] for e in claimed if e not in settled},
             )
+        await self._deliver_and_publish(claimed, rest, deliver)
+
+    async def _evaluate_many(
+        self,
+        claimed: dict[str, _Event],
+        fresh: list[_Event],
+        answers: dict[str, _Answer],
+        settled: set[str],
+        tokens: dict[str, str],
+        deliver: Deliver,
+    ) -> None:
+        """Evaluate ``fresh`` concurrently into ``answers``; settle early what finished
+        when some evaluation is slow (its event IDs are added to ``settled``)."""
+        tasks = {asyncio.ensure_future(self._evaluate(e)): e for e in fresh}
+        try:
+            done, pending = await asyncio.wait(tasks, timeout=_SETTLE_EARLY_SECONDS)
+            while True:
+                for task in done:
+                    answers[tasks[task].request.event_id] = task.result()
+                if not pending:
+                    return
+                early = {e: a for e, a in answers.items() if e not in settled}
+                if early:
+                    await self._cache_and_release(
+                        {e: a.reply for e, a in early.items() if a.cache},
+                        {e: tokens[e] for e in early},
+                    )
+                    settled.update(early)
+                    await self._deliver_and_publish(claimed, early, deliver)
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()  # still running only when the batch was given up on
+
+    async def _deliver_and_publish(
+        self, events: dict[str, _Event], answers: dict[str, _Answer], deliver: Deliver
+    ) -> None:
         for event_id, answer in answers.items():
             await deliver(event_id, answer)
         for event_id, answer in answers.items():
             if answer.publish is not None:
-                span = claimed[event_id].span
+                span = events[event_id].span
                 self._publisher.publish_later(
                     answer.publish,
                     answer.message,

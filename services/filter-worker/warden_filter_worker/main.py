@@ -39,6 +39,7 @@ from warden.federation.network_guard import NetworkGuard
 from warden.filters.base import FilterDeps
 from warden.filters.base import Group as FilterGroup
 from warden.openai_moderation import OpenAIModeration
+from warden.media_scan.scanner import build_media_scanner
 from warden.policy.config import ConfigError, instance_defaults
 from warden.policy.pipeline import Pipeline
 from warden.retention import Pruner, RetentionPolicy
@@ -81,6 +82,9 @@ def claim_timing(settings: Settings) -> tuple[float, float]:
     over before the requests waiting on them give up.
     """
     longest_evaluation = len(FilterGroup) * settings.filter_timeout_seconds
+    if settings.hma_api_url:  # the HMA filter (main group) has its own, longer timeout
+        extra = settings.hma_timeout_seconds - settings.filter_timeout_seconds
+        longest_evaluation += max(0.0, extra)
     wait_seconds = longest_evaluation + _CLAIM_SLACK_SECONDS / 2
     return min(settings.evaluation_claim_ttl_seconds, wait_seconds / 3), wait_seconds
 
@@ -120,6 +124,9 @@ def run(settings: Settings) -> int:
                 "PS_OPENAI_FILTER_ALLOWED_ROOM_IDS is set but no API key: "
                 "the openai_filter filter judges nothing"
             )
+        deps.media_scanner = build_media_scanner(settings, pool, redis)
+        if deps.media_scanner is not None:
+            runtime.add_shutdown_hook("media-scanner", deps.media_scanner.aclose)
         pipeline = Pipeline(
             deps, timeout_seconds=settings.filter_timeout_seconds, on_outcome=observe_outcome
         )
