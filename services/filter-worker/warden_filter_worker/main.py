@@ -42,6 +42,7 @@ from warden.runtime.identity import load_identity
 from warden.runtime.service import bootstrap, run_async
 from warden.settings import Settings
 from warden.storage.room_state import StateCaps
+from warden_filter_worker.antispam_checks import AntispamCheckService
 from warden_filter_worker.community_config import CommunityConfigCache
 from warden_filter_worker.evaluation import EvaluationService
 from warden_filter_worker.group_commit import GroupCommitWriter
@@ -136,11 +137,17 @@ def run(settings: Settings) -> int:
             deps=deps, configs=configs, timeout_seconds=settings.filter_timeout_seconds
         )
         await text_checks.start(nc)
+        # The homeserver spam checks (/_warden/antispam/v1): no verdict, nothing stored.
+        antispam_checks = AntispamCheckService(
+            deps=deps, configs=configs, timeout_seconds=settings.filter_timeout_seconds
+        )
+        await antispam_checks.start(nc)
 
         async def stop() -> None:
             await configs.unsubscribe()
             await deps.keyword_templates.unsubscribe()
             await text_checks.stop()
+            await antispam_checks.stop()
             await service.stop()
 
         # Hooks run last-added first: this runs before NATS is drained and pools close.
