@@ -18,7 +18,9 @@ One run:
 5. Runs the workloads, each with requests built and signed before its window:
    ``unique`` (every request a first evaluation), ``unique_paced`` (the same at
    ``BENCH_PACED_RPS``, for latency), ``spam_wave`` (each event asked for by 20 to 50
-   origins within a second), ``mixed`` (10% keyword spam, 5% hellbanned follow-ups).
+   origins within a second), ``mixed`` (10% keyword spam, 5% hellbanned follow-ups),
+   ``antispam_paced`` (a homeserver's ``check_event_for_spam`` callbacks with local
+   events, 10% keyword spam, at ``BENCH_PACED_RPS``, for latency).
 6. The attack windows (``BENCH_ATTACK=1``, the default): one legitimate origin asks for
    its events at ``BENCH_ATTACK_RPS``, first alone (``attack_quiet``), then while one
    attacker process (``bench/attack.py``) floods the gateway with unauthenticated junk,
@@ -436,6 +438,8 @@ class Bench:
             # origins (IP literals) must never make a gateway connect anywhere else.
             "PS_HOMESERVER_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",
             "PS_SIGN_RATE_LIMIT_PER_ORIGIN": str(self.config.rate_limit),
+            # The antispam window's homeserver calls far more than a community's default.
+            "PS_COMMUNITY_API_RATE_LIMIT_PER_MINUTE": "0",
             # PS_KEY_FETCHES_PER_CLIENT_PER_MINUTE keeps its default: every simulated
             # origin comes from 127.0.0.1, but their keys are fetched once (then shared
             # through Redis and PostgreSQL), fewer than the budget; the attacker, from
@@ -657,7 +661,11 @@ class Bench:
         return window
 
     async def _calibrate_pacing(
-        self, rate: int, conns: int, origins: list[Origin] | None = None
+        self,
+        rate: int,
+        conns: int,
+        origins: list[Origin] | None = None,
+        make: Callable[[RequestFile, int], None] | None = None,
     ) -> float:
         """The mean per-request pause that gives ``rate`` over ``conns`` connections.
 
@@ -674,7 +682,10 @@ class Bench:
             count = self.unique_count(rate)
 
             def build(out: RequestFile, n: int = count) -> None:
-                events.unique_requests(factory, origins, n, out)
+                if make is not None:
+                    make(out, n)
+                else:
+                    events.unique_requests(factory, origins, n, out)
 
             path, _ = self._new_file(build)
             trial = await self.measure(
@@ -728,6 +739,41 @@ class Bench:
             **self._pdu_sizes(requests),
         }
         return await self.measure("mixed", path, self.gateways, self.stack, info=info)
+
+    async def workload_antispam(self, community: str) -> Window:
+        """``check_event_for_spam`` at ``BENCH_PACED_RPS``: one homeserver's local
+        events (10% keyword spam), each judged once, with the community's token."""
+        factory, c = self.factory, self.config
+        assert factory is not None
+        gateway = self.gateways[0]
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with httpx.AsyncClient(base_url=gateway.api_url, headers=headers, timeout=30) as api:
+            r = await api.post(f"/api/v1/communities/{community}/rotate_access_token")
+            r.raise_for_status()
+            token = str(r.json()["new_access_token"])
+        origin = self.origins[0]
+
+        def make(out: RequestFile, n: int) -> None:
+            events.antispam_requests(factory, origin, n, out, token)
+
+        count = self.unique_count(c.paced_rps)
+        path, requests = self._new_file(lambda out: make(out, count))
+        conns = c.paced_connections
+        delay_ms = await self._calibrate_pacing(c.paced_rps, conns, make=make)
+        info: dict[str, Any] = {
+            "distinct_events": count,
+            "mix_in_file": requests.kinds,
+            "target_rps": c.paced_rps,
+        }
+        return await self.measure(
+            "antispam_paced",
+            path,
+            self.gateways,
+            self.stack,
+            connections=conns,
+            delay_ms=delay_ms,
+            info=info,
+        )
 
     def _memory(self) -> dict[str, float]:
         """Resident memory (MiB) of the stack's processes and the servers."""
@@ -887,6 +933,7 @@ class Bench:
             ),
             "spam_wave": await self.workload_spam_wave(),
             "mixed": await self.workload_mixed(crypto_rps * max(1, c.gateways)),
+            "antispam_paced": await self.workload_antispam(community),
         }
         attack: dict[str, Any] = {}
         if c.attack:
@@ -999,6 +1046,16 @@ def targets(
             spam["ratio_to_crypto_floor"] >= 1.0,
         ),
     ]
+    antispam = results.get("antispam_paced")
+    if antispam is not None:
+        rows.append(
+            (
+                f"antispam check_event_for_spam p99 at {config.paced_rps} req/s (ms)",
+                antispam["latency_ms"]["99"],
+                f"< 50 (achieved {antispam['rps']:.0f} req/s)",
+                antispam["latency_ms"]["99"] < 50 and antispam["rps"] >= 0.9 * config.paced_rps,
+            )
+        )
     if attack:
         ratios = attack["ratios"]
         rows += [

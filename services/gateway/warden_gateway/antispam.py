@@ -160,10 +160,12 @@ def _field(body: dict[str, Any], name: str) -> Any:
 
 def _identifier(body: dict[str, Any], name: str, sigil: str) -> str:
     value = _field(body, name)
+    # Room IDs of room version 12 have no server name; user IDs and aliases always do.
     if (
         not isinstance(value, str)
+        or len(value) < 2
         or not value.startswith(sigil)
-        or ":" not in value
+        or (sigil != "!" and ":" not in value)
         or len(value.encode("utf-8")) > MAX_ID_BYTES
     ):
         raise BadJSON(f"'{name}' must be an identifier starting with '{sigil}'")
