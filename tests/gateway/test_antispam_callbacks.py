@@ -25,7 +25,11 @@ from warden.policy.config import instance_defaults
 from warden.policy.harms import HARMS_FIELD, OTHER, SPAM
 from warden.storage import communities, community_tokens, room_state, rooms
 from warden.storage.verdicts import get_verdict
-from warden_filter_worker.antispam_checks import AntispamCheckService, username_filters
+from warden_filter_worker.antispam_checks import (
+    AntispamCheckService,
+    event_filters,
+    username_filters,
+)
 from warden_filter_worker.community_config import CommunityConfigCache
 from warden_filter_worker.evaluation import EvaluationService
 from warden_filter_worker.text_checks import TextCheckService
@@ -204,11 +208,7 @@ async def test_invites_joins_and_publishing_follow_the_policy_lists(
     )
     assert body["harms"] == body[HARMS_FIELD] == [OTHER]
     assert_error(
-        # (Another inviter: a refused event's sender is hellbanned, as for /sign.)
-        await call(
-            "user_may_invite",
-            {**invite, "inviter": f"@carol:{HS}", "invitee": "@spammer:other.example"},
-        ),
+        await call("user_may_invite", {**invite, "invitee": "@spammer:other.example"}),
         403,
         "M_FORBIDDEN",
     )
@@ -307,6 +307,10 @@ def test_user_names_skip_rate_and_list_filters() -> None:
     names = {f.name for f in username_filters()}
     assert {"keyword", "user_id_length", "user_id_contains_words"} <= names
     assert not names & {"frequency", "invite_rate", "join_rate", "policy_list"}
+    # A refused action does not hellban whoever attempted it; a hellbanned user is
+    # still refused.
+    events = {f.name for f in event_filters()}
+    assert "hellban_postfilter" not in events and "hellban_prefilter" in events
 
 
 async def test_tokens_ping_bad_bodies_and_no_workers(

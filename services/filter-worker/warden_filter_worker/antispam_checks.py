@@ -7,7 +7,8 @@ judges it with the community's filters and replies ``{"harms": [...]}`` (empty:
 allowed) or ``{"error": "..."}``. Two kinds (header ``HEADER_ANTISPAM_KIND``):
 
 - ``event``: every filter of the pipeline, as ``/sign`` has them (policy lists, invite
-  and join rates, frequency, the content filters, hellbans);
+  and join rates, frequency, the content filters, the hellban prefilter), except the
+  hellban postfilter: a refused action does not hellban whoever attempted it;
 - ``username``: the user-ID filters and the text-capable filters, over an ``m.text``
   message whose sender is the user and whose body is the display name.
 
@@ -73,10 +74,15 @@ def username_filters() -> tuple[type[Filter], ...]:
 
 
 def event_filters() -> tuple[type[Filter], ...]:
-    """Every registered filter, in pipeline order."""
+    """Every registered filter but the hellban postfilter, in pipeline order.
+
+    An action refused here (an invite of a banned user, say) must not hellban whoever
+    attempted it: the inviter did nothing wrong. A user hellbanned for what they sent
+    is still refused (the prefilter runs).
+    """
     from warden.filters.registry import FILTERS
 
-    return FILTERS
+    return tuple(f for f in FILTERS if f.name != "hellban_postfilter")
 
 
 class AntispamCheckService:

@@ -89,6 +89,7 @@ from warden.bus.subjects import (
     HEADER_EVENT_ID,
 )
 from warden.matrix.errors import BadJSON, Forbidden, MatrixError, NotJSON
+from warden.policy.antispam_keys import antispam_verdict_key
 from warden.policy.harms import HARMS_FIELD
 from warden.storage.records import Community
 from warden_gateway.community_auth import CommunityAuth
@@ -326,7 +327,7 @@ class AntispamAPI:
         try:
             entry = await self._verdicts.get(
                 EvaluationRequest(
-                    event_id=f"{SOURCE}:{community.community_id}:{event_id}",
+                    event_id=antispam_verdict_key(community.community_id, event_id),
                     community_id=community.community_id,
                     reference_hash=reference_hash,
                     origin=_server_of(event["sender"]),
