@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY
 from starlette.applications import Starlette
 from unpaddedbase64 import encode_base64
 
+from tests.gateway.real_worker import real_worker  # noqa: F401
 from tests.gateway.test_policy_list_glob_bounded import rule
 from warden.bus.subjects import ANTISPAM_CHECK_SUBJECT, CHECK_TEXT_SUBJECT
 from warden.filters.base import FilterDeps
@@ -36,8 +37,6 @@ from warden_filter_worker.text_checks import TextCheckService
 from warden_gateway.antispam import PING_PATH, PREFIX, AntispamAPI
 from warden_gateway.community_auth import CommunityAuth
 from warden_gateway.verdict_source import VerdictSource
-
-pytest_plugins = ["tests.gateway.real_worker"]
 
 Client = Callable[..., Awaitable[httpx.AsyncClient]]
 HS = "hs.example"
@@ -80,7 +79,7 @@ def subjects() -> tuple[str, str]:
 
 @pytest.fixture
 async def workers(
-    real_worker: EvaluationService,
+    real_worker: EvaluationService,  # noqa: F811
     redis_client: aioredis.Redis,
     pg_pool: asyncpg.Pool,
     nats_client: NATS,
