@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from signedjson.key import generate_signing_key
 
 from warden.federation.xmatrix import sign_request
@@ -345,6 +346,37 @@ def image_requests(
         sender = rng.choice(origins)
         event, _ = factory.event(sender, media=f"mxc://{media_server}/img-{tag}")
         out.add_request(out.add_body(event), event, sender, "image_bad" if bad else "image_clean")
+
+
+ANTISPAM_PATH = "/_warden/antispam/v1/check_event_for_spam"
+# What synapse-http-antispam leaves out of an event (the client format).
+_FEDERATION_ONLY = ("auth_events", "prev_events", "depth", "hashes", "signatures")
+
+
+def antispam_requests(
+    factory: EventFactory, origin: Origin, count: int, out: RequestFile, token: str
+) -> None:
+    """``count`` distinct local events of ``origin`` (the homeserver), as
+    synapse-http-antispam POSTs them to ``check_event_for_spam``: the client format
+    with ``event_id``, ``Authorization: Bearer <community token>``. One in ten carries
+    the prohibited keyword."""
+    for n in range(count):
+        keyword = n % 10 == 0
+        event, event_id = factory.event(origin, keyword=keyword, kind="message")
+        local = {k: v for k, v in event.items() if k not in _FEDERATION_ONLY}
+        local["event_id"] = event_id
+        out.bodies.append(orjson.dumps({"event": local}))
+        body = out.bodies[-1]
+        head = (
+            f"POST {ANTISPAM_PATH} HTTP/1.1\r\n"
+            "Host: warden.bench\r\n"
+            f"Authorization: Bearer {token}\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        out.requests.append((len(out.bodies) - 1, head))
+        kind = "keyword" if keyword else "neutral"
+        out.kinds[kind] = out.kinds.get(kind, 0) + 1
 
 
 def spam_wave_requests(

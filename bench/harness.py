@@ -22,6 +22,8 @@ One run:
    ``images_hma`` (image messages with HMA on, against a local HMA service and media
    repository in the bench process, ``bench/hma.py``; half reuse media already scanned,
    5% match the ``csam`` bank and are refused).
+   ``antispam_paced`` (a homeserver's ``check_event_for_spam`` callbacks with local
+   events, 10% keyword spam, at ``BENCH_PACED_RPS``, for latency).
 6. The attack windows (``BENCH_ATTACK=1``, the default): one legitimate origin asks for
    its events at ``BENCH_ATTACK_RPS``, first alone (``attack_quiet``), then while one
    attacker process (``bench/attack.py``) floods the gateway with unauthenticated junk,
@@ -450,6 +452,8 @@ class Bench:
             # origins (IP literals) must never make a gateway connect anywhere else.
             "PS_HOMESERVER_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",
             "PS_SIGN_RATE_LIMIT_PER_ORIGIN": str(self.config.rate_limit),
+            # The antispam window's homeserver calls far more than a community's default.
+            "PS_COMMUNITY_API_RATE_LIMIT_PER_MINUTE": "0",
             # PS_KEY_FETCHES_PER_CLIENT_PER_MINUTE keeps its default: every simulated
             # origin comes from 127.0.0.1, but their keys are fetched once (then shared
             # through Redis and PostgreSQL), fewer than the budget; the attacker, from
@@ -668,7 +672,11 @@ class Bench:
         return window
 
     async def _calibrate_pacing(
-        self, rate: int, conns: int, origins: list[Origin] | None = None
+        self,
+        rate: int,
+        conns: int,
+        origins: list[Origin] | None = None,
+        make: Callable[[RequestFile, int], None] | None = None,
     ) -> float:
         """The mean per-request pause that gives ``rate`` over ``conns`` connections.
 
@@ -685,7 +693,10 @@ class Bench:
             count = self.unique_count(rate)
 
             def build(out: RequestFile, n: int = count) -> None:
-                events.unique_requests(factory, origins, n, out)
+                if make is not None:
+                    make(out, n)
+                else:
+                    events.unique_requests(factory, origins, n, out)
 
             path, _ = self._new_file(build)
             trial = await self.measure(
@@ -777,6 +788,41 @@ class Bench:
                 f"/api/v1/communities/{community}/config", json={**BASE_CONFIG, **extra}
             )
             r.raise_for_status()
+
+    async def workload_antispam(self, community: str) -> Window:
+        """``check_event_for_spam`` at ``BENCH_PACED_RPS``: one homeserver's local
+        events (10% keyword spam), each judged once, with the community's token."""
+        factory, c = self.factory, self.config
+        assert factory is not None
+        gateway = self.gateways[0]
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with httpx.AsyncClient(base_url=gateway.api_url, headers=headers, timeout=30) as api:
+            r = await api.post(f"/api/v1/communities/{community}/rotate_access_token")
+            r.raise_for_status()
+            token = str(r.json()["new_access_token"])
+        origin = self.origins[0]
+
+        def make(out: RequestFile, n: int) -> None:
+            events.antispam_requests(factory, origin, n, out, token)
+
+        count = self.unique_count(c.paced_rps)
+        path, requests = self._new_file(lambda out: make(out, count))
+        conns = c.paced_connections
+        delay_ms = await self._calibrate_pacing(c.paced_rps, conns, make=make)
+        info: dict[str, Any] = {
+            "distinct_events": count,
+            "mix_in_file": requests.kinds,
+            "target_rps": c.paced_rps,
+        }
+        return await self.measure(
+            "antispam_paced",
+            path,
+            self.gateways,
+            self.stack,
+            connections=conns,
+            delay_ms=delay_ms,
+            info=info,
+        )
 
     def _memory(self) -> dict[str, float]:
         """Resident memory (MiB) of the stack's processes and the servers."""
@@ -936,6 +982,7 @@ class Bench:
             ),
             "spam_wave": await self.workload_spam_wave(),
             "mixed": await self.workload_mixed(crypto_rps * max(1, c.gateways)),
+            "antispam_paced": await self.workload_antispam(community),
         }
         # Images with HMA on, next to the unique window (text events are not scanned).
         workloads["images_hma"] = await self.workload_images_hma(
@@ -1055,6 +1102,16 @@ def targets(
             spam["ratio_to_crypto_floor"] >= 1.0,
         ),
     ]
+    antispam = results.get("antispam_paced")
+    if antispam is not None:
+        rows.append(
+            (
+                f"antispam check_event_for_spam p99 at {config.paced_rps} req/s (ms)",
+                antispam["latency_ms"]["99"],
+                f"< 50 (achieved {antispam['rps']:.0f} req/s)",
+                antispam["latency_ms"]["99"] < 50 and antispam["rps"] >= 0.9 * config.paced_rps,
+            )
+        )
     if attack:
         ratios = attack["ratios"]
         rows += [

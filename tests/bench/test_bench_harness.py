@@ -137,6 +137,7 @@ def test_quick_run_writes_results_with_every_workload(tmp_path: Path) -> None:
         "spam_wave",
         "mixed",
         "images_hma",
+        "antispam_paced",
         "attack_quiet",
         "under_attack",
     }
@@ -160,6 +161,10 @@ def test_quick_run_writes_results_with_every_workload(tmp_path: Path) -> None:
     assert images["statuses"].get("400", 0) > 0
     assert 0 < images["hma"]["downloads"] == images["hma"]["hma_hashes"]
     assert images["hma"]["downloads"] <= images["distinct_events"]
+    # check_event_for_spam: local events allowed (200), keyword ones refused (403).
+    antispam = doc["workloads"]["antispam_paced"]
+    assert set(antispam["statuses"]) == {"200", "403"}, antispam["statuses"]
+    assert [t for t in doc["targets"] if t["target"].startswith("antispam check_event")]
 
     # The attack window (issue 10): measured and reported, whatever the figures are.
     assert doc["settings"]["attack"] is True
@@ -202,6 +207,7 @@ def test_quick_run_writes_results_with_every_workload(tmp_path: Path) -> None:
         "| unique |",
         "| spam_wave |",
         "| mixed |",
+        "| antispam_paced |",
         "| attack_quiet |",
         "| under_attack |",
     ):
@@ -243,6 +249,23 @@ def _assert_loopback_names(names: set[str], ports: list[int]) -> None:
         assert ipaddress.ip_address(host) in ipaddress.ip_network("127.0.0.0/8"), name
         assert not host.startswith("127.0.0."), name
         assert int(port) in ports, name
+
+
+def test_antispam_requests_are_what_synapse_http_antispam_sends(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    factory = EventFactory(events.make_rooms(2, rng), rng)
+    origin = Origin("127.0.0.1:8448", generate_signing_key("a"))
+    out = RequestFile()
+    events.antispam_requests(factory, origin, 20, out, "pst_token")
+    assert out.kinds == {"keyword": 2, "neutral": 18}
+    out.write(tmp_path / "requests.bin")
+    for raw in events.read_request_file(tmp_path / "requests.bin"):
+        method, path, headers, body = _parse_raw(raw)
+        assert (method, path) == ("POST", events.ANTISPAM_PATH)
+        assert ("authorization", "Bearer pst_token") in headers
+        event = orjson.loads(body)["event"]
+        assert event["event_id"].startswith("$") and event["type"] == "m.room.message"
+        assert not {"hashes", "signatures", "auth_events", "prev_events"} & set(event)
 
 
 def test_junk_requests_carry_no_usable_authentication() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import signal
 import subprocess
@@ -246,8 +247,18 @@ def _log_config(workdir: Path) -> dict[str, Any]:
     }
 
 
-def start_synapse(python: Path, workdir: Path, ca: trustme.CA) -> SynapseServer:
+def start_synapse(
+    python: Path,
+    workdir: Path,
+    ca: trustme.CA,
+    *,
+    modules: list[dict[str, Any]] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> SynapseServer:
     """Configure and start Synapse under ``workdir``; return once its client API answers.
+
+    ``modules`` is ``homeserver.yaml``'s ``modules`` list; ``extra_env`` is added to
+    Synapse's environment.
 
     The federation certificate is issued by ``ca`` for ``127.0.0.1``. Raises
     ``SynapseError`` (with Synapse's output) when it exits or does not answer in time.
@@ -266,6 +277,8 @@ def start_synapse(python: Path, workdir: Path, ca: trustme.CA) -> SynapseServer:
     (workdir / "log.yaml").write_text(json.dumps(_log_config(workdir), indent=1))
     config_path = workdir / "homeserver.yaml"
     config = _homeserver_config(workdir, server_name, fed_port, client_port, shared_secret)
+    if modules:
+        config["modules"] = modules
     config_path.write_text(json.dumps(config, indent=1))
 
     with open(workdir / "console.log", "wb") as console:
@@ -274,6 +287,7 @@ def start_synapse(python: Path, workdir: Path, ca: trustme.CA) -> SynapseServer:
             cwd=workdir,
             stdout=console,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(extra_env or {})},
         )
     server = SynapseServer(
         proc,

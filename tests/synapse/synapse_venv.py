@@ -1,7 +1,8 @@
 """Synapse's own virtual environment for the end-to-end tests.
 
 Synapse runs from a venv of its own (``.warden/synapse-venv``), created once with
-``python -m venv`` and ``pip install matrix-synapse==<SYNAPSE_VERSION>`` and reused by
+``python -m venv`` and ``pip install matrix-synapse==<SYNAPSE_VERSION>`` (with the
+``synapse-http-antispam`` module beside it) and reused by
 every later run: Warden's dev venv never has to agree with Synapse's dependency pins, and
 the homeserver under test is the one a homeserver admin installs from PyPI.
 
@@ -24,6 +25,9 @@ import time
 from pathlib import Path
 
 SYNAPSE_VERSION = "1.163.2"
+# The spam-checker module that forwards callbacks to Warden (tests/synapse/
+# test_synapse_antispam.py); installed beside Synapse, loaded only where configured.
+ANTISPAM_MODULE = "synapse-http-antispam==0.5.1"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_VENV_DIR = REPO_ROOT / ".warden" / "synapse-venv"
 STAMP_NAME = ".warden-synapse-installed"
@@ -35,8 +39,12 @@ class SynapseVenvError(RuntimeError):
     """Synapse's venv could not be created; the message carries pip's output."""
 
 
-def _stamp_text() -> str:
+def _synapse_stamp() -> str:
     return f"matrix-synapse=={SYNAPSE_VERSION} python={sys.version_info[0]}.{sys.version_info[1]}\n"
+
+
+def _stamp_text() -> str:
+    return _synapse_stamp() + ANTISPAM_MODULE + "\n"
 
 
 def _venv_python(venv_dir: Path) -> Path:
@@ -58,6 +66,11 @@ def _run(cmd: list[str]) -> None:
         )
 
 
+def _pip_install(venv_dir: Path, *requirements: str) -> None:
+    python = str(_venv_python(venv_dir))
+    _run([python, "-m", "pip", "install", "--disable-pip-version-check", "-q", *requirements])
+
+
 def ensure_synapse_python(venv_dir: Path = DEFAULT_VENV_DIR) -> Path:
     """The interpreter to run Synapse with, creating its venv first if needed.
 
@@ -77,20 +90,16 @@ def ensure_synapse_python(venv_dir: Path = DEFAULT_VENV_DIR) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _is_ready(venv_dir):
             return _venv_python(venv_dir)
+        stamp = venv_dir / STAMP_NAME
+        if stamp.exists() and stamp.read_text() == _synapse_stamp():
+            # Synapse is there already (a venv from before the module): add the module.
+            _pip_install(venv_dir, ANTISPAM_MODULE)
+            stamp.write_text(_stamp_text())
+            return _venv_python(venv_dir)
         if venv_dir.exists():
             shutil.rmtree(venv_dir)
         _run([sys.executable, "-m", "venv", str(venv_dir)])
-        _run(
-            [
-                str(_venv_python(venv_dir)),
-                "-m",
-                "pip",
-                "install",
-                "--disable-pip-version-check",
-                "-q",
-                f"matrix-synapse=={SYNAPSE_VERSION}",
-            ]
-        )
+        _pip_install(venv_dir, f"matrix-synapse=={SYNAPSE_VERSION}", ANTISPAM_MODULE)
         (venv_dir / STAMP_NAME).write_text(_stamp_text())
     return _venv_python(venv_dir)
 

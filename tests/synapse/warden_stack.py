@@ -102,14 +102,15 @@ def start_warden(
     moderator_tokens: str,
     filter_workers: int = 1,
     extra_env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> WardenStack:
     """Start gateway, filter workers and moderator; return once each is ready.
 
     ``moderator_tokens`` is ``PS_MODERATOR_ACCESS_TOKENS``. ``extra_env`` overrides any
-    variable (filter defaults, say).
+    variable (filter defaults, say). ``port`` is the gateway's (a free one when None).
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     name = f"127.0.0.1:{port}"
     fed_path, pol_path = workdir / "signing.key", workdir / "event_signing.key"
     federation_key, policy_key = write_new_key(fed_path), write_new_key(pol_path)

@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from warden.policy.antispam_keys import antispam_verdict_key, event_id_of
 from warden.policy.verdict import SENDER_UNVERIFIED, ContentClass, FilterOutcome, Verdict
 from warden_webhooks.report import UNVERIFIED_NOTE, build_report, matrix_to
 from warden_webhooks.target import NotAllowed, check_webhook_url, host_allowed
@@ -75,6 +76,15 @@ def test_matrix_to_links_encode_ids() -> None:
     assert matrix_to("!room:hs.test", "$ev/x:hs.test") == (
         "https://matrix.to/#/!room%3Ahs.test/%24ev%2Fx%3Ahs.test"
     )
+
+
+def test_a_homeserver_spam_check_refusal_links_the_event_itself() -> None:
+    key = antispam_verdict_key("c1", "$ev:hs.test")
+    verdict = dataclasses.replace(hostile_verdict(), event_id=key, extra={"source": "antispam"})
+    report = build_report(verdict, now_ms=1)
+    assert matrix_to("!room:hs.test", "$ev:hs.test") in report["html"]
+    assert "(antispam)" in report["text"]
+    assert event_id_of("$plain:hs.test") == "$plain:hs.test"
 
 
 def test_report_without_excerpt_has_no_details() -> None:

@@ -16,6 +16,16 @@ Text checks (core NATS request/reply)
     (UTF-8). Header ``HEADER_COMMUNITY``. Reply: ``{"harms": [...]}`` (empty: allowed)
     or ``{"error": "..."}``. Nothing is stored or published: a text is no event.
 
+Homeserver spam checks (core NATS request/reply)
+    ``ANTISPAM_CHECK_SUBJECT`` — the gateway's ``/_warden/antispam/v1`` asks for a
+    judgement of an event it built from a homeserver's spam-checker callback (an
+    invite, a join, a room creation, a login, a user name). Served by the filter
+    workers in ``FILTER_WORKERS_QUEUE``. Body: the event (JSON). Headers
+    ``HEADER_COMMUNITY``, ``HEADER_EVENT_ID`` (what rate windows count it by) and
+    ``HEADER_ANTISPAM_KIND`` (``event``: every filter; ``username``: the user-ID and
+    text filters). Reply: ``{"harms": [...]}`` (empty: allowed) or ``{"error": "..."}``.
+    Nothing is stored or published (rate windows count it).
+
 Verdicts (JetStream)
     One message per first-time verdict on ``warden.verdict.<class>`` (neutral, allowed,
     prohibited), with ``Nats-Msg-Id`` set to the event ID so JetStream drops duplicates.
@@ -65,6 +75,7 @@ from typing import Final
 EVALUATE_SUBJECT: Final = "warden.evaluate.v1"
 FILTER_WORKERS_QUEUE: Final = "warden-filter-workers"
 CHECK_TEXT_SUBJECT: Final = "warden.check_text.v1"
+ANTISPAM_CHECK_SUBJECT: Final = "warden.antispam_check.v1"
 
 VERDICTS_STREAM: Final = "WARDEN_VERDICTS"
 VERDICT_SUBJECT_PREFIX: Final = "warden.verdict."
@@ -106,6 +117,8 @@ HEADER_REFERENCE_HASH: Final = "Warden-Reference-Hash"
 HEADER_SENDER_UNSIGNED: Final = "Warden-Sender-Unsigned"
 # On inbound PDUs: the room the PDU belongs to (as the gateway looked it up).
 HEADER_ROOM_ID: Final = "Warden-Room-Id"
+# On antispam checks: which filters judge the event ("event" or "username").
+HEADER_ANTISPAM_KIND: Final = "Warden-Antispam-Kind"
 
 
 def verdict_subject(content_class: str) -> str:

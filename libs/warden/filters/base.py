@@ -43,10 +43,10 @@ from warden.storage.displaynames import get_displaynames
 from warden.storage.redis_autopipeline import RedisAutoPipeline
 
 if TYPE_CHECKING:
+    from warden.media_scan.scanner import MediaScanner
+    from warden.openai_moderation import OpenAIModeration
     from warden.trust.muninn import MuninnDirectoryCache
     from warden.trust.sources import RoomTrustCache
-    from warden.openai_moderation import OpenAIModeration
-    from warden.media_scan.scanner import MediaScanner
 
 FAIL_SECURE_SUFFIX = "_fail_secure"
 

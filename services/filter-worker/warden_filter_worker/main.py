@@ -38,8 +38,8 @@ from warden.federation.keyring import Keyring
 from warden.federation.network_guard import NetworkGuard
 from warden.filters.base import FilterDeps
 from warden.filters.base import Group as FilterGroup
-from warden.openai_moderation import OpenAIModeration
 from warden.media_scan.scanner import build_media_scanner
+from warden.openai_moderation import OpenAIModeration
 from warden.policy.config import ConfigError, instance_defaults
 from warden.policy.pipeline import Pipeline
 from warden.retention import Pruner, RetentionPolicy
@@ -49,6 +49,7 @@ from warden.runtime.service import Hook, bootstrap, run_async
 from warden.settings import Settings
 from warden.storage.room_state import StateCaps
 from warden.trust.muninn import MuninnPoller
+from warden_filter_worker.antispam_checks import AntispamCheckService
 from warden_filter_worker.community_config import CommunityConfigCache
 from warden_filter_worker.evaluation import EvaluationService
 from warden_filter_worker.group_commit import GroupCommitWriter
@@ -164,11 +165,17 @@ def run(settings: Settings) -> int:
             deps=deps, configs=configs, timeout_seconds=settings.filter_timeout_seconds
         )
         await text_checks.start(nc)
+        # The homeserver spam checks (/_warden/antispam/v1): no verdict, nothing stored.
+        antispam_checks = AntispamCheckService(
+            deps=deps, configs=configs, timeout_seconds=settings.filter_timeout_seconds
+        )
+        await antispam_checks.start(nc)
 
         async def stop() -> None:
             await configs.unsubscribe()
             await deps.keyword_templates.unsubscribe()
             await text_checks.stop()
+            await antispam_checks.stop()
             await service.stop()
 
         # Hooks run last-added first: this runs before NATS is drained and pools close.

@@ -23,6 +23,7 @@ from warden.settings import Settings
 from warden.telemetry.http import HttpMetricsMiddleware
 from warden.telemetry.metrics import WARDEN_VERSION
 from warden.telemetry.trace_http import TraceContextMiddleware
+from warden_gateway.antispam import AntispamAPI
 from warden_gateway.errors import on_http_exception, on_matrix_error, on_unexpected
 from warden_gateway.event_id_check import EventIdCheck
 from warden_gateway.federation_inbound import FederationInbound
@@ -58,6 +59,7 @@ def build_app(
     invites: InviteAPI | None = None,
     event_id_check: EventIdCheck | None = None,
     server_centric: ServerCentricAPI | None = None,
+    antispam: AntispamAPI | None = None,
 ) -> GatewayApp:
     """Assemble the gateway app for one identity.
 
@@ -72,7 +74,8 @@ def build_app(
     only when ``PS_API_KEY`` is set. ``federation`` adds ``/send`` and the user queries.
     ``invites`` adds the ``/invite`` routes (v2 and v1). ``server_centric`` adds the
     community-token API (``/_policyserv/v1``), ``event_id_check`` its
-    ``POST /_policyserv/v1/check/event_id``.
+    ``POST /_policyserv/v1/check/event_id``. ``antispam`` adds the homeserver
+    spam-checker callbacks (``/_warden/antispam/v1``).
 
     The result is the FastAPI app wrapped in the HTTP metrics and, when ``policy`` is
     given, the hot-path dispatcher for ``/sign`` (see ``hot_path``); ``.fastapi`` is the
@@ -108,6 +111,8 @@ def build_app(
         raw_routes.extend(event_id_check.routes())
     if server_centric is not None:
         raw_routes.extend(server_centric.routes())
+    if antispam is not None:
+        raw_routes.extend(antispam.routes())
     app.router.routes.extend(raw_routes)
     if admin_router is not None:
         from warden_gateway.admin_api import install_admin_error_handlers

@@ -15,6 +15,7 @@ from warden.runtime import dependencies
 from warden.runtime.identity import load_identity
 from warden.runtime.service import bootstrap, run_async
 from warden.settings import Settings
+from warden_gateway.antispam import AntispamAPI
 from warden_gateway.app import build_admin_app, build_app
 from warden_gateway.community_auth import COMMUNITY_API_RATE_LIMIT_ERRORS, CommunityAuth
 from warden_gateway.event_checks import CheckedEvents
@@ -154,6 +155,15 @@ def run(settings: Settings) -> int:
                 max_pdu_bytes=settings.max_pdu_bytes,
             ),
         )
+        # The homeserver spam-checker callbacks share the community-token authentication.
+        antispam = AntispamAPI(
+            auth=server_centric.auth,
+            nats=nc,
+            verdicts=verdicts,
+            # A client-format event is a PDU with less, plus ``unsigned``.
+            max_body_bytes=2 * settings.max_pdu_bytes,
+            timeout_seconds=settings.check_text_timeout_seconds,
+        )
         admin_router = None
         if settings.api_key:
             from warden_gateway.admin_api import build_admin_router
@@ -179,6 +189,7 @@ def run(settings: Settings) -> int:
             invites=invites,
             event_id_check=event_id_check,
             server_centric=server_centric,
+            antispam=antispam,
         )
         runtime.add_http_server(
             "api",

@@ -13,6 +13,7 @@ import html
 from datetime import UTC, datetime
 from urllib.parse import quote
 
+from warden.policy.antispam_keys import event_id_of
 from warden.policy.verdict import Verdict
 
 # An excerpt is for a moderator's glance, not a copy of the event.
@@ -59,7 +60,8 @@ def build_report(verdict: Verdict, *, now_ms: int) -> dict[str, str]:
     # author: the event may be a forgery meant to get that user punished.
     user = verdict.sender if verdict.sender_verified else f"{verdict.sender} {UNVERIFIED_NOTE}"
     room_link = matrix_to(verdict.room_id)
-    event_link = matrix_to(verdict.room_id, verdict.event_id)
+    # A homeserver's check_event_for_spam verdict is keyed apart; link the event itself.
+    event_link = matrix_to(verdict.room_id, event_id_of(verdict.event_id))
 
     text_lines = [
         f"Policy server refused an event ({harms})",
