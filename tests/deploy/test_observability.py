@@ -130,7 +130,11 @@ def exported_labels() -> dict[str, set[str]]:
         labels = getattr(collector, "_labelnames", None)
         if labels is None:  # a custom collector: its families say
             describe = getattr(collector, "describe", None) or collector.collect
-            labels = next((f._labelnames for f in describe() if name.startswith(f.name)), ())
+            family = next((f for f in describe() if name.startswith(f.name)), None)
+            labels = getattr(family, "_labelnames", None)
+            if labels is None:  # a plain Metric (as a test's collector yields): its samples'
+                samples = family.samples if family is not None else []
+                labels = {k for sample in samples for k in sample.labels} - {"le", "quantile"}
         out[name] = set(labels) | ({"le"} if name.endswith("_bucket") else set())
     return out
 
