@@ -41,10 +41,14 @@ async def test_a_slow_scan_does_not_hold_the_answers_of_its_batch(
         pool=pg_pool,
         pipeline=Pipeline(deps, timeout_seconds=5),
         configs=CommunityConfigCache(
-            # The plain media filter off: media are judged by HMA alone.
+            # The plain and untrusted media filters off: media are judged by HMA alone.
             pg_pool,
             instance_defaults(
-                {"PS_HMA_FILTER_ENABLED_BANKS": "csam", "PS_MEDIA_FILTER_MEDIA_TYPES": ""}
+                {
+                    "PS_HMA_FILTER_ENABLED_BANKS": "csam",
+                    "PS_MEDIA_FILTER_MEDIA_TYPES": "",
+                    "PS_UNTRUSTED_MEDIA_FILTER_MEDIA_TYPES": "",
+                }
             ),
         ),
         writer=writer,
