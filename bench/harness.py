@@ -759,8 +759,15 @@ class Bench:
         assert hma is not None
         await self.configure(
             community,
-            # The plain media filter off, so HMA alone judges the images.
-            {"hma_filter_enabled_banks": ["csam"], "media_filter_media_types": []},
+            # The plain and untrusted media filters off, so HMA alone judges the images.
+            {
+                "hma_filter_enabled_banks": ["csam"],
+                "media_filter_media_types": [],
+                "untrusted_media_filter_media_types": [],
+                # Refusals here must not hellban the origins' users: the later windows
+                # (and the scaling run's warm-up) send as them.
+                "hellban_postfilter_minutes": 0,
+            },
         )
         count = self.unique_count(ceiling_rps)
         path, requests = self._new_file(
