@@ -19,19 +19,16 @@ recorded by the gateway's metrics and logs.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from prometheus_client import Counter, Histogram
 
 from warden.bus.subjects import (
     ANTISPAM_CHECK_SUBJECT,
-    FILTER_WORKERS_QUEUE,
     HEADER_ANTISPAM_KIND,
     HEADER_COMMUNITY,
     HEADER_EVENT_ID,
@@ -41,6 +38,7 @@ from warden.policy.dependency_failures import EvaluationUnavailable
 from warden.policy.pipeline import Pipeline
 from warden.policy.verdict import ContentClass
 from warden_filter_worker.community_config import CommunityConfigCache, UnknownCommunity
+from warden_filter_worker.queue_responder import QueueResponder
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +83,10 @@ def event_filters() -> tuple[type[Filter], ...]:
     return tuple(f for f in FILTERS if f.name != "hellban_postfilter")
 
 
-class AntispamCheckService:
+class AntispamCheckService(QueueResponder):
     """Answers homeserver spam checks, in the workers' queue group."""
+
+    what = "antispam checks"
 
     def __init__(
         self, *, deps: FilterDeps, configs: CommunityConfigCache, timeout_seconds: float
@@ -98,38 +98,11 @@ class AntispamCheckService:
                 deps, timeout_seconds=timeout_seconds, filters=username_filters()
             ),
         }
-        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._subscription: Subscription | None = None
+        super().__init__(MAX_IN_FLIGHT)
 
     async def start(self, nc: NATS, subject: str = ANTISPAM_CHECK_SUBJECT) -> None:
         """Join the workers' queue group on ``subject`` (tests use one of their own)."""
-        self._subscription = await nc.subscribe(
-            subject, queue=FILTER_WORKERS_QUEUE, cb=self._on_message
-        )
-
-    async def stop(self) -> None:
-        """Stop taking checks and answer those in flight."""
-        if self._subscription is not None:
-            try:
-                await self._subscription.drain()  # type: ignore[no-untyped-call]
-            except Exception as exc:  # closing anyway
-                logger.warning(
-                    "draining the antispam subscription failed", extra={"error": str(exc)}
-                )
-            self._subscription = None
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _on_message(self, msg: Msg) -> None:
-        await self._slots.acquire()
-        task = asyncio.create_task(self._answer(msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
+        await self.subscribe(nc, subject)
 
     async def _answer(self, msg: Msg) -> None:
         start = time.perf_counter()

@@ -13,7 +13,6 @@ published: a text check has no side effect.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Iterable
@@ -21,15 +20,15 @@ from collections.abc import Iterable
 import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from prometheus_client import Counter, Histogram
 
-from warden.bus.subjects import CHECK_TEXT_SUBJECT, FILTER_WORKERS_QUEUE, HEADER_COMMUNITY
+from warden.bus.subjects import CHECK_TEXT_SUBJECT, HEADER_COMMUNITY
 from warden.filters.base import Filter, FilterDeps
 from warden.policy.dependency_failures import EvaluationUnavailable
 from warden.policy.pipeline import Pipeline
 from warden.policy.verdict import ContentClass
 from warden_filter_worker.community_config import CommunityConfigCache, UnknownCommunity
+from warden_filter_worker.queue_responder import QueueResponder
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +57,10 @@ def text_filters() -> tuple[type[Filter], ...]:
     return tuple(f for f in FILTERS if f.checks_text)
 
 
-class TextCheckService:
+class TextCheckService(QueueResponder):
     """Answers text checks with the text-capable filters, in the workers' queue group."""
+
+    what = "text checks"
 
     def __init__(
         self,
@@ -76,36 +77,11 @@ class TextCheckService:
             timeout_seconds=timeout_seconds,
             filters=text_filters() if filters is None else filters,
         )
-        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._subscription: Subscription | None = None
+        super().__init__(MAX_IN_FLIGHT)
 
     async def start(self, nc: NATS, subject: str = CHECK_TEXT_SUBJECT) -> None:
         """Join the workers' queue group on ``subject`` (tests use one of their own)."""
-        self._subscription = await nc.subscribe(
-            subject, queue=FILTER_WORKERS_QUEUE, cb=self._on_message
-        )
-
-    async def stop(self) -> None:
-        """Stop taking texts and answer those in flight."""
-        if self._subscription is not None:
-            try:
-                await self._subscription.drain()  # type: ignore[no-untyped-call]
-            except Exception as exc:  # closing anyway
-                logger.warning("draining the text subscription failed", extra={"error": str(exc)})
-            self._subscription = None
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _on_message(self, msg: Msg) -> None:
-        await self._slots.acquire()
-        task = asyncio.create_task(self._answer(msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
+        await self.subscribe(nc, subject)
 
     async def _answer(self, msg: Msg) -> None:
         start = time.perf_counter()
