@@ -44,9 +44,11 @@ or ``python``), ``BENCH_LOADGEN_CPUS`` (the last CPU when there are several),
 (``PS_SIGN_RATE_LIMIT_PER_ORIGIN`` for the gateways: high, so the check still runs but
 never refuses), ``BENCH_PG_ADMIN``, ``BENCH_SERVERS`` (``private``: this run's own
 Redis and NATS, see ``bench/stack.py``; ``shared``: ``BENCH_REDIS_URL``, database 13,
-flushed, and ``BENCH_NATS_URL``), ``BENCH_RESULTS_DIR``, ``BENCH_SEED`` and ``BENCH_QUICK=1`` (tiny
-windows and request counts, for the smoke test). The attack windows: ``BENCH_ATTACK`` (1: run
-them), ``BENCH_ATTACK_RPS`` (the legitimate origin's rate, 200),
+flushed, and ``BENCH_NATS_URL``), ``BENCH_RESULTS_DIR``, ``BENCH_SEED``, ``BENCH_PROFILE``
+(a directory: py-spy samples every service in each window, folded stacks per window and
+process) and ``BENCH_QUICK=1`` (tiny windows and request counts, for the smoke test).
+The attack windows: ``BENCH_ATTACK`` (1: run them), ``BENCH_ATTACK_RPS`` (the legitimate
+origin's rate, 200),
 ``BENCH_ATTACK_CONNECTIONS`` (its connections, 20), ``BENCH_ATTACK_FLOOD_CONNECTIONS``
 (connections of each small attack class, 16), ``BENCH_ATTACK_MAX_REQUESTS`` (cap per small
 class, 200000), ``BENCH_ATTACK_MAX_OVERSIZED`` (cap on oversized bodies, 1000),
@@ -68,7 +70,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,6 +160,13 @@ class BenchConfig:
     attack_max_oversized: int = 1000
     attack_body_mib: float = 4.0
     attack_source: str = "127.0.0.2"
+    # With a directory, each window samples every observed service with py-spy (raw
+    # folded stacks, one file per window and process); the figures of such a run are
+    # not comparable with an unprofiled one.
+    profile_dir: Path | None = None
+    # ``BENCH_WINDOWS``: the workload windows to run (None: all); for A/B runs and
+    # profiling, the figures of such a run miss the targets of the windows left out.
+    windows: frozenset[str] | None = None
 
     @classmethod
     def from_env(cls) -> BenchConfig:
@@ -206,6 +215,10 @@ class BenchConfig:
             attack_max_oversized=_env_int("BENCH_ATTACK_MAX_OVERSIZED", 10 if quick else 1000),
             attack_body_mib=_env_float("BENCH_ATTACK_BODY_MIB", 4.0),
             attack_source=os.environ.get("BENCH_ATTACK_SOURCE", "127.0.0.2"),
+            profile_dir=Path(p) if (p := os.environ.get("BENCH_PROFILE", "").strip()) else None,
+            windows=frozenset(w.strip() for w in ws.split(",") if w.strip())
+            if (ws := os.environ.get("BENCH_WINDOWS", "").strip())
+            else None,
         )
 
     def settings_json(self) -> dict[str, Any]:
@@ -575,6 +588,7 @@ class Bench:
         database, shared = self.servers.database, self.servers.shared
         seconds = duration or c.duration
         self.log(f"window {name}: {seconds:g} s, {conns} connections, {self.tool}")
+        profilers = self._start_profilers(name, observed, seconds)
         before = CpuSnapshot.take(processes, database, shared)
         if self.tool == "wrk":
             load = await asyncio.to_thread(
@@ -599,6 +613,8 @@ class Bench:
                 delay_ms=delay_ms,
             )
         after = CpuSnapshot.take(processes, database, shared)
+        for profiler in profilers:
+            await asyncio.to_thread(profiler.wait)
         died = [p.name for p in observed if p.popen.poll() is not None]
         for p in observed:
             if p.popen.poll() is not None and not tolerate_deaths:
@@ -618,6 +634,38 @@ class Bench:
             f"  {load.rps:.0f} req/s, p99 {load.latency_ms['99']:.1f} ms, statuses {load.statuses}"
         )
         return window
+
+    def _start_profilers(
+        self, window: str, observed: list[Proc], seconds: float
+    ) -> list[subprocess.Popen[bytes]]:
+        """``BENCH_PROFILE``: one ``py-spy record`` per observed process for the window."""
+        out = self.config.profile_dir
+        if out is None:
+            return []
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        out.mkdir(parents=True, exist_ok=True)
+        return [
+            subprocess.Popen(  # noqa: S603 (our own py-spy and our own children's pids)
+                [
+                    spy,
+                    "record",
+                    "--nonblocking",
+                    "--rate",
+                    "250",
+                    "--format",
+                    "raw",
+                    "--duration",
+                    str(max(1, int(seconds))),
+                    "--pid",
+                    str(p.pid),
+                    "--output",
+                    str(out / f"{window}-{p.name}.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for p in observed
+        ]
 
     async def floor(self, kind: str, processes: int, request_file: Path) -> Window:
         """Start the ``kind`` floor with ``processes`` processes, measure, stop it."""
@@ -982,19 +1030,22 @@ class Bench:
         await self.start_stack(c.gateways, c.workers)
         community = await self.protect_rooms()
         await self.prewarm()
-        workloads = {
-            "unique": await self.workload_unique("unique", crypto_rps * max(1, c.gateways)),
-            "unique_paced": await self.workload_unique(
+        ceiling = crypto_rps * max(1, c.gateways)
+        runs: dict[str, Callable[[], Awaitable[Window]]] = {
+            "unique": lambda: self.workload_unique("unique", ceiling),
+            "unique_paced": lambda: self.workload_unique(
                 "unique_paced", crypto_rps, paced_rps=c.paced_rps
             ),
-            "spam_wave": await self.workload_spam_wave(),
-            "mixed": await self.workload_mixed(crypto_rps * max(1, c.gateways)),
-            "antispam_paced": await self.workload_antispam(community),
+            "spam_wave": self.workload_spam_wave,
+            "mixed": lambda: self.workload_mixed(ceiling),
+            "antispam_paced": lambda: self.workload_antispam(community),
+            # Images with HMA on, next to the unique window (text events are not scanned).
+            "images_hma": lambda: self.workload_images_hma(ceiling, community),
         }
-        # Images with HMA on, next to the unique window (text events are not scanned).
-        workloads["images_hma"] = await self.workload_images_hma(
-            crypto_rps * max(1, c.gateways), community
-        )
+        workloads: dict[str, Window] = {}
+        for name, window in runs.items():
+            if c.windows is None or name in c.windows:
+                workloads[name] = await window()
         await self.configure(community, {})
         attack: dict[str, Any] = {}
         if c.attack:
@@ -1002,7 +1053,7 @@ class Bench:
             workloads.update(attack_windows)
 
         scaling: dict[str, Any] = {}
-        if c.scaling:
+        if c.scaling and "unique" in workloads:
             scaling = await self.scaling_run(floor_file, crypto_rps, workloads["unique"])
         await self.stop_stack()
 
@@ -1083,32 +1134,35 @@ class Bench:
 def targets(
     results: dict[str, Any], config: BenchConfig, attack: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    """Issue 5's targets (and issue 10's under attack, when the attack window ran),
-    each with the measured value and whether it is met."""
-    unique, paced, spam = results["unique"], results["unique_paced"], results["spam_wave"]
-    paced_ok = paced["rps"] >= 0.9 * config.paced_rps
-    rows = [
-        ("unique req/s", unique["rps"], ">= 1000", unique["rps"] >= 1000),
-        (
-            "unique / crypto floor",
-            unique["ratio_to_crypto_floor"],
-            ">= 0.20",
-            unique["ratio_to_crypto_floor"] >= 0.20,
-        ),
-        (
-            f"unique p99 at {config.paced_rps} req/s (ms)",
-            paced["latency_ms"]["99"],
-            f"< 100 (achieved {paced['rps']:.0f} req/s)",
-            paced["latency_ms"]["99"] < 100 and paced_ok,
-        ),
-        ("spam wave req/s", spam["rps"], ">= 3000", spam["rps"] >= 3000),
-        (
-            "spam wave / crypto floor",
-            spam["ratio_to_crypto_floor"],
-            ">= 1.0",
-            spam["ratio_to_crypto_floor"] >= 1.0,
-        ),
-    ]
+    """Issue 5's targets with the house floors for the ratios (unique >= 0.33x and spam
+    wave >= 1.1x the crypto floor), issue 14's antispam p99 and issue 10's under attack
+    (when those windows ran), each with the measured value and whether it is met."""
+    rows: list[tuple[str, float, str, bool]] = []
+    if {"unique", "unique_paced", "spam_wave"} <= results.keys():  # BENCH_WINDOWS may skip
+        unique, paced, spam = results["unique"], results["unique_paced"], results["spam_wave"]
+        paced_ok = paced["rps"] >= 0.9 * config.paced_rps
+        rows += [
+            ("unique req/s", unique["rps"], ">= 1000", unique["rps"] >= 1000),
+            (
+                "unique / crypto floor",
+                unique["ratio_to_crypto_floor"],
+                ">= 0.33 (the house floor)",
+                unique["ratio_to_crypto_floor"] >= 0.33,
+            ),
+            (
+                f"unique p99 at {config.paced_rps} req/s (ms)",
+                paced["latency_ms"]["99"],
+                f"< 100 (achieved {paced['rps']:.0f} req/s)",
+                paced["latency_ms"]["99"] < 100 and paced_ok,
+            ),
+            ("spam wave req/s", spam["rps"], ">= 3000", spam["rps"] >= 3000),
+            (
+                "spam wave / crypto floor",
+                spam["ratio_to_crypto_floor"],
+                ">= 1.1 (the house floor)",
+                spam["ratio_to_crypto_floor"] >= 1.1,
+            ),
+        ]
     antispam = results.get("antispam_paced")
     if antispam is not None:
         rows.append(
