@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from tests.filters.filter_helpers import ALICE, config, context, event, message, new_event_id
 from warden import redis_keys
-from warden.filters.base import Filter, FilterDeps
+from warden.filters.base import Filter, FilterContext, FilterDeps
 from warden.filters.inline_emoji_size import InlineEmojiSizeFilter
 from warden.filters.link import LinkFilter, star_glob_matches
 from warden.filters.registry import BY_NAME
@@ -475,7 +475,13 @@ def _signed(*signers: tuple[str, nacl.signing.SigningKey, str]) -> dict[str, Any
     return ev
 
 
-async def _judge(deps: FilterDeps, ev: dict[str, Any], cfg: EffectiveConfig | None = None) -> Any:
+async def _judge(
+    deps: FilterDeps,
+    ev: dict[str, Any],
+    cfg: EffectiveConfig | None = None,
+    *,
+    checked: bool = False,
+) -> Any:
     pipeline = Pipeline(deps, timeout_seconds=5)
     return await pipeline.evaluate(
         ev,
@@ -484,6 +490,7 @@ async def _judge(deps: FilterDeps, ev: dict[str, Any], cfg: EffectiveConfig | No
         # No hellban: each case is judged on its own.
         config=cfg or config(hellban_postfilter_minutes=0),
         room_version=VERSION,
+        sender_signatures_checked=checked,
     )
 
 
@@ -540,3 +547,49 @@ async def test_unsafe_signing_key_the_server_publishes_is_prohibited(
         assert (await _judge(deps, both, off)).content_class is N
     finally:
         await redis_client.delete(redis_keys.unsafe_signing_key(server, "ed25519:b"))
+
+
+async def test_unsafe_signing_key_trusts_the_gateways_check_of_a_single_signature(
+    deps: FilterDeps, redis_client: aioredis.Redis
+) -> None:
+    """One signature of the sender's server, verified by the gateway (``/sign``): it is
+    valid under a key the keyring holds, which is never the compromised one, so the
+    filter neither re-signs nor reads Redis. Unchecked (another path), it still does."""
+    bad = nacl.signing.SigningKey(BAD_SEED)
+    server = ALICE.partition(":")[2]
+    only_bad = _signed((server, bad, "ed25519:b"))
+    flt = UnsafeSigningKeyFilter()
+    await redis_client.set(redis_keys.unsafe_signing_key(server, "ed25519:b"), 1, ex=60)
+    try:
+        # Unchecked: the single signature is the compromised key's, under the marked ID.
+        unchecked = await _judge(deps, only_bad)
+        assert {f.name: f for f in unchecked.filters}["unsafe_signing_key"].content_class is P
+        # Checked by the gateway, such an event cannot arrive (the keyring dropped that
+        # key, so its only signature would not have verified): nothing to look for.
+        checked = await _judge(deps, only_bad, checked=True)
+        assert {f.name: f for f in checked.filters}["unsafe_signing_key"].content_class is N
+        # Two signatures, checked: the second may be the compromised key's; still found.
+        two = _signed(
+            (server, nacl.signing.SigningKey.generate(), "ed25519:a"), (server, bad, "ed25519:b")
+        )
+        assert (await _judge(deps, two, checked=True)).content_class is P
+    finally:
+        await redis_client.delete(redis_keys.unsafe_signing_key(server, "ed25519:b"))
+
+    def ctx_for(ev: dict[str, Any], checked: bool) -> FilterContext:
+        return FilterContext(
+            event=ev,
+            event_id="$x",
+            room_id="!r:example.org",
+            community_id="default",
+            config=config(),
+            deps=deps,
+            room_version=VERSION,
+            sender_signatures=ev["signatures"][server],
+            sender_signatures_checked=checked,
+        )
+
+    # The pipeline gives it a timer (and may give it a task) only when it may read Redis.
+    assert not flt.waits_for(ctx_for(only_bad, True))
+    assert flt.waits_for(ctx_for(only_bad, False))
+    assert flt.waits_for(ctx_for(two, True))

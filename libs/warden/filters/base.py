@@ -175,6 +175,11 @@ class FilterContext:
     # The sender's server's signatures as received (key ID → unpadded base64), for the
     # unsafe signing key filter only: no hash covers them, so nothing else may look.
     sender_signatures: dict[str, Any] = field(default_factory=dict)
+    # True when the gateway checked those signatures before asking (``/sign`` and
+    # ``/check``): at least one verified under a key the sender's server publishes, and
+    # none under a key the keyring holds failed (the keyring never holds a compromised
+    # key). The unsafe signing key filter then has nothing to look for in a single one.
+    sender_signatures_checked: bool = False
 
     @property
     def event_type(self) -> str:

@@ -17,6 +17,12 @@ ID; counting that would let whoever asks first get someone else's event refused 
 sender hellbanned. What trips this filter is therefore a server that itself uses the
 compromised key, next to a valid key (policyserv checks every signature of every server).
 
+So an event whose sender's server signed it once, asked about through ``/sign`` or
+``/check`` (whose signatures the gateway verified: that one signature is valid under a key
+the keyring holds, and it never holds the compromised one), cannot trip it; the filter
+then spends nothing (``FilterContext.sender_signatures_checked``). Re-signing costs about
+as much as the rest of the pipeline together, and nearly every event carries one signature.
+
 ``unsafe_signing_key_filter_enabled`` (default true) can be stored as ``false`` by a
 community, unlike in policyserv (where a stored ``false`` is dropped).
 """
@@ -81,20 +87,26 @@ class UnsafeSigningKeyFilter(Filter):
     name = "unsafe_signing_key"
     group = Group.PREFILTER
     harm_ids = (OTHER,)
-    # Redis is read only for an event carrying a compromised-key signature (rare).
-    waits_on_io = True
+    # Redis is read only for an event carrying a compromised-key signature (rare), and
+    # only an event with more than one signature of its sender's server can.
+    waits_on_io = False
+    waits_on_io_sometimes = True
 
     @classmethod
     def enabled(cls, config: EffectiveConfig) -> bool:
         """On while ``unsafe_signing_key_filter_enabled`` is true."""
         return config.get_bool(ENABLED.name)
 
+    def waits_for(self, ctx: FilterContext) -> bool:
+        """Only an event that could carry a compromised-key signature may need Redis."""
+        return _could_carry_one(ctx)
+
     async def check(self, ctx: FilterContext) -> FilterResult:
         """Prohibited when a signature of the sender's server verifies under a
         compromised key, under a key ID that server publishes for that key."""
-        signatures = list(ctx.sender_signatures.items())[:MAX_SIGNATURES]
-        if not signatures:
+        if not _could_carry_one(ctx):
             return FilterResult.neutral()
+        signatures = list(ctx.sender_signatures.items())[:MAX_SIGNATURES]
         version = KNOWN_ROOM_VERSIONS.get(ctx.room_version)
         if version is None:
             return FilterResult.neutral()
@@ -112,3 +124,10 @@ class UnsafeSigningKeyFilter(Filter):
         if marks and int(await ctx.deps.auto_pipeline.execute_command("EXISTS", *marks)) > 0:
             return FilterResult.prohibited(OTHER)
         return FilterResult.neutral()
+
+
+def _could_carry_one(ctx: FilterContext) -> bool:
+    """False when no signature of the sender's server can be a compromised key's: there
+    is none, or the gateway verified the only one (see the module docstring)."""
+    count = len(ctx.sender_signatures)
+    return count > 1 or (count == 1 and not ctx.sender_signatures_checked)

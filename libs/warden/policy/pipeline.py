@@ -143,6 +143,7 @@ class Pipeline:
         first_seen_ts: int | None = None,
         extra: dict[str, Any] | None = None,
         sender_verified: bool = True,
+        sender_signatures_checked: bool = False,
     ) -> Verdict:
         """Judge one event for a community with its effective configuration.
 
@@ -150,6 +151,7 @@ class Pipeline:
         a verdict must not depend on bytes that whoever asks first can change. With
         ``sender_verified`` false nothing is attributed to the sender (see
         ``FilterContext.sender_verified``) and the verdict says so.
+        ``sender_signatures_checked``: see ``FilterContext.sender_signatures_checked``.
 
         Raises ``EvaluationUnavailable`` when a fail-secure filter's dependency failed:
         there is no verdict, and the event must be judged again later.
@@ -169,6 +171,7 @@ class Pipeline:
             now_ms=seen,
             sender_verified=sender_verified,
             sender_signatures=sender_signatures,
+            sender_signatures_checked=sender_signatures_checked,
         )
         if exporting():
             with _tracer.start_as_current_span("pipeline.evaluate"):

@@ -90,6 +90,8 @@ _DB_POLL_EVERY = 8
 # How long a batch's evaluations may take before those finished are answered without
 # waiting for the rest (a media scan can take seconds; every other filter, milliseconds).
 _SETTLE_EARLY_SECONDS = 0.25
+# Sources whose events the gateway verified the sender's signatures of (``policy_api``).
+_CHECKED = frozenset({"sign", "check"})
 # What the gateway is told to wait before asking again after a dependency failed.
 UNAVAILABLE_RETRY_AFTER_MS = 5000
 
@@ -626,6 +628,8 @@ class EvaluationService:
             reference_hash=request.reference_hash,
             extra=extra,
             sender_verified=sender_verified,
+            # The gateway verified the sender's server's signatures before asking.
+            sender_signatures_checked=request.sender_signed and request.source in _CHECKED,
         )
         content = request.event.get("content")
         body = content.get("body") if isinstance(content, dict) else None
