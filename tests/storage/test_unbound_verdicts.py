@@ -108,3 +108,23 @@ async def test_an_imported_verdict_without_a_room_gets_the_room_of_the_first_ask
     again = await verdicts.lookup_verdicts(pg_pool, [(event_id, "the-hash", "!other:x", "c3")])
     assert (again[event_id].room_id, again[event_id].community_id) == ("!room:x", "comm")
     assert len(again) == 1
+
+
+async def test_an_ordinary_lookup_only_reads(pg_pool: asyncpg.Pool) -> None:
+    """Looking up bound verdicts is a plain read (it runs in a read-only transaction, as
+    on a replica); only a row that needs binding takes a writing statement."""
+    ordinary = f"${uuid.uuid4().hex}"
+    unbound = f"${uuid.uuid4().hex}:old.example"
+    await verdicts.insert_verdicts(pg_pool, [make_verdict(ordinary, ContentClass.NEUTRAL, "o")])
+    await store_unbound(pg_pool, unbound)
+    async with pg_pool.acquire() as conn:
+        await conn.execute("SET default_transaction_read_only = on")
+        try:
+            got = await verdicts.lookup_verdicts(conn, [(ordinary, "h", "!r:x", "c")])
+            assert set(got) == {ordinary}
+            with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+                await verdicts.lookup_verdicts(conn, [(unbound, "h", "!r:x", "c")])
+        finally:
+            await conn.execute("RESET default_transaction_read_only")
+    bound = await verdicts.lookup_verdicts(pg_pool, [(unbound, "h", "!r:x", "c")])
+    assert bound[unbound].reference_hash == "h"
