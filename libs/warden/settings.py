@@ -187,6 +187,10 @@ class Settings(BaseSettings):
     # Failed token authentications allowed per client address per minute; past it,
     # 429 M_LIMIT_EXCEEDED until the minute ends.
     community_api_auth_failures_per_minute: int = Field(default=10, ge=1)
+    # How long a gateway keeps a community token it found (0: ask PostgreSQL each time).
+    # A rotation or any change of the community drops it at once on every replica
+    # (CONFIG_CHANGED_SUBJECT); the period only bounds staleness if that message is lost.
+    community_token_cache_seconds: float = Field(default=10.0, ge=0, le=300)
     # Largest text /_policyserv/v1/check/text accepts (413 M_TOO_LARGE past it).
     check_text_max_bytes: int = Field(default=64 * 1024, ge=1, le=512 * 1024)
     # How long the gateway waits for a filter worker's text check (then 503).

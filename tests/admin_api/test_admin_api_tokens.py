@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -10,10 +11,16 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from nats.aio.client import Client as NATS
+from prometheus_client import REGISTRY
+from starlette.requests import Request
 
 from tests.admin_api.admin_api_helpers import ConfigChanges, assert_matrix_error
+from warden.bus.subjects import CONFIG_CHANGED_SUBJECT
+from warden.matrix.errors import UnknownToken
 from warden.storage import community_tokens
 from warden.storage.community_tokens import community_by_access_token
+from warden_gateway.community_auth import CommunityAuth
 
 
 async def new_community(admin: httpx.AsyncClient, name: str = "Token community") -> str:
@@ -164,3 +171,83 @@ async def test_delete_community_with_rooms_is_refused_unless_they_move(
 async def test_the_default_community_cannot_be_deleted(admin: httpx.AsyncClient) -> None:
     assert_matrix_error(await admin.delete("/api/v1/communities/default"), 400, "M_BAD_STATE")
     assert (await admin.get("/api/v1/communities/default")).status_code == 200
+
+
+async def test_gateways_keep_found_tokens_and_forget_them_on_rotation(
+    admin: httpx.AsyncClient, admin_pool: asyncpg.Pool, nats_client: NATS
+) -> None:
+    """Two gateway replicas keep a token they found (no PostgreSQL lookup per request);
+    a rotation through the admin API reaches both over NATS, so the old token is refused
+    at once on each, long before the cache period ends. Unknown tokens are not kept."""
+    community_id = await new_community(admin)
+    token = (await rotate(admin, community_id))["new_access_token"]
+    replicas = [
+        CommunityAuth(admin_pool, rate_limiter=None, failures_per_minute=100, cache_seconds=300)
+        for _ in range(2)
+    ]
+    subs = [
+        await nats_client.subscribe(CONFIG_CHANGED_SUBJECT, cb=r.on_config_changed)
+        for r in replicas
+    ]
+    await nats_client.flush()
+
+    def request(value: str) -> Request:
+        headers = [(b"authorization", f"Bearer {value}".encode())]
+        return Request({"type": "http", "headers": headers, "client": ("10.0.0.1", 1)})
+
+    def lookups(source: str) -> float:
+        value = REGISTRY.get_sample_value(
+            "warden_community_token_lookups_total", {"source": source}
+        )
+        return value or 0.0
+
+    try:
+        for replica in replicas:
+            found = await replica.authenticate(request(token))
+            assert found.community_id == community_id
+        db_before, cache_before = lookups("database"), lookups("cache")
+        for replica in replicas:
+            for _ in range(5):
+                assert (await replica.authenticate(request(token))).community_id == community_id
+        assert lookups("database") == db_before  # every one from memory
+        assert lookups("cache") == cache_before + 10
+
+        # Unknown tokens are refused and never kept (an outsider cannot grow the cache).
+        for i in range(20):
+            with pytest.raises(UnknownToken):
+                await replicas[0].authenticate(request(f"pst_made_up_{i}"))
+        assert len(replicas[0]._cache) == 1
+
+        new_token = (await rotate(admin, community_id))["new_access_token"]
+        for replica in replicas:
+            async with asyncio.timeout(5):
+                while replica._cache:  # the notice is delivered asynchronously
+                    await asyncio.sleep(0.01)
+            with pytest.raises(UnknownToken):
+                await replica.authenticate(request(token))
+            assert (await replica.authenticate(request(new_token))).community_id == community_id
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
+
+
+async def test_a_kept_token_lapses_after_the_cache_period(
+    admin: httpx.AsyncClient, admin_pool: asyncpg.Pool
+) -> None:
+    """Without a notice (lost, or a replica that was disconnected), a rotated token stops
+    working once the cache period is over; with a period of 0 nothing is kept."""
+    community_id = await new_community(admin)
+    token = (await rotate(admin, community_id))["new_access_token"]
+    headers = [(b"authorization", f"Bearer {token}".encode())]
+    req = Request({"type": "http", "headers": headers, "client": ("10.0.0.2", 1)})
+    kept = CommunityAuth(admin_pool, rate_limiter=None, failures_per_minute=100, cache_seconds=0.5)
+    uncached = CommunityAuth(admin_pool, rate_limiter=None, failures_per_minute=100)
+    assert (await kept.authenticate(req)).community_id == community_id
+    assert (await uncached.authenticate(req)).community_id == community_id
+    await community_tokens.rotate_access_token(admin_pool, community_id)  # no notice
+    with pytest.raises(UnknownToken):
+        await uncached.authenticate(req)
+    assert (await kept.authenticate(req)).community_id == community_id  # still kept
+    await asyncio.sleep(0.6)
+    with pytest.raises(UnknownToken):
+        await kept.authenticate(req)

@@ -8,7 +8,8 @@ the answer to the rotation, and never written anywhere by Warden.
 A lookup is one indexed equality on the hash; the row's hash is then compared with the
 presented one by ``hmac.compare_digest``, so the answer's timing does not depend on how
 much of a guessed hash matches. A rotation replaces the hash in one statement: the old
-token stops working for the very next lookup (nothing caches tokens).
+token stops working for the very next lookup; the admin API then tells every gateway
+to drop the token it keeps (``warden_gateway.community_auth``).
 """
 
 from __future__ import annotations

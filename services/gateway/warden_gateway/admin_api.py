@@ -31,6 +31,7 @@ listener of its own (``app.build_admin_app``) instead of next to federation.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import re
@@ -507,8 +508,8 @@ def build_admin_router(
     async def rotate_access_token(community_id: str) -> RotatedAccessToken:
         """Give the community a new token for the server-centric API (``/_policyserv/v1``).
 
-        The old token stops working at once. The new one is in this answer only: Warden
-        keeps its SHA-256, never the token."""
+        The old token stops working at once (every gateway is told to forget it). The new
+        one is in this answer only: Warden keeps its SHA-256, never the token."""
         rotation = await community_tokens.rotate_access_token(pool, community_id)
         if rotation is None:
             raise NotFound("Unknown community")
@@ -517,6 +518,12 @@ def build_admin_router(
             "community access token rotated",
             extra={"community_id": community_id, "had_token": rotation.had_access_token},
         )
+        # Every gateway drops the old token it keeps. The rotation is committed and its
+        # token shown only here, so a failed notice (logged and counted by ``notify``)
+        # does not fail the answer: the old token then lapses within
+        # PS_COMMUNITY_TOKEN_CACHE_SECONDS.
+        with contextlib.suppress(Unavailable):
+            await notify({"community_id": community_id})
         return RotatedAccessToken(
             old_access_token="",
             new_access_token=rotation.new_access_token,

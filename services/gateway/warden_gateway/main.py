@@ -126,12 +126,16 @@ def run(settings: Settings) -> int:
             errors=COMMUNITY_API_RATE_LIMIT_ERRORS,
         )
         runtime.add_shutdown_hook("community-rate-limit", community_limiter.aclose)
+        community_auth = CommunityAuth(
+            pool,
+            rate_limiter=community_limiter,
+            failures_per_minute=settings.community_api_auth_failures_per_minute,
+            cache_seconds=settings.community_token_cache_seconds,
+        )
+        # A rotation or a change of the community on any replica: drop our copy at once.
+        await nc.subscribe(CONFIG_CHANGED_SUBJECT, cb=community_auth.on_config_changed)
         server_centric = ServerCentricAPI(
-            auth=CommunityAuth(
-                pool,
-                rate_limiter=community_limiter,
-                failures_per_minute=settings.community_api_auth_failures_per_minute,
-            ),
+            auth=community_auth,
             nats=nc,
             pool=pool,
             joiner=joiner,
