@@ -68,3 +68,45 @@ async def test_a_bug_in_a_hot_handler_is_a_matrix_500() -> None:
         r = await c.post("/x", content=b"{}")
     assert r.status_code == 500
     assert r.json() == {"errcode": "M_UNKNOWN", "error": "Internal server error"}
+
+
+async def test_a_route_with_path_parameters_is_dispatched_with_them() -> None:
+    """The antispam callbacks' route (``.../{callback}``) is matched by the hot path and
+    gets its path parameters; other paths under the prefix, deeper paths and other
+    methods fall through to the app."""
+    seen: list[dict[str, Any]] = []
+
+    async def handler(request: Request) -> Any:
+        from starlette.responses import JSONResponse
+
+        seen.append(dict(request.path_params))
+        return JSONResponse({"route": request.scope["route"].path})
+
+    fell_through: list[str] = []
+
+    async def app_below(scope: Any, receive: Any, send: Any) -> None:
+        from starlette.responses import Response
+
+        fell_through.append(f"{scope['method']} {scope['path']}")
+        await Response(b"", status_code=404)(scope, receive, send)
+
+    path = "/_warden/antispam/v1/{callback}"
+    ping = "/_warden/antispam/v1/ping"
+    routes = [Route(path, handler, methods=["POST"]), Route(ping, handler, methods=["POST"])]
+    hot = HotPathMiddleware(app_below, routes=routes)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=hot), base_url="http://t") as c:
+        r = await c.post("/_warden/antispam/v1/check_event_for_spam", content=b"{}")
+        assert r.status_code == 200 and r.json() == {"route": path}
+        assert seen == [{"callback": "check_event_for_spam"}]
+        # An exact path wins over a pattern that also matches it, whatever the order.
+        assert (await c.post(ping, content=b"{}")).json() == {"route": ping}
+        assert seen[-1] == {}
+        assert (await c.post("/_warden/antispam/v1/a/b")).status_code == 404
+        assert (await c.get("/_warden/antispam/v1/check_event_for_spam")).status_code == 404
+        assert (await c.post("/_warden/antispam/v2/x")).status_code == 404
+    assert fell_through == [
+        "POST /_warden/antispam/v1/a/b",
+        "GET /_warden/antispam/v1/check_event_for_spam",
+        "POST /_warden/antispam/v2/x",
+    ]
+    assert len(seen) == 2

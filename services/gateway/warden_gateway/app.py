@@ -113,6 +113,9 @@ def build_app(
         raw_routes.extend(server_centric.routes())
     if antispam is not None:
         raw_routes.extend(antispam.routes())
+        # Asked once per message a homeserver sends: the same short way as /sign (its
+        # ping too, an exact path, which the hot path matches before any pattern).
+        hot_routes.extend(antispam.routes())
     app.router.routes.extend(raw_routes)
     if admin_router is not None:
         from warden_gateway.admin_api import install_admin_error_handlers

@@ -7,6 +7,11 @@ about a third of the gateway's CPU per request. This middleware wraps the FastAP
 (inside only the HTTP metrics) and hands ``POST`` to the exact ``/sign`` paths straight
 to their handlers. The same routes stay registered on the FastAPI app, so behaviour is
 the same either way.
+
+A route with path parameters (the homeserver spam-checker callbacks,
+``/_warden/antispam/v1/{callback}``, asked once per message a homeserver sends) is matched
+by its literal prefix and then its own pattern, as Starlette's router would; exact paths
+(``.../ping``) are matched first.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import logging
 
 from starlette.requests import Request
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from warden_gateway.errors import matrix_error_response
@@ -27,14 +32,24 @@ class HotPathMiddleware:
 
     def __init__(self, app: ASGIApp, routes: list[Route]) -> None:
         self.app = app
-        self._routes = {r.path: r for r in routes if r.methods is not None and "POST" in r.methods}
+        posts = [r for r in routes if r.methods is not None and "POST" in r.methods]
+        self._routes = {r.path: r for r in posts if "{" not in r.path}
+        # (literal prefix, route) of the routes with path parameters.
+        self._patterns = [(r.path.partition("{")[0], r) for r in posts if "{" in r.path]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = (
-            self._routes.get(scope["path"])
-            if scope["type"] == "http" and scope["method"] == "POST"
-            else None
-        )
+        route: Route | None = None
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            route = self._routes.get(path)
+            if route is None:
+                for prefix, candidate in self._patterns:
+                    if path.startswith(prefix):
+                        match, child = candidate.matches(scope)
+                        if match is Match.FULL:
+                            scope.update(child)  # path_params, as the router sets them
+                            route = candidate
+                            break
         if route is None:
             await self.app(scope, receive, send)
             return
