@@ -137,6 +137,7 @@ def test_quick_run_writes_results_with_every_workload(tmp_path: Path) -> None:
         "spam_wave",
         "mixed",
         "images_hma",
+        "text_slow_classifier",
         "antispam_paced",
         "attack_quiet",
         "under_attack",
@@ -162,6 +163,25 @@ def test_quick_run_writes_results_with_every_workload(tmp_path: Path) -> None:
     assert images["statuses"].get("200", 0) > 0  # not every image refused by another filter
     assert 0 < images["hma"]["downloads"] == images["hma"]["hma_hashes"]
     assert images["hma"]["downloads"] <= images["distinct_events"]
+    # Text while images wait on a slow classifier (issue 12): every text request is
+    # still answered and signed, the images really waited on HMA, and the ratio to the
+    # unique window is reported (whatever it is) with its target row.
+    slow = doc["workloads"]["text_slow_classifier"]
+    assert set(slow["statuses"]) == {"200"}, slow["statuses"]
+    assert slow["socket_errors"]["timeout"] == 0, slow["socket_errors"]
+    assert slow["duration_s"] <= 6
+    classifier = slow["slow_classifier"]
+    assert classifier["hma_delay_s"] >= 1
+    assert classifier["hma_hashing_at_start"] >= 1, classifier  # busy as the window began
+    assert classifier["image_requests"] > 0, classifier
+    assert set(classifier["image_statuses"]) == {"200"}, classifier
+    assert classifier["image_latency_ms"]["50"] >= 1000 * classifier["hma_delay_s"], classifier
+    assert classifier["hma"]["hma_hashes"] >= classifier["image_requests"], classifier
+    ratio = slow["text_rps_ratio_to_unique"]
+    assert ratio == round(slow["rps"] / doc["workloads"]["unique"]["rps"], 3)
+    assert ratio > 0
+    slow_rows = [t for t in doc["targets"] if t["target"].startswith("text req/s while images")]
+    assert [t["measured"] for t in slow_rows] == [ratio]
     # check_event_for_spam: local events allowed (200), keyword ones refused (403).
     antispam = doc["workloads"]["antispam_paced"]
     assert set(antispam["statuses"]) == {"200", "403"}, antispam["statuses"]
@@ -208,6 +228,7 @@ def test_quick_run_writes_results_with_every_workload(tmp_path: Path) -> None:
         "| unique |",
         "| spam_wave |",
         "| mixed |",
+        "| text_slow_classifier |",
         "| antispam_paced |",
         "| attack_quiet |",
         "| under_attack |",
