@@ -348,6 +348,21 @@ def image_requests(
         out.add_request(out.add_body(event), event, sender, "image_bad" if bad else "image_clean")
 
 
+def fresh_image_events(
+    factory: EventFactory, origins: Sequence[Origin], count: int, *, media_server: str
+) -> list[tuple[Origin, dict[str, Any]]]:
+    """``count`` image messages, each with clean media no other event has (each one a
+    scan of its own), with the origin that sends and asks for it."""
+    rng = factory.rng
+    run = os.urandom(4).hex()
+    out = []
+    for n in range(count):
+        sender = rng.choice(origins)
+        event, _ = factory.event(sender, media=f"mxc://{media_server}/img-slow{run}x{n}")
+        out.append((sender, event))
+    return out
+
+
 ANTISPAM_PATH = "/_warden/antispam/v1/check_event_for_spam"
 # What synapse-http-antispam leaves out of an event (the client format).
 _FEDERATION_ONLY = ("auth_events", "prev_events", "depth", "hashes", "signatures")

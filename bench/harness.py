@@ -22,6 +22,9 @@ One run:
    ``images_hma`` (image messages with HMA on, against a local HMA service and media
    repository in the bench process, ``bench/hma.py``; half reuse media already scanned,
    5% match the ``csam`` bank and are refused).
+   ``text_slow_classifier`` (distinct text events as ``unique``, while image messages,
+   each a fresh scan, wait on an HMA service that answers each hash after
+   ``SLOW_CLASSIFIER_SECONDS``; the text rate as a ratio to ``unique``'s).
    ``antispam_paced`` (a homeserver's ``check_event_for_spam`` callbacks with local
    events, 10% keyword spam, at ``BENCH_PACED_RPS``, for latency).
 6. The attack windows (``BENCH_ATTACK=1``, the default): one legitimate origin asks for
@@ -53,7 +56,8 @@ origin's rate, 200),
 (connections of each small attack class, 16), ``BENCH_ATTACK_MAX_REQUESTS`` (cap per small
 class, 200000), ``BENCH_ATTACK_MAX_OVERSIZED`` (cap on oversized bodies, 1000),
 ``BENCH_ATTACK_BODY_MIB`` (size of one, 4), ``BENCH_ATTACK_SOURCE`` (the attacker's
-loopback address, ``127.0.0.2``).
+loopback address, ``127.0.0.2``). The slow-classifier window: ``BENCH_SLOW_IMAGE_SENDERS``
+(image messages kept in flight, 16).
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -84,6 +89,7 @@ from bench import events
 from bench.attack import AttackPlan
 from bench.events import GATEWAY_NAME, SIGN_PATH, BenchRoom, EventFactory, Origin, RequestFile
 from bench.hma import MEDIA_SERVER_NAME, HmaServices, start_hma_services
+from bench.image_load import ImageLoad, SignedRequest
 from bench.loadgen import (
     LoadResult,
     run_python,
@@ -104,6 +110,7 @@ from bench.stack import (
     warden_argv,
 )
 from warden.federation.xmatrix import sign_request
+from warden.matrix.canonical_json import encode_canonical_json
 from warden.matrix.keys import write_new_key
 from warden.settings import DEFAULT_DENIED_NETWORKS
 
@@ -114,6 +121,19 @@ BASE_CONFIG: dict[str, Any] = {
     "keyword_filter_keywords": [events.PROHIBITED_KEYWORD],
     "hellban_postfilter_minutes": 60,
 }
+# What the image windows add to it: HMA alone judges the images (the plain and untrusted
+# media filters off), and refusals do not hellban the origins' users, as the later
+# windows (and the scaling run's warm-up) send as them.
+IMAGE_CONFIG: dict[str, Any] = {
+    "hma_filter_enabled_banks": ["csam"],
+    "media_filter_media_types": [],
+    "untrusted_media_filter_media_types": [],
+    "hellban_postfilter_minutes": 0,
+}
+# The slow classifier: the local HMA answers each hash request after this long.
+SLOW_CLASSIFIER_SECONDS = 1.5
+# The slow-classifier window's length at most (it compares rates, not latencies).
+SLOW_WINDOW_MAX_SECONDS = 5.0
 
 
 def _env_int(name: str, default: int) -> int:
@@ -167,6 +187,7 @@ class BenchConfig:
     # ``BENCH_WINDOWS``: the workload windows to run (None: all); for A/B runs and
     # profiling, the figures of such a run miss the targets of the windows left out.
     windows: frozenset[str] | None = None
+    slow_image_senders: int = 16
 
     @classmethod
     def from_env(cls) -> BenchConfig:
@@ -219,6 +240,7 @@ class BenchConfig:
             windows=frozenset(w.strip() for w in ws.split(",") if w.strip())
             if (ws := os.environ.get("BENCH_WINDOWS", "").strip())
             else None,
+            slow_image_senders=_env_int("BENCH_SLOW_IMAGE_SENDERS", 4 if quick else 16),
         )
 
     def settings_json(self) -> dict[str, Any]:
@@ -248,6 +270,8 @@ class BenchConfig:
             "attack_max_oversized": self.attack_max_oversized,
             "attack_body_mib": self.attack_body_mib,
             "attack_source": self.attack_source,
+            "slow_image_senders": self.slow_image_senders,
+            "slow_classifier_seconds": SLOW_CLASSIFIER_SECONDS,
         }
 
 
@@ -805,18 +829,7 @@ class Bench:
         factory, origins, hma = self.factory, self.origins, self.hma
         assert factory is not None
         assert hma is not None
-        await self.configure(
-            community,
-            # The plain and untrusted media filters off, so HMA alone judges the images.
-            {
-                "hma_filter_enabled_banks": ["csam"],
-                "media_filter_media_types": [],
-                "untrusted_media_filter_media_types": [],
-                # Refusals here must not hellban the origins' users: the later windows
-                # (and the scaling run's warm-up) send as them.
-                "hellban_postfilter_minutes": 0,
-            },
-        )
+        await self.configure(community, IMAGE_CONFIG)
         count = self.unique_count(ceiling_rps)
         path, requests = self._new_file(
             lambda out: events.image_requests(
@@ -832,6 +845,75 @@ class Bench:
         window = await self.measure("images_hma", path, self.gateways, self.stack, info=info)
         after = hma.counts()
         window.info["hma"] = {k: after[k] - before[k] for k in after}
+        return window
+
+    async def workload_text_slow_classifier(
+        self, ceiling_rps: float, community: str, unique: Window
+    ) -> Window:
+        """Distinct text events, as ``unique``, while images wait on a slow classifier.
+
+        The local HMA answers each hash request after ``SLOW_CLASSIFIER_SECONDS``;
+        ``BENCH_SLOW_IMAGE_SENDERS`` senders in the bench process each keep one image
+        message in flight (each with media of its own: a fresh download and slow hash),
+        started before the window and stopped after it. The text rate is reported as a
+        ratio to the ``unique`` window of the same run: a scan waiting on its classifier
+        should hold only its own event.
+        """
+        factory, origins, hma, c = self.factory, self.origins, self.hma, self.config
+        assert factory is not None
+        assert hma is not None
+        duration = min(c.duration, SLOW_WINDOW_MAX_SECONDS)
+        count = self.unique_count(ceiling_rps)
+        path, requests = self._new_file(
+            lambda out: events.unique_requests(factory, origins, count, out)
+        )
+        # Enough images for every sender to keep one in flight through the window and
+        # its margins, were each answered at once after its scan.
+        per_sender = math.ceil((duration + 10) / SLOW_CLASSIFIER_SECONDS) + 2
+        images = [
+            SignedRequest(
+                encode_canonical_json(event),
+                sign_request(sender.name, GATEWAY_NAME, "POST", SIGN_PATH, event, sender.key),
+            )
+            for sender, event in events.fresh_image_events(
+                factory, origins, per_sender * c.slow_image_senders, media_server=MEDIA_SERVER_NAME
+            )
+        ]
+        await self.configure(community, IMAGE_CONFIG)
+        hma.hma.delay_seconds = SLOW_CLASSIFIER_SECONDS
+        load = ImageLoad([g.api_url for g in self.gateways], images, c.slow_image_senders)
+        before = hma.counts()
+        try:
+            load.start()
+            # The window starts once the classifier is busy with the images.
+            for _ in range(500):  # 10 s at most
+                if hma.hma.hashing >= c.slow_image_senders:
+                    break
+                await asyncio.sleep(0.02)
+            busy_at_start = hma.hma.hashing
+            started = time.monotonic()
+            window = await self.measure(
+                "text_slow_classifier",
+                path,
+                self.gateways,
+                self.stack,
+                duration=duration,
+                info={"distinct_events": count, "mix_in_file": requests.kinds},
+            )
+            ended = time.monotonic()
+            busy_at_end = hma.hma.hashing
+        finally:
+            await load.stop(grace_seconds=SLOW_CLASSIFIER_SECONDS + 5)
+            hma.hma.delay_seconds = 0.0
+        after = hma.counts()
+        window.info["slow_classifier"] = {
+            "hma_delay_s": SLOW_CLASSIFIER_SECONDS,
+            "hma_hashing_at_start": busy_at_start,
+            "hma_hashing_at_end": busy_at_end,
+            **load.report(started, ended),
+            "hma": {k: after[k] - before[k] for k in after},
+        }
+        window.info["text_rps_ratio_to_unique"] = _ratio(window.load.rps, unique.load.rps)
         return window
 
     async def configure(self, community: str, extra: dict[str, Any]) -> None:
@@ -1046,6 +1128,11 @@ class Bench:
         for name, window in runs.items():
             if c.windows is None or name in c.windows:
                 workloads[name] = await window()
+        # Text while images wait on a slow classifier, against the unique window.
+        if "unique" in workloads and (c.windows is None or "text_slow_classifier" in c.windows):
+            workloads["text_slow_classifier"] = await self.workload_text_slow_classifier(
+                ceiling, community, workloads["unique"]
+            )
         await self.configure(community, {})
         attack: dict[str, Any] = {}
         if c.attack:
@@ -1163,6 +1250,17 @@ def targets(
                 spam["ratio_to_crypto_floor"] >= 1.1,
             ),
         ]
+    slow = results.get("text_slow_classifier")
+    if slow is not None:
+        ratio = slow.get("text_rps_ratio_to_unique")
+        rows.append(
+            (
+                f"text req/s while images wait {SLOW_CLASSIFIER_SECONDS:g} s on HMA / unique",
+                ratio if ratio is not None else 0.0,
+                ">= 0.9",
+                ratio is not None and ratio >= 0.9,
+            )
+        )
     antispam = results.get("antispam_paced")
     if antispam is not None:
         rows.append(

@@ -173,3 +173,14 @@ def media_scan_claim(mxc_uri: str) -> str:
     (``media_hashes``) instead of downloading the same media again.
     """
     return f"{PREFIX}media_scan_claim:{mxc_uri}"
+
+
+def media_scan_failed(mxc_uri: str) -> str:
+    """Marks media whose download or hashing just failed (HMA filter).
+
+    Value: a short text saying why. TTL: ``PS_HMA_FAILURE_CACHE_SECONDS``. While it
+    exists no replica downloads the media again: asks answer "no verdict" at once, so
+    an event whose media keeps failing (gone, broken, its host down) costs one download
+    per TTL however often its senders retry. Nothing final is stored from a failure.
+    """
+    return f"{PREFIX}media_scan_failed:{mxc_uri}"

@@ -4,7 +4,9 @@ A *pass* prunes, in order: verdict details older than ``PS_RETENTION_VERDICT_DET
 minimal verdicts older than ``PS_RETENTION_VERDICTS_DAYS`` (0, the default, keeps them
 forever), final webhook deliveries and moderation actions older than
 ``PS_RETENTION_DELIVERIES_DAYS``, and the learned state of rooms Warden left, once it is
-``PS_RETENTION_LEFT_ROOMS_DAYS`` old. What each step keeps is described in
+``PS_RETENTION_LEFT_ROOMS_DAYS`` old, and media scan results (``media_hashes``,
+``media_classifications``) older than ``PS_RETENTION_MEDIA_DAYS``. What each step keeps
+is described in
 ``warden.storage.retention``. A period of 0 turns its step off.
 
 Each statement changes at most ``PS_RETENTION_BATCH_SIZE`` rows (short row locks, small
@@ -87,6 +89,7 @@ class RetentionPolicy:
     verdicts_ms: int = 0
     deliveries_ms: int = 30 * DAY_MS
     left_rooms_ms: int = 7 * DAY_MS
+    media_ms: int = 30 * DAY_MS
     batch_size: int = 1000
     batch_pause_seconds: float = 0.1
 
@@ -98,6 +101,7 @@ class RetentionPolicy:
             verdicts_ms=int(s.retention_verdicts_days * DAY_MS),
             deliveries_ms=int(s.retention_deliveries_days * DAY_MS),
             left_rooms_ms=int(s.retention_left_rooms_days * DAY_MS),
+            media_ms=int(s.retention_media_days * DAY_MS),
             batch_size=s.retention_batch_size,
             batch_pause_seconds=s.retention_batch_pause_ms / 1000,
         )
@@ -239,6 +243,18 @@ class Pruner:
                 )
         if p.left_rooms_ms:
             await self._prune_left_rooms(result, now - p.left_rooms_ms, renewed)
+        if p.media_ms:
+            cutoff_m = now - p.media_ms
+            for table in store.MEDIA_TABLES:
+                await self._batches(
+                    result,
+                    table,
+                    "deleted",
+                    functools.partial(
+                        store.delete_old_media, pool, table, before_ts=cutoff_m, limit=limit
+                    ),
+                    renewed,
+                )
 
     async def _prune_left_rooms(
         self, result: PassResult, cutoff: int, renewed: Callable[[], Awaitable[None]]

@@ -363,6 +363,10 @@ class Settings(BaseSettings):
     # lookups), which replaces PS_FILTER_TIMEOUT_SECONDS for the HMA filter.
     hma_max_media_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     hma_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Warden: media whose scan failed (download error, HMA error, timeout) is not tried
+    # again for this long, by any replica; asks meanwhile give no verdict. 0: retry on
+    # every ask.
+    hma_failure_cache_seconds: float = Field(default=60.0, ge=0)
     # Warden: where media downloads may connect, checked at connect time like
     # federation's PS_HOMESERVER_ALLOWED/DENIED_NETWORKS (deny wins). A homeserver on a
     # private network is allowed by listing its network here, not by weakening federation.
@@ -397,6 +401,9 @@ class Settings(BaseSettings):
     retention_deliveries_days: float = Field(default=30.0, ge=0)
     # Learned state of rooms Warden left is deleted this many days after it last changed.
     retention_left_rooms_days: float = Field(default=7.0, ge=0)
+    # Media scan results (media_hashes, media_classifications) are deleted this many days
+    # after the scan or judgement; media asked about again is scanned afresh.
+    retention_media_days: float = Field(default=30.0, ge=0)
     # How often one filter worker prunes (0: workers never do; use `warden prune`).
     retention_interval_minutes: float = Field(default=60.0, ge=0)
     # Rows one pruning statement changes at most, and the pause between statements.

@@ -17,6 +17,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import orjson
 import pytest
 from signedjson.key import generate_signing_key, get_verify_key
 
-from bench import attack, events, harness
+from bench import attack, events, harness, image_load
 from bench.events import GATEWAY_NAME, SIGN_PATH, EventFactory, Origin, RequestFile
 from bench.floors import CryptoFloor
 from tests.conftest import NATS_URL, PG_ADMIN
@@ -137,6 +138,7 @@ def test_quick_run_writes_results_with_every_workload(tmp_path: Path) -> None:
         "spam_wave",
         "mixed",
         "images_hma",
+        "text_slow_classifier",
         "antispam_paced",
         "attack_quiet",
         "under_attack",
@@ -162,6 +164,25 @@ def test_quick_run_writes_results_with_every_workload(tmp_path: Path) -> None:
     assert images["statuses"].get("200", 0) > 0  # not every image refused by another filter
     assert 0 < images["hma"]["downloads"] == images["hma"]["hma_hashes"]
     assert images["hma"]["downloads"] <= images["distinct_events"]
+    # Text while images wait on a slow classifier (issue 12): every text request is
+    # still answered and signed, the images really waited on HMA, and the ratio to the
+    # unique window is reported (whatever it is) with its target row.
+    slow = doc["workloads"]["text_slow_classifier"]
+    assert set(slow["statuses"]) == {"200"}, slow["statuses"]
+    assert slow["socket_errors"]["timeout"] == 0, slow["socket_errors"]
+    assert slow["duration_s"] <= 6
+    classifier = slow["slow_classifier"]
+    assert classifier["hma_delay_s"] >= 1
+    assert classifier["hma_hashing_at_start"] >= 1, classifier  # busy as the window began
+    assert classifier["image_requests"] > 0, classifier
+    assert set(classifier["image_statuses"]) == {"200"}, classifier
+    assert classifier["image_latency_ms"]["50"] >= 1000 * classifier["hma_delay_s"], classifier
+    assert classifier["hma"]["hma_hashes"] >= classifier["image_requests"], classifier
+    ratio = slow["text_rps_ratio_to_unique"]
+    assert ratio == round(slow["rps"] / doc["workloads"]["unique"]["rps"], 3)
+    assert ratio > 0
+    slow_rows = [t for t in doc["targets"] if t["target"].startswith("text req/s while images")]
+    assert [t["measured"] for t in slow_rows] == [ratio]
     # check_event_for_spam: local events allowed (200), keyword ones refused (403).
     antispam = doc["workloads"]["antispam_paced"]
     assert set(antispam["statuses"]) == {"200", "403"}, antispam["statuses"]
@@ -208,6 +229,7 @@ def test_quick_run_writes_results_with_every_workload(tmp_path: Path) -> None:
         "| unique |",
         "| spam_wave |",
         "| mixed |",
+        "| text_slow_classifier |",
         "| antispam_paced |",
         "| attack_quiet |",
         "| under_attack |",
@@ -502,3 +524,65 @@ def test_bench_attack_0_switches_the_window_off(monkeypatch: pytest.MonkeyPatch)
     config = harness.BenchConfig.from_env()
     assert config.attack is False
     assert config.settings_json()["attack"] is False
+
+
+def test_slow_classifier_target_row_reads_the_ratio_to_unique() -> None:
+    unique = {"rps": 1, "ratio_to_crypto_floor": 1, "latency_ms": {"99": 1}}
+    results: dict[str, Any] = {"unique": unique, "unique_paced": unique, "spam_wave": unique}
+    config = harness.BenchConfig.from_env()
+    assert not [t for t in harness.targets(results, config) if "slow" in t["target"]]
+    name = "text req/s while images wait 1.5 s on HMA / unique"
+    for ratio, met in ((0.95, True), (0.6, False), (None, False)):
+        results["text_slow_classifier"] = {"text_rps_ratio_to_unique": ratio}
+        rows = {t["target"]: t for t in harness.targets(results, config)}
+        assert (rows[name]["measured"], rows[name]["met"]) == (ratio or 0.0, met)
+
+
+async def test_image_load_keeps_its_senders_busy_and_reports_the_window() -> None:
+    """The slow-classifier window's image senders against a real local server that
+    answers after a pause: each sender has one request in flight, stop waits for them."""
+    seen: dict[str, Any] = {"in_flight": 0, "most": 0, "bodies": []}
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                seen["bodies"].append(await reader.readexactly(length))
+                seen["in_flight"] += 1
+                seen["most"] = max(seen["most"], seen["in_flight"])
+                await asyncio.sleep(0.2)
+                seen["in_flight"] -= 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(slow, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    requests = [image_load.SignedRequest(f'{{"n":{i}}}'.encode(), "X-Matrix x") for i in range(40)]
+    async with server:
+        load = image_load.ImageLoad([url], requests, concurrency=3)
+        load.start()
+        await asyncio.sleep(0.1)
+        start = time.monotonic()
+        await asyncio.sleep(0.5)
+        end = time.monotonic()
+        await load.stop(grace_seconds=5)
+    assert seen["most"] == 3  # one request in flight per sender, no more
+    report = load.report(start, end)
+    assert report["image_senders"] == 3
+    # At most four rounds of 0.2 s fit before the senders were stopped (0.6 s).
+    assert 3 <= report["image_requests"] <= 12, report
+    assert report["image_statuses"] == {"200": report["image_requests"]}
+    assert 1 <= report["image_requests_during_window"] < report["image_requests"]
+    assert report["image_latency_ms"]["50"] >= 200
+    # Stopping waited for the requests in flight: every body sent was answered.
+    assert len(seen["bodies"]) == report["image_requests"]
+    assert seen["bodies"][0] == b'{"n":0}'

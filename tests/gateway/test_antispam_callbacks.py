@@ -259,6 +259,78 @@ async def test_invites_joins_and_publishing_follow_the_policy_lists(
         assert_error(await call(callback, banned), 403, "M_FORBIDDEN")
 
 
+def state_event(event_type: str, content: dict[str, Any]) -> dict[str, Any]:
+    """A room state event as the room-state consumer would learn it."""
+    return {
+        "type": event_type,
+        "state_key": "",
+        "sender": f"@mod:{HS}",
+        "content": content,
+        "origin_server_ts": 1,
+        "depth": 7,
+        "auth_events": [],
+        "prev_events": [],
+        "hashes": {"sha256": "x"},
+        "signatures": {},
+    }
+
+
+async def test_publishing_judges_the_rooms_learned_name_and_topic(
+    workers: None, make_client: Client, pg_pool: asyncpg.Pool
+) -> None:
+    list_room = room_id()
+    community_id, token = await homeserver(
+        pg_pool, {"keyword_filter_keywords": ["casino"], "policy_list_room_ids": [list_room]}
+    )
+    await rooms.put_room(pg_pool, list_room, "12", community_id)
+    await room_state.apply_event(pg_pool, list_room, rule("@spammer:*", "u"), event_id())
+    client = await make_client(token=token)
+
+    async def learned(name: Any = None, topic: Any = None) -> str:
+        room = room_id()
+        for event_type, field, value in (
+            ("m.room.name", "name", name),
+            ("m.room.topic", "topic", topic),
+        ):
+            if value is not None:
+                ev = state_event(event_type, {field: value})
+                assert await room_state.apply_event(pg_pool, room, ev, event_id()) is not None
+        return room
+
+    async def publish(room: str, user: str = f"@alice:{HS}") -> httpx.Response:
+        return await client.post(
+            f"{PREFIX}/user_may_publish_room", json={"user_id": user, "room_id": room}
+        )
+
+    refused_before = (
+        REGISTRY.get_sample_value(
+            "warden_antispam_checks_total", {"kind": "publish_room", "outcome": "refused"}
+        )
+        or 0.0
+    )
+    assert await room_state.get_name_and_topic(pg_pool, await learned("a", "b")) == ("a", "b")
+    fine = await learned("Friends", "we talk about gardens")
+    assert (await publish(fine)).status_code == 200
+    # The name, or the topic, with a keyword of the community: refused as spam.
+    body = assert_error(await publish(await learned("casino night")), 403, "M_FORBIDDEN")
+    assert body["harms"] == body[HARMS_FIELD] == [SPAM]
+    body = assert_error(
+        await publish(await learned("Friends", "the best casino in town")), 403, "M_FORBIDDEN"
+    )
+    assert body["harms"] == [SPAM]
+    assert (
+        REGISTRY.get_sample_value(
+            "warden_antispam_checks_total", {"kind": "publish_room", "outcome": "refused"}
+        )
+        == refused_before + 2
+    )
+    # Not strings (a malformed event): nothing to judge. No learned state: the same.
+    assert (await publish(await learned({"x": "casino"}, ["casino"]))).status_code == 200
+    assert (await publish(room_id())).status_code == 200
+    # The publisher's bans still come first.
+    assert_error(await publish(fine, f"@spammer:{HS}"), 403, "M_FORBIDDEN")
+
+
 async def test_invite_rate_counts_each_invite(
     workers: None, make_client: Client, pg_pool: asyncpg.Pool
 ) -> None:

@@ -67,6 +67,7 @@ async def make_scanner(services: Services, pg_pool: asyncpg.Pool) -> AsyncIterat
         max_bytes: int = 1024 * 1024,
         timeout_seconds: float = 10.0,
         hma_key: str = "hma-key",
+        failure_cache_seconds: float = 0.0,
     ) -> MediaScanner:
         from tests.conftest import REDIS_URL
 
@@ -82,7 +83,13 @@ async def make_scanner(services: Services, pg_pool: asyncpg.Pool) -> AsyncIterat
         )
         hma = HmaClient(services.hma_server.base_url, hma_key, timeout_seconds=timeout_seconds)
         scanner = MediaScanner(
-            pg_pool, redis, downloader, hma, timeout_seconds=timeout_seconds, poll_seconds=0.02
+            pg_pool,
+            redis,
+            downloader,
+            hma,
+            timeout_seconds=timeout_seconds,
+            failure_cache_seconds=failure_cache_seconds,
+            poll_seconds=0.02,
         )
         made.append(scanner)
         return scanner

@@ -215,13 +215,16 @@ async def test_wardens_removal_is_recorded_and_a_seed_replaces_everything(
         state("m.room.member", "@new:x.org", {"membership": "join", "displayname": "New"}),
         state("m.room.member", OUR_USER, {"membership": "join"}, sender=OUR_USER),
         state("m.room.policy", "", {"via": OUR_SERVER, "public_keys": {"ed25519": OUR_KEY}}),
-        state("m.room.topic", "", {"topic": "ignored"}),
+        state("m.room.avatar", "", {"url": "mxc://x.org/ignored"}),
+        # Kept since user_may_publish_room judges it (issue 14).
+        state("m.room.topic", "", {"topic": "Gardens"}),
         {"not": "an event"},
     ]
     kept = await room_state.seed_from_state(
         pg_pool, r, "11", snapshot, our_user_id=OUR_USER, event_id="$anchor"
     )
-    assert kept == 4  # create, policy, two members
+    assert kept == 5  # create, policy, topic, two members
+    assert await room_state.get_name_and_topic(pg_pool, r) == ("", "Gardens")
     assert await get_displaynames(pg_pool, r) == {"@new:x.org": "New", OUR_USER: ""}
     assert await room_state.get_power_levels(pg_pool, r) is None
     assert (await room_state.get_policy_server(pg_pool, r, OUR_SERVER, OUR_KEY)).key_matches

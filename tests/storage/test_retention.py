@@ -49,6 +49,8 @@ TABLES = (
     "room_state",
     "room_memberships",
     "rooms",
+    "media_hashes",
+    "media_classifications",
 )
 
 
@@ -135,6 +137,7 @@ def test_the_policy_comes_from_the_settings(make_settings: Callable[..., Setting
         verdicts_ms=0,  # minimal verdicts: forever
         deliveries_ms=30 * DAY_MS,
         left_rooms_ms=7 * DAY_MS,
+        media_ms=30 * DAY_MS,
         batch_size=1000,
         batch_pause_seconds=0.1,
     )
@@ -144,9 +147,11 @@ def test_the_policy_comes_from_the_settings(make_settings: Callable[..., Setting
             retention_verdict_details_days=0.5,
             retention_batch_size=50,
             retention_batch_pause_ms=0,
+            retention_media_days=0,
         )
     )
     assert (custom.verdicts_ms, custom.verdict_details_ms) == (365 * DAY_MS, DAY_MS // 2)
+    assert custom.media_ms == 0
     assert (custom.batch_size, custom.batch_pause_seconds) == (50, 0.0)
     with pytest.raises(ValueError, match="retention_batch_size"):
         make_settings(retention_batch_size=0)
@@ -251,13 +256,66 @@ async def test_a_period_of_zero_keeps_everything(
 ) -> None:
     await store_verdicts(pool, ("$old", OLD, True))
     await record_delivery(pool, "webhook_deliveries", "$w", "delivered", OLD)
+    await record_media(pool, "mxc://x/old", OLD)
     result = await pruner(
-        pool, redis_client, verdict_details_ms=0, deliveries_ms=0, left_rooms_ms=0
+        pool, redis_client, verdict_details_ms=0, deliveries_ms=0, left_rooms_ms=0, media_ms=0
     ).run_pass()
     assert result is not None and result.complete and result.rows == {}
+    assert await pool.fetchval("SELECT count(*) FROM media_hashes") == 1
+    assert await pool.fetchval("SELECT count(*) FROM media_classifications") == 1
     old = await raw_verdict(pool, "$old")
     assert old is not None and old["sender"] == "@spammer:evil.example"
     assert await pool.fetchval("SELECT count(*) FROM webhook_deliveries") == 1
+
+
+# --- media scan results -------------------------------------------------------------
+
+
+async def record_media(
+    pool: asyncpg.Pool, mxc_uri: str, ts: int, community: str = "default"
+) -> None:
+    """A scan of ``mxc_uri`` and the community's judgement, both written at ``ts``."""
+    await pool.execute(
+        "INSERT INTO media_hashes (mxc_uri, hashes, ts) VALUES ($1, '{}'::jsonb, $2)",
+        mxc_uri,
+        ts,
+    )
+    await pool.execute(
+        "INSERT INTO media_classifications (mxc_uri, community_id, class, harms, source,"
+        " classified_ts) VALUES ($1, $2, 1, '{}', 'hma', $3)",
+        mxc_uri,
+        community,
+        ts,
+    )
+
+
+async def test_old_media_scan_results_are_deleted_recent_ones_kept(
+    pool: asyncpg.Pool, redis_client: aioredis.Redis
+) -> None:
+    for i in range(5):
+        await record_media(pool, f"mxc://x/old{i}", OLD)
+    await record_media(pool, "mxc://x/recent", RECENT)
+    # Judged long after the scan: the judgement is recent, the scan is not.
+    await pool.execute("UPDATE media_classifications SET classified_ts = $1 WHERE mxc_uri = $2",
+                       RECENT, "mxc://x/old0")  # fmt: skip
+    before = sample("media_hashes", "deleted")
+
+    result = await pruner(pool, redis_client, batch_size=2).run_pass()
+
+    assert result is not None and result.complete
+    assert result.rows[("media_hashes", "deleted")] == 5
+    assert result.rows[("media_classifications", "deleted")] == 4
+    assert sample("media_hashes", "deleted") == before + 5
+    hashes = await pool.fetch("SELECT mxc_uri FROM media_hashes")
+    assert [r["mxc_uri"] for r in hashes] == ["mxc://x/recent"]
+    judged = await pool.fetch("SELECT mxc_uri FROM media_classifications ORDER BY mxc_uri")
+    assert [r["mxc_uri"] for r in judged] == ["mxc://x/old0", "mxc://x/recent"]
+    # A shorter period reaches the recent rows too.
+    again = await pruner(pool, redis_client, media_ms=60_000).run_pass()
+    assert again is not None
+    assert again.rows == {("media_hashes", "deleted"): 1, ("media_classifications", "deleted"): 2}
+    with pytest.raises(KeyError):
+        await store.delete_old_media(pool, "verdicts", before_ts=NOW, limit=1)
 
 
 # --- deliveries ---------------------------------------------------------------------
@@ -613,6 +671,8 @@ def test_warden_prune_runs_one_pass(retention_database: str) -> None:
             await p.execute(f"TRUNCATE {', '.join(TABLES)}")
             await store_verdicts(p, ("$old", OLD, True), ("$new", RECENT, True))
             await record_delivery(p, "webhook_deliveries", "$w", "delivered", OLD)
+            await record_media(p, "mxc://x/old", OLD)
+            await record_media(p, "mxc://x/new", RECENT)
         finally:
             await p.close()
         r = aioredis.from_url(REDIS_URL)
@@ -631,6 +691,8 @@ def test_warden_prune_runs_one_pass(retention_database: str) -> None:
     assert done.returncode == 0, done.stderr
     assert "verdicts details: 1" in done.stdout
     assert "webhook_deliveries deleted: 1" in done.stdout
+    assert "media_hashes deleted: 1" in done.stdout
+    assert "media_classifications deleted: 1" in done.stdout
 
     async def check() -> None:
         conn = await asyncpg.connect(retention_database)
@@ -641,6 +703,8 @@ def test_warden_prune_runs_one_pass(retention_database: str) -> None:
                 ("$old", ""),
             ]
             assert await conn.fetchval("SELECT count(*) FROM webhook_deliveries") == 0
+            media = await conn.fetchval("SELECT array_agg(mxc_uri) FROM media_hashes")
+            assert media == ["mxc://x/new"]
         finally:
             await conn.close()
         r = aioredis.from_url(REDIS_URL)

@@ -3,19 +3,22 @@ Warden's ``/_warden/antispam/v1``: Warden is the homeserver's spam checker.
 
 Synapse's homeserver is a Warden community (keywords, a policy list banning
 ``@spammer``) whose token Synapse reads from a file. Local messages, invites and joins
-are judged by Warden; with Warden's gateway stopped, each callback follows its
-``fail_open`` setting.
+are judged by Warden (a join is refused when the list bans the user, or the user's
+server); with Warden's gateway stopped, each callback follows its ``fail_open``
+setting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 import pytest_asyncio
 import trustme
@@ -25,7 +28,7 @@ from tests.service_processes import free_port
 from tests.synapse.synapse_client import MatrixClient, eventually, q
 from tests.synapse.synapse_server import SynapseServer, start_synapse
 from tests.synapse.warden_stack import WardenStack, start_warden
-from warden.policy.harms import HARMS_FIELD, SPAM
+from warden.policy.harms import HARMS_FIELD, OTHER, SPAM
 from warden.storage import communities, community_tokens, room_state, rooms
 
 pytestmark = [
@@ -42,9 +45,10 @@ CALLBACKS = ["check_event_for_spam", "user_may_invite", "user_may_join_room"]
 class Setup:
     """What the module's Synapse and Warden share: the gateway's port, the token file."""
 
-    def __init__(self, port: int, token_path: Path) -> None:
+    def __init__(self, port: int, token_path: Path, list_room: str) -> None:
         self.port = port
         self.token_path = token_path
+        self.list_room = list_room
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +91,7 @@ def setup(pg_database: str, e2e_dir: Path) -> Setup:
 
     token_path = e2e_dir / "warden-antispam.token"
     token_path.write_text(asyncio.run(create()) + "\n")
-    return Setup(port, token_path)
+    return Setup(port, token_path, list_room)
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +213,67 @@ async def test_invites_and_joins(
     refused = await spammer.request("POST", f"/_matrix/client/v3/join/{q(room_id)}", json={})
     assert_refused(refused, "M_FORBIDDEN")
     assert spammer.user_id not in await alice.joined_members(room_id)
+
+
+async def test_a_join_by_a_user_of_a_banned_server_is_refused(
+    synapse: SynapseServer,
+    warden: WardenStack,
+    clients: dict[str, MatrixClient],
+    setup: Setup,
+    pg_database: str,
+    e2e_ca_file: str,
+) -> None:
+    """The list bans Synapse's own server (the only server whose users Synapse asks
+    about): a local user's join is refused through ``user_may_join_room``. The rule is
+    removed at the end, so it bans nothing else of this module."""
+    alice, carol = clients["alice"], await user(synapse, "carol")
+    room_id = await alice.create_room(preset="public_chat", name="no banned servers")
+    pool = await asyncpg.create_pool(pg_database, min_size=1, max_size=2)
+    ban = {
+        "type": "m.policy.rule.server",
+        "state_key": "synapse-server",
+        "sender": "@mod:lists.example",
+        "room_id": setup.list_room,
+        "content": {"entity": synapse.server_name, "recommendation": "m.ban", "reason": "x"},
+        "origin_server_ts": 1,
+        "depth": 6,
+        "auth_events": [],
+        "prev_events": [],
+        "hashes": {"sha256": "x"},
+        "signatures": {},
+    }
+    token = setup.token_path.read_text().strip()
+    warden_api = httpx.AsyncClient(
+        base_url=f"https://127.0.0.1:{setup.port}/_warden/antispam/v1",
+        headers={"Authorization": f"Bearer {token}"},
+        verify=ssl.create_default_context(cafile=e2e_ca_file),
+    )
+    try:
+        await room_state.apply_event(pool, setup.list_room, ban, "$ban-synapse-server")
+
+        # The worker caches a list's rules for a few seconds: wait until Warden itself
+        # refuses the join, asked directly, before Synapse asks it.
+        async def refused_by_warden() -> bool:
+            r = await warden_api.post(
+                "/user_may_join_room",
+                json={"user": carol.user_id, "room": room_id, "is_invited": False},
+            )
+            return r.status_code == 403
+
+        await eventually(refused_by_warden, timeout=30, what="the server ban in effect")
+        joined = await carol.request("POST", f"/_matrix/client/v3/join/{q(room_id)}", json={})
+        body = assert_refused(joined, "M_FORBIDDEN")
+        assert body["harms"] == body[HARMS_FIELD] == [OTHER], body
+        assert carol.user_id not in await alice.joined_members(room_id)
+        assert warden.log_lines("antispam: refused", "user_may_join_room")
+    finally:
+        await pool.execute(
+            "DELETE FROM room_state_events WHERE room_id = $1 AND state_key = 'synapse-server'",
+            setup.list_room,
+        )
+        await pool.close()
+        await warden_api.aclose()
+        await carol.aclose()
 
 
 async def test_with_warden_stopped_each_callback_follows_its_fail_mode(

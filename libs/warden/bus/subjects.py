@@ -23,8 +23,9 @@ Homeserver spam checks (core NATS request/reply)
     workers in ``FILTER_WORKERS_QUEUE``. Body: the event (JSON). Headers
     ``HEADER_COMMUNITY``, ``HEADER_EVENT_ID`` (what rate windows count it by) and
     ``HEADER_ANTISPAM_KIND`` (``event``: every filter; ``username``: the user-ID and
-    text filters). Reply: ``{"harms": [...]}`` (empty: allowed) or ``{"error": "..."}``.
-    Nothing is stored or published (rate windows count it).
+    text filters; ``publish_room``: every filter, then the room's learned name and
+    topic through the text filters). Reply: ``{"harms": [...]}`` (empty: allowed) or
+    ``{"error": "..."}``. Nothing is stored or published (rate windows count it).
 
 Verdicts (JetStream)
     One message per first-time verdict on ``warden.verdict.<class>`` (neutral, allowed,
@@ -117,7 +118,8 @@ HEADER_REFERENCE_HASH: Final = "Warden-Reference-Hash"
 HEADER_SENDER_UNSIGNED: Final = "Warden-Sender-Unsigned"
 # On inbound PDUs: the room the PDU belongs to (as the gateway looked it up).
 HEADER_ROOM_ID: Final = "Warden-Room-Id"
-# On antispam checks: which filters judge the event ("event" or "username").
+# On antispam checks: which filters judge the event ("event", "username" or
+# "publish_room").
 HEADER_ANTISPAM_KIND: Final = "Warden-Antispam-Kind"
 
 

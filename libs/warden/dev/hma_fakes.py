@@ -15,7 +15,10 @@ behaviours chosen by the media ID, so one server covers every case:
 * ``away-<tag>``: redirects to ``redirect_target`` (another server).
 
 HMA reports a hash's banks from its tag: ``bad...`` is in bank ``csam``, ``grey...`` in
-bank ``other``, anything else in none. Both count what they were asked, per tag.
+bank ``other``, anything else in none. Both count what they were asked, per tag. HMA
+answers each hash request after ``delay_seconds`` (a slow classifier, for the bench's
+``text_slow_classifier`` window), and counts the requests it is holding in
+``hashing``.
 """
 
 from __future__ import annotations
@@ -115,6 +118,8 @@ class HmaService:
     lookups: Counter[str] = field(default_factory=Counter)  # signal type → calls
     unauthorised: int = 0
     fail: bool = False
+    delay_seconds: float = 0.0  # before answering a hash request (a slow classifier)
+    hashing: int = 0  # hash requests being answered now
 
     def app(self) -> Starlette:
         """The ASGI app."""
@@ -136,6 +141,15 @@ class HmaService:
             return JSONResponse({"detail": "unauthorised"}, status_code=401)
         if self.fail:
             return JSONResponse({"detail": "down"}, status_code=503)
+        self.hashing += 1
+        try:
+            if self.delay_seconds > 0:
+                await asyncio.sleep(self.delay_seconds)
+            return await self._hash_form(request)
+        finally:
+            self.hashing -= 1
+
+    async def _hash_form(self, request: Request) -> Response:
         form = await request.form()
         for kind in ("photo", "video"):
             upload = form.get(kind)

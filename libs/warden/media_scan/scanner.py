@@ -12,9 +12,13 @@ Layers, cheapest first:
    downloads; the others wait for its row in ``media_hashes``. A holder that failed
    releases the claim and the next asker tries; a crashed one's claim lapses.
 
-Nothing is stored from a failure: a failed or timed-out scan raises
-``DependencyUnavailable`` and is tried again on the next ask. Media over the size limit
-is remembered as such (it would be over it again) and raises ``MediaTooLarge``.
+Nothing final is stored from a failure: a failed or timed-out scan raises
+``DependencyUnavailable``. The replica that failed marks the media in Redis
+(``warden:media_scan_failed:<mxc>``, TTL ``PS_HMA_FAILURE_CACHE_SECONDS``) so that the
+retries of its senders do not download it again meanwhile: until the mark lapses every
+ask raises ``DependencyUnavailable`` at once, then the next ask scans again. Media over
+the size limit is remembered as such in ``media_hashes`` (it would be over it again)
+and raises ``MediaTooLarge``; bytes of no scannable type are remembered too.
 The content type is sniffed from the bytes (``filetype``): neither the event's
 ``info.mimetype`` nor the homeserver's ``Content-Type`` is trusted. Bytes that are
 neither an image nor a video are not sent to HMA (nothing in a bank could match them).
@@ -67,6 +71,11 @@ BANK_HITS = Counter(
     "warden_hma_bank_hits_total",
     "Banks matched by media a community judged, by whether the community enables the bank.",
     ["enabled"],
+)
+RECENT_FAILURES = Counter(
+    "warden_hma_recent_failure_hits_total",
+    "Media judgements answered 'no verdict' without a download because the media's scan "
+    "failed less than PS_HMA_FAILURE_CACHE_SECONDS ago.",
 )
 DOWNLOAD_BYTES = Histogram(
     "warden_hma_download_bytes",
@@ -135,6 +144,10 @@ def sniff(data: bytes) -> str:
     return guessed if isinstance(guessed, str) else ""
 
 
+class RecentlyFailed(DependencyUnavailable):
+    """The media's scan failed a short while ago; it is not tried again yet."""
+
+
 class MediaScanner:
     """Judges media for communities; one per process, shared by every event."""
 
@@ -146,6 +159,7 @@ class MediaScanner:
         hma: HmaClient,
         *,
         timeout_seconds: float,
+        failure_cache_seconds: float = 0.0,
         poll_seconds: float = 0.1,
     ) -> None:
         self.pool = pool
@@ -153,6 +167,7 @@ class MediaScanner:
         self.downloader = downloader
         self.hma = hma
         self.timeout_seconds = timeout_seconds
+        self.failure_cache_seconds = failure_cache_seconds
         self._poll = poll_seconds
         self._claim_ms = max(1000, int(timeout_seconds * 1000))
         self._release = redis.register_script(_RELEASE)
@@ -229,33 +244,30 @@ class MediaScanner:
 
     async def _scan_once(self, ref: MediaRef) -> ScanResult:
         uri = ref.uri
+        failed = redis_keys.media_scan_failed(uri)
         async with asyncio.timeout(self.timeout_seconds):
             cached = await self._load(uri)
             if cached is not None:
                 CACHE_HITS.labels("hashes").inc()
                 return cached
+            await self._raise_if_recently_failed(failed)
             claim = redis_keys.media_scan_claim(uri)
             token = secrets.token_hex(16)
             while True:
                 if await self.redis.set(claim, token, nx=True, px=self._claim_ms):
                     try:
-                        cached = await self._load(uri)  # finished just before our claim
-                        if cached is not None:
-                            CACHE_HITS.labels("replica").inc()
-                            return cached
-                        result = await self._download_and_hash(ref)
-                        await self.pool.execute(
-                            "INSERT INTO media_hashes (mxc_uri, hashes, ts) VALUES ($1, $2, $3) "
-                            "ON CONFLICT (mxc_uri) DO NOTHING",
-                            uri,
-                            result.to_json().decode("utf-8"),
-                            int(time.time() * 1000),
-                        )
-                        return result
+                        return await self._scan_claimed(ref)
+                    except (DependencyUnavailable, asyncio.CancelledError) as exc:
+                        # Marked before the claim goes, so that the replicas waiting on
+                        # it see the mark instead of downloading in turn. Cancelled: the
+                        # timeout above (the scan task is shielded from its askers).
+                        await self._mark_failed(failed, exc)
+                        raise
                     finally:
                         await self._release_claim(claim, token)
                 # Another replica is scanning it: wait for its result, or for its claim
-                # to go (it failed or died), then try ourselves.
+                # to go (it failed or died), then try ourselves unless it marked the
+                # media as failing.
                 while await self.redis.exists(claim):
                     await asyncio.sleep(self._poll)
                     cached = await self._load(uri)
@@ -266,6 +278,51 @@ class MediaScanner:
                 if cached is not None:
                     CACHE_HITS.labels("replica").inc()
                     return cached
+                await self._raise_if_recently_failed(failed)
+
+    async def _raise_if_recently_failed(self, key: str) -> None:
+        """``RecentlyFailed`` while the media's failure mark lives."""
+        if self.failure_cache_seconds <= 0:
+            return
+        why = await self.redis.get(key)
+        if why is None:
+            return
+        RECENT_FAILURES.inc()
+        reason = why.decode("utf-8", "replace") if isinstance(why, bytes) else str(why)
+        raise RecentlyFailed(f"{reason} (a recent failure; not tried again yet)")
+
+    async def _mark_failed(self, key: str, exc: BaseException) -> None:
+        """Mark the media as failing for ``failure_cache_seconds`` (best effort)."""
+        if self.failure_cache_seconds <= 0:
+            return
+        if isinstance(exc, asyncio.CancelledError):
+            reason = f"the scan did not finish within {self.timeout_seconds:g}s"
+        else:
+            reason = str(exc) or type(exc).__name__
+        try:
+            await self.redis.set(key, reason[:200], px=int(self.failure_cache_seconds * 1000))
+        except Exception as err:  # only the retries' cost depends on it
+            logger.warning("could not mark a failed media scan", extra={"error": str(err)})
+
+    async def _scan_claimed(self, ref: MediaRef) -> ScanResult:
+        """Scan under this process's claim; the result goes to ``media_hashes``."""
+        uri = ref.uri
+        cached = await self._load(uri)  # finished just before our claim
+        if cached is not None:
+            CACHE_HITS.labels("replica").inc()
+            return cached
+        result = await self._download_and_hash(ref)
+        await self.pool.execute(
+            "INSERT INTO media_hashes (mxc_uri, hashes, ts) VALUES ($1, $2, $3) "
+            "ON CONFLICT (mxc_uri) DO NOTHING",
+            uri,
+            result.to_json().decode("utf-8"),
+            int(time.time() * 1000),
+        )
+        # A success clears an older mark (it lapsed, or a retry after it got through).
+        if self.failure_cache_seconds > 0:
+            await self.redis.delete(redis_keys.media_scan_failed(uri))
+        return result
 
     async def _release_claim(self, claim: str, token: str) -> None:
         try:
@@ -322,4 +379,11 @@ def build_media_scanner(
     hma = HmaClient(
         settings.hma_api_url, settings.hma_api_key, timeout_seconds=settings.hma_timeout_seconds
     )
-    return MediaScanner(pool, redis, downloader, hma, timeout_seconds=settings.hma_timeout_seconds)
+    return MediaScanner(
+        pool,
+        redis,
+        downloader,
+        hma,
+        timeout_seconds=settings.hma_timeout_seconds,
+        failure_cache_seconds=settings.hma_failure_cache_seconds,
+    )

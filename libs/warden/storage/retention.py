@@ -19,6 +19,9 @@ What is kept and what goes:
   retried) never.
 - learned state (``room_state_events``, ``room_members``, ``displaynames``,
   ``room_state``) of rooms Warden left: see ``left_rooms``.
+- media scan results: ``media_hashes`` rows scanned, and ``media_classifications`` rows
+  judged, before a cutoff are deleted (the media is scanned again if asked about again,
+  against the banks of that day).
 """
 
 from __future__ import annotations
@@ -223,4 +226,26 @@ async def finish_left_rooms(pool: asyncpg.Pool, room_ids: Sequence[str], *, befo
             list(room_ids),
             before_ts,
         )
+    return _count(status)
+
+
+# The media scan tables and the column holding when each row was written (ms).
+MEDIA_TABLES = {"media_hashes": "ts", "media_classifications": "classified_ts"}
+
+
+async def delete_old_media(pool: asyncpg.Pool, table: str, *, before_ts: int, limit: int) -> int:
+    """Delete up to ``limit`` rows of ``table`` (one of ``MEDIA_TABLES``) written before
+    ``before_ts`` (ms)."""
+    column = MEDIA_TABLES[table]  # KeyError for any other table name
+    status = await pool.execute(
+        f"""
+        DELETE FROM {table} WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM {table} WHERE {column} < $1
+            LIMIT $2
+            FOR UPDATE SKIP LOCKED
+        ))
+        """,
+        before_ts,
+        limit,
+    )
     return _count(status)

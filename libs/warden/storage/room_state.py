@@ -42,6 +42,8 @@ SERVER_ACL = "m.room.server_acl"
 POLICY = "m.room.policy"
 MEMBER = "m.room.member"
 JOIN_RULES = "m.room.join_rules"
+NAME = "m.room.name"
+TOPIC = "m.room.topic"
 
 # Moderation policy rule types (spec: "Moderation policy lists"), with the legacy types
 # older list managers (Mjolnir, Draupnir) still publish.
@@ -65,11 +67,22 @@ BAN_RECOMMENDATIONS = frozenset(
 # State events kept in ``room_state_events`` (members go to ``displaynames``).
 # ``m.room.third_party_invite`` (state key: the invite's token) holds the public keys a
 # third-party-invite membership event is checked against (``get_third_party_invite``).
+# The name and topic are what a homeserver's ``user_may_publish_room`` is judged by.
 TRACKED_TYPES = frozenset(
-    {CREATE, POWER_LEVELS, SERVER_ACL, POLICY, JOIN_RULES, THIRD_PARTY_INVITE, *RULE_TYPES}
+    {
+        CREATE,
+        POWER_LEVELS,
+        SERVER_ACL,
+        POLICY,
+        JOIN_RULES,
+        NAME,
+        TOPIC,
+        THIRD_PARTY_INVITE,
+        *RULE_TYPES,
+    }
 )
 # Of those, the types whose only meaningful state key is "".
-SINGLETON_TYPES = frozenset({CREATE, POWER_LEVELS, SERVER_ACL, POLICY, JOIN_RULES})
+SINGLETON_TYPES = frozenset({CREATE, POWER_LEVELS, SERVER_ACL, POLICY, JOIN_RULES, NAME, TOPIC})
 
 
 def _now_ms() -> int:
@@ -757,6 +770,27 @@ async def get_creators(pool: asyncpg.Pool, room_id: str, room_version: str) -> l
     if found is None:
         return []
     return creators_from_create(get_room_version(room_version), found[0], found[1])
+
+
+async def get_name_and_topic(pool: asyncpg.Pool, room_id: str) -> tuple[str, str]:
+    """The room's learned ``m.room.name`` ``name`` and ``m.room.topic`` ``topic`` (each
+    ``""`` when unknown, unset or not a string)."""
+    rows = await pool.fetch(
+        """
+        SELECT event_type, content FROM room_state_events
+        WHERE room_id = $1 AND state_key = '' AND event_type = ANY($2::text[])
+        """,
+        room_id,
+        [NAME, TOPIC],
+    )
+    found = {NAME: "", TOPIC: ""}
+    for row in rows:
+        content = orjson.loads(row["content"])
+        field = "name" if row["event_type"] == NAME else "topic"
+        value = content.get(field) if isinstance(content, dict) else None
+        if isinstance(value, str):
+            found[row["event_type"]] = value
+    return found[NAME], found[TOPIC]
 
 
 async def get_third_party_invite(

@@ -4,13 +4,18 @@ The gateway's ``/_warden/antispam/v1`` turns a callback that is not itself an ev
 invite, a join, a room creation, a login, a user name) into the event it stands for and
 sends it on ``ANTISPAM_CHECK_SUBJECT`` (queue group ``FILTER_WORKERS_QUEUE``). A worker
 judges it with the community's filters and replies ``{"harms": [...]}`` (empty:
-allowed) or ``{"error": "..."}``. Two kinds (header ``HEADER_ANTISPAM_KIND``):
+allowed) or ``{"error": "..."}``. Three kinds (header ``HEADER_ANTISPAM_KIND``):
 
 - ``event``: every filter of the pipeline, as ``/sign`` has them (policy lists, invite
   and join rates, frequency, the content filters, the hellban prefilter), except the
   hellban postfilter: a refused action does not hellban whoever attempted it;
 - ``username``: the user-ID filters and the text-capable filters, over an ``m.text``
-  message whose sender is the user and whose body is the display name.
+  message whose sender is the user and whose body is the display name;
+- ``publish_room``: as ``event`` (the publisher's policy-list bans), then, if that
+  allowed it, the room's name and topic from the learned room state through the
+  text-capable filters (as an ``m.text`` message of the publisher whose body is the
+  name and topic). A room Warden has learned no state of (it is not in it) has no name
+  or topic to judge.
 
 The homeserver's token vouches for the sender, so the event counts in rate windows
 (by ``HEADER_EVENT_ID``). Nothing is stored or published: the verdict is the answer,
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import orjson
 from nats.aio.client import Client as NATS
@@ -34,16 +40,20 @@ from warden.bus.subjects import (
     HEADER_EVENT_ID,
 )
 from warden.filters.base import Filter, FilterDeps
+from warden.policy.config import EffectiveConfig
 from warden.policy.dependency_failures import EvaluationUnavailable
 from warden.policy.pipeline import Pipeline
-from warden.policy.verdict import ContentClass
+from warden.policy.verdict import ContentClass, Verdict
+from warden.storage import room_state
 from warden_filter_worker.community_config import CommunityConfigCache, UnknownCommunity
 from warden_filter_worker.queue_responder import QueueResponder
+from warden_filter_worker.text_checks import text_filters
 
 logger = logging.getLogger(__name__)
 
 KIND_EVENT = "event"
 KIND_USERNAME = "username"
+KIND_PUBLISH_ROOM = "publish_room"
 
 ANTISPAM_CHECKS = Counter(
     "warden_antispam_checks_total",
@@ -92,12 +102,16 @@ class AntispamCheckService(QueueResponder):
         self, *, deps: FilterDeps, configs: CommunityConfigCache, timeout_seconds: float
     ) -> None:
         self._configs = configs
+        self._pool = deps.pool
+        events = Pipeline(deps, timeout_seconds=timeout_seconds, filters=event_filters())
         self._pipelines = {
-            KIND_EVENT: Pipeline(deps, timeout_seconds=timeout_seconds, filters=event_filters()),
+            KIND_EVENT: events,
             KIND_USERNAME: Pipeline(
                 deps, timeout_seconds=timeout_seconds, filters=username_filters()
             ),
+            KIND_PUBLISH_ROOM: events,
         }
+        self._text = Pipeline(deps, timeout_seconds=timeout_seconds, filters=text_filters())
         super().__init__(MAX_IN_FLIGHT)
 
     async def start(self, nc: NATS, subject: str = ANTISPAM_CHECK_SUBJECT) -> None:
@@ -138,6 +152,10 @@ class AntispamCheckService(QueueResponder):
                 config=config,
                 extra={"source": "antispam"},
             )
+            if kind == KIND_PUBLISH_ROOM and verdict.content_class is not ContentClass.PROHIBITED:
+                verdict = (
+                    await self._judge_room_text(event, event_id, community_id, config) or verdict
+                )
         except UnknownCommunity:
             return "error", orjson.dumps({"error": "unknown community"})
         except EvaluationUnavailable as exc:
@@ -148,3 +166,32 @@ class AntispamCheckService(QueueResponder):
         if verdict.content_class is not ContentClass.PROHIBITED:
             return "allowed", orjson.dumps({"harms": []})
         return "refused", orjson.dumps({"harms": list(verdict.harms)})
+
+    async def _judge_room_text(
+        self, event: dict[str, Any], event_id: str, community_id: str, config: EffectiveConfig
+    ) -> Verdict | None:
+        """The room's learned name and topic through the text-capable filters; None when
+        Warden knows neither."""
+        room_id = event.get("room_id")
+        name, topic = (
+            await room_state.get_name_and_topic(self._pool, room_id)
+            if isinstance(room_id, str) and room_id
+            else ("", "")
+        )
+        body = "\n".join(part for part in (name, topic) if part)
+        if not body:
+            return None
+        text_event = {
+            "type": "m.room.message",
+            "sender": event.get("sender"),
+            "room_id": room_id,
+            "origin_server_ts": event.get("origin_server_ts"),
+            "content": {"msgtype": "m.text", "body": body},
+        }
+        return await self._text.evaluate(
+            text_event,
+            event_id=f"{event_id}-name-topic",
+            community_id=community_id,
+            config=config,
+            extra={"source": "antispam"},
+        )

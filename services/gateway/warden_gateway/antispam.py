@@ -44,9 +44,11 @@ What decides each callback (the README has the full table):
 - ``user_may_create_room_alias`` ``{"user_id", "room_alias"}``: the alias through the
   text filters (``CHECK_TEXT_SUBJECT``, as ``/_policyserv/v1/check/text``).
 - ``user_may_publish_room`` ``{"user_id", "room_id"}``: the publisher's policy-list bans
-  (an ``org.warden.antispam.publish_room`` event). Synapse passes no name or topic; a
-  local room's ``m.room.name`` and ``m.room.topic`` were judged by
-  ``check_event_for_spam`` when they were set.
+  (an ``org.warden.antispam.publish_room`` event, kind ``publish_room``), then the
+  room's name and topic from Warden's learned room state through the text filters.
+  Synapse passes no name or topic: a room Warden is not in has none to judge (its
+  ``m.room.name`` and ``m.room.topic``, set by local users, were judged by
+  ``check_event_for_spam`` when they were set).
 - ``check_username_for_spam`` ``{"user_profile": {"user_id", "display_name"},
   "requester_id"}``: the user ID through the user-ID filters and the display name
   through the text filters.
@@ -105,6 +107,7 @@ CALLBACK_PATH = PREFIX + "/{callback}"
 SOURCE = "antispam"
 KIND_EVENT = "event"
 KIND_USERNAME = "username"
+KIND_PUBLISH_ROOM = "publish_room"
 LOGIN_EVENT_TYPE = "org.warden.antispam.login"
 PUBLISH_EVENT_TYPE = "org.warden.antispam.publish_room"
 # Matrix identifiers are at most 255 bytes.
@@ -438,7 +441,7 @@ class AntispamAPI:
         user_id = _identifier(body, "user_id", "@")
         room_id = _identifier(body, "room_id", "!")
         event = {"type": PUBLISH_EVENT_TYPE, "sender": user_id, "room_id": room_id, "content": {}}
-        return await self._judge(community, KIND_EVENT, event)
+        return await self._judge(community, KIND_PUBLISH_ROOM, event)
 
     async def _user_may_create_room_alias(
         self, community: Community, body: dict[str, Any]
