@@ -162,7 +162,9 @@ def test_quick_run_writes_results_with_every_workload(tmp_path: Path) -> None:
     assert not any(s.startswith("5") for s in images["statuses"]), images["statuses"]
     assert images["statuses"].get("400", 0) > 0
     assert images["statuses"].get("200", 0) > 0  # not every image refused by another filter
-    assert 0 < images["hma"]["downloads"] == images["hma"]["hma_hashes"]
+    # A scan whose download ended as the window did may not have reached HMA yet (seen
+    # on a loaded machine): hashes can trail downloads, never exceed them.
+    assert 0 < images["hma"]["hma_hashes"] <= images["hma"]["downloads"]
     assert images["hma"]["downloads"] <= images["distinct_events"]
     # Text while images wait on a slow classifier (issue 12): every text request is
     # still answered and signed, the images really waited on HMA, and the ratio to the
