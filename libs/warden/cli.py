@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rotate",
         choices=("federation", "policy"),
         help="replace that existing key with a new one (the old file is kept as "
-        "<path>.<version>.retired) and print what to do next (README: Keys)",
+        "<path>.<version>.retired) and print what to do next (docs/operator-guide.md: Keys)",
     )
     sub.add_parser("dev", help="run the whole stack locally (embedded servers where needed)")
     sub.add_parser(

@@ -171,7 +171,7 @@ async def ensure_verdicts_stream(
 # When the stream is full it refuses new messages (discard=new) instead of dropping the
 # oldest, which nobody may have judged yet: the gateway answers the transaction 503 and
 # the origin sends it again later (warden_inbound_publish_failures_total{reason=
-# "stream_full"}; see the README's alerts).
+# "stream_full"}; see docs/runbooks.md).
 INBOUND_MAX_AGE_SECONDS = 24 * 3600.0
 INBOUND_DUPLICATE_WINDOW_SECONDS = 600.0
 INBOUND_MAX_BYTES = 2 * 1024**3
