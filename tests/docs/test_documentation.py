@@ -122,3 +122,22 @@ def test_the_filters_reference_names_every_filter_and_key() -> None:
             continue  # documented by the rule "<name>_fail_secure"
         assert f"`{key.name}`" in text, key.name
     assert "`<name>_fail_secure`" in text
+
+
+def test_the_policyserv_metrics_map_names_warden_metrics_that_exist() -> None:
+    """Operations review gap 14: dashboards moving over need each policyserv metric's
+    Warden counterpart; every name given is in the operator guide's metrics table, which
+    tests/deploy/test_observability.py checks against the code."""
+    text = (DOCS / "moving-from-policyserv.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `policyserv_")]
+    assert len(rows) >= 12
+    table = set(
+        re.findall(
+            r"^\| `(warden_\w+)` \|",
+            (DOCS / "operator-guide.md").read_text(),
+            re.MULTILINE,
+        )
+    )
+    for row in rows:
+        named = set(re.findall(r"`(warden_\w+)`", row.split("|")[2]))
+        assert named <= table, row
