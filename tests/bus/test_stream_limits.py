@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import socket
 import subprocess
 import time
@@ -57,7 +58,7 @@ async def names(nats_client: NATS) -> AsyncIterator[VerdictStreams]:
 
 
 async def test_a_start_keeps_bounds_an_operator_raised(
-    nats_client: NATS, names: VerdictStreams
+    nats_client: NATS, names: VerdictStreams, caplog: pytest.LogCaptureFixture
 ) -> None:
     js = nats_client.jetstream()
     await ensure_verdicts_stream(js, names)
@@ -67,18 +68,40 @@ async def test_a_start_keeps_bounds_an_operator_raised(
         dataclasses.replace(info.config, max_bytes=64 * 1024 * 1024, max_age=30 * 86400.0)
     )
     # ... and a service restarts with no PS_JETSTREAM_* setting.
-    await ensure_verdicts_stream(js, names)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="warden.bus.streams"):
+        await ensure_verdicts_stream(js, names)
     after = (await js.stream_info(names.actionable)).config
     assert after.max_bytes == 64 * 1024 * 1024
     assert after.max_age == pytest.approx(30 * 86400.0)
+    # The log says what was left alone, and that nothing was updated.
+    (record,) = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "JetStream stream keeps limits set outside Warden"
+        and getattr(r, "stream", None) == names.actionable
+    ]
+    assert record.kept == {"max_bytes": 64 * 1024 * 1024, "max_age": 30 * 86400.0}
+    assert not [r for r in caplog.records if r.getMessage() == "updated JetStream stream"]
 
 
-async def test_a_start_restores_what_warden_owns(nats_client: NATS, names: VerdictStreams) -> None:
+async def test_a_start_restores_what_warden_owns(
+    nats_client: NATS, names: VerdictStreams, caplog: pytest.LogCaptureFixture
+) -> None:
     js = nats_client.jetstream()
     await ensure_verdicts_stream(js, names)
     info = await js.stream_info(names.actionable)
     await js.update_stream(dataclasses.replace(info.config, discard=DiscardPolicy.OLD))
-    await ensure_verdicts_stream(js, names)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="warden.bus.streams"):
+        await ensure_verdicts_stream(js, names)
+    (updated,) = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "updated JetStream stream"
+        and getattr(r, "stream", None) == names.actionable
+    ]
+    assert set(updated.changed) == {"discard"}
     # A full refusal stream must refuse new messages, never evict unprocessed ones.
     assert (await js.stream_info(names.actionable)).config.discard == DiscardPolicy.NEW
 

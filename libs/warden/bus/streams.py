@@ -266,7 +266,7 @@ async def _update(
     kept = {
         f: getattr(current, f)
         for f in _OPERATOR_OWNED
-        if given[f] is None and _differs(getattr(current, f), getattr(wanted, f))
+        if given[f] is None and _differs(getattr(current, f), _or_default(f, wanted))
     }
     if kept:
         logger.info(
@@ -283,6 +283,13 @@ async def _update(
             "changed": {f: {"from": _plain(a), "to": _plain(b)} for f, (a, b) in changed.items()},
         },
     )
+
+
+def _or_default(field: str, config: StreamConfig) -> object:
+    """A field of Warden's config; unset replicas mean the server's default, one (so an
+    R1 stream is not reported as kept from an operator)."""
+    value = getattr(config, field)
+    return 1 if value is None and field == "num_replicas" else value
 
 
 def _differs(current: object, wanted: object) -> bool:
