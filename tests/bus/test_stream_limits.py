@@ -26,10 +26,12 @@ from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy, StorageType
 from pydantic import ValidationError
 
+from warden.bus.consumer import ensure_durable_consumer
 from warden.bus.streams import (
     StreamLimits,
     StreamSettings,
     VerdictStreams,
+    durable_consumer_config,
     ensure_inbound_stream,
     ensure_verdicts_stream,
     inbound_stream_config,
@@ -221,7 +223,16 @@ async def test_a_start_never_scales_an_r3_stream_back_to_r1(cluster: str) -> Non
         assert (await js.stream_info("WARDEN_VERDICT_LOG")).config.num_replicas == 3
         # A service of an older deployment, or one without the setting, starts.
         await ensure_verdicts_stream(js)
-        assert (await js.stream_info("WARDEN_VERDICTS")).config.num_replicas == 3
+        info = await js.stream_info("WARDEN_VERDICTS")
+        assert info.config.num_replicas == 3
         assert (await js.stream_info("WARDEN_VERDICT_LOG")).config.num_replicas == 3
+        # The durable consumers (moderator, webhooks) follow the stream: three copies.
+        assert info.config.subjects
+        consumer = await ensure_durable_consumer(
+            js,
+            "WARDEN_VERDICTS",
+            durable_consumer_config("warden-test-r3", info.config.subjects[0], 30, 10),
+        )
+        assert consumer.cluster is not None and len(consumer.cluster.replicas or []) == 2
     finally:
         await nc.close()
