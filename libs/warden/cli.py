@@ -70,6 +70,29 @@ def _cmd_keygen(settings: Settings, args: argparse.Namespace) -> int:
         verify_key_base64,
     )
 
+    if args.kubernetes_secret:
+        from warden.kubernetes_key_secret import run as run_key_secret
+
+        if args.rotate or args.federation_key or args.policy_key:
+            print(
+                "warden keygen: --kubernetes-secret writes no files and rotates nothing",
+                file=sys.stderr,
+            )
+            return 2
+        labels = {}
+        for item in args.label:
+            label, sep, value = item.partition("=")
+            if not sep or not label:
+                print(f"warden keygen: --label {item!r} is not KEY=VALUE", file=sys.stderr)
+                return 2
+            labels[label] = value
+        return run_key_secret(
+            args.kubernetes_secret,
+            namespace=args.namespace,
+            labels=labels,
+            api_url=args.kubernetes_api,
+            service_account_dir=args.service_account_dir,
+        )
     fed_path = args.federation_key or settings.homeserver_signing_key_path
     pol_path = args.policy_key or settings.homeserver_event_signing_key_path
     if args.rotate:
@@ -117,7 +140,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--rotate",
         choices=("federation", "policy"),
         help="replace that existing key with a new one (the old file is kept as "
-        "<path>.<version>.retired) and print what to do next (README: Keys)",
+        "<path>.<version>.retired) and print what to do next (docs/operator-guide.md: Keys)",
+    )
+    from warden.kubernetes_key_secret import SERVICE_ACCOUNT_DIR
+
+    keygen.add_argument(
+        "--kubernetes-secret",
+        metavar="NAME",
+        help="instead of files: create the Kubernetes Secret NAME holding both keys "
+        "(signing.key, event_signing.key) as this pod's service account; an existing "
+        "Secret is never changed (the Helm chart's key hook)",
+    )
+    keygen.add_argument(
+        "--namespace", help="the Secret's namespace (default: the service account's)"
+    )
+    keygen.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="a label of the Secret"
+    )
+    keygen.add_argument(
+        "--kubernetes-api",
+        metavar="URL",
+        help="the API server (default https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT)",
+    )
+    keygen.add_argument(
+        "--service-account-dir",
+        default=SERVICE_ACCOUNT_DIR,
+        help="where the service account's token, ca.crt and namespace are",
     )
     sub.add_parser("dev", help="run the whole stack locally (embedded servers where needed)")
     sub.add_parser(

@@ -3,7 +3,7 @@
 The new key is written beside the old file and moved into place, so the path never holds
 a partial key; the old file is kept as ``<path>.<old version>.retired`` (for a rollback;
 delete it once the rotation is done). What the operator must do next differs by key, see
-the README's "Keys":
+docs/operator-guide.md, "Keys":
 
 - federation key: publish the old public key in ``PS_OLD_VERIFY_KEYS`` (the command prints
   the whole new value: the current setting plus the retired key);

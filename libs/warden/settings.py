@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     nats_url: str = Field(default="nats://127.0.0.1:4222", repr=False)
     # Warden: NATS authentication beyond the URL: a user credentials file (JWT and NKey
     # seed, as `nsc` writes it) or a bare NKey seed file; a CA bundle (PEM) for a TLS
-    # server with a private CA. See the README's "Security model".
+    # server with a private CA. See docs/security-model.md.
     nats_creds_file: str | None = None
     nats_nkey_seed_file: str | None = None
     nats_tls_ca_file: str | None = None
@@ -128,7 +128,7 @@ class Settings(BaseSettings):
     # caller's fallback) instead of failing at once.
     redis_max_connections: int = Field(default=100, ge=1)
     redis_pool_timeout_seconds: float = Field(default=5.0, gt=0)
-    # Warden: JetStream stream limits (see the README's "JetStream streams"). Unset means
+    # Warden: JetStream stream limits (see docs/operator-guide.md, "JetStream streams"). Unset means
     # "Warden's default when the stream is created, and whatever the stream has once it
     # exists", so a start never undoes what an operator set with `nats stream edit`; a
     # value set here is applied to the existing stream at start (and logged).
@@ -146,7 +146,7 @@ class Settings(BaseSettings):
     direct_key_fetching: bool = False
     # Warden: retired federation keys still published as old_verify_keys after a
     # rotation, so others can verify what they signed: comma-separated
-    # "ed25519:<id>=<base64 public key>@<expired_ts ms>" (see README "Keys").
+    # "ed25519:<id>=<base64 public key>@<expired_ts ms>" (see docs/operator-guide.md, "Keys").
     old_verify_keys: str = ""
     homeserver_allowed_networks: CSV = Field(default_factory=lambda: ["0.0.0.0/0", "::/0"])
     homeserver_denied_networks: CSV = Field(

@@ -266,3 +266,112 @@ def test_client_certificate_settings_are_checked_at_start(
     with pytest.raises(ValueError, match="nats_tls_key_file"):
         Settings(nats_tls_cert_file=cert, nats_tls_key_file=str(tmp_path / "missing.key"))
     assert Settings(nats_tls_cert_file=cert, nats_tls_key_file=key).nats_tls_key_file == key
+
+
+# --- operator mode: a user JWT and its seed in a .creds file (PS_NATS_CREDS_FILE) ---
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _new_key(prefix: int) -> tuple[nkeys.KeyPair, str, str]:
+    seed = nkeys.encode_seed(nacl.utils.random(32), prefix)
+    pair = nkeys.from_seed(bytearray(seed))
+    return pair, seed.decode(), pair.public_key.decode()
+
+
+def _jwt(issuer: nkeys.KeyPair, subject: str, name: str, nats_claims: dict[str, object]) -> str:
+    """A NATS JWT (v2) as nsc writes it: ed25519-nkey, signed by the issuer's NKey."""
+    import base64
+    import hashlib
+    import json
+
+    claims: dict[str, object] = {
+        "jti": "",
+        "iat": int(time.time()),
+        "iss": issuer.public_key.decode(),
+        "name": name,
+        "sub": subject,
+        "nats": nats_claims,
+    }
+    digest = hashlib.new("sha512_256", json.dumps(claims).encode()).digest()
+    claims["jti"] = base64.b32encode(digest).decode().rstrip("=")
+    head = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    body = _b64(json.dumps(claims).encode())
+    signature = issuer.sign(f"{head}.{body}".encode())
+    return f"{head}.{body}.{_b64(signature)}"
+
+
+def _creds(user_jwt: str, seed: str) -> str:
+    return (
+        f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+        "************************* IMPORTANT *************************\n"
+        "NKEY Seed printed below can be used to sign and prove identity.\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+    )
+
+
+ACCOUNT_LIMITS = {
+    "limits": {
+        "subs": -1,
+        "data": -1,
+        "payload": -1,
+        "imports": -1,
+        "exports": -1,
+        "wildcards": True,
+        "conn": -1,
+        "leaf": -1,
+    },
+    "default_permissions": {"pub": {}, "sub": {}},
+    "type": "account",
+    "version": 2,
+}
+USER_LIMITS = {"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}
+
+
+@pytest.fixture
+def operator_mode(tmp_path: Path) -> Iterator[tuple[int, nkeys.KeyPair]]:
+    """A nats-server in operator mode trusting one account; yields (port, account key)."""
+    operator, _, operator_pub = _new_key(nkeys.PREFIX_BYTE_OPERATOR)
+    account, _, account_pub = _new_key(nkeys.PREFIX_BYTE_ACCOUNT)
+    operator_jwt = _jwt(operator, operator_pub, "op", {"type": "operator", "version": 2})
+    account_jwt = _jwt(operator, account_pub, "warden", ACCOUNT_LIMITS)
+    conf = (
+        f"operator: {operator_jwt}\nresolver: MEMORY\n"
+        f"resolver_preload: {{ {account_pub}: {account_jwt} }}\n"
+    )
+    for port in _start(conf, tmp_path):
+        yield port, account
+
+
+def _user_creds(account: nkeys.KeyPair, path: Path) -> Path:
+    _, seed, user_pub = _new_key(nkeys.PREFIX_BYTE_USER)
+    user_jwt = _jwt(account, user_pub, "warden", {**USER_LIMITS, "type": "user", "version": 2})
+    path.write_text(_creds(user_jwt, seed))
+    os.chmod(path, 0o600)
+    return path
+
+
+async def test_a_creds_file_authenticates_in_operator_mode(
+    operator_mode: tuple[int, nkeys.KeyPair], tmp_path: Path
+) -> None:
+    port, account = operator_mode
+    creds = _user_creds(account, tmp_path / "warden.creds")
+    settings = Settings(nats_url=f"nats://127.0.0.1:{port}", nats_creds_file=str(creds))
+    nc = await connect_nats(settings.nats_url, name="t", auth=nats_auth(settings))
+    try:
+        await nc.publish("warden.test.creds", b"x")
+        await nc.flush(timeout=2)
+    finally:
+        await nc.close()
+    # A user signed by an account the server does not trust is refused, as is no user.
+    stranger, _, _ = _new_key(nkeys.PREFIX_BYTE_ACCOUNT)
+    other = _user_creds(stranger, tmp_path / "other.creds")
+    url = f"nats://127.0.0.1:{port}"
+    with pytest.raises(TimeoutError):
+        await connect_nats(url, name="t", auth=NatsAuth(creds_file=str(other)), initial_timeout=2)
+    with pytest.raises(TimeoutError):
+        await connect_nats(url, name="t", initial_timeout=2)

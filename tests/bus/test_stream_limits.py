@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import socket
 import subprocess
 import time
@@ -25,10 +26,12 @@ from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy, StorageType
 from pydantic import ValidationError
 
+from warden.bus.consumer import ensure_durable_consumer
 from warden.bus.streams import (
     StreamLimits,
     StreamSettings,
     VerdictStreams,
+    durable_consumer_config,
     ensure_inbound_stream,
     ensure_verdicts_stream,
     inbound_stream_config,
@@ -57,7 +60,7 @@ async def names(nats_client: NATS) -> AsyncIterator[VerdictStreams]:
 
 
 async def test_a_start_keeps_bounds_an_operator_raised(
-    nats_client: NATS, names: VerdictStreams
+    nats_client: NATS, names: VerdictStreams, caplog: pytest.LogCaptureFixture
 ) -> None:
     js = nats_client.jetstream()
     await ensure_verdicts_stream(js, names)
@@ -67,18 +70,40 @@ async def test_a_start_keeps_bounds_an_operator_raised(
         dataclasses.replace(info.config, max_bytes=64 * 1024 * 1024, max_age=30 * 86400.0)
     )
     # ... and a service restarts with no PS_JETSTREAM_* setting.
-    await ensure_verdicts_stream(js, names)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="warden.bus.streams"):
+        await ensure_verdicts_stream(js, names)
     after = (await js.stream_info(names.actionable)).config
     assert after.max_bytes == 64 * 1024 * 1024
     assert after.max_age == pytest.approx(30 * 86400.0)
+    # The log says what was left alone, and that nothing was updated.
+    (record,) = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "JetStream stream keeps limits set outside Warden"
+        and getattr(r, "stream", None) == names.actionable
+    ]
+    assert record.kept == {"max_bytes": 64 * 1024 * 1024, "max_age": 30 * 86400.0}
+    assert not [r for r in caplog.records if r.getMessage() == "updated JetStream stream"]
 
 
-async def test_a_start_restores_what_warden_owns(nats_client: NATS, names: VerdictStreams) -> None:
+async def test_a_start_restores_what_warden_owns(
+    nats_client: NATS, names: VerdictStreams, caplog: pytest.LogCaptureFixture
+) -> None:
     js = nats_client.jetstream()
     await ensure_verdicts_stream(js, names)
     info = await js.stream_info(names.actionable)
     await js.update_stream(dataclasses.replace(info.config, discard=DiscardPolicy.OLD))
-    await ensure_verdicts_stream(js, names)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="warden.bus.streams"):
+        await ensure_verdicts_stream(js, names)
+    (updated,) = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "updated JetStream stream"
+        and getattr(r, "stream", None) == names.actionable
+    ]
+    assert set(updated.changed) == {"discard"}
     # A full refusal stream must refuse new messages, never evict unprocessed ones.
     assert (await js.stream_info(names.actionable)).config.discard == DiscardPolicy.NEW
 
@@ -198,7 +223,16 @@ async def test_a_start_never_scales_an_r3_stream_back_to_r1(cluster: str) -> Non
         assert (await js.stream_info("WARDEN_VERDICT_LOG")).config.num_replicas == 3
         # A service of an older deployment, or one without the setting, starts.
         await ensure_verdicts_stream(js)
-        assert (await js.stream_info("WARDEN_VERDICTS")).config.num_replicas == 3
+        info = await js.stream_info("WARDEN_VERDICTS")
+        assert info.config.num_replicas == 3
         assert (await js.stream_info("WARDEN_VERDICT_LOG")).config.num_replicas == 3
+        # The durable consumers (moderator, webhooks) follow the stream: three copies.
+        assert info.config.subjects
+        consumer = await ensure_durable_consumer(
+            js,
+            "WARDEN_VERDICTS",
+            durable_consumer_config("warden-test-r3", info.config.subjects[0], 30, 10),
+        )
+        assert consumer.cluster is not None and len(consumer.cluster.replicas or []) == 2
     finally:
         await nc.close()

@@ -23,6 +23,7 @@ import pytest
 import yaml
 from helm_python import _native
 
+from warden.cli import build_parser
 from warden.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,6 +134,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "existing-secrets": (ci_values("existing-secrets"), []),
     "inline-values-and-ingress": (ci_values("inline"), []),
     "service-monitor": ({}, MONITORING),
+    "generated-keys": (ci_values("generated-keys"), []),
     "no-hook-no-netpol": (
         {"migrations": {"hook": {"enabled": False}}, "networkPolicy": {"enabled": False}},
         [],
@@ -154,7 +156,7 @@ def test_lint_is_clean_with_defaults_and_every_ci_values_file() -> None:
         report = helm_python.lint(CHART, values, strict=True, kube_version="v1.31.0")
         problems = [m for m in report["messages"] if m["severity"] >= 2]
         assert report["errors"] == [] and problems == [], (values, report)
-    assert len(CI_VALUES) == 2
+    assert len(CI_VALUES) == 3
 
 
 @pytest.mark.parametrize("k8s", K8S_VERSIONS)
@@ -213,7 +215,8 @@ def test_selectors_match_the_pods_they_are_meant_for(scenario: str) -> None:
         assert autoscaled or d["spec"]["replicas"] >= 1
     for np in of_kind(docs, "NetworkPolicy"):
         assert any(
-            selects(np["spec"]["podSelector"]["matchLabels"], pod_labels(d)) for d in deployments
+            selects(np["spec"]["podSelector"]["matchLabels"], pod_labels(d))
+            for d in [*deployments, *of_kind(docs, "Job")]
         )
 
 
@@ -409,9 +412,13 @@ def test_credentials_given_as_values_are_kept_in_the_releases_secret() -> None:
     [
         ({"credentials": {"existingSecret": ""}}, "credentials.database is required"),
         (
-            {"credentials": {"existingSecret": "", "database": {"value": "postgres://x"}}},
+            {
+                "credentials": {"existingSecret": "", "database": {"value": "postgres://x"}},
+                "keyGeneration": {"enabled": False},
+            },
             "credentials.signingKey is required",
         ),
+        ({"keyGeneration": {"enabled": "yes"}}, "keyGeneration/enabled"),
         ({"credentials": {"apiKey": {"value": "k", "secret": "s", "secretKey": "k"}}}, "apiKey"),
         ({"credentials": {"database": {"secret": "s"}}}, "database"),
         ({"gatewy": {"replicas": 2}}, "gatewy"),
@@ -599,3 +606,93 @@ def test_per_service_scheduling_values() -> None:
     worker = one(docs, "Deployment", "one-warden-filter-worker")["spec"]["template"]["spec"]
     assert worker["priorityClassName"] == "warden-default"
     assert "nodeSelector" not in worker
+
+
+HOOK_KINDS = {"ServiceAccount", "Role", "RoleBinding", "NetworkPolicy", "Job"}
+
+
+def keygen_objects(docs: list[Doc]) -> list[Doc]:
+    return [d for d in docs if d["metadata"]["name"].endswith("-keygen")]
+
+
+def hook_weight(doc: Doc) -> int:
+    return int(doc["metadata"]["annotations"]["helm.sh/hook-weight"])
+
+
+def test_without_keys_a_hook_generates_them_once_into_a_secret_helm_never_owns() -> None:
+    docs = render(ci_values("generated-keys"))
+    hook = keygen_objects(docs)
+    assert {d["kind"] for d in hook} == HOOK_KINDS
+    for d in hook:
+        annotations = d["metadata"]["annotations"]
+        assert set(annotations["helm.sh/hook"].split(",")) == {"pre-install", "pre-upgrade"}
+        assert "before-hook-creation" in annotations["helm.sh/hook-delete-policy"]
+    (job,) = [d for d in hook if d["kind"] == "Job"]
+    migrate = one(docs, "Job", "one-warden-migrate")
+    # RBAC and the network path first, then the keys, then the migration.
+    assert all(hook_weight(d) < hook_weight(job) for d in hook if d is not job)
+    assert hook_weight(job) < hook_weight(migrate)
+    # The Job's pod is the only one with an API token, as its own service account.
+    pod = job["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is True
+    assert (
+        pod["serviceAccountName"]
+        == one(docs, "ServiceAccount", "one-warden-keygen")["metadata"]["name"]
+    )
+    for d in [*of_kind(docs, "Deployment"), migrate]:
+        assert d["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    # Its command is one the CLI takes, naming the Secret the pods mount.
+    (c,) = pod["containers"]
+    args = build_parser().parse_args(c["args"])
+    assert args.command == "keygen" and args.kubernetes_secret == "one-warden-keys"
+    assert not (args.rotate or args.federation_key or args.policy_key)
+    labels = dict(item.split("=", 1) for item in args.label)
+    assert labels == {"app.kubernetes.io/name": "warden", "app.kubernetes.io/instance": "one"}
+    refs = secret_refs(of_kind(docs, "Deployment"))
+    assert {("one-warden-keys", "signing.key"), ("one-warden-keys", "event_signing.key")} <= refs
+    # Helm renders no such Secret: an upgrade, rollback or uninstall cannot overwrite or
+    # delete it; the Job creates it only when it is missing.
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    # The service account may read only that Secret, create Secrets, and nothing else.
+    role = one(docs, "Role", "one-warden-keygen")
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["one-warden-keys"],
+            "verbs": ["get"],
+        },
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+    ]
+    binding = one(docs, "RoleBinding", "one-warden-keygen")
+    assert binding["roleRef"]["name"] == "one-warden-keygen"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "one-warden-keygen", "namespace": "warden"}
+    ]
+    # With NetworkPolicies on, the Job may reach the API server.
+    policy = one(docs, "NetworkPolicy", "one-warden-keygen")["spec"]
+    assert selects(
+        policy["podSelector"]["matchLabels"], job["spec"]["template"]["metadata"]["labels"]
+    )
+    assert [p["port"] for p in policy["egress"][0]["ports"]] == [443, 6443]
+    off = render({**ci_values("generated-keys"), "networkPolicy": {"enabled": False}})
+    assert {d["kind"] for d in keygen_objects(off)} == HOOK_KINDS - {"NetworkPolicy"}
+
+
+def test_keys_given_or_in_the_existing_secret_are_never_generated() -> None:
+    assert keygen_objects(render()) == []  # read from credentials.existingSecret
+    assert keygen_objects(render(ci_values("existing-secrets"))) == []
+    assert keygen_objects(render(ci_values("inline"))) == []
+    # true: generated even with an existingSecret, for the keys not given explicitly.
+    docs = render(
+        {
+            "keyGeneration": {"enabled": True},
+            "credentials": {"signingKey": {"secret": "mine", "secretKey": "fed"}},
+        }
+    )
+    assert {d["kind"] for d in keygen_objects(docs)} == HOOK_KINDS
+    refs = secret_refs(of_kind(docs, "Deployment"))
+    assert ("mine", "fed") in refs and ("one-warden-keys", "event_signing.key") in refs
+    assert ("one-warden-secrets", "database") in refs
+    given = render({"keyGeneration": {"enabled": True}, **ci_values("existing-secrets")})
+    assert keygen_objects(given) == []

@@ -140,10 +140,6 @@ def test_services_pdbs_and_autoscalers(k8s: list[dict[str, Any]]) -> None:
     assert gateway["spec"]["selector"]["app.kubernetes.io/component"] == "gateway"
 
     metrics = find(k8s, "Service", "warden-metrics")
-    annotations = metrics["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == "8081"
-    assert annotations["prometheus.io/path"] == "/metrics"
     assert metrics["spec"]["ports"][0]["targetPort"] == "metrics"
     # It selects every component's pods (only the shared label).
     assert metrics["spec"]["selector"] == {"app.kubernetes.io/name": "warden"}
@@ -272,3 +268,84 @@ def test_the_admin_api_has_its_own_port_outside_the_public_service(
     for service in (d for d in k8s if d["kind"] == "Service"):
         exposed = {p.get("targetPort") for p in service["spec"]["ports"]}
         assert "admin" not in exposed and ports["admin"] not in exposed
+
+
+def test_every_pod_is_scraped_once(k8s: list[dict[str, Any]]) -> None:
+    """Operations review gap 7: annotations on the pods and on the metrics Service made
+    the usual pod and service-endpoints scrape jobs scrape every pod twice."""
+    for service in SERVICES:
+        pod = find(k8s, "Deployment", f"warden-{service}")["spec"]["template"]["metadata"]
+        assert pod["annotations"]["prometheus.io/scrape"] == "true"
+        assert pod["annotations"]["prometheus.io/port"] == "8081"
+    for svc in (d for d in k8s if d["kind"] == "Service"):
+        annotations = svc["metadata"].get("annotations", {})
+        assert not any(k.startswith("prometheus.io/") for k in annotations), svc["metadata"]
+    # The Prometheus Operator's way, as an example outside the kustomization.
+    (monitor,) = yaml.safe_load_all((K8S / "examples" / "service-monitor.yaml").read_text())
+    metrics = find(k8s, "Service", "warden-metrics")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    matched = [
+        d
+        for d in k8s
+        if d["kind"] == "Service" and selector.items() <= d["metadata"]["labels"].items()
+    ]
+    assert matched == [metrics]
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == [
+        p["name"] for p in metrics["spec"]["ports"]
+    ]
+
+
+def test_passwords_and_tokens_come_from_the_secret(k8s: list[dict[str, Any]]) -> None:
+    """Operations review gap 11: Redis and NATS URLs with passwords had no place but the
+    ConfigMap, and the moderator's access tokens were not wired."""
+    for service in SERVICES:
+        (container,) = find(k8s, "Deployment", f"warden-{service}")["spec"]["template"]["spec"][
+            "containers"
+        ]
+        env = {e["name"]: e for e in container.get("env", [])}
+        for name, key in (("PS_REDIS_URL", "redis-url"), ("PS_NATS_URL", "nats-url")):
+            # env wins over envFrom: the Secret's URL, when it has one, over the ConfigMap's.
+            assert env[name]["valueFrom"]["secretKeyRef"] == {
+                "name": "warden-secrets",
+                "key": key,
+                "optional": True,
+            }
+        tokens = env.get("PS_MODERATOR_ACCESS_TOKENS")
+        if service == "moderator":
+            assert tokens is not None
+            assert tokens["valueFrom"]["secretKeyRef"] == {
+                "name": "warden-secrets",
+                "key": "moderator-access-tokens",
+                "optional": True,
+            }
+        else:
+            assert tokens is None
+    example = SECRET_EXAMPLE.read_text()
+    for key in ("redis-url", "nats-url", "moderator-access-tokens"):
+        assert f"`{key}`" in example
+
+
+def test_replicas_spread_over_zones_and_nodes(k8s: list[dict[str, Any]]) -> None:
+    """Operations review gap 13: two gateways could land on one node or zone."""
+    for service in ("gateway", "filter-worker"):
+        deployment = find(k8s, "Deployment", f"warden-{service}")
+        pod = deployment["spec"]["template"]
+        constraints = pod["spec"]["topologySpreadConstraints"]
+        assert {c["topologyKey"] for c in constraints} == {
+            "topology.kubernetes.io/zone",
+            "kubernetes.io/hostname",
+        }
+        for c in constraints:
+            assert (
+                c["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+            )
+            assert c["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+            assert c["matchLabelKeys"] == ["pod-template-hash"]
+
+
+@pytest.mark.parametrize("version", ["1.29.0", "1.33.0"])
+def test_every_manifest_validates_strictly(k8s: list[dict[str, Any]], version: str) -> None:
+    import kubernetes_validate
+
+    for doc in k8s:
+        kubernetes_validate.validate(doc, version, strict=True)

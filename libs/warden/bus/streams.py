@@ -171,7 +171,7 @@ async def ensure_verdicts_stream(
 # When the stream is full it refuses new messages (discard=new) instead of dropping the
 # oldest, which nobody may have judged yet: the gateway answers the transaction 503 and
 # the origin sends it again later (warden_inbound_publish_failures_total{reason=
-# "stream_full"}; see the README's alerts).
+# "stream_full"}; see docs/runbooks.md).
 INBOUND_MAX_AGE_SECONDS = 24 * 3600.0
 INBOUND_DUPLICATE_WINDOW_SECONDS = 600.0
 INBOUND_MAX_BYTES = 2 * 1024**3
@@ -266,7 +266,7 @@ async def _update(
     kept = {
         f: getattr(current, f)
         for f in _OPERATOR_OWNED
-        if given[f] is None and _differs(getattr(current, f), getattr(wanted, f))
+        if given[f] is None and _differs(getattr(current, f), _or_default(f, wanted))
     }
     if kept:
         logger.info(
@@ -283,6 +283,13 @@ async def _update(
             "changed": {f: {"from": _plain(a), "to": _plain(b)} for f, (a, b) in changed.items()},
         },
     )
+
+
+def _or_default(field: str, config: StreamConfig) -> object:
+    """A field of Warden's config; unset replicas mean the server's default, one (so an
+    R1 stream is not reported as kept from an operator)."""
+    value = getattr(config, field)
+    return 1 if value is None and field == "num_replicas" else value
 
 
 def _differs(current: object, wanted: object) -> bool:

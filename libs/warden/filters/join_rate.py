@@ -1,6 +1,6 @@
 """Join rate: too many users joining one room within a minute (a raid).
 
-Homeservers now ask ``/sign`` about membership events (see the README). A join is an
+Homeservers now ask ``/sign`` about membership events (see docs/filters.md). A join is an
 ``m.room.member`` event with membership ``join`` sent by the joining user
 (``state_key`` = ``sender``). Each room has one 60 s window in Redis shared by every
 worker (``warden.redis_keys.join_rate``, ``warden.storage.rate_windows``), counted by

@@ -17,7 +17,7 @@ media filter's (spam + ``org.matrix.policyserv.media``). Only the first source c
 
 Pitfall (policyserv issue #94): the plain media filter (``media_filter_media_types``)
 is on by default and refuses media whoever sends it, so a trust grant here changes
-nothing until that list is emptied. See the README's filter table.
+nothing until that list is emptied. See the filter table in docs/filters.md.
 
 Room-derived trust comes from Warden's learned state (written only from verified PDUs
 that passed the auth rules and verified snapshots). A sender nothing proved sent the

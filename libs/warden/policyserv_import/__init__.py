@@ -1,6 +1,6 @@
 """``warden import-policyserv``: carry a policyserv database over to Warden.
 
-See ``importer`` for what is imported and how; the README's "Moving from policyserv"
+See ``importer`` for what is imported and how; docs/moving-from-policyserv.md
 section for the operator's steps.
 """
 

@@ -40,7 +40,7 @@ async def create_pool(settings: Settings, **kwargs: Any) -> asyncpg.Pool:
     transaction-pooling PgBouncer, where consecutive statements of one client connection
     may run on different server connections (let ``plan_cache_mode`` through there too:
     ``ignore_startup_parameters``, or ``ALTER ROLE ... SET plan_cache_mode =
-    force_custom_plan``). See the README's "PostgreSQL connections".
+    force_custom_plan``). See docs/operator-guide.md, "PostgreSQL connections".
     """
     min_size = min(settings.database_max_idle_conns, settings.database_max_open_conns)
     kwargs.setdefault("statement_cache_size", settings.database_statement_cache_size)

@@ -20,7 +20,7 @@ Answers:
   ``fail_open`` only to a body that is not JSON (or no answer at all), so this is what
   lets the operator's per-callback choice decide while Warden cannot judge.
 
-What decides each callback (the README has the full table):
+What decides each callback (docs/apis.md has the full table):
 
 - ``check_event_for_spam`` ``{"event"}``: the event (client format, with ``event_id``)
   through every filter on a filter worker, as ``/sign`` has events judged

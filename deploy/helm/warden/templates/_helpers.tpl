@@ -73,6 +73,8 @@ context: {root, name (values key), key (default key), required (bool), cred (opt
 {{- toJson (dict "secret" (tpl $c.secret $root) "key" $c.secretKey "optional" false) -}}
 {{- else if $c.value -}}
 {{- toJson (dict "secret" (include "warden.fullname" $root) "key" .key "optional" false) -}}
+{{- else if and (has .name (list "signingKey" "eventSigningKey")) (include "warden.generateKeys" $root) -}}
+{{- toJson (dict "secret" (include "warden.keysSecret" $root) "key" .key "optional" false) -}}
 {{- else if $root.Values.credentials.existingSecret -}}
 {{- toJson (dict "secret" (tpl $root.Values.credentials.existingSecret $root) "key" .key "optional" (not .required)) -}}
 {{- else if .required -}}
@@ -125,4 +127,27 @@ true
 {{- with (index $.Values.credentials $name) }}{{ with .value }}{{ $_ := set $vals $name . }}{{ end }}{{ end -}}
 {{- end -}}
 {{- toJson $vals | sha256sum -}}
+{{- end -}}
+
+{{- /*
+"true" when the key hook generates the signing keys: a key is given neither as a value
+nor as a Secret reference, and keyGeneration.enabled is true, or "auto" with no
+credentials.existingSecret to read it from.
+*/ -}}
+{{- define "warden.generateKeys" -}}
+{{- $c := .Values.credentials -}}
+{{- $missing := false -}}
+{{- range list "signingKey" "eventSigningKey" -}}
+{{- $k := index $c . | default dict -}}
+{{- if not (or $k.value $k.secret) }}{{ $missing = true }}{{ end -}}
+{{- end -}}
+{{- $mode := toString .Values.keyGeneration.enabled -}}
+{{- if and $missing (or (eq $mode "true") (and (eq $mode "auto") (not $c.existingSecret))) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{- /* The Secret the key hook creates (outside the release: never overwritten or deleted). */ -}}
+{{- define "warden.keysSecret" -}}
+{{- printf "%s-keys" (include "warden.fullname" .) -}}
 {{- end -}}
