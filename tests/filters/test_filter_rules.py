@@ -20,7 +20,7 @@ from tests.filters.filter_helpers import (
     event,
     message,
 )
-from warden.filters.base import Filter, FilterDeps, Group
+from warden.filters.base import Filter, FilterContext, FilterDeps, Group
 from warden.filters.density import DensityFilter
 from warden.filters.event_type_prefilter import EventTypePrefilter
 from warden.filters.keyword import KeywordFilter
@@ -398,6 +398,30 @@ async def test_mentions_display_names_are_cached_briefly(
     assert await deps.displaynames.get(room) == {"@a:x": "Aaaaaa"}  # served from memory
     fresh = FilterDeps(redis=deps.redis, pool=pg_pool, local_user_id=OWN_USER)
     assert await fresh.displaynames.get(room) == {"@b:x": "Bbbbbb"}
+
+
+async def test_mentions_waits_on_io_only_for_a_room_not_in_memory(
+    deps: FilterDeps, pg_pool: asyncpg.Pool
+) -> None:
+    """The pipeline gives the mentions filter a timer (and maybe a task) only when the
+    room's display names must be read from PostgreSQL; a message of a room in memory, or
+    another event type, is counted in the evaluation's own task."""
+    room = await _learn(pg_pool, {"@a:x": "Aaaaaa"})
+    flt = MentionsFilter()
+
+    def ctx(event_type: str) -> FilterContext:
+        event = {"type": event_type, "room_id": room, "sender": "@s:x", "content": {}}
+        return FilterContext(
+            event=event, event_id="$e", room_id=room, community_id="c", config=config(), deps=deps
+        )
+
+    assert not MentionsFilter.waits_on_io and MentionsFilter.waits_on_io_sometimes
+    assert flt.waits_for(ctx("m.room.message"))  # not read yet
+    assert not flt.waits_for(ctx("m.room.member"))
+    assert not deps.displaynames.fresh(room)
+    await deps.displaynames.get(room)
+    assert deps.displaynames.fresh(room)
+    assert not flt.waits_for(ctx("m.room.message"))
 
 
 def test_every_filter_declares_its_plugin_metadata() -> None:

@@ -99,6 +99,11 @@ class DisplaynameCache:
         self._ttl = ttl_seconds
         self._entries: dict[str, tuple[float, dict[str, str]]] = {}
 
+    def fresh(self, room_id: str) -> bool:
+        """Whether ``get(room_id)`` would answer from memory (without a query)."""
+        hit = self._entries.get(room_id)
+        return hit is not None and hit[0] > time.monotonic()
+
     async def get(self, room_id: str) -> dict[str, str]:
         """user ID → display name for the room's learned joined members."""
         now = time.monotonic()

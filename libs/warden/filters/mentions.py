@@ -35,11 +35,21 @@ class MentionsFilter(Filter):
     name = "mentions"
     group = Group.MAIN
     harm_ids = (SPAM_FLOODING,)
+    # A query only when the room's display names are not in memory (every few seconds
+    # per room): the other messages need no timer of their own.
+    waits_on_io = False
+    waits_on_io_sometimes = True
 
     @classmethod
     def enabled(cls, config: EffectiveConfig) -> bool:
         """On while the maximum is positive."""
         return config.get_int(MAX_MENTIONS.name) > 0
+
+    def waits_for(self, ctx: FilterContext) -> bool:
+        """Messages of a room whose display names must be read from PostgreSQL."""
+        return ctx.event_type == "m.room.message" and not ctx.deps.displaynames.fresh(
+            ctx.room_id
+        )
 
     async def check(self, ctx: FilterContext) -> FilterResult:
         """Prohibited once the mention count reaches the maximum (≥)."""
