@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import FrozenInstanceError, replace
 from typing import ClassVar
 
 import asyncpg
@@ -22,7 +23,7 @@ from warden.policy.dependency_failures import (
 )
 from warden.policy.harms import OTHER, SPAM, SPEC_NON_COMPLIANCE
 from warden.policy.pipeline import Pipeline
-from warden.policy.verdict import ContentClass, FilterOutcome, Verdict
+from warden.policy.verdict import ContentClass, FilterOutcome, Verdict, new_outcome
 
 N = ContentClass.NEUTRAL
 A = ContentClass.ALLOWED
@@ -393,3 +394,16 @@ async def test_a_filter_waiting_for_some_events_is_timed_for_those_inline_for_ot
     assert len(Sometimes.tasks) == 1
     task = Sometimes.tasks[0]
     assert task is not None and task.get_coro().__name__ == "judge"
+
+
+def test_the_pipelines_fast_outcome_is_an_ordinary_frozen_outcome() -> None:
+    """``new_outcome`` (the pipeline's, per filter per event) makes the same immutable
+    ``FilterOutcome`` as its constructor: equal, same hash, frozen, every field set."""
+    args = ("keyword", ContentClass.PROHIBITED, ("org.matrix.msc4456.spam",), "boom", 1.25)
+    fast, slow = new_outcome(*args), FilterOutcome(*args)
+    assert fast == slow and hash(fast) == hash(slow) and fast.dry_run is False
+    assert fast.to_dict() == slow.to_dict()
+    assert FilterOutcome.from_dict(fast.to_dict()) == slow
+    with pytest.raises(FrozenInstanceError):
+        fast.name = "other"  # type: ignore[misc]
+    assert replace(fast, dry_run=True).dry_run is True

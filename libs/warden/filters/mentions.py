@@ -47,9 +47,7 @@ class MentionsFilter(Filter):
 
     def waits_for(self, ctx: FilterContext) -> bool:
         """Messages of a room whose display names must be read from PostgreSQL."""
-        return ctx.event_type == "m.room.message" and not ctx.deps.displaynames.fresh(
-            ctx.room_id
-        )
+        return ctx.event_type == "m.room.message" and not ctx.deps.displaynames.fresh(ctx.room_id)
 
     async def check(self, ctx: FilterContext) -> FilterResult:
         """Prohibited once the mention count reaches the maximum (≥)."""

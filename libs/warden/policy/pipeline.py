@@ -54,6 +54,7 @@ from warden.policy.verdict import (
     ContentClass,
     FilterOutcome,
     Verdict,
+    new_outcome,
     normalise,
 )
 from warden.telemetry.tracing import exporting, tracer
@@ -317,7 +318,7 @@ class Pipeline:
                 result = FilterResult.neutral()  # never a verdict: the evaluation is given up
         duration_ms = (time.perf_counter() - start) * 1000
         content_class, harms = normalise(result.content_class, result.harms)
-        outcome = FilterOutcome(flt.name, content_class, harms, error, duration_ms)
+        outcome = new_outcome(flt.name, content_class, harms, error, duration_ms)
         if dry_run:
             # Recorded and counted, never a verdict: not even a given-up evaluation.
             return self._observe(mark_dry_run(outcome))
