@@ -29,8 +29,8 @@ the limit until Redis answers again; ``warden_redis_fallbacks_total{use="rate_li
 counts the syncs done without Redis). After a failed sync the background syncs skip
 Redis for 1 s (``warden.runtime.redis_outage``) rather than each paying a failed
 attempt, then try again: a Redis that came back is used without a restart. Refusing
-every server because the shared count cannot be read would be worse; letting everyone through would make the limit vanish
-exactly when the gateway is busiest.
+every server because the shared count cannot be read would be worse; letting everyone
+through would make the limit vanish exactly when the gateway is busiest.
 """
 
 from __future__ import annotations
