@@ -115,11 +115,14 @@ def test_the_settings_reference_lists_every_setting_and_no_other() -> None:
 def test_the_filters_reference_names_every_filter_and_key() -> None:
     text = (DOCS / "filters.md").read_text()
     rows = set(re.findall(r"^\| `(\w+)` \| \d \|", text, re.MULTILINE))
-    assert rows == {f.name for f in FILTERS}
+    registered = {f.name for f in FILTERS}
+    assert rows == registered
     for key in known_keys().values():
         filter_name = key.name.removesuffix("_fail_secure")
         if key.name.endswith("_fail_secure") and filter_name in rows:
             continue  # documented by the rule "<name>_fail_secure"
+        if key.name.endswith("_fail_secure") and filter_name not in registered:
+            continue  # a filter a test module defined (not registered): not Warden's
         assert f"`{key.name}`" in text, key.name
     assert "`<name>_fail_secure`" in text
 
