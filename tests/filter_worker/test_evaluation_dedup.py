@@ -26,6 +26,7 @@ from warden.bus.subjects import (
 )
 from warden.filters.base import FilterDeps
 from warden.policy.config import instance_defaults
+from warden.policy.harms import SPAM_FLOODING
 from warden.policy.pipeline import Pipeline
 from warden.policy.verdict import ContentClass, Verdict
 from warden.storage.verdicts import get_verdict, insert_verdicts
@@ -185,3 +186,48 @@ async def test_only_refusals_carry_a_body_excerpt(
         "SELECT outbox_extra FROM verdicts WHERE event_id = $1", neutral.event_id
     )
     assert stored is None or "body_excerpt" not in orjson.loads(stored)
+
+
+async def test_the_hellban_is_read_by_the_claiming_script(
+    redis_client: aioredis.Redis, pg_pool: asyncpg.Pool, nats_client: NATS
+) -> None:
+    """The look-up script that claims a batch's events also reads each sender's hellban,
+    so the hellban prefilter sends Redis nothing of its own: a banned sender is refused
+    (spam.flooding), another is not, and neither asks Redis ``EXISTS`` per event."""
+    js = nats_client.jetstream()
+    await ensure_verdicts_stream(js)
+    deps = FilterDeps(redis=redis_client, pool=pg_pool, local_user_id=OWN_USER)
+    sent: list[str] = []
+    forward = deps.auto_pipeline.execute_command
+
+    async def recording(*args: object) -> object:
+        sent.append(str(args[0]))
+        return await forward(*args)
+
+    deps.auto_pipeline.execute_command = recording  # type: ignore[method-assign]
+    writer = GroupCommitWriter(pg_pool)
+    svc = EvaluationService(
+        redis=redis_client,
+        pool=pg_pool,
+        pipeline=Pipeline(deps, timeout_seconds=2),
+        configs=CommunityConfigCache(pg_pool, instance_defaults({})),
+        writer=writer,
+        publisher=VerdictPublisher(nats_client),
+        claim_ttl_seconds=5,
+        wait_seconds=0.5,
+    )
+    banned, fine = request("hello there"), request("hello again")
+    banned.event["sender"] = f"@banned{uuid.uuid4().hex[:8]}:example.org"
+    await redis_client.set(redis_keys.hellban("default", banned.event["sender"]), b"1", ex=60)
+    try:
+        (banned_reply, _), (fine_reply, _) = await svc.answer_many([banned, fine])
+        refused, signed = Verdict.from_json(banned_reply), Verdict.from_json(fine_reply)
+        assert refused.content_class is ContentClass.PROHIBITED
+        assert refused.harms == (SPAM_FLOODING,)
+        by_name = {f.name: f for f in refused.filters}
+        assert by_name["hellban_prefilter"].content_class is ContentClass.PROHIBITED
+        assert signed.content_class is not ContentClass.PROHIBITED
+        assert "EXISTS" not in sent, sent
+    finally:
+        await redis_client.delete(redis_keys.hellban("default", banned.event["sender"]))
+        await svc.stop()

@@ -92,7 +92,7 @@ async def test_locked_table_is_503_not_a_refusal_and_the_next_ask_signs(
     assert await _remembered(pg_pool, redis_client, _event_id(event))
 
 
-async def test_redis_down_for_the_hellban_filter_is_503_then_signed(
+async def test_redis_down_for_the_hellban_postfilter_is_503_then_refused(
     gateway: Gateway,
     origin: Origin,
     protect_room: Callable[..., Awaitable[str]],
@@ -100,10 +100,13 @@ async def test_redis_down_for_the_hellban_filter_is_503_then_signed(
     pg_pool: asyncpg.Pool,
     redis_client: aioredis.Redis,
 ) -> None:
-    """The hellban prefilter's Redis fails (its auto-pipeline sends to a dead server):
-    503, nothing stored; with Redis back, the same event is signed."""
+    """The filters' Redis fails (their auto-pipeline sends to a dead server) while the
+    worker's claims work: a spam event needs the hellban postfilter to set the sender's
+    ban, which fails: 503, nothing stored; with Redis back, the same event is refused.
+    (The hellban prefilter reads the ban in the worker's claiming script, so it needs no
+    Redis of its own: the worker's own Redis failing is in test_evaluation_without_redis.)"""
     room_id = await protect_room(new_room_id("12"), "12")
-    event = origin.event(room_id, "12", body="nothing to see here")
+    event = origin.event(room_id, "12", body="this is spam")
     deps = real_worker._pipeline.deps
     working = deps.auto_pipeline
     dead = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
@@ -118,7 +121,8 @@ async def test_redis_down_for_the_hellban_filter_is_503_then_signed(
     assert not await _remembered(pg_pool, redis_client, _event_id(event))
 
     r = await _sign(gateway, origin, event)
-    assert r.status_code == 200, r.text
+    assert r.status_code == 400, r.text  # refused: judged, and the sender now banned
+    assert await redis_client.exists(redis_keys.hellban("default", event["sender"]))
 
 
 def _event_id(event: dict[str, Any]) -> str:

@@ -185,6 +185,10 @@ class FilterContext:
     # none under a key the keyring holds failed (the keyring never holds a compromised
     # key). The unsafe signing key filter then has nothing to look for in a single one.
     sender_signatures_checked: bool = False
+    # Whether the sender serves a hellban in the community, when the caller read it with
+    # its own Redis round trip (the filter worker's look-up script); None: the hellban
+    # prefilter reads it.
+    hellbanned: bool | None = None
 
     @property
     def event_type(self) -> str:

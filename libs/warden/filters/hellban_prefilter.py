@@ -5,8 +5,10 @@ in Redis, shared by every worker. Runs after the prefilters and only while the c
 neutral, so allow-listed senders and event types (a user leaving a room, a redaction)
 are never hellbanned.
 
-The lookup goes through the auto-pipeline: the events evaluated together ask Redis in
-one round trip.
+The filter worker reads the ban in the script that claims a batch's events
+(``FilterContext.hellbanned``), so this filter usually needs no Redis round trip of its
+own; otherwise (text checks, spam-checker callbacks, a look-up without Redis) it asks
+through the auto-pipeline, where the events evaluated together share one round trip.
 """
 
 from __future__ import annotations
@@ -24,14 +26,23 @@ class HellbanPrefilter(Filter):
     name = "hellban_prefilter"
     group = Group.HELLBAN_PREFILTER
     harm_ids = (SPAM_FLOODING,)
+    waits_on_io = False
+    waits_on_io_sometimes = True
 
     @classmethod
     def enabled(cls, config: EffectiveConfig) -> bool:
         """On while ``hellban_postfilter_minutes`` is positive."""
         return config.get_int(HELLBAN_MINUTES.name) > 0
 
+    def waits_for(self, ctx: FilterContext) -> bool:
+        """Only when the caller did not read the ban already."""
+        return ctx.hellbanned is None
+
     async def check(self, ctx: FilterContext) -> FilterResult:
         """Prohibited (spam.flooding) while the sender's ban exists."""
+        if ctx.hellbanned is not None:
+            banned = ctx.hellbanned and bool(ctx.sender)
+            return FilterResult.prohibited(SPAM_FLOODING) if banned else FilterResult.neutral()
         if ctx.sender and await ctx.deps.auto_pipeline.execute_command(
             "EXISTS", redis_keys.hellban(ctx.community_id, ctx.sender)
         ):

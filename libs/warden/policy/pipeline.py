@@ -145,6 +145,7 @@ class Pipeline:
         extra: dict[str, Any] | None = None,
         sender_verified: bool = True,
         sender_signatures_checked: bool = False,
+        hellbanned: bool | None = None,
     ) -> Verdict:
         """Judge one event for a community with its effective configuration.
 
@@ -152,7 +153,8 @@ class Pipeline:
         a verdict must not depend on bytes that whoever asks first can change. With
         ``sender_verified`` false nothing is attributed to the sender (see
         ``FilterContext.sender_verified``) and the verdict says so.
-        ``sender_signatures_checked``: see ``FilterContext.sender_signatures_checked``.
+        ``sender_signatures_checked``: see ``FilterContext.sender_signatures_checked``;
+        ``hellbanned``: see ``FilterContext.hellbanned``.
 
         Raises ``EvaluationUnavailable`` when a fail-secure filter's dependency failed:
         there is no verdict, and the event must be judged again later.
@@ -173,6 +175,7 @@ class Pipeline:
             sender_verified=sender_verified,
             sender_signatures=sender_signatures,
             sender_signatures_checked=sender_signatures_checked,
+            hellbanned=hellbanned,
         )
         if exporting():
             with _tracer.start_as_current_span("pipeline.evaluate"):

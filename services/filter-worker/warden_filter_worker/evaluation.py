@@ -108,11 +108,13 @@ _CHECKED = frozenset({"sign", "check"})
 UNAVAILABLE_RETRY_AFTER_MS = 5000
 
 # Per event, in one round trip for the whole batch: "is there a verdict, and if not, may
-# I evaluate?". KEYS: n verdict keys, then the n claim keys; ARGV: the claim TTL (ms),
-# then one token per event. Returns per event the cached verdict, or 1 when this caller
-# now holds the claim, or 0 when another does.
+# I evaluate?", and whether its sender serves a hellban (read here, for the hellban
+# prefilter, rather than in a round trip of its own). KEYS: n verdict keys, then the n
+# claim keys, then the n hellban keys; ARGV: the claim TTL (ms), then one token per event.
+# Returns per event the cached verdict, or 1 when this caller now holds the claim, or 0
+# when another does; then per event 1 when its hellban key exists, else 0.
 _LOOK = """
-local n = #KEYS / 2
+local n = #KEYS / 3
 local out = {}
 for i = 1, n do
     local cached = redis.call('get', KEYS[i])
@@ -123,6 +125,7 @@ for i = 1, n do
     else
         out[i] = 0
     end
+    out[n + i] = redis.call('exists', KEYS[2 * n + i])
 end
 return out
 """
@@ -176,6 +179,8 @@ class _Event:
 
     request: EvaluationRequest
     span: Span | None = None
+    # Whether the sender serves a hellban, as the look-up read it (None: not read).
+    hellbanned: bool | None = None
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -220,6 +225,12 @@ def _same_verdict(stored: Verdict, ours: Verdict) -> bool:
         dataclasses.replace(f, duration_ms=round(f.duration_ms, 3)) for f in ours.filters
     )
     return stored == dataclasses.replace(ours, filters=rounded, extra=stored.extra)
+
+
+def _hellban_key(request: EvaluationRequest) -> str:
+    """The hellban key of the request's sender in its community (the hellban filters')."""
+    sender = request.event.get("sender")
+    return redis_keys.hellban(request.community_id, sender if isinstance(sender, str) else "")
 
 
 def _asked(event: _Event) -> tuple[str, str, str, str]:
@@ -447,7 +458,7 @@ class EvaluationService:
             return
         tokens = {event_id: secrets.token_hex(8) for event_id in events}
         try:
-            looks = await self._look_up(tokens)
+            looks = await self._look_up(tokens, events)
         except Exception as exc:
             if is_redis_outage(exc):
                 self._redis_outage.failed(exc)
@@ -476,12 +487,19 @@ class EvaluationService:
             if waits:
                 await asyncio.gather(*waits)
 
-    async def _look_up(self, tokens: dict[str, str]) -> dict[str, bytes | int]:
-        """Per event: its cached verdict, 1 (now claimed with its token) or 0 (held)."""
+    async def _look_up(
+        self, tokens: dict[str, str], events: dict[str, _Event]
+    ) -> dict[str, bytes | int]:
+        """Per event: its cached verdict, 1 (now claimed with its token) or 0 (held).
+        Sets each event's ``hellbanned`` on the way."""
         keys = [redis_keys.verdict(e) for e in tokens]
         keys += [redis_keys.evaluation_claim(e) for e in tokens]
+        keys += [_hellban_key(events[e].request) for e in tokens]
         answers = await self._look(keys=keys, args=[self._claim_ttl_ms, *tokens.values()])
-        return dict(zip(tokens, answers, strict=True))
+        n = len(tokens)
+        for event_id, banned in zip(tokens, answers[n:], strict=True):
+            events[event_id].hellbanned = bool(banned)
+        return dict(zip(tokens, answers[:n], strict=True))
 
     async def _answer_without_redis(self, events: dict[str, _Event], deliver: Deliver) -> None:
         """Redis is down: PostgreSQL decides (see the module docstring)."""
@@ -659,7 +677,7 @@ class EvaluationService:
         request = event.request
         with _in_span(event.span):
             try:
-                return await self._judge_new(request)
+                return await self._judge_new(request, event.hellbanned)
             except UnknownCommunity:
                 return _Answer(
                     encode_error_reply(f"unknown community {request.community_id!r}"),
@@ -681,7 +699,9 @@ class EvaluationService:
                 logger.exception("evaluation failed", extra={"event_id": request.event_id})
                 return _failure(exc)
 
-    async def _judge_new(self, request: EvaluationRequest) -> _Answer:
+    async def _judge_new(
+        self, request: EvaluationRequest, hellbanned: bool | None = None
+    ) -> _Answer:
         # No timer of its own here (one per event would cost the hot path): the
         # configuration read and the commit are bounded by ``_settle``'s deadline.
         config = await self._configs.get(request.community_id)
@@ -701,6 +721,7 @@ class EvaluationService:
             sender_verified=sender_verified,
             # The gateway verified the sender's server's signatures before asking.
             sender_signatures_checked=request.sender_signed and request.source in _CHECKED,
+            hellbanned=hellbanned,
         )
         content = request.event.get("content")
         body = content.get("body") if isinstance(content, dict) else None
@@ -777,7 +798,7 @@ class EvaluationService:
                     return
                 token = secrets.token_hex(8)
                 try:
-                    look = (await self._look_up({event_id: token}))[event_id]
+                    look = (await self._look_up({event_id: token}, {event_id: event}))[event_id]
                 except Exception as exc:
                     if not is_redis_outage(exc):
                         raise
