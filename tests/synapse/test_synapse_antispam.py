@@ -37,9 +37,15 @@ pytestmark = [
     pytest.mark.timeout(900),
 ]
 
-# Not user_may_create_room_alias: synapse-http-antispam 0.5.1 cannot encode the
-# RoomAlias object Synapse passes it (the request never leaves Synapse; see the README).
-CALLBACKS = ["check_event_for_spam", "user_may_invite", "user_may_join_room"]
+# user_may_create_room_alias through Warden's module file (deploy/synapse): the module
+# itself, 0.5.1, cannot encode the RoomAlias object Synapse passes it.
+CALLBACKS = [
+    "check_event_for_spam",
+    "user_may_invite",
+    "user_may_join_room",
+    "user_may_create_room_alias",
+]
+MODULE_DIR = Path(__file__).resolve().parents[2] / "deploy" / "synapse"
 
 
 class Setup:
@@ -100,7 +106,7 @@ def synapse(
 ) -> Iterator[SynapseServer]:
     """Synapse with the antispam module; it trusts the test CA (Warden's HTTPS)."""
     module = {
-        "module": "synapse_http_antispam.HTTPAntispam",
+        "module": "warden_http_antispam.HTTPAntispam",
         "config": {
             "base_url": f"https://127.0.0.1:{setup.port}/_warden/antispam/v1",
             "authorization_path": str(setup.token_path),
@@ -109,6 +115,7 @@ def synapse(
                 "check_event_for_spam": True,
                 "user_may_invite": False,
                 "user_may_join_room": False,
+                "user_may_create_room_alias": False,
             },
             "do_ping": True,
         },
@@ -118,7 +125,7 @@ def synapse(
         e2e_dir / "synapse",
         e2e_ca,
         modules=[module],
-        extra_env={"SSL_CERT_FILE": e2e_ca_file},
+        extra_env={"SSL_CERT_FILE": e2e_ca_file, "PYTHONPATH": str(MODULE_DIR)},
     )
     try:
         yield server
@@ -274,6 +281,30 @@ async def test_a_join_by_a_user_of_a_banned_server_is_refused(
         await pool.close()
         await warden_api.aclose()
         await carol.aclose()
+
+
+async def test_a_room_alias_with_a_keyword_is_refused(
+    synapse: SynapseServer, warden: WardenStack, clients: dict[str, MatrixClient]
+) -> None:
+    """The alias reaches Warden as a string (warden_http_antispam) and is judged by the
+    text filters: a keyword is refused with Warden's errcode, another alias is made."""
+    alice = clients["alice"]
+    room_id = await alice.create_room(preset="public_chat", name="aliases")
+    server = alice.user_id.partition(":")[2]
+    good = f"#good-room-{os.urandom(3).hex()}:{server}"
+    made = await alice.request(
+        "PUT", f"/_matrix/client/v3/directory/room/{q(good)}", json={"room_id": room_id}
+    )
+    assert made.status_code == 200, made.text
+    bad = f"#casino-deals-{os.urandom(3).hex()}:{server}"
+    refused = await alice.request(
+        "PUT", f"/_matrix/client/v3/directory/room/{q(bad)}", json={"room_id": room_id}
+    )
+    body = assert_refused(refused, "M_FORBIDDEN")
+    assert body[HARMS_FIELD] == [SPAM], body
+    assert warden.log_lines("antispam: refused", "user_may_create_room_alias")
+    missing = await alice.request("GET", f"/_matrix/client/v3/directory/room/{q(bad)}")
+    assert missing.status_code == 404, missing.text
 
 
 async def test_with_warden_stopped_each_callback_follows_its_fail_mode(
