@@ -71,8 +71,8 @@ def rate_limit(origin: str, window: int, budget: str = "sign") -> str:
     ``sign_others`` (policy requests about other servers' events that needed a
     verdict), ``send`` (``/send``: PDUs plus one per transaction) and
     ``community_api`` (the server-centric API; the "origin" is the community ID, never
-    its token). The window is a number and comes last, so a key names one origin
-    whatever ``:`` it holds.
+    its token) and ``antispam`` (the spam-checker callbacks, by community ID). The window
+    is a number and comes last, so a key names one origin whatever ``:`` it holds.
     """
     if budget == "sign":
         return f"{PREFIX}rl:{origin}:{window}"

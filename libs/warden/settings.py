@@ -191,6 +191,10 @@ class Settings(BaseSettings):
     # A rotation or any change of the community drops it at once on every replica
     # (CONFIG_CHANGED_SUBJECT); the period only bounds staleness if that message is lost.
     community_token_cache_seconds: float = Field(default=10.0, ge=0, le=300)
+    # Spam-checker callbacks (/_warden/antispam/v1) one community token may make per
+    # minute, shared by every replica (0: no limit). Apart from the server-centric API's
+    # budget: a homeserver asks once per message its users send.
+    antispam_rate_limit_per_minute: int = Field(default=0, ge=0)
     # Largest text /_policyserv/v1/check/text accepts (413 M_TOO_LARGE past it).
     check_text_max_bytes: int = Field(default=64 * 1024, ge=1, le=512 * 1024)
     # How long the gateway waits for a filter worker's text check (then 503).

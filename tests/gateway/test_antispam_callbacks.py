@@ -36,6 +36,7 @@ from warden_filter_worker.evaluation import EvaluationService
 from warden_filter_worker.text_checks import TextCheckService
 from warden_gateway.antispam import PING_PATH, PREFIX, AntispamAPI
 from warden_gateway.community_auth import CommunityAuth
+from warden_gateway.rate_limit import OriginRateLimiter
 from warden_gateway.verdict_source import VerdictSource
 
 Client = Callable[..., Awaitable[httpx.AsyncClient]]
@@ -430,3 +431,46 @@ async def test_tokens_ping_bad_bodies_and_no_workers(
         f"{PREFIX}/user_may_join_room", json={"user": "@a:b", "room": "!r:b", "is_invited": True}
     )
     assert r.status_code == 503
+
+
+async def test_callbacks_have_a_rate_budget_of_their_own(
+    pg_pool: asyncpg.Pool, nats_client: NATS, redis_client: aioredis.Redis
+) -> None:
+    """A homeserver asks once per message: the callbacks do not spend the server-centric
+    API's budget (here 1 a minute), and have their own (PS_ANTISPAM_RATE_LIMIT_PER_MINUTE;
+    none by default)."""
+    _, token = await homeserver(pg_pool)
+    community_api = OriginRateLimiter(redis_client, 1, 60, budget=f"ca{uuid.uuid4().hex[:6]}")
+    antispam_budget = OriginRateLimiter(redis_client, 3, 60, budget=f"as{uuid.uuid4().hex[:6]}")
+    auth = CommunityAuth(pg_pool, rate_limiter=community_api, failures_per_minute=100)
+
+    def client(limiter: OriginRateLimiter | None) -> httpx.AsyncClient:
+        api = AntispamAPI(
+            auth=auth,
+            nats=nats_client,
+            verdicts=VerdictSource(nats_client, timeout_seconds=1.0),
+            max_body_bytes=4096,
+            timeout_seconds=1.0,
+            rate_limiter=limiter,
+        )
+        return httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=Starlette(routes=api.routes())),
+            base_url="http://warden",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+
+    try:
+        async with client(None) as unlimited:
+            for i in range(6):
+                r = await unlimited.post(PING_PATH, json={"id": f"u{i}"})
+                assert r.status_code == 200, r.text
+        async with client(antispam_budget) as limited:
+            for i in range(3):
+                r = await limited.post(PING_PATH, json={"id": f"l{i}"})
+                assert r.status_code == 200, r.text
+            assert_error(
+                await limited.post(PING_PATH, json={"id": "over"}), 429, "M_LIMIT_EXCEEDED"
+            )
+    finally:
+        await community_api.aclose()
+        await antispam_budget.aclose()

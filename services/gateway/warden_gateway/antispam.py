@@ -96,6 +96,7 @@ from warden.policy.harms import HARMS_FIELD
 from warden.storage.records import Community
 from warden_gateway.community_auth import CommunityAuth
 from warden_gateway.errors import TemporarilyUnavailable, error_response
+from warden_gateway.rate_limit import OriginRateLimiter
 from warden_gateway.request_body import read_limited_body
 from warden_gateway.verdict_source import VerdictSource
 
@@ -210,8 +211,13 @@ class AntispamAPI:
         timeout_seconds: float,
         check_subject: str = ANTISPAM_CHECK_SUBJECT,
         text_subject: str = CHECK_TEXT_SUBJECT,
+        rate_limiter: OriginRateLimiter | None = None,
     ) -> None:
+        """``rate_limiter``: the callbacks' own per-community budget
+        (``PS_ANTISPAM_RATE_LIMIT_PER_MINUTE``; None: unlimited), apart from the
+        server-centric API's, which a homeserver's message rate would spend at once."""
         self.auth = auth
+        self._limiter = rate_limiter
         self._nats = nats
         self._verdicts = verdicts
         self._max_body_bytes = max_body_bytes
@@ -256,7 +262,7 @@ class AntispamAPI:
     async def ping(self, request: Request) -> Response:
         """``POST /_warden/antispam/v1/ping``: ``{"id"}`` -> ``{"id", "status": "ok"}``."""
         try:
-            await self.auth.authenticate(request)
+            await self.auth.authenticate(request, limiter=self._limiter)
             body = await self._read_object(request)
             ping_id = body.get("id")
             if not isinstance(ping_id, str) or len(ping_id) > MAX_ID_BYTES:
@@ -278,7 +284,7 @@ class AntispamAPI:
         outcome = "M_UNKNOWN"
         community_id = ""
         try:
-            community = await self.auth.authenticate(request)
+            community = await self.auth.authenticate(request, limiter=self._limiter)
             community_id = community.community_id
             if handler is None:
                 if name in NOT_JUDGED:

@@ -28,6 +28,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from typing import Literal
 
 import asyncpg
 import orjson
@@ -140,8 +141,13 @@ class CommunityAuth:
                 self._cache.popitem(last=False)
         return community
 
-    async def authenticate(self, request: Request) -> Community:
-        """The community whose token the request carries; raises a ``MatrixError``."""
+    async def authenticate(
+        self, request: Request, *, limiter: OriginRateLimiter | Literal[False] | None = False
+    ) -> Community:
+        """The community whose token the request carries; raises a ``MatrixError``.
+
+        ``limiter`` counts the request against another budget than the server-centric
+        API's (None: none); the failed-authentication throttle applies either way."""
         client = client_address(request)
         self._throttle.check(client)
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -158,6 +164,7 @@ class CommunityAuth:
         if community is None:
             self._throttle.failed(client)
             raise UnknownToken("Unknown access token")
-        if self._limiter is not None:
-            self._limiter.check(community.community_id, bucket="")
+        budget = self._limiter if limiter is False else limiter
+        if budget is not None:
+            budget.check(community.community_id, bucket="")
         return community

@@ -166,8 +166,20 @@ def run(settings: Settings) -> int:
             ),
         )
         # The homeserver spam-checker callbacks share the community-token authentication.
+        antispam_limiter = None
+        if settings.antispam_rate_limit_per_minute > 0:
+            antispam_limiter = OriginRateLimiter(
+                redis,
+                settings.antispam_rate_limit_per_minute,
+                60,
+                budget="antispam",
+                what="spam-checker callbacks",
+                errors=COMMUNITY_API_RATE_LIMIT_ERRORS,
+            )
+            runtime.add_shutdown_hook("antispam-rate-limit", antispam_limiter.aclose)
         antispam = AntispamAPI(
             auth=server_centric.auth,
+            rate_limiter=antispam_limiter,
             nats=nc,
             verdicts=verdicts,
             # A client-format event is a PDU with less, plus ``unsigned``.
