@@ -69,7 +69,7 @@ def rate_limit(origin: str, window: int, budget: str = "sign") -> str:
 
     Other budgets have their own prefix, ``warden:rl_<budget>:<origin>:<window>``:
     ``sign_others`` (policy requests about other servers' events that needed a
-    verdict), ``send`` (``/send``: PDUs plus one per transaction) and
+    verdict), ``send`` (``/send``: PDUs plus one per transaction),
     ``community_api`` (the server-centric API; the "origin" is the community ID, never
     its token) and ``antispam`` (the spam-checker callbacks, by community ID). The window
     is a number and comes last, so a key names one origin whatever ``:`` it holds.
