@@ -643,6 +643,8 @@ class Bench:
         for p in observed:
             if p.popen.poll() is not None and not tolerate_deaths:
                 raise BenchError(f"{p.name} died during {name}:\n{p.output()}")
+        if self.stack:  # each service's (and server's) resident memory after the window
+            info = {**(info or {}), "memory_mib_after": self._memory()}
         if died:
             info = {**(info or {}), "died": died}
             self.notes.append(f"{name}: {', '.join(died)} died during the window")
@@ -1379,6 +1381,7 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(
             f"| crypto floor x2 processes | {f2['rps']:.0f} | 1.00 | {f2['latency_ms']['99']:.1f} |"
         )
+    lines += memory_markdown(doc["workloads"])
     if doc.get("attack"):
         lines += ["", *attack_markdown(doc["attack"])]
     lines += ["", "| target | measured | goal | met |", "|---|---:|---|---|"]
@@ -1389,6 +1392,20 @@ def markdown(doc: dict[str, Any]) -> str:
     if doc["notes"]:
         lines += ["", *(f"- {n}" for n in doc["notes"])]
     return "\n".join(lines)
+
+
+def memory_markdown(workloads: dict[str, Any]) -> list[str]:
+    """Resident memory (MiB) of each process after each workload window."""
+    after = {n: w["memory_mib_after"] for n, w in workloads.items() if "memory_mib_after" in w}
+    if not after:
+        return []
+    names = sorted({p for m in after.values() for p in m})
+    lines = ["", "Resident memory after each window (MiB):", ""]
+    lines.append("| window | " + " | ".join(names) + " |")
+    lines.append("|---|" + "---:|" * len(names))
+    for window, mem in after.items():
+        lines.append(f"| {window} | " + " | ".join(_num(mem.get(n), ".1f") for n in names) + " |")
+    return lines
 
 
 def _num(value: float | None, fmt: str = ".2f") -> str:

@@ -206,6 +206,12 @@ def test_quick_run_writes_results_with_every_workload(tmp_path: Path) -> None:
         memory = report["memory_mib"][when]
         assert {"gateway-0", "filter-worker-0", "redis", "nats"} <= set(memory), memory
         assert all(v > 0 for v in memory.values()), memory
+    # Every workload window reports each service's resident memory after it (issue 17).
+    for name, window in doc["workloads"].items():
+        memory = window["memory_mib_after"]
+        assert {"gateway-0", "filter-worker-0", "redis", "nats"} <= set(memory), (name, memory)
+        assert all(v > 0 for v in memory.values()), (name, memory)
+    assert "Resident memory after each window (MiB):" in done.stdout
     attack_targets = [t for t in doc["targets"] if t["target"].startswith("under attack")]
     assert len(attack_targets) == 2
     assert "Under attack: legitimate origin" in done.stdout
