@@ -374,10 +374,14 @@ def antispam_requests(
     """``count`` distinct local events of ``origin`` (the homeserver), as
     synapse-http-antispam POSTs them to ``check_event_for_spam``: the client format
     with ``event_id``, ``Authorization: Bearer <community token>``. One in ten carries
-    the prohibited keyword."""
+    the prohibited keyword, each from a new spammer (hellbanned by it: the origin's
+    ordinary users, whom later windows use, stay unbanned)."""
     for n in range(count):
         keyword = n % 10 == 0
-        event, event_id = factory.event(origin, keyword=keyword, kind="message")
+        localpart = f"antispammer{n}x{os.urandom(3).hex()}" if keyword else None
+        event, event_id = factory.event(
+            origin, sender_localpart=localpart, keyword=keyword, kind="message"
+        )
         local = {k: v for k, v in event.items() if k not in _FEDERATION_ONLY}
         local["event_id"] = event_id
         out.bodies.append(orjson.dumps({"event": local}))

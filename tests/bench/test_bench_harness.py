@@ -290,6 +290,7 @@ def test_antispam_requests_are_what_synapse_http_antispam_sends(tmp_path: Path) 
     events.antispam_requests(factory, origin, 20, out, "pst_token")
     assert out.kinds == {"keyword": 2, "neutral": 18}
     out.write(tmp_path / "requests.bin")
+    spammers: list[str] = []
     for raw in events.read_request_file(tmp_path / "requests.bin"):
         method, path, headers, body = _parse_raw(raw)
         assert (method, path) == ("POST", events.ANTISPAM_PATH)
@@ -297,6 +298,13 @@ def test_antispam_requests_are_what_synapse_http_antispam_sends(tmp_path: Path) 
         event = orjson.loads(body)["event"]
         assert event["event_id"].startswith("$") and event["type"] == "m.room.message"
         assert not {"hashes", "signatures", "auth_events", "prev_events"} & set(event)
+        if events.PROHIBITED_KEYWORD in event["content"]["body"]:
+            spammers.append(event["sender"])
+    # Each refused event comes from a new spammer, never one of the origin's ordinary
+    # users, whom the hellban would otherwise refuse in later windows (the attack's
+    # legitimate origin is this one).
+    assert len(spammers) == len(set(spammers)) == 2
+    assert all(s.startswith("@antispammer") for s in spammers), spammers
 
 
 def test_junk_requests_carry_no_usable_authentication() -> None:
