@@ -25,13 +25,15 @@ from warden_filter_worker.group_commit import GroupCommitWriter
 from warden_filter_worker.publisher import VerdictPublisher
 
 
-def service(redis: aioredis.Redis, pool: asyncpg.Pool, nats: NATS) -> EvaluationService:
+def service(
+    redis: aioredis.Redis, pool: asyncpg.Pool, nats: NATS, env: dict[str, str] | None = None
+) -> EvaluationService:
     deps = FilterDeps(redis=redis, pool=pool, local_user_id=OWN_USER)
     return EvaluationService(
         redis=redis,
         pool=pool,
         pipeline=Pipeline(deps, timeout_seconds=1),
-        configs=CommunityConfigCache(pool, instance_defaults({})),
+        configs=CommunityConfigCache(pool, instance_defaults(env or {})),
         writer=GroupCommitWriter(pool),
         publisher=VerdictPublisher(nats),
         claim_ttl_seconds=2,
@@ -77,12 +79,20 @@ async def test_postgresql_down_is_unavailable_and_leaves_nothing_behind(
 async def test_redis_down_is_unavailable_for_a_filter_keeping_state_in_redis(
     pg_pool: asyncpg.Pool, nats_client: NATS
 ) -> None:
-    """The claims fall back to PostgreSQL (test_evaluation_without_redis), but the
-    hellban filter (on by default) cannot judge without Redis: "try again"."""
+    """The claims fall back to PostgreSQL (test_evaluation_without_redis) and the hellban
+    filters to the worker's own bans (hellban_store), so with the default configuration
+    an event is judged; the frequency filter (off by default) has no such fallback and
+    cannot judge without Redis: "try again"."""
     dead = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
     try:
+        judged = request("hello")
+        _, outcome = await service(dead, pg_pool, nats_client).answer(judged)
+        assert outcome == "first_time"
+        assert await get_verdict(pg_pool, judged.event_id) is not None
+
         req = request("hello")
-        reply, outcome = await service(dead, pg_pool, nats_client).answer(req)
+        frequency = {"PS_FREQUENCY_FILTER_RATE_LIMIT": "5"}
+        reply, outcome = await service(dead, pg_pool, nats_client, frequency).answer(req)
     finally:
         await dead.aclose()
     assert outcome == "unavailable"

@@ -34,7 +34,7 @@ from warden_filter_worker.evaluation import EvaluationService
 from warden_filter_worker.group_commit import GroupCommitWriter
 from warden_filter_worker.publisher import VerdictPublisher
 
-# No hellban: its filters keep their state in Redis and cannot judge without it.
+# No hellban: these tests are about the claims' fallback (the hellban's: test_hellban_store).
 NO_REDIS_FILTERS = {"PS_HELLBAN_POSTFILTER_MINUTES": "0"}
 
 

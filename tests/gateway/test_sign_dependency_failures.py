@@ -10,6 +10,7 @@ import asyncpg
 import httpx
 import orjson
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
 from tests.gateway.policy_harness import (
     GATEWAY_NAME,
@@ -22,6 +23,7 @@ from tests.gateway.policy_harness import (
 from tests.gateway.real_worker import real_worker  # noqa: F401
 from tests.service_processes import free_port
 from warden import redis_keys
+from warden.filters.hellban_store import HellbanStore
 from warden.matrix.event_hashes import event_id_from_reference_hash, redacted_signing_bytes
 from warden.matrix.room_versions import get_room_version
 from warden.storage.redis_autopipeline import RedisAutoPipeline
@@ -92,7 +94,7 @@ async def test_locked_table_is_503_not_a_refusal_and_the_next_ask_signs(
     assert await _remembered(pg_pool, redis_client, _event_id(event))
 
 
-async def test_redis_down_for_the_hellban_postfilter_is_503_then_refused(
+async def test_redis_down_for_the_hellban_filters_falls_back_to_the_workers_bans(
     gateway: Gateway,
     origin: Origin,
     protect_room: Callable[..., Awaitable[str]],
@@ -100,29 +102,38 @@ async def test_redis_down_for_the_hellban_postfilter_is_503_then_refused(
     pg_pool: asyncpg.Pool,
     redis_client: aioredis.Redis,
 ) -> None:
-    """The filters' Redis fails (their auto-pipeline sends to a dead server) while the
-    worker's claims work: a spam event needs the hellban postfilter to set the sender's
-    ban, which fails: 503, nothing stored; with Redis back, the same event is refused.
-    (The hellban prefilter reads the ban in the worker's claiming script, so it needs no
-    Redis of its own: the worker's own Redis failing is in test_evaluation_without_redis.)"""
+    """The hellban filters' Redis fails (a dead server) while the worker's claims work:
+    the spam event is still judged (refused), its sender banned in the worker's memory,
+    and the sender's next, innocent event refused for that ban; nothing waits for Redis
+    (hellban_store; with a Redis that comes back: tests/filters/test_hellban_store.py)."""
     room_id = await protect_room(new_room_id("12"), "12")
-    event = origin.event(room_id, "12", body="this is spam")
+    spam = origin.event(room_id, "12", body="this is spam")
     deps = real_worker._pipeline.deps
-    working = deps.auto_pipeline
+    working = deps.hellbans
     dead = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
-    deps.auto_pipeline = RedisAutoPipeline(dead)
+    deps.hellbans = HellbanStore(RedisAutoPipeline(dead))
+    fallbacks = _fallbacks("hellban")
     try:
-        r = await _sign(gateway, origin, event)
+        r = await _sign(gateway, origin, spam)
+        assert r.status_code == 400, r.text  # judged: refused for the keyword
+        assert await _remembered(pg_pool, redis_client, _event_id(spam))
+        follow_up = origin.event(room_id, "12", body="innocent", sender=spam["sender"])
+        r = await _sign(gateway, origin, follow_up)
+        assert r.status_code == 400, r.text  # refused by the ban the worker kept
+        stored = await get_verdict(pg_pool, _event_id(follow_up))
+        assert stored is not None and "hellban_prefilter" in {
+            f.name for f in stored.filters if f.content_class.label == "prohibited"
+        }
+        assert _fallbacks("hellban") > fallbacks
+        assert not await redis_client.exists(redis_keys.hellban("default", spam["sender"]))
     finally:
-        deps.auto_pipeline = working
+        deps.hellbans = working
         await dead.aclose()
-    assert r.status_code == 503, r.text
-    assert "Retry-After" in r.headers
-    assert not await _remembered(pg_pool, redis_client, _event_id(event))
 
-    r = await _sign(gateway, origin, event)
-    assert r.status_code == 400, r.text  # refused: judged, and the sender now banned
-    assert await redis_client.exists(redis_keys.hellban("default", event["sender"]))
+
+def _fallbacks(use: str) -> float:
+    value = REGISTRY.get_sample_value("warden_redis_fallbacks_total", {"use": use})
+    return value or 0.0
 
 
 def _event_id(event: dict[str, Any]) -> str:

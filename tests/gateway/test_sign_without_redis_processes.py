@@ -52,7 +52,7 @@ async def test_sign_without_redis_then_with_it_then_without_it_again(
     redis = PrivateRedis()  # not started: nothing listens on its port yet
     down = {"PS_REDIS_URL": redis.url}
     try:
-        # No hellban: its filters keep their state in Redis and cannot judge without it.
+        # No hellban: this is about the claims' fallback (the hellban's: test_hellban_store).
         worker = spawn_service("filter-worker", PS_HELLBAN_POSTFILTER_MINUTES="0", **down)
         gateway = spawn_service("gateway", PS_API_KEY="k", **DEV_ORIGIN_ENV, **down)
         await asyncio.to_thread(worker.wait_ready)

@@ -35,6 +35,7 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
+from warden.filters.hellban_store import HellbanStore
 from warden.matrix.canonical_json import encode_canonical_json
 from warden.policy.config import ConfigKey, EffectiveConfig, declare
 from warden.policy.keyword_template_cache import KeywordTemplateCache
@@ -140,6 +141,8 @@ class FilterDeps:
     openai_moderation: OpenAIModeration | None = None
     # The HMA media scanner (None when PS_HMA_API_URL is not set).
     media_scanner: MediaScanner | None = None
+    # The hellban filters' bans (Redis, or this process while Redis is down).
+    hellbans: HellbanStore = field(init=False)
 
     def __post_init__(self) -> None:
         # Imported here: warden.trust uses filter modules, which import this one.
@@ -151,6 +154,7 @@ class FilterDeps:
         self.displaynames = DisplaynameCache(self.pool, self.displayname_ttl_seconds)
         self.keyword_templates = KeywordTemplateCache(self.pool)
         self.auto_pipeline = RedisAutoPipeline(self.redis)
+        self.hellbans = HellbanStore(self.auto_pipeline)
 
 
 @dataclass

@@ -4,7 +4,8 @@ Runs only when the verdict so far is prohibited. It sets
 ``redis_keys.hellban(community, sender)`` with NX and a TTL of
 ``hellban_postfilter_minutes``, so every worker sees the ban at once, a restarted worker
 does not forget it, and a repeat offence while banned does not extend it (policyserv's
-rule: the ban cannot become permanent through retries).
+rule: the ban cannot become permanent through retries). While Redis is down the ban is
+kept in this worker only (``warden.filters.hellban_store``).
 
 Unlike policyserv this filter records no harm of its own: the event is already
 prohibited for the reasons the other filters gave, and adding ``spam.flooding`` to a
@@ -17,7 +18,6 @@ in dry run, and in dry run itself this filter sets no ban.
 
 from __future__ import annotations
 
-from warden import redis_keys
 from warden.filters.base import Filter, FilterContext, FilterResult, Group
 from warden.policy.config import ConfigKey, EffectiveConfig, declare
 from warden.policy.verdict import ContentClass
@@ -53,6 +53,6 @@ class HellbanPostfilter(Filter):
         )
         if judged and ctx.sender and ctx.sender_verified and not ctx.dry_run:
             minutes = ctx.config.get_int(HELLBAN_MINUTES.name)
-            key = redis_keys.hellban(ctx.community_id, ctx.sender)
-            await ctx.deps.auto_pipeline.execute_command("SET", key, b"1", "NX", "EX", minutes * 60)
+            # In Redis; while it is down, in this worker (``hellban_store``).
+            await ctx.deps.hellbans.ban(ctx.community_id, ctx.sender, minutes * 60)
         return FilterResult.neutral()

@@ -9,11 +9,12 @@ The filter worker reads the ban in the script that claims a batch's events
 (``FilterContext.hellbanned``), so this filter usually needs no Redis round trip of its
 own; otherwise (text checks, spam-checker callbacks, a look-up without Redis) it asks
 through the auto-pipeline, where the events evaluated together share one round trip.
+While Redis is down, only the bans this worker set meanwhile count
+(``warden.filters.hellban_store``).
 """
 
 from __future__ import annotations
 
-from warden import redis_keys
 from warden.filters.base import Filter, FilterContext, FilterResult, Group
 from warden.filters.hellban_postfilter import HELLBAN_MINUTES
 from warden.policy.config import EffectiveConfig
@@ -40,11 +41,13 @@ class HellbanPrefilter(Filter):
 
     async def check(self, ctx: FilterContext) -> FilterResult:
         """Prohibited (spam.flooding) while the sender's ban exists."""
+        if not ctx.sender:
+            return FilterResult.neutral()
+        hellbans = ctx.deps.hellbans
         if ctx.hellbanned is not None:
-            banned = ctx.hellbanned and bool(ctx.sender)
-            return FilterResult.prohibited(SPAM_FLOODING) if banned else FilterResult.neutral()
-        if ctx.sender and await ctx.deps.auto_pipeline.execute_command(
-            "EXISTS", redis_keys.hellban(ctx.community_id, ctx.sender)
-        ):
-            return FilterResult.prohibited(SPAM_FLOODING)
-        return FilterResult.neutral()
+            # Read by the worker's claiming script; a ban this worker set while Redis
+            # was down lives only here (``hellban_store``).
+            banned = ctx.hellbanned or hellbans.banned_here(ctx.community_id, ctx.sender)
+        else:
+            banned = await hellbans.banned(ctx.community_id, ctx.sender)
+        return FilterResult.prohibited(SPAM_FLOODING) if banned else FilterResult.neutral()

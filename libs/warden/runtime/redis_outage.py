@@ -13,11 +13,15 @@ keeps itself, and says so in ``warden_redis_fallbacks_total{use}``:
 - ``key_cache``: the keyring reads keys from PostgreSQL and keeps negative lookups in
   process (``warden.federation.keyring``);
 - ``send_dedup``: ``/send`` transactions are handled without deduplication
-  (``warden_gateway.federation_inbound``; harmless, JetStream drops repeated PDUs).
+  (``warden_gateway.federation_inbound``; harmless, JetStream drops repeated PDUs);
+- ``hellban``: the hellban filters see and set only this worker's own bans
+  (``warden.filters.hellban_store``).
 
 ``RedisOutage`` remembers the last failure: for ``retry_seconds`` after it, callers skip
 Redis at once instead of each paying a failed attempt (up to the socket timeouts when
-the server is paused or packets are dropped). The first call after that tries Redis
+the server is paused or packets are dropped). Uses given the same ``server`` (the Redis
+they talk to, ``server_of(client)``) share what they saw: the hellban filters skip Redis
+at once when the worker's claims have just failed on it. The first call after that tries Redis
 again, so a Redis that came back is used again without a restart (redis-py reconnects
 its pooled connections by itself). While Redis answers, the check is one comparison.
 """
@@ -40,7 +44,8 @@ REDIS_FALLBACKS = Counter(
     "Operations done without Redis because it could not be reached (or was skipped for "
     "a moment after a failure), by use: claims (verdicts judged with PostgreSQL alone), "
     "rate_limit (counts kept in process), key_cache (keys from PostgreSQL, negative "
-    "lookups kept in process), send_dedup (/send transactions not deduplicated).",
+    "lookups kept in process), send_dedup (/send transactions not deduplicated), hellban "
+    "(bans seen and set in this worker only).",
     ["use"],
 )
 
@@ -52,6 +57,18 @@ def is_redis_outage(exc: BaseException) -> bool:
     return isinstance(exc, RedisError | OSError | TimeoutError) and is_dependency_failure(exc)
 
 
+def server_of(client: object) -> str:
+    """Which Redis a client talks to (host, port and database), to share outages by."""
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None) or {}
+    where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+    return f"{where}/{kwargs.get('db', 0)}#{id(pool)}"
+
+
+# Per server: until when (monotonic seconds) the uses sharing it skip Redis.
+_SHARED_UNTIL: dict[str, float] = {}
+
+
 class RedisOutage:
     """Whether to skip Redis for now, for one use; counts that use's fallbacks."""
 
@@ -61,8 +78,12 @@ class RedisOutage:
         *,
         retry_seconds: float = DEFAULT_RETRY_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        server: str | None = None,
     ) -> None:
+        """``server``: share failures with the other uses of that Redis (see
+        ``server_of``); None keeps them to this use."""
         self.use = use
+        self._server = server
         self._fallbacks = REDIS_FALLBACKS.labels(use)
         self._retry = retry_seconds
         self._clock = clock
@@ -72,7 +93,10 @@ class RedisOutage:
     @property
     def skipping(self) -> bool:
         """True for ``retry_seconds`` after a failure: go without Redis at once."""
-        return self._until != 0.0 and self._clock() < self._until
+        until = self._until
+        if self._server is not None:
+            until = max(until, _SHARED_UNTIL.get(self._server, 0.0))
+        return until != 0.0 and self._clock() < until
 
     @property
     def down(self) -> bool:
@@ -82,6 +106,8 @@ class RedisOutage:
     def failed(self, exc: BaseException) -> None:
         """Redis failed: skip it for a while (logged once per outage)."""
         self._until = self._clock() + self._retry
+        if self._server is not None:
+            _SHARED_UNTIL[self._server] = max(_SHARED_UNTIL.get(self._server, 0.0), self._until)
         if not self._down:
             self._down = True
             logger.warning(
@@ -94,6 +120,8 @@ class RedisOutage:
         if self._down:
             self._down = False
             self._until = 0.0
+            if self._server is not None:
+                _SHARED_UNTIL.pop(self._server, None)
             logger.info("Redis answers again", extra={"use": self.use})
 
     def fell_back(self, count: int = 1) -> None:

@@ -48,6 +48,11 @@ class RedisAutoPipeline:
         # Pipelines in flight, referenced so they are not garbage-collected mid-send.
         self._sending: set[asyncio.Task[None]] = set()
 
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The client the commands go through."""
+        return self._redis
+
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         """Run one command (as ``Redis.execute_command``) in the next pipeline.
 

@@ -29,9 +29,10 @@ commit), without claims, renewals or caching; events this worker is already judg
 waited for in process. Two workers may then judge one event at once: the verdict insert
 keeps the first (``ON CONFLICT DO NOTHING``), and the other reads that one back and
 replies it, so an event still has one verdict, forever. Only the winner's verdict is
-published. Counted in ``warden_redis_fallbacks_total{use="claims"}``. Filters that keep
-their own state in Redis (hellbans, rate windows) still cannot judge then: their events
-are answered "try again" as for any dependency failure.
+published. Counted in ``warden_redis_fallbacks_total{use="claims"}``. The hellban
+filters go on with this worker's own bans (``warden.filters.hellban_store``); filters
+whose windows live in Redis (frequency, join and invite rates, off by default) cannot
+judge then: their events are answered "try again" as for any dependency failure.
 
 Failures are not verdicts: when a dependency fails (Redis or PostgreSQL unreachable or
 too slow, or a fail-secure filter's dependency: ``EvaluationUnavailable``) the reply is
@@ -82,7 +83,7 @@ from warden.matrix.third_party_invite import (
 from warden.policy.dependency_failures import EvaluationUnavailable, is_dependency_failure
 from warden.policy.pipeline import Pipeline
 from warden.policy.verdict import Verdict
-from warden.runtime.redis_outage import RedisOutage, is_redis_outage
+from warden.runtime.redis_outage import RedisOutage, is_redis_outage, server_of
 from warden.storage.room_state import get_third_party_invite
 from warden.storage.verdicts import get_verdict, lookup_verdicts
 from warden.telemetry.tracing import extract_context, tracer
@@ -291,7 +292,7 @@ class EvaluationService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._nc: NATS | None = None
         self._subscription: Subscription | None = None
-        self._redis_outage = RedisOutage("claims")
+        self._redis_outage = RedisOutage("claims", server=server_of(redis))
         # Events this worker judges without Redis, by event ID: later asks wait on them.
         self._local_claims: dict[str, asyncio.Future[_Answer]] = {}
 
