@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from unpaddedbase64 import encode_base64
 
+from tests.service_processes import free_port
 from warden import redis_keys
 from warden.federation.client import FederationClient
 from warden.federation.keyring import (
@@ -124,6 +125,7 @@ async def key_server_keyring(
         negative: int = 60,
         clock: Callable[[], int] = current_time_ms,
         fetch_budget: FetchBudget | None = None,
+        redis: aioredis.Redis | None = None,
         **overrides: Any,
     ) -> Keyring:
         values: dict[str, Any] = {
@@ -141,7 +143,7 @@ async def key_server_keyring(
         return Keyring(
             settings,
             client,
-            redis_client,
+            redis_client if redis is None else redis,
             pg_pool,
             our_server_name=OUR_NAME,
             our_keys={key_id_of(OUR_KEY): get_verify_key(OUR_KEY)},
@@ -390,6 +392,37 @@ async def test_fetch_failure_is_negatively_cached(
     ttl = await redis_client.ttl(redis_keys.server_keys_negative(name, "ed25519:any"))
     # A 502 may pass: kept PS_KEY_NEGATIVE_CACHE_TIMEOUT_SECONDS (10), not 30.
     assert 0 < ttl <= 10
+
+
+def _key_cache_fallbacks() -> float:
+    return REGISTRY.get_sample_value("warden_redis_fallbacks_total", {"use": "key_cache"}) or 0.0
+
+
+async def test_without_redis_keys_come_from_postgresql_and_negatives_are_kept_locally(
+    key_server_start: Any, key_server_keyring: KeyringFactory
+) -> None:
+    """M6: Redis unreachable. A key stored in PostgreSQL is found there without a fetch;
+    a failed lookup is remembered in process, so it is not fetched on every request."""
+    dead = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
+    try:
+        remote = generate_signing_key("a_nore")
+        server = await key_server_start(KeyServer())
+        server.serve = self_signed(server, remote)
+        name = ServerName(server.name)
+        await key_server_keyring().get_verify_key(name, key_id_of(remote))  # stored
+        assert server.hits == 1
+        before = _key_cache_fallbacks()
+
+        keyring = key_server_keyring(redis=dead, negative=30)
+        assert await keyring.get_verify_key(name, key_id_of(remote)) == get_verify_key(remote)
+        assert server.hits == 1  # from PostgreSQL
+        for _ in range(3):
+            with pytest.raises(KeyNotFound):
+                await keyring.get_verify_key(name, KeyID("ed25519:missing"))
+        assert server.hits == 2  # fetched once, then remembered in process
+        assert _key_cache_fallbacks() > before
+    finally:
+        await dead.aclose()
 
 
 # --- bounds on fetches made before authentication (review H8) ---

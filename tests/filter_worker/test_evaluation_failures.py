@@ -74,7 +74,11 @@ async def test_postgresql_down_is_unavailable_and_leaves_nothing_behind(
     await up.stop()
 
 
-async def test_redis_down_is_unavailable(pg_pool: asyncpg.Pool, nats_client: NATS) -> None:
+async def test_redis_down_is_unavailable_for_a_filter_keeping_state_in_redis(
+    pg_pool: asyncpg.Pool, nats_client: NATS
+) -> None:
+    """The claims fall back to PostgreSQL (test_evaluation_without_redis), but the
+    hellban filter (on by default) cannot judge without Redis: "try again"."""
     dead = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
     try:
         req = request("hello")

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 from tests.gateway.policy_harness import (
     SIGN_PATH,
@@ -20,6 +20,7 @@ from tests.gateway.policy_harness import (
     StandInWorker,
     new_room_id,
 )
+from tests.private_redis import PrivateRedis
 from warden import redis_keys
 from warden.matrix.errors import LimitExceeded
 from warden_gateway.rate_limit import OriginRateLimiter
@@ -214,6 +215,46 @@ async def test_counts_kept_while_redis_was_down_are_shared_once_it_answers(
     await limiter.sync()
     assert int(await redis_client.get(key)) == 4
     await limiter.aclose()
+
+
+async def test_background_syncs_skip_a_failed_redis_then_use_it_again_when_back() -> None:
+    """M6: after a failed sync the background syncs do not try Redis again for a moment
+    (each would pay a failed attempt); the counts keep limiting locally, and once the
+    (restarted) Redis answers they are shared, with no restart of the gateway."""
+    server = PrivateRedis()  # not started: nothing listens yet
+    client = aioredis.Redis.from_url(server.url, socket_connect_timeout=0.5)
+    registry = CollectorRegistry()
+    errors = Counter("test_sync_errors", "failed syncs", registry=registry)
+    now = 2_400_000_003.0
+    limiter = OriginRateLimiter(client, 1000, 10, clock=lambda: now, errors=errors)
+    before = _fallbacks()
+    try:
+        checks = 0
+        for _ in range(30):
+            limiter.check("back.example")
+            checks += 1
+            await asyncio.sleep(0.01)  # past the 50 ms sync interval several times
+        assert registry.get_sample_value("test_sync_errors_total") == 1
+        assert _fallbacks() >= before + 3  # the failed sync and the skipped ones
+
+        server.start()
+        await asyncio.sleep(1.1)  # the skip is over
+        limiter.check("back.example")
+        checks += 1
+        key = redis_keys.rate_limit("back.example", int(now // 10))
+        for _ in range(100):
+            if await client.get(key) is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert int(await client.get(key)) == checks
+    finally:
+        await limiter.aclose()
+        await client.aclose()
+        server.stop()
+
+
+def _fallbacks() -> float:
+    return REGISTRY.get_sample_value("warden_redis_fallbacks_total", {"use": "rate_limit"}) or 0.0
 
 
 async def test_zero_disables_the_limit(redis_client: aioredis.Redis) -> None:

@@ -22,6 +22,12 @@ by key ID too, so a made-up key ID for a real server, or a notary slowed down on
 cannot keep the server's real key from being fetched for long. Concurrent lookups in one
 process share a single fetch per server.
 
+Without Redis (``warden.runtime.redis_outage``: unreachable, then skipped for 1 s before
+the next try) keys are read from memory and PostgreSQL, and the negative cache is kept
+in process (up to ``LOCAL_NEGATIVE_CACHE_SIZE`` entries, same durations): each replica
+then fetches a missing key once per period rather than once for all, but not once per
+request. Counted in ``warden_redis_fallbacks_total{use="key_cache"}``.
+
 Fetches are bounded (review H8), because lookups for X-Matrix requests happen before
 the request is authenticated and server names cost an attacker nothing:
 ``PS_KEY_FETCH_CONCURRENCY`` fetches at once per process, and
@@ -69,6 +75,7 @@ from warden.federation.server_key_document import (
 from warden.federation.xmatrix import is_valid_server_name
 from warden.matrix.ids import KeyID, ServerName
 from warden.matrix.keys import VerifyKey, decode_verify_key
+from warden.runtime.redis_outage import RedisOutage, is_redis_outage
 from warden.settings import Settings
 from warden.telemetry.metrics import COMPROMISED_KEYS_SEEN, KEY_FETCHES, KEY_FETCHES_REFUSED
 
@@ -86,6 +93,8 @@ SLOT_WAIT_SECONDS = 1.0
 
 MEMORY_CACHE_SIZE = 4096
 MEMORY_CACHE_TTL_SECONDS = 300.0
+# Negative lookups kept in process while Redis is down.
+LOCAL_NEGATIVE_CACHE_SIZE = 10_000
 
 
 class KeyFetchClient(Protocol):
@@ -244,6 +253,10 @@ class Keyring:
         # ``fetch_budget`` replaces the one the settings describe (tests fix its clock).
         self._budget = fetch_budget or FetchBudget(settings.key_fetches_per_client_per_minute)
         self._memory = _MemoryCache(MEMORY_CACHE_SIZE, MEMORY_CACHE_TTL_SECONDS)
+        self._redis_outage = RedisOutage("key_cache")
+        # (server, key ID) -> (monotonic deadline, reason): negative lookups that could
+        # not be written to Redis.
+        self._local_negative: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
         self._inflight: dict[str, asyncio.Task[_FetchResult]] = {}
 
     async def get_verify_key(
@@ -484,7 +497,12 @@ class Keyring:
                     )
                 await pipe.execute()
         except (RedisError, OSError) as exc:
+            self._redis_failed(exc)
             logger.warning("could not mark a compromised key in Redis: %s", exc)
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        if is_redis_outage(exc):
+            self._redis_outage.failed(exc)
 
     # --- storage layers ---
 
@@ -533,6 +551,8 @@ class Keyring:
             logger.warning("could not store server keys in PostgreSQL: %s", exc)
 
     async def _to_redis(self, keys: list[FetchedKey]) -> None:
+        if self._redis_outage.skipping:
+            return
         now = self._clock()
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -553,14 +573,21 @@ class Keyring:
                 if queued:
                     await pipe.execute()
         except (RedisError, OSError) as exc:
+            self._redis_failed(exc)
             logger.warning("could not cache server keys in Redis: %s", exc)
 
     async def _from_redis(self, server_name: ServerName, key_id: KeyID) -> FetchedKey | None:
+        if self._redis_outage.skipping:
+            self._redis_outage.fell_back()
+            return None
         try:
             raw = await self._redis.get(redis_keys.server_key(server_name, key_id))
         except (RedisError, OSError) as exc:
+            self._redis_failed(exc)
+            self._redis_outage.fell_back()
             logger.warning("Redis unavailable for key lookup: %s", exc)
             return None
+        self._redis_outage.answered()
         if raw is None:
             return None
         try:
@@ -607,9 +634,17 @@ class Keyring:
     async def _negative_reason(self, server_name: ServerName, key_id: KeyID) -> str | None:
         if self._negative_seconds <= 0 and self._negative_timeout_seconds <= 0:
             return None
+        local = self._local_negative.get((server_name, key_id))
+        if local is not None:
+            if time.monotonic() < local[0]:
+                return local[1]
+            del self._local_negative[(server_name, key_id)]
+        if self._redis_outage.skipping:
+            return None
         try:
             raw = await self._redis.get(redis_keys.server_keys_negative(server_name, key_id))
-        except (RedisError, OSError):
+        except (RedisError, OSError) as exc:
+            self._redis_failed(exc)
             return None
         if raw is None:
             return None
@@ -620,14 +655,24 @@ class Keyring:
     ) -> None:
         if seconds <= 0:
             return
-        try:
-            await self._redis.set(
-                redis_keys.server_keys_negative(server_name, key_id),
-                reason[:500],
-                ex=seconds,
-            )
-        except (RedisError, OSError) as exc:
-            logger.warning("could not record negative key lookup in Redis: %s", exc)
+        if not self._redis_outage.skipping:
+            try:
+                await self._redis.set(
+                    redis_keys.server_keys_negative(server_name, key_id),
+                    reason[:500],
+                    ex=seconds,
+                )
+                return
+            except (RedisError, OSError) as exc:
+                self._redis_failed(exc)
+                logger.warning("could not record negative key lookup in Redis: %s", exc)
+        # Kept here instead, so this replica does not fetch it again on every request.
+        self._redis_outage.fell_back()
+        entry = (server_name, key_id)
+        self._local_negative[entry] = (time.monotonic() + seconds, reason[:500])
+        self._local_negative.move_to_end(entry)
+        while len(self._local_negative) > LOCAL_NEGATIVE_CACHE_SIZE:
+            self._local_negative.popitem(last=False)
 
     def clear_memory_cache(self) -> None:
         """Forget the in-process cache (Redis and PostgreSQL are untouched)."""

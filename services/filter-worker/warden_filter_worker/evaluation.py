@@ -22,6 +22,17 @@ PostgreSQL round trips are paid per batch rather than per event:
    holder keeps extending them while it works, so a dead worker's claims lapse and are
    taken over before its waiters give up.
 
+When Redis cannot be reached (``warden.runtime.redis_outage``: skipped for a moment after
+a failure, tried again after that) a batch is answered without it: PostgreSQL alone
+decides. The claimed-event path runs as in step 3 (stored verdict, else judge and
+commit), without claims, renewals or caching; events this worker is already judging are
+waited for in process. Two workers may then judge one event at once: the verdict insert
+keeps the first (``ON CONFLICT DO NOTHING``), and the other reads that one back and
+replies it, so an event still has one verdict, forever. Only the winner's verdict is
+published. Counted in ``warden_redis_fallbacks_total{use="claims"}``. Filters that keep
+their own state in Redis (hellbans, rate windows) still cannot judge then: their events
+are answered "try again" as for any dependency failure.
+
 Failures are not verdicts: when a dependency fails (Redis or PostgreSQL unreachable or
 too slow, or a fail-secure filter's dependency: ``EvaluationUnavailable``) the reply is
 an error with ``retry_after_ms`` (the gateway answers 503 with ``Retry-After``), and
@@ -71,6 +82,7 @@ from warden.matrix.third_party_invite import (
 from warden.policy.dependency_failures import EvaluationUnavailable, is_dependency_failure
 from warden.policy.pipeline import Pipeline
 from warden.policy.verdict import Verdict
+from warden.runtime.redis_outage import RedisOutage, is_redis_outage
 from warden.storage.room_state import get_third_party_invite
 from warden.storage.verdicts import get_verdict, lookup_verdicts
 from warden.telemetry.tracing import extract_context, tracer
@@ -266,6 +278,9 @@ class EvaluationService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._nc: NATS | None = None
         self._subscription: Subscription | None = None
+        self._redis_outage = RedisOutage("claims")
+        # Events this worker judges without Redis, by event ID: later asks wait on them.
+        self._local_claims: dict[str, asyncio.Future[_Answer]] = {}
 
     # --- NATS wiring ---
 
@@ -425,14 +440,22 @@ class EvaluationService:
         """Deliver exactly one answer per event, each as soon as it is known."""
         if not events:
             return
+        if self._redis_outage.skipping:
+            await self._answer_without_redis(events, deliver)
+            return
         tokens = {event_id: secrets.token_hex(8) for event_id in events}
         try:
             looks = await self._look_up(tokens)
         except Exception as exc:
+            if is_redis_outage(exc):
+                self._redis_outage.failed(exc)
+                await self._answer_without_redis(events, deliver)
+                return
             logger.exception("looking up verdicts and claims failed")
             for event_id in events:
                 await deliver(event_id, _failure(exc))
             return
+        self._redis_outage.answered()
         claimed: dict[str, _Event] = {}
         waits: list[asyncio.Task[None]] = []
         for event_id, look in looks.items():
@@ -458,10 +481,50 @@ class EvaluationService:
         answers = await self._look(keys=keys, args=[self._claim_ttl_ms, *tokens.values()])
         return dict(zip(tokens, answers, strict=True))
 
+    async def _answer_without_redis(self, events: dict[str, _Event], deliver: Deliver) -> None:
+        """Redis is down: PostgreSQL decides (see the module docstring)."""
+        self._redis_outage.fell_back(len(events))
+        loop = asyncio.get_running_loop()
+        mine: dict[str, _Event] = {}
+        joined: dict[str, asyncio.Future[_Answer]] = {}
+        for event_id, event in events.items():
+            running = self._local_claims.get(event_id)
+            if running is None:
+                mine[event_id] = event
+                self._local_claims[event_id] = loop.create_future()
+            else:
+                joined[event_id] = running
+
+        async def deliver_mine(event_id: str, answer: _Answer) -> None:
+            future = self._local_claims.pop(event_id, None)
+            if future is not None and not future.done():
+                future.set_result(answer)
+            await deliver(event_id, answer)
+
+        async def settle_mine() -> None:
+            try:
+                await self._settle(mine, None, deliver_mine)
+            finally:
+                for event_id in mine:  # only after an unexpected failure
+                    future = self._local_claims.pop(event_id, None)
+                    if future is not None and not future.done():
+                        failed = encode_error_reply("evaluation failed")
+                        future.set_result(_Answer(failed, metrics.OUTCOME_ERROR))
+
+        async def join(event_id: str, future: asyncio.Future[_Answer]) -> None:
+            # Bounded: the holder's work has the same deadline as ours.
+            answer = await asyncio.shield(future)
+            await deliver(event_id, _Answer(answer.reply, _duplicate_outcome(answer.outcome)))
+
+        await asyncio.gather(settle_mine(), *(join(e, f) for e, f in joined.items()))
+
     async def _settle(
-        self, claimed: dict[str, _Event], tokens: dict[str, str], deliver: Deliver
+        self, claimed: dict[str, _Event], tokens: dict[str, str] | None, deliver: Deliver
     ) -> None:
         """Answer the events we hold the claims of, then release the claims.
+
+        ``tokens`` None: Redis is down, there are no claims (nothing renewed, cached or
+        released); PostgreSQL's first-writer-wins insert keeps one verdict per event.
 
         A batch is normally settled at once (one Redis round trip for its caches and
         claims). When some evaluation is still running ``_SETTLE_EARLY_SECONDS`` after
@@ -471,7 +534,9 @@ class EvaluationService:
         """
         answers: dict[str, _Answer] = {}
         settled: set[str] = set()
-        keeper = asyncio.create_task(self._keep_claims({e: tokens[e] for e in claimed}))
+        keeper = None
+        if tokens is not None:
+            keeper = asyncio.create_task(self._keep_claims({e: tokens[e] for e in claimed}))
         try:
             # Bounded, so that the claims kept alive meanwhile are released in time.
             async with asyncio.timeout(self._wait_seconds):
@@ -503,12 +568,13 @@ class EvaluationService:
                 if event_id not in settled:
                     answers.setdefault(event_id, _failure(exc))
         finally:
-            keeper.cancel()
             rest = {e: a for e, a in answers.items() if e not in settled}
-            await self._cache_and_release(
-                {e: a.reply for e, a in rest.items() if a.cache},
-                {e: tokens[e] for e in claimed if e not in settled},
-            )
+            if keeper is not None and tokens is not None:
+                keeper.cancel()
+                await self._cache_and_release(
+                    {e: a.reply for e, a in rest.items() if a.cache},
+                    {e: tokens[e] for e in claimed if e not in settled},
+                )
         await self._deliver_and_publish(claimed, rest, deliver)
 
     async def _evaluate_many(
@@ -517,7 +583,7 @@ class EvaluationService:
         fresh: list[_Event],
         answers: dict[str, _Answer],
         settled: set[str],
-        tokens: dict[str, str],
+        tokens: dict[str, str] | None,
         deliver: Deliver,
     ) -> None:
         """Evaluate ``fresh`` concurrently into ``answers``; settle early what finished
@@ -531,11 +597,12 @@ class EvaluationService:
                 if not pending:
                     return
                 early = {e: a for e, a in answers.items() if e not in settled}
-                if early:
+                if early and tokens is not None:
                     await self._cache_and_release(
                         {e: a.reply for e, a in early.items() if a.cache},
                         {e: tokens[e] for e in early},
                     )
+                if early:
                     settled.update(early)
                     await self._deliver_and_publish(claimed, early, deliver)
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -697,8 +764,19 @@ class EvaluationService:
                     if stored is not None and stored.reference_hash:
                         await deliver(event_id, _Answer(stored.to_json(), metrics.OUTCOME_WAITED))
                         return
+                if self._redis_outage.skipping:
+                    await self._answer_without_redis({event_id: event}, deliver)
+                    return
                 token = secrets.token_hex(8)
-                look = (await self._look_up({event_id: token}))[event_id]
+                try:
+                    look = (await self._look_up({event_id: token}))[event_id]
+                except Exception as exc:
+                    if not is_redis_outage(exc):
+                        raise
+                    # The holder may be judging still: whichever commits first wins.
+                    self._redis_outage.failed(exc)
+                    await self._answer_without_redis({event_id: event}, deliver)
+                    return
                 if isinstance(look, bytes) and self._readable(event_id, look):
                     await deliver(event_id, _Answer(look, metrics.OUTCOME_WAITED))
                     return

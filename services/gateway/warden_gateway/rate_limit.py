@@ -25,9 +25,12 @@ When Redis cannot be reached the limit does not fail open: the sync error is cou
 (``errors``) and logged, the unshared counts are kept and added at the next sync that
 works, and each replica goes on limiting with what it counts itself (an in-process
 fallback: an origin spreading its requests over N replicas may then get up to N times
-the limit until Redis answers again). Refusing every server because the shared count
-cannot be read would be worse; letting everyone through would make the limit vanish
-exactly when the gateway is busiest.
+the limit until Redis answers again; ``warden_redis_fallbacks_total{use="rate_limit"}``
+counts the syncs done without Redis). After a failed sync the background syncs skip
+Redis for 1 s (``warden.runtime.redis_outage``) rather than each paying a failed
+attempt, then try again: a Redis that came back is used without a restart. Refusing
+every server because the shared count cannot be read would be worse; letting everyone
+through would make the limit vanish exactly when the gateway is busiest.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from redis.exceptions import RedisError
 
 from warden import redis_keys
 from warden.matrix.errors import LimitExceeded
+from warden.runtime.redis_outage import RedisOutage, is_redis_outage
 from warden_gateway.metrics import RATE_LIMIT_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -102,6 +106,7 @@ class OriginRateLimiter:
         self._expiry_ms = window_seconds * 2000
         self._counts: dict[tuple[str, str], _Count] = {}
         self._sync_task: asyncio.Task[None] | None = None
+        self._redis_outage = RedisOutage("rate_limit")
 
     def check(self, origin: str, cost: int = 1, bucket: str = "") -> None:
         """Count ``cost`` units from ``origin``; raise ``LimitExceeded`` past the limit.
@@ -151,6 +156,10 @@ class OriginRateLimiter:
         finally:
             # Whatever is counted from now on schedules the next sync.
             self._sync_task = None
+        if self._redis_outage.skipping:
+            # Redis failed a moment ago: the counts stay here (unsynced) and limit locally.
+            self._redis_outage.fell_back()
+            return
         await self.sync()
 
     def _key(self, origin: str, bucket: str, window: int) -> str:
@@ -177,6 +186,9 @@ class OriginRateLimiter:
             )
         except (RedisError, OSError) as exc:
             self._errors.inc()
+            if is_redis_outage(exc):
+                self._redis_outage.failed(exc)
+            self._redis_outage.fell_back()
             logger.warning(
                 "rate limit counts not shared: Redis unavailable; limiting locally",
                 extra={"budget": self._budget, "origins": len(batch), "error": str(exc)},
@@ -188,6 +200,7 @@ class OriginRateLimiter:
                 if count is not None and count.window == window:
                     count.unsynced += n
             return
+        self._redis_outage.answered()
         for (key, window, _), total in zip(batch, totals, strict=True):
             count = self._counts.get(key)
             if count is not None and count.window == window:
