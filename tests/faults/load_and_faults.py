@@ -47,6 +47,9 @@ KEYWORD = "buy-now"
 # How long a homeserver waits for /sign (Synapse's policy server client gives up
 # sooner; the gateway's verdict timeout, 10 s, is below this): longer is a hang.
 HOMESERVER_TIMEOUT = 15.0
+# How long a homeserver keeps asking again after a 503 before the suite calls the
+# event lost (far past every recovery bound: the check reports the overrun).
+RETRY_FOR = 90.0
 # Recovery bounds, from the end of a fault (process killed, server back, worker
 # resumed, misbehaving party normal again) until /sign answers through both gateways
 # and every service is ready. A killed process must also start again (a Python
@@ -67,6 +70,17 @@ class Answer:
     outcome: str  # signed, refused, unavailable, rate_limited, transport, hang, bad
     verdict: str = ""  # signature or refusal, to compare answers for one event
     detail: str = ""
+    retry_after: float = 0.0  # seconds, of a 503
+
+
+@dataclass
+class RetryChain:
+    """A /sign answered 503 and asked again, as a homeserver does, until final."""
+
+    event_id: str
+    first_unavailable: float
+    final: float = 0.0  # 0: never answered with a verdict within ``RETRY_FOR``
+    outcome: str = ""
 
 
 def classify(kind: str, response: httpx.Response) -> tuple[str, str, str]:
@@ -107,6 +121,8 @@ class Traffic:
     # event ID -> (event, sender's origin, refused expected)
     events: dict[str, tuple[dict[str, Any], Origin, bool]] = field(default_factory=dict)
     sent_txns: list[tuple[Origin, str, dict[str, Any]]] = field(default_factory=list)
+    retries: list[RetryChain] = field(default_factory=list)
+    created: dict[str, float] = field(default_factory=dict)  # event ID -> first asked
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _counter: int = 0
@@ -125,6 +141,7 @@ class Traffic:
         )
         event_id = str(compute_event_id(get_room_version(ROOM_VERSION), event))
         self.events[event_id] = (event, sender_origin, refused)
+        self.created[event_id] = time.monotonic()
         return event_id, event, sender_origin
 
     def asker_for(self, event_id: str) -> Origin:
@@ -193,6 +210,8 @@ class Traffic:
         answer = Answer(
             kind, key, gateway, started, time.monotonic(), status, outcome, verdict, detail
         )
+        if outcome == "unavailable":
+            answer.retry_after = float(response.headers["retry-after"])
         self.answers.append(answer)
         return answer
 
@@ -216,13 +235,38 @@ class Traffic:
             await self.send(client, origin, txn_id, txn)
         elif roll < 0.25:
             event_id, _, sender_origin = self.new_event(refused=True)
-            await self.sign(client, event_id, self.asker_for(event_id))
+            await self.sign_until_final(client, event_id, self.asker_for(event_id))
         elif roll < 0.65 or not known:
             event_id, _, sender_origin = self.new_event(refused=False)
-            await self.sign(client, event_id, sender_origin)
+            await self.sign_until_final(client, event_id, sender_origin)
         else:
             event_id = self.rng.choice(known)
-            await self.sign(client, event_id, self.asker_for(event_id))
+            await self.sign_until_final(client, event_id, self.asker_for(event_id))
+
+    async def sign_until_final(
+        self, client: httpx.AsyncClient, event_id: str, asker: Origin
+    ) -> None:
+        """Ask; after a 503, ask again after its Retry-After (at most 2 s: the suite
+        measures recovery) until a signature or refusal, as a homeserver does. The
+        retries run outside the traffic's slots, so an outage does not stall it."""
+        answer = await self.sign(client, event_id, asker)
+        if answer.outcome != "unavailable":
+            return
+        chain = RetryChain(event_id, answer.started)
+        self.retries.append(chain)
+
+        async def retry() -> None:
+            latest = answer
+            while time.monotonic() < chain.first_unavailable + RETRY_FOR:
+                await asyncio.sleep(min(max(latest.retry_after, 0.2), 2.0))
+                latest = await self.sign(client, event_id, asker, kind="retry")
+                if latest.outcome in ("signed", "refused"):
+                    chain.final, chain.outcome = latest.ended, latest.outcome
+                    return
+
+        task = asyncio.create_task(retry())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def run(self) -> None:
         """Send at ``rate`` until ``stop``; at most 64 requests in flight."""
@@ -244,8 +288,8 @@ class Traffic:
                 task.add_done_callback(self._tasks.discard)
                 next_at += 1 / self.rate
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+            while self._tasks:  # requests in flight, and their retries
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     def stop(self) -> None:
         """Stop sending (``run`` returns once the requests in flight are answered)."""
@@ -263,6 +307,7 @@ class Fault:
     recovered: float = 0.0  # /sign answers through both gateways, all ready
     # A killed gateway: until when requests to it may fail to connect.
     unreachable_until: float = 0.0
+    down_at: float = 0.0  # a restarted server: when it stopped
 
     @property
     def name(self) -> str:
@@ -328,7 +373,9 @@ class Faults:
                 resume(pid)
             fault.ended = time.monotonic()
         elif fault.kind == "restart":
-            _, fault.ended = await self.servers.restart(fault.target, self.server_down_seconds)
+            fault.down_at, fault.ended = await self.servers.restart(
+                fault.target, self.server_down_seconds
+            )
         else:
             party = self.parties[fault.target]
             party.mode = fault.kind
@@ -388,6 +435,10 @@ class Figures:
     flipped: int = 0
     bad_answers: int = 0
     slow_recoveries: int = 0
+    retried: int = 0  # /sign answered 503 then asked again until final
+    longest_retry: float = 0.0  # seconds from a fault's end to the last such answer
+    redis_outage_asked: int = 0  # new events asked about while Redis was down
+    redis_outage_answered: int = 0  # ... and given a verdict meanwhile
 
     def table(self) -> str:
         """The figures as a Markdown table."""
@@ -415,6 +466,14 @@ class Figures:
                 f"{self.verdicts_checked} ({self.prohibited_checked})",
             ),
             ("Redactions / webhook deliveries", f"{self.redactions} / {self.webhook_deliveries}"),
+            (
+                "503s asked again until final (longest wait after the fault)",
+                f"{self.retried} ({self.longest_retry:.1f} s)",
+            ),
+            (
+                "New events given a verdict while Redis was down",
+                f"{self.redis_outage_answered} of {self.redis_outage_asked}",
+            ),
             ("Duplicates", str(self.duplicates)),
             ("Lost", str(self.lost)),
             ("Flipped", str(self.flipped)),
@@ -435,9 +494,19 @@ class Findings:
     lost: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
     slow_recoveries: list[str] = field(default_factory=list)
+    # M6 of the review: with Redis down, /sign must keep giving verdicts (slower).
+    redis_outage: list[str] = field(default_factory=list)
 
     def all(self) -> dict[str, list[str]]:
         return {k: v for k, v in vars(self).items() if v}
+
+
+def _fault_at(faults: Sequence[Fault], moment: float) -> Fault | None:
+    """The fault whose window (injected to recovered) holds ``moment``."""
+    for fault in faults:
+        if fault.started <= moment <= fault.recovered:
+            return fault
+    return None
 
 
 def _in_window(answer: Answer, faults: Sequence[Fault]) -> bool:
@@ -584,6 +653,43 @@ async def check(
     unknown = set(posts) - {r["event_id"] for r in prohibited}
     for key in sorted(unknown):
         found.duplicates.append(f"webhook with idempotency key {key!r} of no prohibited verdict")
+    # A 503 is asked again until final: within the bound after the fault it fell in.
+    for chain in traffic.retries:
+        fault = _fault_at(faults, chain.first_unavailable)
+        reference = max(chain.first_unavailable, fault.ended if fault else 0.0)
+        bound = RECOVERY_BOUND[fault.kind] if fault else 10.0
+        name = fault.name if fault else "no fault"
+        figures.retried += 1
+        if not chain.final:
+            found.lost.append(
+                f"{chain.event_id}: 503 during {name}, no verdict after {RETRY_FOR:.0f}s of retries"
+            )
+            continue
+        waited = chain.final - reference
+        figures.longest_retry = max(figures.longest_retry, waited)
+        if waited > bound:
+            found.slow_recoveries.append(
+                f"{chain.event_id}: 503 during {name}, final answer {waited:.1f}s after the "
+                f"fault ended (bound {bound:.0f}s)"
+            )
+    # With Redis down, events first asked about meanwhile still get verdicts.
+    for fault in faults:
+        if fault.kind != "restart" or fault.target != "redis":
+            continue
+        outage = [
+            a for a in traffic.answers
+            if a.kind == "sign" and fault.down_at + 0.5 <= a.started and a.ended <= fault.ended
+            and abs(traffic.created.get(a.key, 0.0) - a.started) < 0.5
+        ]  # fmt: skip
+        final = [a for a in outage if a.outcome in ("signed", "refused")]
+        figures.redis_outage_asked += len(outage)
+        figures.redis_outage_answered += len(final)
+        if outage and not final:
+            found.redis_outage.append(
+                f"Redis down {fault.ended - fault.down_at:.1f}s: none of the {len(outage)} new "
+                f"events asked about meanwhile got a verdict "
+                f"({dict(Counter(a.outcome for a in outage))})"
+            )
     # Recovery within the bound after every fault.
     for fault in faults:
         figures.faults[fault.kind] += 1

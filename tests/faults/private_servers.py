@@ -126,7 +126,10 @@ class PrivateServers:
                 handle.stop(timeout=10)
         pg = self.handles.get("postgres")
         if pg is not None and pg.data_dir is not None:
-            shutil.rmtree(pg.data_dir.resolve(), ignore_errors=True)
+            data = pg.data_dir.resolve()
+            shutil.rmtree(data, ignore_errors=True)
+            if data.parent.name.startswith("warden-dev-pg-"):  # made for it alone
+                shutil.rmtree(data.parent, ignore_errors=True)
 
 
 def pause(pid: int) -> None:

@@ -196,7 +196,7 @@ async def test_faults_under_load(
     summary = "\n".join(
         f"{name} ({len(items)}):\n  " + "\n  ".join(items[:15]) for name, items in problems.items()
     )
-    assert not problems, f"{summary}\n\n{table}\n\nservices' output:\n{stack.tail(80)}"
+    assert not problems, f"{summary}\n\n{table}\n\nservices' output (end):\n{stack.tail(25)}"
     assert figures.faults["kill"] == 6 * ROUNDS
     assert figures.requests["sign"] > 0 and figures.requests["send"] > 0
     assert figures.prohibited_checked > 0
