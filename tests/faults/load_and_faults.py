@@ -88,7 +88,7 @@ def classify(kind: str, response: httpx.Response) -> tuple[str, str, str]:
     status = response.status_code
     if status == 503:
         if response.headers.get("retry-after", "").strip().isdigit():
-            return "unavailable", "", ""
+            return "unavailable", "", response.text[:120]
         return "bad", "", f"503 without Retry-After: {response.text[:200]}"
     if kind == "send":
         if status == 200:
@@ -682,6 +682,10 @@ async def check(
             and abs(traffic.created.get(a.key, 0.0) - a.started) < 0.5
         ]  # fmt: skip
         final = [a for a in outage if a.outcome in ("signed", "refused")]
+        timeline = Counter(
+            (int(a.started - fault.down_at), a.outcome, a.detail[:70]) for a in outage
+        )
+        print(f"Redis down: new events by second since, outcome: {sorted(timeline.items())}")
         figures.redis_outage_asked += len(outage)
         figures.redis_outage_answered += len(final)
         if outage and not final:

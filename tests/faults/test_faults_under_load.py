@@ -107,6 +107,7 @@ async def test_faults_under_load(
     seed = int(os.environ.get("WARDEN_FAULTS_SEED") or random.randrange(1 << 31))
     rng = random.Random(seed)
     print(f"\nfault suite: seed {seed}, {ROUNDS} round(s), {RATE:.0f} requests/s")
+    setup = time.monotonic()
     servers = await PrivateServers.start(tmp_path / "servers")
     try:
         origins = [await start_origin() for _ in range(3)]
@@ -154,6 +155,7 @@ async def test_faults_under_load(
         try:
             not_ready = await stack.supervisor.wait_ready(120)
             assert not not_ready, f"not ready: {not_ready}\n{stack.tail()}"
+            print(f"stack ready after {time.monotonic() - setup:.0f}s")
             room_id = "!" + encode_base64(os.urandom(32), urlsafe=True)
             await configure(stack.api_urls["gateway-a"], room_id, target.url("/hook"))
 
@@ -170,14 +172,18 @@ async def test_faults_under_load(
                 await asyncio.sleep(3)
             finally:
                 traffic.stop()
+                stopping = time.monotonic()
                 await sending
+                print(f"traffic stopped in {time.monotonic() - stopping:.0f}s")
             duration = time.monotonic() - began
             assert not stack.supervisor.failed.is_set(), stack.supervisor.failure
 
             pool = await asyncpg.create_pool(servers.database_url, min_size=1, max_size=2)
             assert pool is not None
             try:
+                settling = time.monotonic()
                 await settle(pool, timeout=90)
+                print(f"traffic {duration:.0f}s, settled in {time.monotonic() - settling:.0f}s")
                 figures = Figures(seed=seed, duration_seconds=duration)
                 findings = await check(pool, traffic, faults.done, homeserver, webhook, figures)
             finally:
