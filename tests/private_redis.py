@@ -4,6 +4,7 @@ start again (the shared Redis is never stopped)."""
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -42,9 +43,20 @@ class PrivateRedis:
                     raise RuntimeError(f"redis-server did not start on {self.port}") from None
                 time.sleep(0.05)
 
+    def pause(self) -> None:
+        """SIGSTOP it: connections stay open but nothing is answered."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT it."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """Kill it (as a crash would) and wait for it to be gone."""
         if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)  # a paused one too
             self._proc.kill()
             self._proc.wait(10)
         self._proc = None

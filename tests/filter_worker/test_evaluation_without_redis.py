@@ -203,6 +203,33 @@ async def test_a_redis_that_comes_back_is_used_again(
     assert fallbacks() == before + 2
 
 
+async def test_a_redis_that_stops_answering_mid_batch_is_skipped_by_the_next_batches(
+    make_service: ServiceFactory, private_redis: PrivateRedis
+) -> None:
+    """Redis hangs (paused) while an event is judged: caching that verdict times out,
+    and the next batches go without Redis at once instead of each waiting that long."""
+    private_redis.start()
+    service = make_service(private_redis.url, flip=True)  # socket timeouts: 0.5 s
+    Flip.runs = 0
+    judged = asyncio.create_task(service.answer(request()))
+    while Flip.runs == 0:
+        await asyncio.sleep(0.01)
+    private_redis.pause()
+    reply, outcome = await judged  # its cache-and-release waited for the socket timeout
+    assert outcome == "first_time", reply
+
+    Flip.seconds = 0.05
+    try:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        reply, outcome = await service.answer(request())
+        took = loop.time() - began
+    finally:
+        Flip.seconds = 0.3
+    assert outcome == "first_time", reply
+    assert took < 0.4  # no Redis attempt (it would take the 0.5 s socket timeout)
+
+
 async def test_a_paused_holder_replies_the_verdict_of_the_worker_that_took_over(
     make_service: ServiceFactory,
     redis_client: aioredis.Redis,

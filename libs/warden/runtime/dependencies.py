@@ -113,16 +113,30 @@ def redis_client(s: Settings) -> aioredis.Redis:
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose closes it
 
 
-async def redis(runtime: ServiceRuntime) -> aioredis.Redis:
-    """Connect to Redis (hiredis parser when installed) and register readiness."""
+async def redis(runtime: ServiceRuntime, *, required: bool = True) -> aioredis.Redis:
+    """Connect to Redis (hiredis parser when installed) and register readiness.
+
+    ``required`` False: the service works without Redis (``warden.runtime.redis_outage``),
+    so it starts without waiting for it and stays ready while it is down (readiness
+    says ``degraded``); the client connects whenever Redis answers.
+    """
     s = runtime.settings
     client = redis_client(s)
 
     async def ping_redis() -> None:
         await client.ping()
 
-    await _retry("redis", s.startup_timeout_seconds, ping_redis)
-    runtime.health.add_check("redis", ping_redis)
+    if required:
+        await _retry("redis", s.startup_timeout_seconds, ping_redis)
+    else:
+        try:
+            await asyncio.wait_for(ping_redis(), 5.0)
+        except (OSError, aioredis.RedisError, TimeoutError) as exc:
+            logger.warning(
+                "Redis not answering; starting without it (used once it answers)",
+                extra={"error": str(exc)},
+            )
+    runtime.health.add_check("redis", ping_redis, required=required)
     runtime.add_shutdown_hook("redis", client.aclose)
     return client
 

@@ -4,8 +4,11 @@
 (the metrics listener runs on it), which is the point: a loop wedged by CPU-bound code
 cannot answer, the probe times out and the pod is replaced. Serving it from another
 thread would need a loop heartbeat check to keep that property. ``/readyz`` answers 200
-only when every registered dependency check passes and the service is not shutting
-down; it lists each check's result so an operator sees which dependency failed.
+only when every required dependency check passes and the service is not shutting
+down; it lists each check's result so an operator sees which dependency failed. A
+dependency the service can work without (Redis for the gateway and the filter workers,
+see ``warden.runtime.redis_outage``) is an optional check: when it fails, readiness
+stays 200 with ``"status": "degraded"`` and the check's failure listed.
 """
 
 from __future__ import annotations
@@ -33,11 +36,17 @@ class Health:
     def __init__(self, service: str) -> None:
         self.service = service
         self.checks: dict[str, Check] = {}
+        self.optional: set[str] = set()
         self.draining = False
 
-    def add_check(self, name: str, check: Check) -> None:
-        """Register a dependency check; it passes when it returns without raising."""
+    def add_check(self, name: str, check: Check, *, required: bool = True) -> None:
+        """Register a dependency check; it passes when it returns without raising.
+
+        A check not ``required`` does not make the service unready when it fails.
+        """
         self.checks[name] = check
+        if not required:
+            self.optional.add(name)
 
     async def run_checks(self) -> dict[str, str]:
         """Run every check concurrently; map each name to ``ok`` or the failure."""
@@ -65,9 +74,12 @@ class Health:
             body = {"status": "draining", "checks": {}}
             return Response(orjson.dumps(body), status_code=503, media_type="application/json")
         results = await self.run_checks()
-        ok = all(v == "ok" for v in results.values())
+        ok = all(v == "ok" for n, v in results.items() if n not in self.optional)
         READY.labels(self.service).set(1 if ok else 0)
-        body = {"status": "ok" if ok else "unavailable", "checks": results}
+        status = "ok" if ok else "unavailable"
+        if ok and any(v != "ok" for v in results.values()):
+            status = "degraded"
+        body = {"status": status, "checks": results}
         return Response(
             orjson.dumps(body), status_code=200 if ok else 503, media_type="application/json"
         )

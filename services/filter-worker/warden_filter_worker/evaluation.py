@@ -642,11 +642,15 @@ class EvaluationService:
         keys += [redis_keys.evaluation_claim(e) for e in claims]
         args: list[Any] = [VERDICT_CACHE_SECONDS, len(verdicts), *verdicts.values()]
         args += claims.values()
+        if self._redis_outage.skipping:
+            return  # Redis failed a moment ago: the claims expire by themselves
         try:
             await self._settle_claims(keys=keys, args=args)
         except Exception as exc:
             # The verdicts are committed, so they are still replied: waiting workers find
             # them in PostgreSQL, and the claims expire by themselves.
+            if is_redis_outage(exc):
+                self._redis_outage.failed(exc)  # the next batches go without it at once
             logger.warning("could not cache verdicts or release claims", extra={"error": str(exc)})
 
     async def _evaluate(self, event: _Event) -> _Answer:

@@ -107,7 +107,8 @@ def run(settings: Settings) -> int:
 
     async def main() -> None:
         pool = await dependencies.postgres(runtime)
-        redis = await dependencies.redis(runtime)
+        # Not required: /sign keeps answering without it (warden.runtime.redis_outage).
+        redis = await dependencies.redis(runtime, required=False)
         nc = await dependencies.nats(runtime)
         js = nc.jetstream()
         await ensure_verdicts_stream(js, limits=StreamSettings.from_settings(settings))

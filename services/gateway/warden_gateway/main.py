@@ -41,7 +41,8 @@ def run(settings: Settings) -> int:
     async def main() -> None:
         identity = load_identity(settings)
         pool = await dependencies.postgres(runtime)
-        redis = await dependencies.redis(runtime)
+        # Not required: /sign keeps answering without it (warden.runtime.redis_outage).
+        redis = await dependencies.redis(runtime, required=False)
         nc = await dependencies.nats(runtime)
 
         federation = FederationClient(settings, identity.federation_key)
@@ -66,7 +67,12 @@ def run(settings: Settings) -> int:
         await ensure_verdicts_stream(js, limits=StreamSettings.from_settings(settings))
         moderation = ModerationRequests(js)
         runtime.add_shutdown_hook("moderation-requests", moderation.aclose)
-        verdicts = VerdictSource(nc, timeout_seconds=settings.verdict_timeout_seconds)
+        verdicts = VerdictSource(
+            nc,
+            timeout_seconds=settings.verdict_timeout_seconds,
+            # By then a dead worker's claim has lapsed: a second ask gets it taken over.
+            reask_after_seconds=settings.evaluation_claim_ttl_seconds,
+        )
         policy = PolicyAPI(
             identity=identity,
             keyring=keyring,

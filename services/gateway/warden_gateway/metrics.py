@@ -77,6 +77,11 @@ VERDICT_FAILURES = Counter(
     "Verdict requests to the filter workers that gave no verdict, by reason.",
     ["reason"],
 )
+VERDICT_REASKS = Counter(
+    "warden_verdict_reasks_total",
+    "Verdict requests asked again because no worker answered within the claim TTL "
+    "(the worker that took it may have died holding the event's claim).",
+)
 RATE_LIMIT_ERRORS = Counter(
     "warden_sign_rate_limit_errors_total",
     "Syncs of the policy API's per-origin rate limit that could not reach Redis (counts "

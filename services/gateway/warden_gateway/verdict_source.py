@@ -16,6 +16,14 @@ Concurrent requests for one event ID in this process share a single lookup
 (single-flight). The lookup runs in its own task, so it carries on when the HTTP
 request that started it goes away; whoever asks next finds the verdict in the caches.
 
+A worker that dies (or stops) while judging takes the request with it. So when no answer
+came within the claim TTL (``PS_EVALUATION_CLAIM_TTL_SECONDS``, when shorter than the
+timeout), the lookup asks once more, within what is left of the timeout: the queue group
+hands the request to a worker, which answers from the verdict cache, waits for a live
+holder's verdict, or takes over the dead holder's claim (lapsed by then: it lives the TTL
+unrenewed) and judges the event (``warden_verdict_reasks_total``). An evaluation that is
+merely slow costs one more request, which waits for it.
+
 When no worker answers within ``PS_VERDICT_TIMEOUT_SECONDS`` (or none is subscribed,
 or one answers ``{"error": ...}``, for instance because a dependency failed) the lookup
 fails with ``TemporarilyUnavailable`` (503 with ``Retry-After``) and nothing is cached:
@@ -31,6 +39,7 @@ from typing import NamedTuple
 
 import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from opentelemetry.trace import SpanKind, get_current_span
 
 from warden.bus.evaluation import EvaluationRequest, WorkerError, decode_reply
@@ -38,7 +47,13 @@ from warden.bus.subjects import EVALUATE_SUBJECT
 from warden.policy.verdict import Verdict
 from warden.telemetry.tracing import exporting, inject_headers, tracer
 from warden_gateway.errors import TemporarilyUnavailable
-from warden_gateway.metrics import VERDICT_CACHE, VERDICT_FAILURES, CacheLayer, VerdictFailure
+from warden_gateway.metrics import (
+    VERDICT_CACHE,
+    VERDICT_FAILURES,
+    VERDICT_REASKS,
+    CacheLayer,
+    VerdictFailure,
+)
 
 logger = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -82,9 +97,14 @@ class VerdictSource:
         timeout_seconds: float,
         subject: str = EVALUATE_SUBJECT,
         memory_size: int = DEFAULT_MEMORY_SIZE,
+        reask_after_seconds: float | None = None,
     ) -> None:
         self._nc = nc
         self._timeout = timeout_seconds
+        # The first request's wait: the whole timeout, or up to the re-ask.
+        self._first_wait = timeout_seconds
+        if reask_after_seconds is not None and reask_after_seconds < timeout_seconds:
+            self._first_wait = reask_after_seconds
         self._subject = subject
         self._memory_size = memory_size
         # Plain tuples of strings and a bool, which the garbage collector stops tracking
@@ -160,9 +180,7 @@ class VerdictSource:
             # current trace context, if any, travels on as it is.
             headers = inject_headers(request.headers())
         try:
-            msg = await self._nc.request(
-                self._subject, request.pdu, timeout=self._timeout, headers=headers
-            )
+            msg = await self._request(request, headers)
         except nats.errors.NoRespondersError:
             raise self._failure(
                 VerdictFailure.NO_RESPONDERS,
@@ -184,6 +202,21 @@ class VerdictSource:
                 RETRY_AFTER_NO_WORKER_SECONDS,
             ) from None
         return self._parse_reply(request, msg.data)
+
+    async def _request(self, request: EvaluationRequest, headers: dict[str, str]) -> Msg:
+        """Ask the workers; ask again once if no answer came within the claim TTL."""
+        try:
+            return await self._nc.request(
+                self._subject, request.pdu, timeout=self._first_wait, headers=headers
+            )
+        except nats.errors.TimeoutError:
+            if self._first_wait >= self._timeout:
+                raise
+        # The worker that took the request may have died holding the event's claim.
+        VERDICT_REASKS.inc()
+        return await self._nc.request(
+            self._subject, request.pdu, timeout=self._timeout - self._first_wait, headers=headers
+        )
 
     def _parse_reply(self, request: EvaluationRequest, data: bytes) -> Verdict:
         try:
