@@ -59,6 +59,7 @@ class Run:
         self.rows: list[tuple[str, int, str, str]] = []
         self.actions: list[tuple[str, str]] = []
         self.deliveries: list[tuple[str, str]] = []
+        self.starts: dict[str, int] = {}
 
     def answer(self, event_id: str, outcome: str, at: float = T0, **kw: Any) -> Answer:
         verdict = {"signed": "signed:sig", "refused": "refused:{}"}.get(outcome, "")
@@ -110,8 +111,9 @@ class Run:
                 [(*d, now) for d in self.deliveries],
             )
         return await check(
-            pool, self.traffic, self.faults, self.homeserver, self.webhook, Figures()
-        )
+            pool, self.traffic, self.faults, self.homeserver, self.webhook, Figures(),
+            self.starts,
+        )  # fmt: skip
 
 
 def fault(kind: str, target: str, started: float, ended: float, recovered: float) -> Fault:
@@ -135,6 +137,7 @@ async def test_a_clean_run_has_no_findings(pool: asyncpg.Pool) -> None:
     run.traffic.retries.append(RetryChain("$later", T0 + 2.5, T0 + 6, "signed"))
     run.answer("$later", "signed", T0 + 6)
     run.stored("$later", 0, origin=HS)
+    run.starts = {"gateway-a": 2, "gateway-b": 1}  # started again after its kill
     assert (await run.check(pool)).all() == {}
 
 
@@ -176,6 +179,9 @@ async def test_side_effects_done_twice_are_found(pool: asyncpg.Pool) -> None:
     run.refused_and_handled("$after_kill")
     run.faults.append(fault("kill", "webhooks", T0 + 1, T0 + 1, T0 + 3))
     run.post("$after_kill", T0 + 4)  # the success died with the killed process: allowed
+    run.refused_and_handled("$after_restart", T0 + 20)
+    run.faults.append(fault("restart", "postgres", T0 + 20.6, T0 + 22, T0 + 23))
+    run.redact("$after_restart", "txn-$after_restart", T0 + 24)  # "done" could not be stored
     run.refused_and_handled("$delayed")
     run.post("$delayed", T0 + 0.2, mode="delay")  # an answer lost: a retry is right
     duplicates = (await run.check(pool)).duplicates
@@ -212,3 +218,12 @@ async def test_slow_recovery_and_no_verdicts_without_redis_are_found(
     findings = await run.check(pool)
     assert len(findings.slow_recoveries) == 4  # three events 17 s after Redis, the worker
     assert len(findings.redis_outage) == 1
+
+
+async def test_a_process_that_exited_unkilled_is_found(pool: asyncpg.Pool) -> None:
+    run = Run()
+    run.faults.append(fault("kill", "worker-b", T0, T0, T0 + 3))
+    run.starts = {"worker-a": 2, "worker-b": 2, "moderator": 1}
+    assert (await run.check(pool)).unplanned_exits == [
+        "worker-a: started 2 times, killed 0 times (see its output)"
+    ]

@@ -185,7 +185,10 @@ async def test_faults_under_load(
                 await settle(pool, timeout=90)
                 print(f"traffic {duration:.0f}s, settled in {time.monotonic() - settling:.0f}s")
                 figures = Figures(seed=seed, duration_seconds=duration)
-                findings = await check(pool, traffic, faults.done, homeserver, webhook, figures)
+                findings = await check(
+                    pool, traffic, faults.done, homeserver, webhook, figures,
+                    stack.supervisor.starts(),
+                )  # fmt: skip
             finally:
                 await pool.close()
         finally:
