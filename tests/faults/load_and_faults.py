@@ -707,7 +707,9 @@ async def check(
             found.redis_outage.append(
                 f"Redis down {fault.ended - fault.down_at:.1f}s: none of the {len(outage)} new "
                 f"events asked about meanwhile got a verdict "
-                f"({dict(Counter(a.outcome for a in outage))})"
+                f"({dict(Counter(a.outcome for a in outage))}; review M6: which filter or "
+                f"store could not run is in the gateways' 'filter worker could not judge "
+                f"event' lines)"
             )
     # No process exited but those the suite killed.
     for name, started in sorted(starts.items()):

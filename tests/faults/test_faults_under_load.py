@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -202,6 +204,12 @@ async def test_faults_under_load(
     if report:
         Path(report).write_text(table + "\n")
     problems = findings.all()
+    if problems:
+        # pytest keeps only its last few temporary directories, and other sessions on
+        # the machine rotate them: keep the services' output where it can be read.
+        kept = Path(tempfile.gettempdir()) / f"warden-faults-{seed}.log"
+        shutil.copyfile(stack.log_path, kept)
+        print(f"services' output kept in {kept}")
     summary = "\n".join(
         f"{name} ({len(items)}):\n  " + "\n  ".join(items[:15]) for name, items in problems.items()
     )
