@@ -35,6 +35,7 @@ from tests.faults.fault_stack import SERVICES, FaultStack
 from tests.faults.faulty_answers import FaultyAnswers
 from tests.faults.private_servers import PrivateServers, pause, resume
 from tests.gateway.policy_harness import GATEWAY_NAME, SIGN_PATH, Origin
+from tests.moderator.federation_destination import Destination
 from warden.federation.xmatrix import sign_request
 from warden.matrix.canonical_json import encode_canonical_json
 from warden.matrix.event_hashes import compute_event_id
@@ -341,7 +342,8 @@ class Faults:
     stack: FaultStack
     servers: PrivateServers
     traffic: Traffic
-    parties: dict[str, FaultyAnswers]  # "homeserver", "webhook"
+    # "homeserver" (its client API and its federation API), "webhook"
+    parties: dict[str, list[FaultyAnswers]]
     rng: random.Random
     claim_ttl: float
     window_seconds: float = 5.0  # how long a misbehaving party misbehaves
@@ -377,10 +379,11 @@ class Faults:
                 fault.target, self.server_down_seconds
             )
         else:
-            party = self.parties[fault.target]
-            party.mode = fault.kind
+            for party in self.parties[fault.target]:
+                party.mode = fault.kind
             await asyncio.sleep(self.window_seconds)
-            party.mode = "normal"
+            for party in self.parties[fault.target]:
+                party.mode = "normal"
             fault.ended = time.monotonic()
         fault.recovered = await self._recovered(fault)
         if fault.kind == "kill" and fault.target.startswith("gateway"):
@@ -430,6 +433,7 @@ class Figures:
     prohibited_checked: int = 0
     redactions: int = 0
     webhook_deliveries: int = 0
+    commands: int = 0
     duplicates: int = 0
     lost: int = 0
     flipped: int = 0
@@ -466,7 +470,10 @@ class Figures:
                 "Verdicts checked (prohibited)",
                 f"{self.verdicts_checked} ({self.prohibited_checked})",
             ),
-            ("Redactions / webhook deliveries", f"{self.redactions} / {self.webhook_deliveries}"),
+            (
+                "Redactions / webhook deliveries / bot commands",
+                f"{self.redactions} / {self.webhook_deliveries} / {self.commands}",
+            ),
             (
                 "503s asked again until final (longest wait after the fault)",
                 f"{self.retried} ({self.longest_retry:.1f} s)",
@@ -550,7 +557,8 @@ def _could_not_record(faults: Sequence[Fault], service: str, start: float, end: 
 
 async def settle(pool: asyncpg.Pool, timeout: float) -> None:
     """Wait until every prohibited verdict's redaction (where due) and webhook are done
-    (or ``timeout`` passes: the checks then report what is not)."""
+    and the moderation command queue is empty (or ``timeout`` passes: the checks then
+    report what is not)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pending = await pool.fetchval(
@@ -563,6 +571,7 @@ async def settle(pool: asyncpg.Pool, timeout: float) -> None:
                       AND substr(v.sender, strpos(v.sender, ':') + 1) <> v.origin))
             """
         )
+        pending += await pool.fetchval("SELECT count(*) FROM moderation_command_edus")
         if pending == 0:
             return
         await asyncio.sleep(0.5)
@@ -576,6 +585,7 @@ async def check(
     webhook: FaultyAnswers,
     figures: Figures,
     starts: dict[str, int],
+    commands: Destination | None = None,
 ) -> Findings:
     """Every check of the issue; fills ``figures`` and returns the violations."""
     found = Findings()
@@ -665,6 +675,21 @@ async def check(
             found.lost.append(f"{event_id}: webhook {row['webhook']}, target got {len(delivered)}")
         figures.webhook_deliveries += bool(delivered)
         _after_success(found, event_id, posts[event_id], faults, "webhooks", "webhook")
+    # The moderation bot's server processed one command per event (transaction IDs
+    # it accepted before are not processed again).
+    if commands is not None:
+        processed = Counter(commands.event_ids())
+        for row in prohibited:
+            if server_name_of(row["sender"]) == row["origin"]:
+                continue  # no command for a refusal the sender's own server asked about
+            count = processed.pop(row["event_id"], 0)
+            figures.commands += bool(count)
+            if count == 0:
+                found.lost.append(f"{row['event_id']}: no command reached the bot's server")
+            elif count > 1:
+                found.duplicates.append(f"{row['event_id']}: {count} commands processed")
+        for event_id in processed:
+            found.duplicates.append(f"{event_id}: a command for no due prohibited verdict")
     unknown = set(posts) - {r["event_id"] for r in prohibited}
     for key in sorted(unknown):
         found.duplicates.append(f"webhook with idempotency key {key!r} of no prohibited verdict")

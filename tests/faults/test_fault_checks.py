@@ -23,6 +23,7 @@ from tests.faults.load_and_faults import (
     Traffic,
     check,
 )
+from tests.moderator.federation_destination import Destination, Keyring
 from warden.storage.migrations import migrate
 
 ROOM = "!room"
@@ -60,6 +61,7 @@ class Run:
         self.actions: list[tuple[str, str]] = []
         self.deliveries: list[tuple[str, str]] = []
         self.starts: dict[str, int] = {}
+        self.bot: Destination | None = None
 
     def answer(self, event_id: str, outcome: str, at: float = T0, **kw: Any) -> Answer:
         verdict = {"signed": "signed:sig", "refused": "refused:{}"}.get(outcome, "")
@@ -112,7 +114,7 @@ class Run:
             )
         return await check(
             pool, self.traffic, self.faults, self.homeserver, self.webhook, Figures(),
-            self.starts,
+            self.starts, self.bot,
         )  # fmt: skip
 
 
@@ -227,3 +229,25 @@ async def test_a_process_that_exited_unkilled_is_found(pool: asyncpg.Pool) -> No
     assert (await run.check(pool)).unplanned_exits == [
         "worker-a: started 2 times, killed 0 times (see its output)"
     ]
+
+
+def command_txn(*event_ids: str) -> dict[str, Any]:
+    """A transaction of to-device commands, as the bot's server accepted it."""
+    return {
+        "edus": [
+            {"content": {"messages": {"@bot:b": {"*": {"command": "redact", "event_id": e}}}}}
+            for e in event_ids
+        ]
+    }
+
+
+async def test_commands_lost_or_processed_twice_are_found(pool: asyncpg.Pool) -> None:
+    run = Run()
+    run.bot = Destination("b", Keyring("ed25519:x", None))  # type: ignore[arg-type]
+    for event_id in ("$once", "$twice", "$never"):
+        run.refused_and_handled(event_id)
+    run.bot.accepted = {"t1": command_txn("$once"), "t2": command_txn("$twice")}
+    run.bot.accepted["t3"] = command_txn("$twice")  # another transaction, same command
+    findings = await run.check(pool)
+    assert findings.lost == ["$never: no command reached the bot's server"]
+    assert findings.duplicates == ["$twice: 2 commands processed"]

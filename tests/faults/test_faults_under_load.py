@@ -8,8 +8,9 @@ PostgreSQL owned by this test (so it may restart them), with three origin homese
 While steady /sign and /send traffic flows, every kind of fault is injected once per
 round, one at a time, at random moments: SIGKILL of each service process, SIGSTOP of a
 worker for longer than an evaluation claim lives, restarts of NATS, Redis and
-PostgreSQL, and a homeserver and a webhook target that hold their answers past the
-services' timeout or shed requests with 503. Then the checks of
+PostgreSQL, and a homeserver (client API, and the federation API of the moderation
+bot's server) and a webhook target that hold their answers past the services' timeout
+or shed requests with 503. Then the checks of
 ``load_and_faults.check`` run and the figures table is printed.
 
 Knobs (``make faults`` sets a longer run): ``WARDEN_FAULTS_ROUNDS`` (rounds of every
@@ -34,6 +35,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from signedjson.key import get_verify_key
 from unpaddedbase64 import encode_base64
 
 from tests.faults.fault_stack import FaultStack
@@ -53,6 +55,7 @@ from tests.federation.conftest import https_server, tls_ca, tls_ca_file  # noqa:
 from tests.gateway.conftest import DENIED_WITHOUT_LOOPBACK, start_origin  # noqa: F401
 from tests.gateway.policy_harness import Origin
 from tests.moderator.conftest import FakeClientAPI, fake_client_api, http_server  # noqa: F401
+from tests.moderator.federation_destination import Destination, Keyring
 from tests.webhooks.conftest import (  # noqa: F401
     WebhookReceiver,
     https_target,
@@ -60,6 +63,7 @@ from tests.webhooks.conftest import (  # noqa: F401
     webhook_ca,
     webhook_ca_file,
 )
+from warden.matrix.keys import key_id_of, load_signing_key
 
 ROUNDS = int(os.environ.get("WARDEN_FAULTS_ROUNDS", "1"))
 RATE = float(os.environ.get("WARDEN_FAULTS_RATE", "20"))
@@ -69,9 +73,10 @@ CLAIM_TTL = 3.0  # PS_EVALUATION_CLAIM_TTL_SECONDS; the pause outlasts it
 SERVICE_HTTP_TIMEOUT = 2.0  # the moderator's and webhooks' timeout; delays exceed it
 
 
-async def configure(api_url: str, room_id: str, webhook_url: str) -> None:
-    """A community that refuses ``KEYWORD`` and reports to the webhook, its room, and
-    the room's moderator (whose token the moderator service has)."""
+async def configure(api_url: str, room_id: str, webhook_url: str, bot: str) -> None:
+    """A community that refuses ``KEYWORD``, reports to the webhook and sends commands
+    to the moderation bot ``bot``; its room, and the room's moderator (whose token the
+    moderator service has)."""
     admin = {"Authorization": f"Bearer {API_KEY}"}
     async with httpx.AsyncClient(base_url=api_url, timeout=30, headers=admin) as api:
         r = await api.post("/api/v1/communities/new", json={"name": "Faults"})
@@ -79,7 +84,11 @@ async def configure(api_url: str, room_id: str, webhook_url: str) -> None:
         community = r.json()["community_id"]
         r = await api.post(
             f"/api/v1/communities/{community}/config",
-            json={"keyword_filter_keywords": [KEYWORD], "webhook_url": webhook_url},
+            json={
+                "keyword_filter_keywords": [KEYWORD],
+                "webhook_url": webhook_url,
+                "moderation_bot_user_id": bot,
+            },
         )
         assert r.status_code == 200, r.text
         r = await api.put(
@@ -105,6 +114,7 @@ async def test_faults_under_load(
     https_target: Any,  # noqa: F811
     receiver: WebhookReceiver,  # noqa: F811
     webhook_ca_file: str,  # noqa: F811
+    https_server: Any,  # noqa: F811
 ) -> None:
     seed = int(os.environ.get("WARDEN_FAULTS_SEED") or random.randrange(1 << 31))
     rng = random.Random(seed)
@@ -119,6 +129,13 @@ async def test_faults_under_load(
         webhook = FaultyAnswers(receiver)
         target = await https_target(webhook)
         fed, pol = key_paths
+        # The moderation bot's server, where the moderator sends its commands.
+        federation_key = load_signing_key(fed)
+        bot_server = Destination(
+            "", Keyring(key_id_of(federation_key), get_verify_key(federation_key))
+        )
+        bot_federation = FaultyAnswers(bot_server)
+        bot_server.name = (await https_server(bot_federation, host="127.0.0.1")).address
         loopback_ok = ",".join(DENIED_WITHOUT_LOOPBACK)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PS_")}
         env.update(
@@ -145,6 +162,10 @@ async def test_faults_under_load(
                 "PS_MODERATOR_ACCESS_TOKENS": f"{client_api.base_url}:tok",
                 "PS_MODERATION_TIMEOUT_SECONDS": str(SERVICE_HTTP_TIMEOUT),
                 "PS_MODERATION_RETRY_BASE_SECONDS": "0.5",
+                "PS_FEDERATION_TIMEOUT_SECONDS": str(SERVICE_HTTP_TIMEOUT),
+                "PS_MODERATION_COMMAND_BACKOFF_BASE_SECONDS": "0.2",
+                "PS_MODERATION_COMMAND_BACKOFF_MAX_SECONDS": "1",
+                "PS_MODERATION_COMMAND_POLL_SECONDS": "0.5",
             },
             "webhooks": {
                 "PS_ALLOWED_WEBHOOK_DOMAINS": "localhost",
@@ -159,14 +180,18 @@ async def test_faults_under_load(
             assert not not_ready, f"not ready: {not_ready}\n{stack.tail()}"
             print(f"stack ready after {time.monotonic() - setup:.0f}s")
             room_id = "!" + encode_base64(os.urandom(32), urlsafe=True)
-            await configure(stack.api_urls["gateway-a"], room_id, target.url("/hook"))
+            await configure(
+                stack.api_urls["gateway-a"], room_id, target.url("/hook"),
+                f"@bot:{bot_server.name}",
+            )  # fmt: skip
 
             began = time.monotonic()
             traffic = Traffic(stack, origins, room_id, rng, rate=RATE)
             sending = asyncio.create_task(traffic.run())
             await asyncio.sleep(3)  # steady traffic before the first fault
             faults = Faults(
-                stack, servers, traffic, {"homeserver": homeserver, "webhook": webhook}, rng,
+                stack, servers, traffic,
+                {"homeserver": [homeserver, bot_federation], "webhook": [webhook]}, rng,
                 claim_ttl=CLAIM_TTL,
             )  # fmt: skip
             try:
@@ -189,7 +214,7 @@ async def test_faults_under_load(
                 figures = Figures(seed=seed, duration_seconds=duration)
                 findings = await check(
                     pool, traffic, faults.done, homeserver, webhook, figures,
-                    stack.supervisor.starts(),
+                    stack.supervisor.starts(), bot_server,
                 )  # fmt: skip
             finally:
                 await pool.close()
