@@ -212,7 +212,7 @@ async def test_slow_recovery_and_no_verdicts_without_redis_are_found(
     run.faults.append(fault("restart", "redis", T0, T0 + 3, T0 + 4))
     for n in range(3):
         event_id = f"$during{n}"
-        run.answer(event_id, "unavailable", T0 + 1 + n * 0.1, status=503)
+        run.answer(event_id, "unavailable", T0 + 1.6 + n * 0.1, status=503)
         run.traffic.retries.append(RetryChain(event_id, T0 + 1, T0 + 20, "signed"))
         run.answer(event_id, "signed", T0 + 20, kind="retry")
         run.stored(event_id, 0, origin=HS)
