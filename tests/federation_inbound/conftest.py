@@ -134,7 +134,8 @@ async def make_inbound_gateway(
 
     Keywords: ``send_limit`` (and ``rate_clock``) give the gateway a ``/send`` budget;
     ``room_pool`` replaces the pool rooms are read from; ``stream`` and ``subject``
-    publish into another stream (which the test created); ``max_pdu_bytes``.
+    publish into another stream (which the test created); ``max_pdu_bytes``; ``redis``
+    replaces the Redis of the transaction deduplication.
     """
     settings = origin_settings(make_settings, tls_ca_file)
     federation = FederationClient(settings, identity.federation_key)
@@ -158,6 +159,7 @@ async def make_inbound_gateway(
         stream: str = INBOUND_STREAM,
         subject: str | None = None,
         max_pdu_bytes: int = 65536,
+        redis: aioredis.Redis | None = None,
     ) -> InboundGateway:
         suffix = uuid.uuid4().hex[:12]
         subject = subject or f"{INBOUND_PDU_SUBJECT}.test{suffix}"
@@ -197,7 +199,7 @@ async def make_inbound_gateway(
             local_user_id=LOCAL_USER,
             keyring=keyring,
             rooms=RoomCache(room_pool or pg_pool),
-            redis=redis_client,
+            redis=redis_client if redis is None else redis,
             js=js,
             subject=subject,
             max_pdu_bytes=max_pdu_bytes,

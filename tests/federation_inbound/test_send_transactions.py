@@ -3,13 +3,16 @@ the spec's limits, garbage, and what reaches JetStream."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import Awaitable, Callable
 
 import orjson
+import redis.asyncio as aioredis
 
 from tests.federation_inbound.conftest import InboundGateway, ProtectRoom
 from tests.gateway.policy_harness import GATEWAY_NAME, Origin, new_room_id
+from tests.private_redis import PrivateRedis
 from warden.bus.subjects import (
     HEADER_EVENT_ID,
     HEADER_ORIGIN,
@@ -104,6 +107,48 @@ async def test_a_repeated_transaction_gets_the_first_answer_and_is_not_processed
             (event_id_of("10", other), relay.name),
         ]
     )
+
+
+async def test_a_hung_redis_costs_one_transaction_its_timeout_then_is_skipped(
+    make_inbound_gateway: Callable[..., Awaitable[InboundGateway]],
+    origin: Origin,
+    protect_room: ProtectRoom,
+    txn_id: Callable[[], str],
+) -> None:
+    """M6 for /send: a Redis that stops answering (paused) costs the first transaction
+    its socket timeout; the next ones go without deduplication at once; once Redis
+    answers again (after the 1 s skip) repeats are deduplicated again."""
+    server = PrivateRedis()
+    server.start()
+    redis = aioredis.Redis.from_url(server.url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        gateway = await make_inbound_gateway(redis=redis)
+        room = await protect_room(new_room_id("12"), "12")
+        await redis.ping()  # connected before the pause
+        server.pause()
+        loop = asyncio.get_running_loop()
+        took = []
+        for body in ("first", "second", "third"):
+            began = loop.time()
+            r = await gateway.send(
+                origin, txn_id(), txn(origin, [origin.event(room, "12", body=body)])
+            )
+            took.append(loop.time() - began)
+            assert r.status_code == 200, r.text
+        assert took[0] >= 0.5  # waited for the hung Redis
+        assert max(took[1:]) < 0.4, took  # skipped it
+        assert len(await gateway.published.fetch(expect=3)) == 3
+
+        server.resume()
+        await asyncio.sleep(1.1)
+        tid = txn_id()
+        first = origin.event(room, "12", body="fourth")
+        r1 = await gateway.send(origin, tid, txn(origin, [first]))
+        r2 = await gateway.send(origin, tid, txn(origin, [origin.event(room, "12", body="other")]))
+        assert r1.json() == r2.json() == {"pdus": {event_id_of("12", first): {}}}
+    finally:
+        await redis.aclose()
+        server.stop()
 
 
 async def test_authentication_limits_and_garbage_are_4xx_matrix_errors(

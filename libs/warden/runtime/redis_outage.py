@@ -11,7 +11,9 @@ keeps itself, and says so in ``warden_redis_fallbacks_total{use}``:
 - ``rate_limit``: each gateway replica limits with its own counts
   (``warden_gateway.rate_limit``);
 - ``key_cache``: the keyring reads keys from PostgreSQL and keeps negative lookups in
-  process (``warden.federation.keyring``).
+  process (``warden.federation.keyring``);
+- ``send_dedup``: ``/send`` transactions are handled without deduplication
+  (``warden_gateway.federation_inbound``; harmless, JetStream drops repeated PDUs).
 
 ``RedisOutage`` remembers the last failure: for ``retry_seconds`` after it, callers skip
 Redis at once instead of each paying a failed attempt (up to the socket timeouts when
@@ -38,7 +40,7 @@ REDIS_FALLBACKS = Counter(
     "Operations done without Redis because it could not be reached (or was skipped for "
     "a moment after a failure), by use: claims (verdicts judged with PostgreSQL alone), "
     "rate_limit (counts kept in process), key_cache (keys from PostgreSQL, negative "
-    "lookups kept in process).",
+    "lookups kept in process), send_dedup (/send transactions not deduplicated).",
     ["use"],
 )
 

@@ -103,6 +103,7 @@ from warden.matrix.event_hashes import (
 )
 from warden.matrix.pdu import MAX_ID_LENGTH, validate_pdu
 from warden.matrix.room_versions import RoomVersion, get_room_version
+from warden.runtime.redis_outage import RedisOutage, is_redis_outage
 from warden.storage.records import Room
 from warden.telemetry.tracing import inject_headers, tracer
 from warden_gateway.client_address import client_address
@@ -304,6 +305,7 @@ class FederationInbound:
         self._keyring = keyring
         self._rooms = rooms
         self._redis = redis
+        self._redis_outage = RedisOutage("send_dedup")
         self._js = js
         self._subject = subject
         self._max_body_bytes = max_body_bytes
@@ -392,23 +394,38 @@ class FederationInbound:
                 await self._forget(key)
             raise
         answer = orjson.dumps({"pdus": results})
-        try:
-            await self._redis.set(key, answer, ex=TRANSACTION_CACHE_SECONDS)
-        except RedisError as exc:
-            logger.warning("could not cache a transaction's answer", extra={"error": str(exc)})
+        if not self._redis_outage.skipping:
+            try:
+                await self._redis.set(key, answer, ex=TRANSACTION_CACHE_SECONDS)
+            except RedisError as exc:
+                self._redis_failed(exc)
+                logger.warning("could not cache a transaction's answer", extra={"error": str(exc)})
         logger.debug(
             "transaction",
             extra={"origin": origin, "pdus": len(pdus), "edus": len(edus)},
         )
         return answer, "processed"
 
+    def _redis_failed(self, exc: RedisError) -> None:
+        if is_redis_outage(exc):
+            self._redis_outage.failed(exc)
+
     async def _claim(self, key: str) -> bool:
+        # Without Redis there is no deduplication, which is harmless (see step 5). After
+        # a failure Redis is skipped for a moment (warden.runtime.redis_outage): a Redis
+        # that hangs would otherwise cost every transaction its socket timeouts.
+        if self._redis_outage.skipping:
+            self._redis_outage.fell_back()
+            return True
         try:
-            return bool(await self._redis.set(key, _PENDING, nx=True, ex=TRANSACTION_CLAIM_SECONDS))
+            claimed = await self._redis.set(key, _PENDING, nx=True, ex=TRANSACTION_CLAIM_SECONDS)
         except RedisError as exc:
-            # Without Redis there is no deduplication, which is harmless (see step 5).
+            self._redis_failed(exc)
+            self._redis_outage.fell_back()
             logger.warning("transaction dedup unavailable", extra={"error": str(exc)})
             return True
+        self._redis_outage.answered()
+        return bool(claimed)
 
     async def _cached_answer(self, key: str) -> bytes | None:
         deadline = time.monotonic() + DUPLICATE_WAIT_SECONDS
@@ -428,6 +445,8 @@ class FederationInbound:
             delay = min(delay * 2, 0.25)
 
     async def _forget(self, key: str) -> None:
+        if self._redis_outage.skipping:
+            return  # the claim expires by itself
         with contextlib.suppress(RedisError):  # else the claim expires by itself
             await self._redis.delete(key)
 
