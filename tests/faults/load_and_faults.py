@@ -699,10 +699,20 @@ async def check(
         found.duplicates.append(f"webhook with idempotency key {key!r} of no prohibited verdict")
     # A 503 is asked again until final: within the bound after the fault it fell in.
     for chain in traffic.retries:
+        # Measured from the end of the last fault the event's asks ran into (faults
+        # follow each other within seconds: a 503 of one may be retried into the next).
         fault = _fault_at(faults, chain.first_unavailable)
+        later = [
+            f for f in faults
+            if chain.final and f.started <= chain.final and f.recovered >= chain.first_unavailable
+        ]  # fmt: skip
+        if later:
+            fault = max(later, key=lambda f: f.ended)
         reference = max(chain.first_unavailable, fault.ended if fault else 0.0)
         bound = RECOVERY_BOUND[fault.kind] if fault else 10.0
         name = fault.name if fault else "no fault"
+        if fault and fault.started > chain.first_unavailable:
+            name = f"the faults up to {name}"
         figures.retried += 1
         if not chain.final:
             found.lost.append(

@@ -251,3 +251,22 @@ async def test_commands_lost_or_processed_twice_are_found(pool: asyncpg.Pool) ->
     findings = await run.check(pool)
     assert findings.lost == ["$never: no command reached the bot's server"]
     assert findings.duplicates == ["$twice: 2 commands processed"]
+
+
+async def test_recovery_counts_from_the_last_fault_a_retried_event_ran_into(
+    pool: asyncpg.Pool,
+) -> None:
+    def run_with_final(final: float, event_id: str) -> Run:
+        run = Run()
+        run.faults.append(fault("restart", "nats", T0, T0 + 3, T0 + 4))
+        run.faults.append(fault("restart", "postgres", T0 + 6, T0 + 9, T0 + 10))
+        run.answer(event_id, "unavailable", T0 + 2, status=503)
+        run.traffic.retries.append(RetryChain(event_id, T0 + 2, final, "signed"))
+        run.answer(event_id, "signed", final - 0.1, kind="retry")
+        run.stored(event_id, 0, origin=HS)
+        return run
+
+    # 13 s after NATS was back, but 7 s after PostgreSQL was: within the bound.
+    assert (await run_with_final(T0 + 16, "$in_time").check(pool)).slow_recoveries == []
+    slow = (await run_with_final(T0 + 20, "$late").check(pool)).slow_recoveries  # 11 s
+    assert len(slow) == 1 and "the faults up to restart postgres" in slow[0]
