@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Touched after a successful install; reinstall when pyproject.toml or the lock is newer.
 STAMP := $(VENV)/.warden-installed
 
-.PHONY: venv lock run test lint bench install-wrk install-promtool clean check-python
+.PHONY: venv lock run test lint bench faults install-wrk install-promtool clean check-python
 
 check-python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { \
@@ -53,6 +53,15 @@ lint: venv
 bench: venv
 	@command -v wrk >/dev/null 2>&1 || $(MAKE) --no-print-directory install-wrk
 	$(BIN)/python -m bench
+
+# The fault suite (tests/faults/, also run by `make test` with one round) with a longer
+# run: every fault kind WARDEN_FAULTS_ROUNDS times (default 3); prints the figures table
+# (README "Reliability") and writes it to .warden/faults.md. Other knobs:
+# WARDEN_FAULTS_SEED, WARDEN_FAULTS_RATE (see tests/faults/test_faults_under_load.py).
+faults: venv
+	@mkdir -p .warden
+	WARDEN_FAULTS_ROUNDS=$${WARDEN_FAULTS_ROUNDS:-3} WARDEN_FAULTS_REPORT=.warden/faults.md \
+	  $(BIN)/pytest -q -s -p no:cacheprovider tests/faults/test_faults_under_load.py
 
 install-wrk:
 	@if command -v apt-get >/dev/null 2>&1; then \

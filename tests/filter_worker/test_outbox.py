@@ -4,6 +4,7 @@ between) still reaches JetStream, and published rows keep no content."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 
@@ -155,3 +156,48 @@ async def test_no_row_lock_or_transaction_is_held_across_publishes(
         "SELECT outbox_claimed_until FROM verdicts WHERE event_id = $1", refused
     )
     assert claimable == 0
+
+
+class CutConnectionPool:
+    """The real pool, except that the first ``execute`` raises what asyncpg raises for a
+    connection cut in the middle of an operation by a PostgreSQL shutting down (seen in
+    the fault suite: the marker's task died and stopped its worker)."""
+
+    def __init__(self, pool: asyncpg.Pool, error: Exception) -> None:
+        self._pool = pool
+        self._error: Exception | None = error
+
+    async def execute(self, *args: object, **kwargs: object) -> str:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return await self._pool.execute(*args, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_the_marker_outlives_a_connection_cut_by_a_shutting_down_server(
+    pg_pool: asyncpg.Pool,
+) -> None:
+    for error in (
+        asyncpg.exceptions.InternalClientError("cannot switch to state 12"),
+        asyncpg.InterfaceError("connection is closed"),
+    ):
+        marker = PublishedMarker(CutConnectionPool(pg_pool, error), interval_seconds=0.05)  # type: ignore[arg-type]
+        verdicts = [committed_verdict(int(time.time() * 1000)) for _ in range(3)]
+        await insert_verdicts(pg_pool, verdicts)
+        for v in verdicts:
+            marker.add(v.event_id)
+        task = asyncio.create_task(marker.run())
+        try:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                # The failed batch was kept and marked by the next flush.
+                if all([(await row(pg_pool, v.event_id))["published"] for v in verdicts]):
+                    break
+                assert not task.done(), task.exception()
+                await asyncio.sleep(0.05)
+            assert all([(await row(pg_pool, v.event_id))["published"] for v in verdicts])
+            assert not task.done()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

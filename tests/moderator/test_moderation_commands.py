@@ -554,3 +554,34 @@ async def test_one_sender_per_destination_and_a_full_queue_refuses(
         for e in ("$a", "$a", "$b", "$c")
     ]
     assert outcomes == ["queued", "duplicate", "queued", "queue_full"]
+
+
+async def test_a_command_already_sent_is_not_queued_again_by_a_redelivered_verdict(
+    pg_pool: asyncpg.Pool, clean_queue: None
+) -> None:
+    # Found by the fault suite: the verdict message's acknowledgement was lost in a NATS
+    # restart after its command was queued; by the redelivery (30 s later) the command
+    # had been sent and its row deleted, so it was queued again and the bot got it twice.
+    now = int(time.time() * 1000)
+    destination, event_id = f"sent-{uuid.uuid4().hex[:8]}.test", f"${uuid.uuid4().hex}"
+    edu = orjson.dumps({"edu_type": "m.direct_to_device", "content": {}}).decode()
+
+    async def enqueue(at: int) -> str:
+        return await queue.enqueue(
+            pg_pool, destination=destination, event_id=event_id, edu_json=edu, now_ms=at,
+            max_queued=10,
+        )  # fmt: skip
+
+    assert await enqueue(now) == "queued"
+    sent = await queue.claim(pg_pool, destination, owner="a", now_ms=now, lease_ms=60_000, batch=10)
+    assert sent is not None
+    assert (
+        await queue.complete(pg_pool, destination, owner="a", txn_id=sent.txn_id, now_ms=now) == 1
+    )
+    assert await enqueue(now + 30_000) == "duplicate"
+    assert (
+        await queue.claim(pg_pool, destination, owner="a", now_ms=now, lease_ms=1, batch=10) is None
+    )
+    # The record goes with the retention, like the queue's EDUs.
+    await queue.expire(pg_pool, cutoff_ms=now + 1, now_ms=now + 1)
+    assert await enqueue(now + 2) == "queued"

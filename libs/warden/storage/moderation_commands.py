@@ -44,7 +44,8 @@ async def enqueue(
     now_ms: int,
     max_queued: int,
 ) -> EnqueueOutcome:
-    """Queue one EDU for ``destination`` unless the same event is queued already.
+    """Queue one EDU for ``destination`` unless the same event is queued already, or
+    was sent there already (``moderation_commands_sent``: a redelivered verdict).
 
     Refused (``queue_full``) when the destination already has ``max_queued`` EDUs.
     """
@@ -60,6 +61,13 @@ async def enqueue(
         queued = await conn.fetchval(
             "SELECT count(*) FROM moderation_command_edus WHERE destination = $1", destination
         )
+        sent = await conn.fetchval(
+            "SELECT 1 FROM moderation_commands_sent WHERE destination = $1 AND event_id = $2",
+            destination,
+            event_id,
+        )
+        if sent is not None:
+            return "duplicate"
         if queued >= max_queued:
             return "queue_full"
         inserted = await conn.fetchval(
@@ -208,6 +216,17 @@ async def complete(
             txn_id,
             now_ms,
         )
+        # Remembered before the rows go, so a redelivered verdict is not queued again.
+        await conn.execute(
+            """
+            INSERT INTO moderation_commands_sent (destination, event_id, sent_ts)
+            SELECT destination, event_id, $2 FROM moderation_command_edus
+            WHERE id = ANY($1::bigint[])
+            ON CONFLICT DO NOTHING
+            """,
+            ids,
+            now_ms,
+        )
         result = await conn.execute(
             "DELETE FROM moderation_command_edus WHERE id = ANY($1::bigint[])", ids
         )
@@ -233,13 +252,16 @@ async def fail(
 
 
 async def expire(pool: asyncpg.Pool, *, cutoff_ms: int, now_ms: int) -> int:
-    """Drop EDUs created before ``cutoff_ms``; return how many.
+    """Drop EDUs created before ``cutoff_ms``, and the record of commands sent before
+    it; return how many EDUs.
 
     An EDU in a transaction in flight stays while any EDU of that transaction is
     younger (its retries must resend the same content); once all are older and the
     destination is not being sent to, the whole transaction is dropped.
     """
     async with pool.acquire() as conn, conn.transaction():
+        # What was sent is remembered as long as a redelivered verdict could requeue it.
+        await conn.execute("DELETE FROM moderation_commands_sent WHERE sent_ts < $1", cutoff_ms)
         loose = await conn.execute(
             """
             DELETE FROM moderation_command_edus e
