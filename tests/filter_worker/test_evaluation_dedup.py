@@ -189,14 +189,13 @@ async def test_only_refusals_carry_a_body_excerpt(
 
 
 async def test_the_hellban_is_read_by_the_claiming_script(
-    redis_client: aioredis.Redis, pg_pool: asyncpg.Pool, nats_client: NATS
+    service: Service, redis_client: aioredis.Redis
 ) -> None:
     """The look-up script that claims a batch's events also reads each sender's hellban,
     so the hellban prefilter sends Redis nothing of its own: a banned sender is refused
     (spam.flooding), another is not, and neither asks Redis ``EXISTS`` per event."""
-    js = nats_client.jetstream()
-    await ensure_verdicts_stream(js)
-    deps = FilterDeps(redis=redis_client, pool=pg_pool, local_user_id=OWN_USER)
+    svc = service.service
+    deps = svc._pipeline.deps
     sent: list[str] = []
     forward = deps.auto_pipeline.execute_command
 
@@ -205,17 +204,6 @@ async def test_the_hellban_is_read_by_the_claiming_script(
         return await forward(*args)
 
     deps.auto_pipeline.execute_command = recording  # type: ignore[method-assign]
-    writer = GroupCommitWriter(pg_pool)
-    svc = EvaluationService(
-        redis=redis_client,
-        pool=pg_pool,
-        pipeline=Pipeline(deps, timeout_seconds=2),
-        configs=CommunityConfigCache(pg_pool, instance_defaults({})),
-        writer=writer,
-        publisher=VerdictPublisher(nats_client),
-        claim_ttl_seconds=5,
-        wait_seconds=0.5,
-    )
     banned, fine = request("hello there"), request("hello again")
     banned.event["sender"] = f"@banned{uuid.uuid4().hex[:8]}:example.org"
     await redis_client.set(redis_keys.hellban("default", banned.event["sender"]), b"1", ex=60)
@@ -230,4 +218,3 @@ async def test_the_hellban_is_read_by_the_claiming_script(
         assert "EXISTS" not in sent, sent
     finally:
         await redis_client.delete(redis_keys.hellban("default", banned.event["sender"]))
-        await svc.stop()
