@@ -9,6 +9,7 @@ against a real gateway, are in ``tests/gateway/test_http_front.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import orjson
@@ -104,3 +105,25 @@ async def test_headers_and_expect_continue_work_as_in_uvicorn(server: tuple[str,
     assert seen["size"] == 3
     assert ["x-trailing-space", "v"] in seen["headers"]
     writer.close()
+
+
+async def test_an_oversized_head_gets_its_431_not_a_reset(server: tuple[str, int]) -> None:
+    """A head far past the limit, sent at once: the server answers 431 while most of it
+    is still unread. Closing then would make the kernel reset the connection, which can
+    reach the client before the answer; the server half-closes and drains instead, so
+    every such client reads its 431 (many tries: the reset was a race)."""
+    host, port = server
+    big = b"X-Filler: " + b"a" * 60_000 + b"\r\n"
+    request = b"PUT /x HTTP/1.1\r\nHost: t\r\n" + big * 4 + b"\r\n"
+    for _ in range(30):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(request)
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            async with asyncio.timeout(5):
+                answer = await reader.read()  # until the server's end of the stream
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+        assert b'"errcode":"M_TOO_LARGE"' in answer

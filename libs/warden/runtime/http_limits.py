@@ -74,6 +74,9 @@ _REJECTED = {
 
 # Seconds a client is told to wait after a 503 from the front.
 RETRY_AFTER_SECONDS = 1
+# How long a refused connection is kept half-closed, its input read and dropped, so that
+# the answer is not lost to a reset (``_close_lingering``).
+LINGER_SECONDS = 1.0
 # The request line around the target: method, spaces, "HTTP/1.1", CRLF.
 _REQUEST_LINE_SLACK = 64
 
@@ -364,7 +367,23 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
             errcode = "M_UNKNOWN" if status == 408 else "M_TOO_LARGE"
             if not self.transport.is_closing():
                 self.transport.write(_raw_response(status, errcode, messages[status]))
-        self.transport.close()
+        self._close_lingering()
+
+    def _close_lingering(self) -> None:
+        """Close after the answer, without losing it to a reset.
+
+        Closing a socket with unread request bytes in its receive buffer (the rest of an
+        oversized head) makes the kernel send a reset, which can reach the client before
+        it read the answer. So the write side is shut first (the client sees the answer,
+        then the end), what still arrives is read and dropped (``data_received`` ignores
+        it), and the socket is closed ``LINGER_SECONDS`` later at the latest.
+        """
+        transport = self.transport
+        if transport.is_closing() or not transport.can_write_eof():
+            transport.close()  # TLS: no half-close
+            return
+        transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, transport.close)
 
 
 def protocol_class(limits: HttpLimits) -> type[LimitedHttpToolsProtocol]:
