@@ -334,13 +334,15 @@ def image_requests(
 
     Their media come from a pool of ``count * media_per_event`` (so about half the
     events reuse media another event already had scanned); ``bad_share`` of the pool is
-    in the local HMA's ``csam`` bank. Kinds: ``image_clean``, ``image_bad``.
+    in the local HMA's ``csam`` bank. Kinds: ``image_clean``, ``image_bad``. The first
+    request is always a bad one, so that a short window (the quick run on a busy machine
+    sends a few dozen) still has a refusal to show.
     """
     rng = factory.rng
     run = os.urandom(4).hex()  # media IDs unique to this window: nothing cached before
     pool = max(1, int(count * media_per_event))
-    for _ in range(count):
-        n = rng.randrange(pool)
+    for i in range(count):
+        n = 0 if i == 0 else rng.randrange(pool)
         bad = n < pool * bad_share
         tag = f"{'bad' if bad else 'ok'}{run}x{n}"
         sender = rng.choice(origins)

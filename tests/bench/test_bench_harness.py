@@ -602,3 +602,16 @@ async def test_image_load_keeps_its_senders_busy_and_reports_the_window() -> Non
     # Stopping waited for the requests in flight: every body sent was answered.
     assert len(seen["bodies"]) == report["image_requests"]
     assert seen["bodies"][0] == b'{"n":0}'
+
+
+def test_image_requests_start_with_a_refused_one() -> None:
+    """A short images window (a few dozen requests on a busy machine) still has an image
+    in the bank to refuse: the first request is always one."""
+    rng = random.Random(9)
+    factory = EventFactory(events.make_rooms(2, rng), rng)
+    origin = Origin("127.0.0.1:8448", generate_signing_key("a"))
+    out = RequestFile()
+    events.image_requests(factory, [origin], 40, out, media_server="media.test")
+    first = orjson.loads(out.bodies[out.requests[0][0]])
+    assert "/img-bad" in first["content"]["url"], first["content"]
+    assert out.kinds["image_bad"] >= 1 and out.kinds["image_clean"] > 0
