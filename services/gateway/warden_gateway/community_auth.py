@@ -55,7 +55,8 @@ COMMUNITY_AUTH_FAILURES = Counter(
 )
 COMMUNITY_API_RATE_LIMIT_ERRORS = Counter(
     "warden_community_api_rate_limit_errors_total",
-    "Syncs of the server-centric API's per-community budget that could not reach Redis "
+    "Syncs of a per-community budget (the server-centric API's, the spam-checker "
+    "callbacks') that could not reach Redis "
     "(counts kept; each replica limits on its own counts until Redis answers).",
 )
 
