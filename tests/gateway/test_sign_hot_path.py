@@ -110,3 +110,36 @@ async def test_a_route_with_path_parameters_is_dispatched_with_them() -> None:
         "POST /_warden/antispam/v2/x",
     ]
     assert len(seen) == 2
+
+
+async def test_the_hot_path_meters_and_traces_its_requests_itself() -> None:
+    """Outermost, the hot path records the HTTP metrics (by route template, with the
+    answer's status) and serves the request in the caller's trace context; nothing below
+    it sees the request, so nothing counts it twice."""
+    from starlette.responses import JSONResponse
+
+    from warden.telemetry.tracing import inject_headers
+
+    sampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    path = "/_test/hot/{name}"
+
+    async def handler(request: Request) -> Any:
+        status = 400 if request.path_params["name"] == "refused" else 200
+        return JSONResponse(inject_headers(), status_code=status)
+
+    async def never(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the hot path fell through to the app")
+
+    def count(status: str) -> float:
+        labels = {"route": path, "method": "POST", "status": status}
+        return REGISTRY.get_sample_value("warden_http_requests_total", labels) or 0.0
+
+    before = {s: count(s) for s in ("200", "400")}
+    hot = HotPathMiddleware(never, routes=[Route(path, handler, methods=["POST"])])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=hot), base_url="http://t") as c:
+        r = await c.post("/_test/hot/a", headers={"traceparent": sampled, "tracestate": "v=1"})
+        assert r.json() == {"traceparent": sampled, "tracestate": "v=1"}
+        assert (await c.post("/_test/hot/a")).json() == {}  # detached: nothing leaks
+        assert (await c.post("/_test/hot/refused")).status_code == 400
+    assert count("200") == before["200"] + 2
+    assert count("400") == before["400"] + 1

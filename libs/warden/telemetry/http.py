@@ -16,13 +16,36 @@ from warden.telemetry.metrics import HTTP_DURATION, HTTP_REQUESTS
 UNMATCHED = "<unmatched>"
 
 
+class HttpMetricsRecorder:
+    """Records one answered request in the HTTP metrics, by route template."""
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def record(self, template: str, method: str, status: int, seconds: float) -> None:
+        """Count the request and observe its duration."""
+        if method not in _METHODS:
+            method = "other"
+        key = (template, method, status)
+        children = self._children.get(key)
+        if children is None:
+            # Bound once per label set (bounded: templates, methods and statuses):
+            # ``labels()`` takes a lock and builds a key on every call.
+            children = self._children[key] = (
+                HTTP_REQUESTS.labels(template, method, str(status)),
+                HTTP_DURATION.labels(template, method),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+
 class HttpMetricsMiddleware:
     """Record ``warden_http_requests_total`` and ``warden_http_request_duration_seconds``."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self._paths: dict[object, str] | None = None
-        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._recorder = HttpMetricsRecorder()
 
     def _template(self, scope: Scope) -> str:
         route = scope.get("route")
@@ -57,19 +80,9 @@ class HttpMetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            template = self._template(scope)
-            method = scope["method"] if scope["method"] in _METHODS else "other"
-            key = (template, method, status)
-            children = self._children.get(key)
-            if children is None:
-                # Bound once per label set (bounded: templates, methods and statuses):
-                # ``labels()`` takes a lock and builds a key on every call.
-                children = self._children[key] = (
-                    HTTP_REQUESTS.labels(template, method, str(status)),
-                    HTTP_DURATION.labels(template, method),
-                )
-            children[0].inc()
-            children[1].observe(time.perf_counter() - start)
+            self._recorder.record(
+                self._template(scope), scope["method"], status, time.perf_counter() - start
+            )
 
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"})

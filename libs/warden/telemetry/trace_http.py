@@ -8,13 +8,29 @@ context travels on in NATS headers (``inject_headers``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from opentelemetry import context
+from opentelemetry.context import Context
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from warden.telemetry.tracing import extract_context
 
 _TRACEPARENT = b"traceparent"
 _TRACESTATE = b"tracestate"
+
+
+def incoming_trace_context(headers: Iterable[tuple[bytes, bytes]]) -> Context | None:
+    """The trace context an HTTP request's ``traceparent`` carries, or None without one."""
+    carrier: dict[str, str] = {}
+    for name, value in headers:
+        if name == _TRACEPARENT:
+            carrier["traceparent"] = value.decode("latin-1")
+        elif name == _TRACESTATE:
+            carrier["tracestate"] = value.decode("latin-1")
+    if "traceparent" not in carrier:
+        return None
+    return extract_context(carrier)
 
 
 class TraceContextMiddleware:
@@ -28,16 +44,11 @@ class TraceContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        carrier: dict[str, str] = {}
-        for name, value in scope["headers"]:
-            if name == _TRACEPARENT:
-                carrier["traceparent"] = value.decode("latin-1")
-            elif name == _TRACESTATE:
-                carrier["tracestate"] = value.decode("latin-1")
-        if "traceparent" not in carrier:
+        incoming = incoming_trace_context(scope["headers"])
+        if incoming is None:
             await self.app(scope, receive, send)
             return
-        token = context.attach(extract_context(carrier))
+        token = context.attach(incoming)
         try:
             await self.app(scope, receive, send)
         finally:

@@ -125,9 +125,12 @@ def build_app(
     _add_error_handlers(app)
     # Outside FastAPI: its own middleware (exception handling, telemetry, body limits)
     # costs about a tenth of the gateway's CPU per /sign, which handles all of that itself.
-    inner: ASGIApp = HotPathMiddleware(app, hot_routes) if hot_routes else app
-    # Metrics outermost: every request; a caller's trace context around every route.
-    return GatewayApp(HttpMetricsMiddleware(TraceContextMiddleware(inner)), app)
+    # Metrics outermost: every request; a caller's trace context around every route. The
+    # hot path, outside them, does both itself for its few routes.
+    served: ASGIApp = HttpMetricsMiddleware(TraceContextMiddleware(app))
+    if hot_routes:
+        served = HotPathMiddleware(served, hot_routes)
+    return GatewayApp(served, app)
 
 
 def build_admin_app(admin_router: APIRouter) -> GatewayApp:
