@@ -224,6 +224,7 @@ class AntispamAPI:
         self._timeout = timeout_seconds
         self._check_subject = check_subject
         self._text_subject = text_subject
+        self._metric_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self._callbacks: dict[str, Callable[[Community, dict[str, Any]], Awaitable[list[str]]]] = {
             "check_event_for_spam": self._check_event,
             "user_may_invite": self._user_may_invite,
@@ -324,8 +325,16 @@ class AntispamAPI:
             outcome = exc.errcode
             return error_response(exc)
         finally:
-            ANTISPAM_CALLBACKS.labels(label, outcome).inc()
-            ANTISPAM_CALLBACK_SECONDS.labels(label).observe(time.perf_counter() - start)
+            children = self._metric_children.get((label, outcome))
+            if children is None:
+                # Bound once per (callback, outcome), both bounded: ``labels()`` takes a
+                # lock and builds a key on every call.
+                children = self._metric_children[label, outcome] = (
+                    ANTISPAM_CALLBACKS.labels(label, outcome),
+                    ANTISPAM_CALLBACK_SECONDS.labels(label),
+                )
+            children[0].inc()
+            children[1].observe(time.perf_counter() - start)
 
     # -- the callbacks: each returns the harms (empty: not spam) --------------------
 

@@ -124,6 +124,16 @@ class CommunityAuth:
         elif not (isinstance(body, dict) and isinstance(body.get("room_id"), str)):
             self.forget()
 
+    def _cached(self, token: str) -> Community | None:
+        """The community of a token kept in memory and not expired, else None."""
+        if self._cache_seconds <= 0 or not token or len(token) > MAX_TOKEN_LENGTH:
+            return None
+        hit = self._cache.get(hash_access_token(token))
+        if hit is not None and hit[1] > time.monotonic():
+            _FROM_CACHE.inc()
+            return hit[0]
+        return None
+
     async def _find(self, token: str) -> Community | None:
         if self._cache_seconds <= 0 or not token or len(token) > MAX_TOKEN_LENGTH:
             return await community_by_access_token(self._pool, token)
@@ -156,9 +166,13 @@ class CommunityAuth:
         if scheme.lower() != "bearer" or not token:
             self._throttle.failed(client)
             raise MissingToken("Missing access token (Authorization: Bearer <community token>)")
+        # A token kept in memory needs no timer (asked once per message a homeserver
+        # sends through the spam-checker callbacks).
+        community = self._cached(token)
         try:
-            async with asyncio.timeout(self._timeout):
-                community = await self._find(token)
+            if community is None:
+                async with asyncio.timeout(self._timeout):
+                    community = await self._find(token)
         except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
             logger.warning("community token lookup failed", extra={"error": type(exc).__name__})
             raise TemporarilyUnavailable("Could not check the access token; retry") from None
