@@ -8,6 +8,9 @@ federation, or on a listener of its own (``build_admin_app``, ``PS_ADMIN_HTTP_BI
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import orjson
 from fastapi import APIRouter, FastAPI
 from starlette.exceptions import HTTPException
@@ -23,6 +26,7 @@ from warden.settings import Settings
 from warden.telemetry.http import HttpMetricsMiddleware
 from warden.telemetry.metrics import WARDEN_VERSION
 from warden.telemetry.trace_http import TraceContextMiddleware
+from warden.telemetry.tracing import exporting
 from warden_gateway.antispam import AntispamAPI
 from warden_gateway.errors import on_http_exception, on_matrix_error, on_unexpected
 from warden_gateway.event_id_check import EventIdCheck
@@ -92,6 +96,7 @@ def build_app(
         # A path with a trailing slash is unknown (404 M_UNRECOGNIZED), not a bodyless
         # 307 to the path without it: federation peers get Matrix errors only.
         redirect_slashes=False,
+        **framework_telemetry(),
     )
     key_endpoint = ServerKeyEndpoint(identity, settings.old_federation_keys)
     raw_routes: list[Route] = [
@@ -147,11 +152,26 @@ def build_admin_app(admin_router: APIRouter) -> GatewayApp:
         redoc_url=None,
         openapi_url=OPENAPI_PATH,
         redirect_slashes=False,  # as on the main listener: 404, never a bodyless 307
+        **framework_telemetry(),
     )
     app.include_router(admin_router)
     install_admin_error_handlers(app)
     _add_error_handlers(app)
     return GatewayApp(HttpMetricsMiddleware(TraceContextMiddleware(app)), app)
+
+
+def framework_telemetry() -> dict[str, Any]:
+    """FastAPI's own OpenTelemetry instrumentation (FastAPI 0.16x): its server span per
+    request only when this process exports spans; never its OpenTelemetry metrics or logs.
+
+    It turns itself on whenever a tracer provider is installed, which every Warden process
+    does, so it made a span for each request nobody would see: measured with ``make
+    bench`` under attack, a few hundredths of the gateway's CPU. Warden's metrics are
+    Prometheus's and its logs JSON lines (``warden.telemetry``).
+    """
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}  # an older FastAPI has none
+    return {"telemetry": {"tracing": exporting(), "metrics": False, "logs": False}}
 
 
 def _add_error_handlers(app: FastAPI) -> None:
