@@ -498,6 +498,35 @@ async def test_key_fetches_are_budgeted_per_client_address(
     assert server.hits == 5
 
 
+async def test_a_client_that_spent_its_budget_gets_no_storage_lookups(
+    key_server_start: Any, key_server_keyring: KeyringFactory
+) -> None:
+    """Past its fetch budget a client's lookups of keys not in memory fail at once, with
+    no Redis or PostgreSQL round trip (a made-up server name each time costs almost
+    nothing); keys in memory, and other clients, are unaffected."""
+    remote = generate_signing_key("a_rmC8")
+    server = await key_server_start(KeyServer())
+    server.serve = self_signed(server, remote)
+    name, key_id = ServerName(server.name), KeyID("ed25519:a_rmC8")
+    await key_server_keyring().get_verify_key(name, key_id)  # now in Redis and PostgreSQL
+    assert server.hits == 1
+
+    budget = FetchBudget(1, clock=lambda: 0.0)  # one minute that never ends
+    keyring = key_server_keyring(fetch_budget=budget)  # a replica with nothing in memory
+    attacker = "192.0.2.9"
+    assert budget.take(attacker) and budget.spent(attacker)
+    before = _refused("client_budget")
+    with pytest.raises(KeyNotFound, match="too many key fetches"):
+        await keyring.get_verify_key(name, key_id, requester=attacker)
+    assert _refused("client_budget") == before + 1
+    # Another client finds the stored key (and brings it into memory) ...
+    key = await keyring.get_verify_key(name, key_id, requester="192.0.2.10")
+    assert bytes(key) == bytes(get_verify_key(remote))
+    # ... where the spent client finds it too.
+    assert bytes(await keyring.get_verify_key(name, key_id, requester=attacker)) == bytes(key)
+    assert server.hits == 1
+
+
 def test_fetch_budget_windows_and_ipv6_prefixes() -> None:
     now = [30.0]
     budget = FetchBudget(2, max_clients=3, clock=lambda: now[0])
@@ -517,6 +546,9 @@ def test_fetch_budget_windows_and_ipv6_prefixes() -> None:
     assert budget.take("2001:db8::3")  # its minute is over; and it made room
     assert budget.take("192.0.2.2")  # the oldest entry left made room
     assert not budget.take("192.0.2.3")
+    # ``spent`` looks without charging.
+    assert budget.spent("2001:db8::3") is False and budget.take("2001:db8::3")
+    assert budget.spent("2001:db8::3") and not budget.spent("192.0.2.99")
 
 
 async def test_a_client_cannot_start_a_fetch_while_every_slot_is_taken(

@@ -33,9 +33,11 @@ the request is authenticated and server names cost an attacker nothing:
 ``PS_KEY_FETCH_CONCURRENCY`` fetches at once per process, and
 ``PS_KEY_FETCHES_PER_CLIENT_PER_MINUTE`` fetches started per client address (IPv6 per
 /64) for the lookups a request makes on a client's behalf (``requester``). A lookup over
-its client's budget fails at once without fetching; one that finds every slot taken
-waits ``SLOT_WAIT_SECONDS`` at most (a burst of legitimate first contacts clears in
-that time; slots held by an attacker's slow names do not), then fails
+its client's budget fails at once without fetching, and once a client's budget is spent
+its lookups of keys not in this process's memory fail at once too, without a Redis or
+PostgreSQL round trip (keys in memory are found for every client). A lookup that finds
+every slot taken waits ``SLOT_WAIT_SECONDS`` at most (a burst of legitimate first
+contacts clears in that time; slots held by an attacker's slow names do not), then fails
 (``warden_key_fetches_refused_total``). A lookup without a requester (event signatures
 checked by a worker) waits for a slot as long as it takes.
 
@@ -159,6 +161,9 @@ class _MemoryCache:
         self._entries.clear()
 
 
+_BUDGET_SPENT = "too many key fetches for this client; retry later"
+
+
 def _usable(key: FetchedKey, at_ms: int) -> bool:
     return at_ms <= key.valid_until_ts
 
@@ -194,6 +199,13 @@ class FetchBudget:
         self._max_clients = max_clients
         self._clock = clock
         self._used: dict[str, tuple[float, int]] = {}  # bucket -> (minute start, count)
+
+    def spent(self, client: str) -> bool:
+        """Whether ``client``'s budget for this minute is used up (charges nothing)."""
+        entry = self._used.get(client_bucket(client))
+        return (
+            entry is not None and self._clock() - entry[0] < 60.0 and entry[1] >= self._per_minute
+        )
 
     def take(self, client: str) -> bool:
         """Charge one fetch to ``client``; False when its budget for this minute is spent."""
@@ -291,6 +303,12 @@ class Keyring:
             if _usable(cached, at):
                 return cached.verify_key
             stale = cached
+        elif requester is not None and self._budget.spent(requester):
+            # A client that spent its fetch budget (made-up server names, each a miss)
+            # gets no Redis and PostgreSQL round trips either: before authentication,
+            # almost nothing. Keys in memory are still found, for every client.
+            KEY_FETCHES_REFUSED.labels("client_budget").inc()
+            raise KeyNotFound(f"no key {key_id} for {server_name} in memory: {_BUDGET_SPENT}")
         cached = await self._from_redis(server_name, key_id)
         if cached is not None:
             if _usable(cached, at):
@@ -348,10 +366,7 @@ class Keyring:
         if task is None:
             if requester is not None and not self._budget.take(requester):
                 KEY_FETCHES_REFUSED.labels("client_budget").inc()
-                raise KeyNotFound(
-                    f"no key {key_id} for {server_name}: too many key fetches for this"
-                    " client; retry later"
-                )
+                raise KeyNotFound(f"no key {key_id} for {server_name}: {_BUDGET_SPENT}")
             wait = None if requester is None else SLOT_WAIT_SECONDS
             task = asyncio.create_task(self._fetch_in_slot(server_name, key_id, at, wait))
             self._inflight[server_name] = task
