@@ -334,6 +334,12 @@ class Settings(BaseSettings):
     http_max_concurrency: int = Field(default=1024, ge=1)
     # Open connections per listener; the next gets 503 and is closed.
     http_max_connections: int = Field(default=10000, ge=1)
+    # Failed federation authentications (or unreadable requests before it) from one client
+    # address within 10 s after which the address is refused for the penalty (Warden;
+    # 0: never). A homeserver fails one now and then, never a hundred in ten seconds.
+    http_auth_failure_limit: int = Field(default=100, ge=0)
+    # How long a penalised address is refused: 429 and closed as its connections open.
+    http_auth_failure_penalty_seconds: float = Field(default=60.0, gt=0, le=3600)
     # The admin API (/api/v1) on a listener of its own, e.g. 127.0.0.1:8082. Empty: on
     # PS_HTTP_BIND with federation, which exposes it to the internet (not recommended).
     admin_http_bind: str = ""

@@ -34,12 +34,12 @@ from warden.federation.keyring import (
     KeyExpired,
     KeyNotFound,
     Keyring,
-    client_bucket,
 )
 from warden.federation.server_key_document import build_server_key_document, current_time_ms
 from warden.federation.xmatrix import sign_request, verify_request
 from warden.matrix.ids import KeyID, ServerName
 from warden.matrix.keys import key_id_of, verify_key_base64
+from warden.runtime.client_penalties import client_bucket
 from warden.settings import DEFAULT_DENIED_NETWORKS
 
 OUR_NAME = "warden.test"

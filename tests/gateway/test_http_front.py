@@ -388,3 +388,47 @@ def test_an_upgrade_request_is_answered_as_plain_http(
         )
         answer = _read_one_response(sock)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+
+
+def test_an_address_failing_authentication_past_the_limit_is_refused(
+    spawn_service: Callable[..., ServiceProcess],
+) -> None:
+    # Junk /sign bodies (refused before authentication) and unauthenticated /send, both
+    # counted for the client address; past PS_HTTP_AUTH_FAILURE_LIMIT its connections
+    # are answered 429 and closed as they open. 127.0.0.2: not a trusted proxy.
+    gateway = _start(spawn_service, PS_HTTP_AUTH_FAILURE_LIMIT="4", **NO_NOTARY)
+    host, port = _addr(gateway)
+
+    def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(PATIENCE)
+        sock.bind(("127.0.0.2", 0))
+        sock.connect((host, port))
+        return sock
+
+    sock = connect()
+    try:
+        for request in (
+            f"POST {SIGN} HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\n\r\n\x00\x01\x02",
+            f"POST {SIGN} HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n\r\n[]",
+            f"PUT {SEND} HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n",
+        ):
+            sock.sendall(request.encode("latin-1"))
+            answer = _read_one_response(sock)
+            assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 401 ")), answer[:200]
+        # The fourth failure: answered, then the connection is closed.
+        sock.sendall(f"PUT {SEND} HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n".encode())
+        answer = _read_response(sock)
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    finally:
+        sock.close()
+    sock = connect()
+    try:
+        answer = _read_response(sock)  # nothing sent: answered as it opened
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 429 "), answer[:200]
+    assert b"M_LIMIT_EXCEEDED" in answer
+    assert _rejected(gateway, "penalised") == 2
+    # Others are served as before.
+    assert httpx.get(f"{gateway.api_url}/_matrix/key/v2/server", timeout=10).status_code == 200

@@ -51,7 +51,6 @@ well-known first ``Int63`` of seed 1 (5577006791947779410), which checks the gen
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections import OrderedDict
@@ -77,6 +76,7 @@ from warden.federation.server_key_document import (
 from warden.federation.xmatrix import is_valid_server_name
 from warden.matrix.ids import KeyID, ServerName
 from warden.matrix.keys import VerifyKey, decode_verify_key
+from warden.runtime.client_penalties import client_bucket
 from warden.runtime.redis_outage import RedisOutage, is_redis_outage
 from warden.settings import Settings
 from warden.telemetry.metrics import COMPROMISED_KEYS_SEEN, KEY_FETCHES, KEY_FETCHES_REFUSED
@@ -166,17 +166,6 @@ _BUDGET_SPENT = "too many key fetches for this client; retry later"
 
 def _usable(key: FetchedKey, at_ms: int) -> bool:
     return at_ms <= key.valid_until_ts
-
-
-def client_bucket(address: str) -> str:
-    """The budget a client address is charged to: itself, or its /64 for IPv6."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address[:64]
-    if ip.version == 6:
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
 
 
 class FetchBudget:

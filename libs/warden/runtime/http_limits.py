@@ -17,7 +17,10 @@ doors (review H6):
 * at most ``PS_HTTP_MAX_CONCURRENCY`` requests are handled at once per listener; the
   next one is answered 503 with ``Retry-After`` without reaching the app;
 * at most ``PS_HTTP_MAX_CONNECTIONS`` connections are open per listener; the next one
-  is answered 503 and closed.
+  is answered 503 and closed;
+* an address penalised for failing authentication (``client_penalties``) is answered
+  429 and closed as its connections open, and its open connections are closed after
+  their current response.
 
 Deadlines cost no timer per request: each connection notes when its current phase
 began (one ``loop.time()`` per phase), and one task per listener sweeps the open
@@ -29,8 +32,9 @@ concurrency cap.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import httptools
@@ -39,6 +43,7 @@ from prometheus_client import Counter, Gauge
 from starlette.types import Receive, Scope, Send
 from uvicorn.server import ServerState
 
+from warden.runtime.client_penalties import ClientPenalties
 from warden.runtime.http_writes import CoalescingHttpToolsProtocol
 from warden.settings import Settings
 
@@ -49,7 +54,8 @@ HTTP_REJECTED = Counter(
     "Requests or connections refused by the HTTP front before reaching the app, by reason: "
     "url_too_long (414), headers_too_large and too_many_headers (431), header_timeout and "
     "body_timeout (408 or closed), overloaded (503, PS_HTTP_MAX_CONCURRENCY), "
-    "too_many_connections (503 and closed, PS_HTTP_MAX_CONNECTIONS).",
+    "too_many_connections (503 and closed, PS_HTTP_MAX_CONNECTIONS), penalised (429 and "
+    "closed: an address that failed authentication past PS_HTTP_AUTH_FAILURE_LIMIT).",
     ["reason"],
 )
 HTTP_OPEN_CONNECTIONS = Gauge(
@@ -69,6 +75,7 @@ _REJECTED = {
         "body_timeout",
         "overloaded",
         "too_many_connections",
+        "penalised",
     )
 }
 
@@ -89,6 +96,7 @@ _IDLE = 3  # answered; uvicorn's keep-alive timer runs
 _REASONS = {
     408: b"Request Timeout",
     414: b"URI Too Long",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     503: b"Service Unavailable",
 }
@@ -105,6 +113,8 @@ class HttpLimits:
     body_timeout_seconds: float = 30.0
     max_concurrency: int = 1024
     max_connections: int = 10000
+    # Addresses refused for failing authentication (the gateway's; None: none).
+    penalties: ClientPenalties | None = field(default=None, compare=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HttpLimits:
@@ -130,7 +140,9 @@ def _error_body(errcode: str, error: str) -> bytes:
     return orjson.dumps({"errcode": errcode, "error": error})
 
 
-def _raw_response(status: int, errcode: str, error: str, *, retry_after: bool = False) -> bytes:
+def _raw_response(
+    status: int, errcode: str, error: str, *, retry_after: bool = False, retry_after_s: int = 0
+) -> bytes:
     """A complete ``Connection: close`` response with a Matrix error body."""
     body = _error_body(errcode, error)
     head = [
@@ -139,8 +151,8 @@ def _raw_response(status: int, errcode: str, error: str, *, retry_after: bool = 
         b"content-length: %d\r\n" % len(body),
         b"connection: close\r\n",
     ]
-    if retry_after:
-        head.append(b"retry-after: %d\r\n" % RETRY_AFTER_SECONDS)
+    if retry_after or retry_after_s:
+        head.append(b"retry-after: %d\r\n" % (retry_after_s or RETRY_AFTER_SECONDS))
     return b"".join(head) + b"\r\n" + body
 
 
@@ -171,6 +183,7 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     """
 
     limits: ClassVar[HttpLimits] = HttpLimits()
+    _trusted: ClassVar[tuple[bool, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]]]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -182,11 +195,30 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self._reject_status = 0
         self._reject_reason = ""
         self._closed_by_front = False
+        # The peer's address when penalties may refuse it (not a trusted proxy's).
+        self._penalisable: str | None = None
 
     # --- connection ---
 
+    def _trusted_proxy(self, host: str) -> bool:
+        """Whether ``host`` is a trusted proxy (uvicorn's ``FORWARDED_ALLOW_IPS``)."""
+        cls = type(self)
+        trusted = cls.__dict__.get("_trusted")
+        if trusted is None:  # parsed once per listener
+            trusted = trusted_proxy_networks(self.config.forwarded_allow_ips)
+            cls._trusted = trusted
+        everyone, networks = trusted
+        if everyone:
+            return True
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(ip in network for network in networks)
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        """Serve the connection, or answer 503 and close it past the connection cap."""
+        """Serve the connection, or answer and close it: 503 past the connection cap, 429
+        from a penalised address."""
         super().connection_made(transport)
         self._phase_started = self.loop.time()
         if len(self.connections) > self.limits.max_connections:
@@ -198,6 +230,17 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
                 )
             )
             self.transport.close()
+            return
+        penalties = self.limits.penalties
+        if penalties is None or self.client is None or self._trusted_proxy(self.client[0]):
+            return
+        self._penalisable = self.client[0]
+        left = penalties.penalised(self._penalisable)
+        if left:
+            _REJECTED["penalised"].inc()
+            self._closed_by_front = True
+            self.transport.write(_penalised_response(left))
+            self._close_lingering()
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser; refuse a head that grows past its bounds."""
@@ -299,6 +342,19 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         """Answered: idle until the next request (uvicorn's keep-alive timer)."""
+        penalties = self.limits.penalties
+        if (
+            penalties is not None
+            and penalties.active
+            and self._penalisable is not None
+            and penalties.penalised(self._penalisable)
+        ):
+            # Penalised since it connected: this answer is its last.
+            self.server_state.total_requests += 1
+            _REJECTED["penalised"].inc()
+            self._closed_by_front = True
+            self._close_lingering()
+            return
         pipelined = bool(self.pipeline)  # a request queued behind: it runs next
         super().on_response_complete()
         if self._phase == _APP and not pipelined:
@@ -384,6 +440,39 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
             return
         transport.write_eof()
         self.loop.call_later(LINGER_SECONDS, transport.close)
+
+
+def _penalised_response(seconds_left: float) -> bytes:
+    return _raw_response(
+        429,
+        "M_LIMIT_EXCEEDED",
+        "Too many failed authentications from this address; retry later",
+        retry_after_s=max(1, int(seconds_left + 0.999)),
+    )
+
+
+def trusted_proxy_networks(
+    forwarded_allow_ips: str | list[str] | None,
+) -> tuple[bool, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]]:
+    """uvicorn's ``FORWARDED_ALLOW_IPS`` as (every address trusted, trusted networks).
+
+    Entries that are not IP addresses or networks (Unix socket names) are left out."""
+    if forwarded_allow_ips is None:
+        return False, ()
+    entries = (
+        forwarded_allow_ips.split(",")
+        if isinstance(forwarded_allow_ips, str)
+        else list(forwarded_allow_ips)
+    )
+    networks = []
+    for entry in (e.strip() for e in entries):
+        if entry == "*":
+            return True, ()
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            continue
+    return False, tuple(networks)
 
 
 def protocol_class(limits: HttpLimits) -> type[LimitedHttpToolsProtocol]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import signal
@@ -24,6 +25,7 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
 from warden.policyserv_settings import warn_ignored_settings
+from warden.runtime.client_penalties import ClientPenalties
 from warden.runtime.health import Health
 from warden.runtime.http_limits import HttpLimits, protocol_class, sweep_deadlines
 from warden.settings import Settings, parse_bind
@@ -80,10 +82,14 @@ class ServiceRuntime:
         *,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        penalties: ClientPenalties | None = None,
     ) -> None:
-        """Serve ``app`` on ``bind`` (``host:port``) for the life of the service."""
+        """Serve ``app`` on ``bind`` (``host:port``) for the life of the service.
+
+        ``penalties``: addresses the listener refuses as their connections open (the
+        gateway's federation listener)."""
         host, port = parse_bind(bind)
-        limits = HttpLimits.from_settings(self.settings)
+        limits = dataclasses.replace(HttpLimits.from_settings(self.settings), penalties=penalties)
         config = uvicorn.Config(
             app,
             host=host,

@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 from prometheus_client import Counter
 
-from warden.federation.keyring import client_bucket
 from warden.matrix.errors import LimitExceeded
+from warden.runtime.client_penalties import client_bucket
 
 ADMIN_AUTH_FAILURES = Counter(
     "warden_admin_auth_failures_total",

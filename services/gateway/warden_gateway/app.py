@@ -17,9 +17,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from warden.matrix.errors import MatrixError
+from warden.runtime.client_penalties import ClientPenalties
 from warden.runtime.health import Health
 from warden.runtime.identity import Identity
 from warden.settings import Settings
@@ -64,6 +65,7 @@ def build_app(
     event_id_check: EventIdCheck | None = None,
     server_centric: ServerCentricAPI | None = None,
     antispam: AntispamAPI | None = None,
+    penalties: ClientPenalties | None = None,
 ) -> GatewayApp:
     """Assemble the gateway app for one identity.
 
@@ -132,7 +134,10 @@ def build_app(
     # costs about a tenth of the gateway's CPU per /sign, which handles all of that itself.
     # Metrics outermost: every request; a caller's trace context around every route. The
     # hot path, outside them, does both itself for its few routes.
-    served: ASGIApp = HttpMetricsMiddleware(TraceContextMiddleware(app))
+    # A 401 from the routes below counts towards its address's penalty (the /sign
+    # handlers, on the hot path, count their own failures).
+    below: ASGIApp = app if penalties is None else AuthFailureMiddleware(app, penalties)
+    served: ASGIApp = HttpMetricsMiddleware(TraceContextMiddleware(below))
     if hot_routes:
         served = HotPathMiddleware(served, hot_routes)
     return GatewayApp(served, app)
@@ -178,6 +183,29 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(MatrixError, on_matrix_error)
     app.add_exception_handler(HTTPException, on_http_exception)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+class AuthFailureMiddleware:
+    """Counts each 401 answer towards its client address's authentication-failure
+    penalty (``warden.runtime.client_penalties``)."""
+
+    def __init__(self, app: ASGIApp, penalties: ClientPenalties) -> None:
+        self.app = app
+        self._penalties = penalties
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve the request; note a 401 answer."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_noting(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 401:
+                client = scope.get("client")
+                self._penalties.failed(str(client[0]) if client else None)
+            await send(message)
+
+        await self.app(scope, receive, send_noting)
 
 
 class GatewayApp:

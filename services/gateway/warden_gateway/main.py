@@ -12,6 +12,7 @@ from warden.federation.event_fetch import EventFetcher
 from warden.federation.keyring import Keyring
 from warden.federation.membership import MembershipClient
 from warden.runtime import dependencies
+from warden.runtime.client_penalties import ClientPenalties
 from warden.runtime.identity import load_identity
 from warden.runtime.service import bootstrap, run_async
 from warden.settings import Settings
@@ -73,6 +74,8 @@ def run(settings: Settings) -> int:
             # By then a dead worker's claim has lapsed: a second ask gets it taken over.
             reask_after_seconds=settings.evaluation_claim_ttl_seconds,
         )
+        # Addresses failing federation authentication past PS_HTTP_AUTH_FAILURE_LIMIT.
+        penalties = ClientPenalties.from_settings(settings)
         policy = PolicyAPI(
             identity=identity,
             keyring=keyring,
@@ -82,6 +85,7 @@ def run(settings: Settings) -> int:
             max_body_bytes=settings.max_pdu_bytes,
             checked_events=CheckedEvents(max_bytes=settings.event_check_cache_max_bytes),
             moderation=moderation,
+            penalties=penalties,
         )
         send_limiter = OriginRateLimiter(
             redis,
@@ -212,6 +216,7 @@ def run(settings: Settings) -> int:
             event_id_check=event_id_check,
             server_centric=server_centric,
             antispam=antispam,
+            penalties=penalties,
         )
         runtime.add_http_server(
             "api",
@@ -219,6 +224,7 @@ def run(settings: Settings) -> int:
             settings.http_bind,
             tls_cert=settings.tls_cert_path,
             tls_key=settings.tls_key_path,
+            penalties=penalties,
         )
         if separate_admin and admin_router is not None:
             runtime.add_http_server(

@@ -103,6 +103,7 @@ from warden.matrix.keys import POLICY_SERVER_KEY_ID
 from warden.matrix.pdu import MAX_ID_LENGTH, validate_pdu
 from warden.matrix.room_versions import RoomVersion, get_room_version
 from warden.policy.harms import HARMS_FIELD
+from warden.runtime.client_penalties import ClientPenalties
 from warden.runtime.identity import Identity
 from warden.storage.records import Room
 from warden.telemetry.tracing import entry_context, exporting, tracer
@@ -158,6 +159,12 @@ _OUTCOMES: tuple[tuple[type[MatrixError], Outcome], ...] = (
     (Unavailable, Outcome.UNAVAILABLE),
 )
 
+
+# Answers that count towards a client address's authentication-failure penalty
+# (``client_penalties``): failed X-Matrix, or a body unreadable before any of it.
+_PENALISED_OUTCOMES = frozenset(
+    {Outcome.UNAUTHORIZED, Outcome.NOT_JSON, Outcome.BAD_JSON, Outcome.TOO_LARGE}
+)
 
 # Metric children bound once: ``labels()`` costs a lock and a lookup per call.
 _SIGN_REQUESTS = {(e, o): SIGN_REQUESTS.labels(e, o) for e in Endpoint for o in Outcome}
@@ -244,6 +251,7 @@ class PolicyAPI:
         max_body_bytes: int,
         checked_events: CheckedEvents | None = None,
         moderation: ModerationRequests | None = None,
+        penalties: ClientPenalties | None = None,
     ) -> None:
         self._identity = identity
         self._server_name = identity.server_name
@@ -254,6 +262,7 @@ class PolicyAPI:
         self._max_body_bytes = max_body_bytes
         self._checked = checked_events if checked_events is not None else CheckedEvents()
         self._moderation = moderation
+        self._penalties = penalties
 
     def routes(self) -> list[Route]:
         """The policy API's routes."""
@@ -309,6 +318,8 @@ class PolicyAPI:
             return self._render(endpoint, decision)
         except MatrixError as exc:
             outcome = _outcome_for(exc)
+            if outcome in _PENALISED_OUTCOMES and self._penalties is not None:
+                self._penalties.failed(client_address(request))
             return error_response(exc)
         except _DEPENDENCY_ERRORS as exc:
             outcome = Outcome.UNAVAILABLE

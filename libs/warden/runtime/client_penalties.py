@@ -1,0 +1,130 @@
+"""Client addresses that keep failing federation authentication, refused for a while.
+
+Requests that fail X-Matrix authentication (or are refused as unreadable before any
+authentication) cost an outsider nothing to make and the gateway a parse, a response
+and a connection's upkeep each. A homeserver makes such a request now and then (a key
+being rotated, a clock that drifted); one address making ``PS_HTTP_AUTH_FAILURE_LIMIT``
+of them within ``WINDOW_SECONDS`` is not a homeserver having a bad moment, so for
+``PS_HTTP_AUTH_FAILURE_PENALTY_SECONDS`` after that:
+
+* its new connections are answered 429 ``M_LIMIT_EXCEEDED`` with ``Retry-After`` and
+  closed as they open (``http_limits``), before any request is read;
+* its open connections are closed after their current response.
+
+Addresses are counted as the per-client budgets count them (``client_bucket``: IPv6
+per /64). The table is bounded (``max_clients``): when it is full, the oldest entry no
+longer counting or penalised makes room, and otherwise a newcomer is not counted (so
+filling the table with many addresses buys an attacker only today's cost per request).
+Counted in ``warden_http_rejected_total{reason="penalised"}``; addresses under a
+penalty in ``warden_http_penalised_clients``.
+
+Only direct connections are refused: a connection from a trusted reverse proxy
+(``FORWARDED_ALLOW_IPS``) carries many clients' requests, and refusing their requests by
+the ``X-Forwarded-For`` address would let one attacker shut out everyone behind a proxy
+that does not set it. Behind a proxy, limit failed requests at the proxy.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable
+
+from prometheus_client import Gauge
+
+from warden.settings import Settings
+
+# Failures are counted over windows of this length, from each address's first failure.
+WINDOW_SECONDS = 10.0
+
+HTTP_PENALISED_CLIENTS = Gauge(
+    "warden_http_penalised_clients",
+    "Client addresses (IPv6: /64 prefixes) refused for failing federation authentication "
+    "more than PS_HTTP_AUTH_FAILURE_LIMIT times within 10 s (as of the last change).",
+)
+
+
+def client_bucket(address: str) -> str:
+    """The budget a client address is charged to: itself, or its /64 for IPv6."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:64]
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class ClientPenalties:
+    """Per-address failure counts and the penalties they earn; one per process."""
+
+    def __init__(
+        self,
+        limit: int,
+        penalty_seconds: float,
+        *,
+        max_clients: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``limit`` failures within ``WINDOW_SECONDS`` earn ``penalty_seconds`` of
+        refusal; a ``limit`` of 0 turns penalties off."""
+        self._limit = limit
+        self._penalty = penalty_seconds
+        self._max_clients = max_clients
+        self._clock = clock
+        # bucket -> [window start, failures in it, penalised until]; oldest first.
+        self._table: dict[str, list[float]] = {}
+        # Buckets under a penalty -> until when. Empty almost always: checked per request.
+        self._penalised: dict[str, float] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ClientPenalties:
+        """The penalties ``PS_HTTP_AUTH_FAILURE_LIMIT`` and its penalty describe."""
+        return cls(settings.http_auth_failure_limit, settings.http_auth_failure_penalty_seconds)
+
+    @property
+    def active(self) -> bool:
+        """Whether any address is (or was until a moment ago) under a penalty."""
+        return bool(self._penalised)
+
+    def failed(self, address: str | None) -> None:
+        """Count one failed request from ``address`` (None: unknown, not counted)."""
+        if not self._limit or not address:
+            return
+        now = self._clock()
+        bucket = client_bucket(address)
+        entry = self._table.get(bucket)
+        if entry is None or now - entry[0] >= WINDOW_SECONDS:
+            if entry is not None:
+                del self._table[bucket]  # re-inserted below: the table stays oldest first
+            elif len(self._table) >= self._max_clients and not self._make_room(now):
+                return
+            entry = self._table[bucket] = [now, 0.0, entry[2] if entry is not None else 0.0]
+        entry[1] += 1
+        if entry[1] >= self._limit and entry[2] <= now:
+            entry[2] = now + self._penalty
+            self._penalised[bucket] = entry[2]
+            HTTP_PENALISED_CLIENTS.set(len(self._penalised))
+
+    def penalised(self, address: str) -> float:
+        """Seconds left of ``address``'s penalty (0.0: none)."""
+        if not self._penalised:
+            return 0.0
+        bucket = client_bucket(address)
+        until = self._penalised.get(bucket)
+        if until is None:
+            return 0.0
+        left = until - self._clock()
+        if left > 0:
+            return left
+        del self._penalised[bucket]
+        HTTP_PENALISED_CLIENTS.set(len(self._penalised))
+        return 0.0
+
+    def _make_room(self, now: float) -> bool:
+        oldest = next(iter(self._table))
+        window_start, _, until = self._table[oldest]
+        if now - window_start < WINDOW_SECONDS or until > now:
+            return False
+        del self._table[oldest]
+        return True
