@@ -241,6 +241,10 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
             self._closed_by_front = True
             self.transport.write(_penalised_response(left))
             self._close_lingering()
+            # Not even read: what it sends (a 4 MiB body, say) stays in the kernel until
+            # the close. Its answer went first; a reset after it costs a penalised
+            # client at most that answer.
+            self.transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser; refuse a head that grows past its bounds."""
