@@ -314,6 +314,8 @@ class Window:
     machine_busy: float
     machine_busy_s: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    # Share of the CPUs' time the hypervisor gave to other machines (noise, not load).
+    machine_steal: float = 0.0
 
     def cpu_ms_per_request(self) -> dict[str, float]:
         """CPU milliseconds per completed request, per process (or server)."""
@@ -336,6 +338,7 @@ class Window:
             "cpu_s": {k: round(v, 3) for k, v in sorted(self.cpu_s.items())},
             "cpu_ms_per_request": {k: round(v, 4) for k, v in self.cpu_ms_per_request().items()},
             "machine_cpu_busy": round(self.machine_busy, 3),
+            "machine_cpu_steal": round(self.machine_steal, 3),
             # Busy CPU time not in any process above: other processes on the machine,
             # the harness, interrupts (loopback networking). High means a noisy run.
             "unaccounted_cpu_s": round(
@@ -655,6 +658,7 @@ class Bench:
             after.machine_busy_share(before),
             after.machine_busy_seconds(before),
             info or {},
+            after.machine_steal_share(before),
         )
         self.log(
             f"  {load.rps:.0f} req/s, p99 {load.latency_ms['99']:.1f} ms, statuses {load.statuses}"

@@ -141,12 +141,14 @@ def memory_mib(
     return out
 
 
-def machine_cpu() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine from /proc/stat."""
+def machine_cpu() -> tuple[float, float, float]:
+    """(busy, total, stolen) jiffies of the whole machine from /proc/stat (stolen: time
+    the hypervisor gave this machine's CPUs to others, counted in busy)."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = values[3] + (values[4] if len(values) > 4 else 0)
     total = sum(values[:8])
-    return float(total - idle), float(total)
+    steal = values[7] if len(values) > 7 else 0
+    return float(total - idle), float(total), float(steal)
 
 
 @dataclass
@@ -155,7 +157,7 @@ class CpuSnapshot:
 
     per_pid: dict[int, float]
     names: dict[int, str]
-    machine: tuple[float, float]
+    machine: tuple[float, float, float]
     at: float
 
     @classmethod
@@ -190,6 +192,11 @@ class CpuSnapshot:
         """CPU seconds all CPUs were busy between ``before`` and now (any process,
         interrupts included)."""
         return (self.machine[0] - before.machine[0]) / CLOCK_TICKS
+
+    def machine_steal_share(self, before: CpuSnapshot) -> float:
+        """Share of all CPUs' time stolen by the hypervisor between ``before`` and now."""
+        total = self.machine[1] - before.machine[1]
+        return (self.machine[2] - before.machine[2]) / total if total > 0 else 0.0
 
     def machine_busy_share(self, before: CpuSnapshot) -> float:
         """Share of all CPUs busy between ``before`` and now (0..1)."""

@@ -104,6 +104,8 @@ def _check_window(name: str, window: dict[str, Any], processes: set[str]) -> Non
     assert set(window["socket_errors"]) >= {"connect", "read", "write", "timeout"}, name
     assert processes <= set(window["cpu_ms_per_request"]), (name, window["cpu_ms_per_request"])
     assert "loadgen" in window["cpu_ms_per_request"], name
+    # What the hypervisor took from the machine during the window: a share, for noise.
+    assert 0.0 <= window["machine_cpu_steal"] <= window["machine_cpu_busy"] <= 1.0, name
 
 
 def test_quick_run_writes_results_with_every_workload(tmp_path: Path) -> None:
