@@ -7,9 +7,10 @@ a webhook target) starts one of these; the fixtures stop them after the test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,3 +82,28 @@ def stop_all(servers: Iterable[ThreadedServer]) -> None:
         entry.server.should_exit = True
     for entry in servers:
         entry.thread.join(5)
+
+
+@contextlib.asynccontextmanager
+async def serve_behind_front(app: Any, limits: Any, port: int) -> AsyncIterator[None]:
+    """Serve ``app`` on ``127.0.0.1:port`` in this event loop with Warden's HTTP front
+    (``LimitedHttpToolsProtocol`` enforcing ``limits``) until the block ends."""
+    from warden.runtime.http_limits import protocol_class
+
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        http=protocol_class(limits),
+        log_config=None,
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        await task

@@ -432,3 +432,20 @@ def test_an_address_failing_authentication_past_the_limit_is_refused(
     assert _rejected(gateway, "penalised") == 2
     # Others are served as before.
     assert httpx.get(f"{gateway.api_url}/_matrix/key/v2/server", timeout=10).status_code == 200
+    # Failures through a trusted proxy (127.0.0.1, uvicorn's default) count against no
+    # one: not the proxy, nor the address its X-Forwarded-For names (which anyone can
+    # write), who connecting directly afterwards is served.
+    with httpx.Client(base_url=gateway.api_url, timeout=10) as client:
+        for _ in range(8):
+            r = client.put(SEND, content=b"{}", headers={"X-Forwarded-For": "127.0.0.9"})
+            assert r.status_code == 401, r.text
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(PATIENCE)
+    try:
+        sock.bind(("127.0.0.9", 0))
+        sock.connect((host, port))
+        sock.sendall(b"GET /_matrix/key/v2/server HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert _read_one_response(sock).startswith(b"HTTP/1.1 200 ")
+    finally:
+        sock.close()
+    assert _rejected(gateway, "penalised") == 2

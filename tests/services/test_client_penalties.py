@@ -14,13 +14,13 @@ import re
 from collections.abc import AsyncIterator
 
 import pytest
-import uvicorn
 from prometheus_client import REGISTRY
 from starlette.types import Receive, Scope, Send
 
+from tests.local_servers import serve_behind_front
 from tests.service_processes import free_port
 from warden.runtime.client_penalties import WINDOW_SECONDS, ClientPenalties
-from warden.runtime.http_limits import HttpLimits, protocol_class, trusted_proxy_networks
+from warden.runtime.http_limits import HttpLimits, trusted_proxy_networks
 from warden.settings import Settings
 
 ATTACKER = "127.0.0.2"
@@ -56,6 +56,15 @@ def test_ipv6_addresses_count_per_64_and_zero_turns_penalties_off() -> None:
     for _ in range(1000):
         off.failed(ATTACKER)
     assert not off.active and not off.penalised(ATTACKER)
+
+
+def test_penalties_nobody_asks_about_again_do_not_pile_up() -> None:
+    now = [0.0]
+    penalties = ClientPenalties(1, 5.0, clock=lambda: now[0])
+    for n in range(1, 200):
+        penalties.failed(f"192.0.2.{n}")
+        now[0] += 1.0  # each penalty over before long, never asked about
+    assert len(penalties._penalised) <= 6  # those still running, and the newest
 
 
 def test_the_table_is_bounded() -> None:
@@ -106,29 +115,14 @@ async def front() -> AsyncIterator[tuple[int, ClientPenalties, _Clock]]:
         status = 200
         if scope["path"] == "/fail":
             status = 401
-            penalties.failed(scope["client"][0])
+            penalties.failed_request(scope)  # direct connections only
         headers = [(b"content-length", b"2")]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"{}"})
 
     port = free_port()
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        http=protocol_class(HttpLimits(penalties=penalties)),
-        log_config=None,
-        lifespan="off",
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
+    async with serve_behind_front(app, HttpLimits(penalties=penalties), port):
         yield port, penalties, clock
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def _open(port: int, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -171,7 +165,13 @@ async def test_a_penalised_address_is_cut_off_and_comes_back_after_the_penalty(
     assert retry is not None and 1 <= int(retry.group(1)) <= 30
     assert _refused() == before + 2
 
-    # A trusted proxy's connection is never refused, even under a penalty of its own.
+    # A trusted proxy's requests are not counted ...
+    reader, writer = await _open(port, "127.0.0.1")
+    for _ in range(5):
+        assert (await _ask(reader, writer, "/fail")).startswith(b"HTTP/1.1 401 ")
+    writer.close()
+    assert not penalties.penalised("127.0.0.1")
+    # ... and its connection is never refused, even under a penalty of its own.
     for _ in range(3):
         penalties.failed("127.0.0.1")
     assert penalties.penalised("127.0.0.1")

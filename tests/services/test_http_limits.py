@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator
 
 import orjson
 import pytest
-import uvicorn
 from starlette.types import Receive, Scope, Send
 
+from tests.local_servers import serve_behind_front
 from tests.service_processes import free_port
-from warden.runtime.http_limits import HttpLimits, protocol_class
+from warden.runtime.http_limits import HttpLimits
 
 
 async def echo(scope: Scope, receive: Receive, send: Send) -> None:
@@ -42,23 +42,8 @@ async def echo(scope: Scope, receive: Receive, send: Send) -> None:
 async def server() -> AsyncIterator[tuple[str, int]]:
     port = free_port()
     limits = HttpLimits(max_header_bytes=4096, max_headers=16)
-    config = uvicorn.Config(
-        echo,
-        host="127.0.0.1",
-        port=port,
-        http=protocol_class(limits),
-        log_config=None,
-        lifespan="off",
-    )
-    srv = uvicorn.Server(config)
-    task = asyncio.create_task(srv.serve())
-    while not srv.started:
-        await asyncio.sleep(0.01)
-    try:
+    async with serve_behind_front(echo, limits, port):
         yield "127.0.0.1", port
-    finally:
-        srv.should_exit = True
-        await task
 
 
 async def _responses(reader: asyncio.StreamReader, count: int) -> list[tuple[bytes, bytes]]:

@@ -15,20 +15,25 @@ Addresses are counted as the per-client budgets count them (``client_bucket``: I
 per /64). The table is bounded (``max_clients``): when it is full, the oldest entry no
 longer counting or penalised makes room, and otherwise a newcomer is not counted (so
 filling the table with many addresses buys an attacker only today's cost per request).
-Counted in ``warden_http_rejected_total{reason="penalised"}``; addresses under a
-penalty in ``warden_http_penalised_clients``.
+Counted in ``warden_http_rejected_total{reason="penalised"}``; addresses counted in
+``warden_http_auth_failure_clients``, those under a penalty in
+``warden_http_penalised_clients``.
 
-Only direct connections are refused: a connection from a trusted reverse proxy
-(``FORWARDED_ALLOW_IPS``) carries many clients' requests, and refusing their requests by
-the ``X-Forwarded-For`` address would let one attacker shut out everyone behind a proxy
-that does not set it. Behind a proxy, limit failed requests at the proxy.
+Only direct connections are counted and refused: a connection from a trusted reverse
+proxy (``FORWARDED_ALLOW_IPS``) carries many clients' requests, and refusing their
+requests by the ``X-Forwarded-For`` address would let one attacker shut out everyone
+behind a proxy that does not set it (or fill the table with addresses it makes up). The
+HTTP front marks each request of a direct connection with its peer's address
+(``PEER_SCOPE_KEY``); ``failed_request`` counts only those. Behind a proxy, limit failed
+requests at the proxy.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from prometheus_client import Gauge
 
@@ -37,6 +42,15 @@ from warden.settings import Settings
 # Failures are counted over windows of this length, from each address's first failure.
 WINDOW_SECONDS = 10.0
 
+# The ASGI scope key under which the HTTP front puts the peer address of a request that
+# came on a direct connection (absent for a trusted proxy's connections).
+PEER_SCOPE_KEY = "warden.penalisable_peer"
+
+HTTP_AUTH_FAILURE_CLIENTS = Gauge(
+    "warden_http_auth_failure_clients",
+    "Client addresses (IPv6: /64 prefixes) whose failed federation authentications are "
+    "being counted (bounded; as of the last change).",
+)
 HTTP_PENALISED_CLIENTS = Gauge(
     "warden_http_penalised_clients",
     "Client addresses (IPv6: /64 prefixes) refused for failing federation authentication "
@@ -87,6 +101,10 @@ class ClientPenalties:
         """Whether any address is (or was until a moment ago) under a penalty."""
         return bool(self._penalised)
 
+    def failed_request(self, scope: Mapping[str, Any]) -> None:
+        """Count one failed request, if it came on a direct connection."""
+        self.failed(scope.get(PEER_SCOPE_KEY))
+
     def failed(self, address: str | None) -> None:
         """Count one failed request from ``address`` (None: unknown, not counted)."""
         if not self._limit or not address:
@@ -100,9 +118,14 @@ class ClientPenalties:
             elif len(self._table) >= self._max_clients and not self._make_room(now):
                 return
             entry = self._table[bucket] = [now, 0.0, entry[2] if entry is not None else 0.0]
+            HTTP_AUTH_FAILURE_CLIENTS.set(len(self._table))
         entry[1] += 1
         if entry[1] >= self._limit and entry[2] <= now:
             entry[2] = now + self._penalty
+            # Penalties nobody asked about again are dropped here: at most one per
+            # table entry is ever kept.
+            for other in [b for b, until in self._penalised.items() if until <= now]:
+                del self._penalised[other]
             self._penalised[bucket] = entry[2]
             HTTP_PENALISED_CLIENTS.set(len(self._penalised))
 
@@ -127,4 +150,5 @@ class ClientPenalties:
         if now - window_start < WINDOW_SECONDS or until > now:
             return False
         del self._table[oldest]
+        HTTP_AUTH_FAILURE_CLIENTS.set(len(self._table))
         return True

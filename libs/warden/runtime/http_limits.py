@@ -43,7 +43,7 @@ from prometheus_client import Counter, Gauge
 from starlette.types import Receive, Scope, Send
 from uvicorn.server import ServerState
 
-from warden.runtime.client_penalties import ClientPenalties
+from warden.runtime.client_penalties import PEER_SCOPE_KEY, ClientPenalties
 from warden.runtime.http_writes import CoalescingHttpToolsProtocol
 from warden.settings import Settings
 
@@ -285,6 +285,9 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     def on_message_begin(self) -> None:
         """A request starts: its head phase (and deadline) starts unless already running."""
         super().on_message_begin()
+        if self._penalisable is not None:
+            # A direct connection: its failures count towards its peer's penalty.
+            self.scope[PEER_SCOPE_KEY] = self._penalisable  # type: ignore[literal-required]
         self._begun += 1
         if self._begun > 1:  # the first request's head is timed from the connection
             self._phase_started = self.loop.time()

@@ -201,8 +201,7 @@ class AuthFailureMiddleware:
 
         async def send_noting(message: Message) -> None:
             if message["type"] == "http.response.start" and message["status"] == 401:
-                client = scope.get("client")
-                self._penalties.failed(str(client[0]) if client else None)
+                self._penalties.failed_request(scope)
             await send(message)
 
         await self.app(scope, receive, send_noting)

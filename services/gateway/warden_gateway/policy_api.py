@@ -319,7 +319,7 @@ class PolicyAPI:
         except MatrixError as exc:
             outcome = _outcome_for(exc)
             if outcome in _PENALISED_OUTCOMES and self._penalties is not None:
-                self._penalties.failed(client_address(request))
+                self._penalties.failed_request(request.scope)
             return error_response(exc)
         except _DEPENDENCY_ERRORS as exc:
             outcome = Outcome.UNAVAILABLE
