@@ -560,9 +560,13 @@ def _could_not_record(faults: Sequence[Fault], service: str, start: float, end: 
 
 
 async def settle(pool: asyncpg.Pool, timeout: float) -> None:
-    """Wait until every prohibited verdict's redaction (where due) and webhook are done
-    and the moderation command queue is empty (or ``timeout`` passes: the checks then
-    report what is not)."""
+    """Wait until every prohibited verdict's redaction and moderation command (where due)
+    and webhook are done and the command queue is empty (or ``timeout`` passes: the
+    checks then report what is not).
+
+    A command is waited for by its verdict, not only by the queue: a moderator killed
+    after redacting but before queueing the command leaves the queue empty, and the
+    verdict's message comes back only after the consumer's ``ack_wait`` (30 s)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pending = await pool.fetchval(
@@ -576,6 +580,15 @@ async def settle(pool: asyncpg.Pool, timeout: float) -> None:
             """
         )
         pending += await pool.fetchval("SELECT count(*) FROM moderation_command_edus")
+        pending += await pool.fetchval(
+            """
+            SELECT count(*) FROM verdicts v
+            WHERE v.class = 2
+              AND substr(v.sender, strpos(v.sender, ':') + 1) <> v.origin
+              AND NOT EXISTS (
+                  SELECT 1 FROM moderation_commands_sent c WHERE c.event_id = v.event_id)
+            """
+        )
         if pending == 0:
             return
         await asyncio.sleep(0.5)
