@@ -42,6 +42,7 @@ from warden.federation.client import build_ssl_context
 from warden.federation.errors import DeniedDestination
 from warden.federation.network_guard import GuardedTransport, IPAddress, IPNetwork, NetworkGuard
 from warden.outbound_http import USER_AGENT, read_capped
+from warden.policy import slow_lane
 from warden.policy.dependency_failures import DependencyUnavailable
 from warden.settings import Settings
 
@@ -219,6 +220,7 @@ class OpenAIModeration:
                 f"moderation service: {self.max_concurrency} events already being classified"
             )
         self._in_flight += 1
+        slow_lane.waiting_outside()  # its batch answers the other events meanwhile
         tasks = [asyncio.ensure_future(self._request(text)) for text in texts]
         try:
             async with asyncio.timeout(self.timeout_seconds):

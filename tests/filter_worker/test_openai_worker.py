@@ -38,7 +38,7 @@ from warden.policy.pipeline import Pipeline
 from warden.policy.verdict import ContentClass, Verdict
 from warden.storage.verdicts import get_verdict
 from warden_filter_worker.community_config import CommunityConfigCache
-from warden_filter_worker.evaluation import EvaluationService
+from warden_filter_worker.evaluation import EvaluationService, _Answer, _Event
 from warden_filter_worker.group_commit import GroupCommitWriter
 from warden_filter_worker.publisher import VerdictPublisher
 
@@ -68,6 +68,8 @@ async def worker(
         claim_ttl_seconds=2,
         wait_seconds=60,
         store_timeout_seconds=5,
+        # Only the classifier's own "waiting outside" may answer a batch early.
+        settle_early_seconds=600,
     )
     yield svc
     if service[0].hold is not None:
@@ -112,6 +114,35 @@ async def test_other_rooms_are_answered_while_the_classifier_holds_a_request(
     reply, outcome = await held
     assert outcome == "first_time"
     assert Verdict.from_json(reply).content_class is ContentClass.NEUTRAL
+
+
+async def test_a_held_classifier_request_does_not_hold_the_rest_of_its_batch(
+    worker: EvaluationService,
+    service: tuple[Moderations, ThreadedServer],
+) -> None:
+    moderations, _ = service
+    moderations.hold = threading.Event()
+    judged = request("is this fine")
+    others = [request(f"message {i}", OTHER_ROOM) for i in range(5)]
+    # One batch, as the worker forms it from requests arriving together.
+    batch = {r.event_id: _Event(r) for r in [judged, *others]}
+    answered: dict[str, _Answer] = {}
+    others_answered = asyncio.Event()
+
+    async def deliver(event_id: str, answer: _Answer) -> None:
+        answered[event_id] = answer
+        if all(r.event_id in answered for r in others):
+            others_answered.set()
+
+    batch_task = asyncio.create_task(worker._answer_events(batch, deliver))
+    await asyncio.wait_for(others_answered.wait(), 15)
+    assert judged.event_id not in answered
+    assert moderations.held == 1
+    for r in others:
+        assert Verdict.from_json(answered[r.event_id].reply).content_class is ContentClass.NEUTRAL
+    moderations.hold.set()
+    await batch_task
+    assert Verdict.from_json(answered[judged.event_id].reply).content_class is ContentClass.NEUTRAL
 
 
 async def test_a_failing_classifier_leaves_no_verdict_and_is_asked_again(

@@ -31,7 +31,7 @@ import logging
 import secrets
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -44,6 +44,7 @@ from warden import redis_keys
 from warden.media_scan.download import MediaDownloader, MediaTooLarge
 from warden.media_scan.extract import MediaRef
 from warden.media_scan.hma import HmaClient, MediaKind
+from warden.policy import slow_lane
 from warden.policy.dependency_failures import DependencyUnavailable
 from warden.policy.verdict import ContentClass
 from warden.settings import Settings
@@ -148,6 +149,31 @@ class RecentlyFailed(DependencyUnavailable):
     """The media's scan failed a short while ago; it is not tried again yet."""
 
 
+@dataclass
+class _InFlight:
+    """One mxc's scan running in this process, and the evaluations waiting on it."""
+
+    task: asyncio.Task[ScanResult] | None = None
+    # The askers' slow-lane callbacks, called once the scan goes outside (a download,
+    # HMA, or waiting on another replica's scan); later askers are told at once.
+    askers: list[slow_lane.Mark] = field(default_factory=list)
+    outside: bool = False
+
+    def ask(self, mark: slow_lane.Mark | None) -> None:
+        if mark is None:
+            return
+        if self.outside:
+            mark()
+        else:
+            self.askers.append(mark)
+
+    def going_outside(self) -> None:
+        self.outside = True
+        askers, self.askers = self.askers, []
+        for mark in askers:
+            mark()
+
+
 class MediaScanner:
     """Judges media for communities; one per process, shared by every event."""
 
@@ -171,7 +197,7 @@ class MediaScanner:
         self._poll = poll_seconds
         self._claim_ms = max(1000, int(timeout_seconds * 1000))
         self._release = redis.register_script(_RELEASE)
-        self._inflight: dict[str, asyncio.Task[ScanResult]] = {}
+        self._inflight: dict[str, _InFlight] = {}
 
     async def aclose(self) -> None:
         """Close the HTTP clients."""
@@ -221,19 +247,23 @@ class MediaScanner:
 
     async def scan(self, ref: MediaRef) -> ScanResult:
         """What the media's one scan found, scanning it unless some process did."""
-        task = self._inflight.get(ref.uri)
-        if task is None:
-            task = asyncio.create_task(self._scan_once(ref))
-            self._inflight[ref.uri] = task
+        scan = self._inflight.get(ref.uri)
+        if scan is None:
+            scan = _InFlight()
+            self._inflight[ref.uri] = scan
+            task = scan.task = asyncio.create_task(self._scan_once(ref, scan))
             task.add_done_callback(lambda done: self._forget(ref.uri, done))
         else:
             CACHE_HITS.labels("in_flight").inc()
+        scan.ask(slow_lane.current())
+        assert scan.task is not None
         # Shielded: one asker's timeout must not cancel the scan others wait for. The
         # scan bounds itself with the same timeout.
-        return await asyncio.shield(task)
+        return await asyncio.shield(scan.task)
 
     def _forget(self, uri: str, task: asyncio.Task[ScanResult]) -> None:
-        if self._inflight.get(uri) is task:
+        scan = self._inflight.get(uri)
+        if scan is not None and scan.task is task:
             del self._inflight[uri]
         if not task.cancelled():
             task.exception()  # retrieved even when every asker gave up
@@ -242,7 +272,7 @@ class MediaScanner:
         raw = await self.pool.fetchval("SELECT hashes FROM media_hashes WHERE mxc_uri = $1", uri)
         return None if raw is None else ScanResult.from_json(raw)
 
-    async def _scan_once(self, ref: MediaRef) -> ScanResult:
+    async def _scan_once(self, ref: MediaRef, scan: _InFlight) -> ScanResult:
         uri = ref.uri
         failed = redis_keys.media_scan_failed(uri)
         async with asyncio.timeout(self.timeout_seconds):
@@ -251,6 +281,8 @@ class MediaScanner:
                 CACHE_HITS.labels("hashes").inc()
                 return cached
             await self._raise_if_recently_failed(failed)
+            # From here on it downloads, or waits for the replica that does.
+            scan.going_outside()
             claim = redis_keys.media_scan_claim(uri)
             token = secrets.token_hex(16)
             while True:

@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import secrets
 import time
@@ -80,6 +81,7 @@ from warden.matrix.third_party_invite import (
     third_party_invite_token,
     verify_third_party_invite,
 )
+from warden.policy import slow_lane
 from warden.policy.dependency_failures import EvaluationUnavailable, is_dependency_failure
 from warden.policy.pipeline import Pipeline
 from warden.policy.verdict import Verdict
@@ -101,8 +103,9 @@ BODY_EXCERPT_CHARS = 500
 # Redis lost the cached verdict).
 _DB_POLL_EVERY = 8
 # How long a batch's evaluations may take before those finished are answered without
-# waiting for the rest (a media scan can take seconds; every other filter, milliseconds).
-_SETTLE_EARLY_SECONDS = 0.25
+# waiting for the rest, when none of the rest said it waits outside (``slow_lane``): a
+# bound for the unforeseen (a slow database), as every other filter takes milliseconds.
+SETTLE_EARLY_SECONDS = 0.25
 # Sources whose events the gateway verified the sender's signatures of (``policy_api``).
 _CHECKED = frozenset({"sign", "check"})
 # What the gateway is told to wait before asking again after a dependency failed.
@@ -252,6 +255,41 @@ def _in_span(span: Span | None) -> AbstractContextManager[object]:
     return trace.use_span(span, end_on_exit=False)
 
 
+class _EarlySettle:
+    """When a batch's finished evaluations may be answered without waiting for the
+    rest: ``future`` is set once all are done, or once some are and every one still
+    running waits on an outside service (``slow_lane``)."""
+
+    __slots__ = ("_count", "_finished", "_outside", "_running", "future")
+
+    def __init__(self, count: int) -> None:
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._count = count
+        self._running = count
+        self._outside: set[str] = set()  # running, and waiting outside
+        self._finished: set[str] = set()
+
+    def outside(self, event_id: str) -> None:
+        """The evaluation of ``event_id`` waits outside (its slow-lane callback)."""
+        if event_id not in self._finished and event_id not in self._outside:
+            self._outside.add(event_id)
+            self._check()
+
+    def finished(self, event_id: str, _task: object) -> None:
+        """The evaluation of ``event_id`` ended (its task's done callback)."""
+        self._running -= 1
+        self._finished.add(event_id)
+        self._outside.discard(event_id)
+        self._check()
+
+    def _check(self) -> None:
+        if self.future.done():
+            return
+        running = self._running
+        if running == 0 or (running < self._count and running == len(self._outside)):
+            self.future.set_result(None)
+
+
 class EvaluationService:
     """Serves evaluation requests for one worker process."""
 
@@ -270,6 +308,7 @@ class EvaluationService:
         max_batch: int = 256,
         linger_seconds: float = 0.0,
         store_timeout_seconds: float = 5.0,
+        settle_early_seconds: float = SETTLE_EARLY_SECONDS,
     ) -> None:
         self._redis = redis
         self._pool = pool
@@ -280,6 +319,7 @@ class EvaluationService:
         self._claim_ttl_ms = int(claim_ttl_seconds * 1000)
         self._wait_seconds = wait_seconds
         self._store_timeout = store_timeout_seconds
+        self._settle_early = settle_early_seconds
         # Scripts run as EVALSHA (loaded on NOSCRIPT): one round trip each.
         self._look = redis.register_script(_LOOK)
         self._settle_claims = redis.register_script(_SETTLE)
@@ -548,10 +588,11 @@ class EvaluationService:
         released); PostgreSQL's first-writer-wins insert keeps one verdict per event.
 
         A batch is normally settled at once (one Redis round trip for its caches and
-        claims). When some evaluation is still running ``_SETTLE_EARLY_SECONDS`` after
-        the batch's (a media scan waiting on outside services), the finished ones are
-        settled and answered then, and the rest as they finish: a slow event never holds
-        the others' answers.
+        claims). When every evaluation still running waits on an outside service (a media
+        scan, a moderation model: ``slow_lane``), or some still runs
+        ``settle_early_seconds`` after the batch's start, the finished ones are settled
+        and answered then, and the rest as they finish: a slow event never holds the
+        others' answers.
         """
         answers: dict[str, _Answer] = {}
         settled: set[str] = set()
@@ -609,12 +650,22 @@ class EvaluationService:
     ) -> None:
         """Evaluate ``fresh`` concurrently into ``answers``; settle early what finished
         when some evaluation is slow (its event IDs are added to ``settled``)."""
-        tasks = {asyncio.ensure_future(self._evaluate(e)): e for e in fresh}
+        gate = _EarlySettle(len(fresh))
+        tasks: dict[asyncio.Task[_Answer], _Event] = {}
+        for e in fresh:
+            event_id = e.request.event_id
+            task = asyncio.create_task(
+                self._evaluate_watched(e, functools.partial(gate.outside, event_id))
+            )
+            task.add_done_callback(functools.partial(gate.finished, event_id))
+            tasks[task] = e
         try:
-            done, pending = await asyncio.wait(tasks, timeout=_SETTLE_EARLY_SECONDS)
+            await asyncio.wait((gate.future,), timeout=self._settle_early)
+            done = {t for t in tasks if t.done()}
+            pending = set(tasks) - done
             while True:
-                for task in done:
-                    answers[tasks[task].request.event_id] = task.result()
+                for finished in done:
+                    answers[tasks[finished].request.event_id] = finished.result()
                 if not pending:
                     return
                 early = {e: a for e, a in answers.items() if e not in settled}
@@ -628,8 +679,8 @@ class EvaluationService:
                     await self._deliver_and_publish(claimed, early, deliver)
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in tasks:
-                task.cancel()  # still running only when the batch was given up on
+            for running in tasks:
+                running.cancel()  # still running only when the batch was given up on
 
     async def _deliver_and_publish(
         self, events: dict[str, _Event], answers: dict[str, _Answer], deliver: Deliver
@@ -673,6 +724,11 @@ class EvaluationService:
             if is_redis_outage(exc):
                 self._redis_outage.failed(exc)  # the next batches go without it at once
             logger.warning("could not cache verdicts or release claims", extra={"error": str(exc)})
+
+    async def _evaluate_watched(self, event: _Event, mark: slow_lane.Mark) -> _Answer:
+        """``_evaluate``, in a task of its own, telling ``mark`` if it waits outside."""
+        slow_lane.watch(mark)
+        return await self._evaluate(event)
 
     async def _evaluate(self, event: _Event) -> _Answer:
         request = event.request
