@@ -54,6 +54,10 @@ CLASSES = ("junk", "made_up_origins", "oversized")
 CHUNK_BYTES = 256 * 1024
 # Bound on waiting for one answer (the window is short; a hung request counts as timeout).
 ANSWER_TIMEOUT_SECONDS = 10.0
+# Bound on a connection attempt: an address the gateway penalised gets no answer to its
+# attempts at all (its packets are dropped by the kernel), and an attacker gives up on
+# an attempt soon to try again (counted as a connect error).
+CONNECT_TIMEOUT_SECONDS = 1.0
 
 
 @dataclass
@@ -302,17 +306,18 @@ class Attacker:
         self, stats: ClassStats
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         stats.connections_opened += 1
-        if self.source is not None:
-            try:
-                return await asyncio.open_connection(
-                    self.host, self.port, local_addr=(self.source, 0)
-                )
-            except OSError as exc:
-                if exc.errno != errno.EADDRNOTAVAIL:
-                    raise
-                # Only 127.0.0.1 is usable here: come from it, like the legitimate load.
-                self.source = None
-        return await asyncio.open_connection(self.host, self.port)
+        async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
+            if self.source is not None:
+                try:
+                    return await asyncio.open_connection(
+                        self.host, self.port, local_addr=(self.source, 0)
+                    )
+                except OSError as exc:
+                    if exc.errno != errno.EADDRNOTAVAIL:
+                        raise
+                    # Only 127.0.0.1 is usable here: come from it, like the legitimate load.
+                    self.source = None
+            return await asyncio.open_connection(self.host, self.port)
 
     async def _small_connection(self, name: str, stop_at: float) -> None:
         """One connection's loop for a small class: write, read the answer, repeat."""

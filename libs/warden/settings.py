@@ -340,6 +340,9 @@ class Settings(BaseSettings):
     http_auth_failure_limit: int = Field(default=100, ge=0)
     # How long a penalised address is refused: 429 and closed as its connections open.
     http_auth_failure_penalty_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # Penalised addresses' packets dropped by the kernel at the listening sockets (a
+    # socket filter, Linux) rather than each connection refused by the HTTP front.
+    http_auth_failure_kernel_drop: bool = True
     # The admin API (/api/v1) on a listener of its own, e.g. 127.0.0.1:8082. Empty: on
     # PS_HTTP_BIND with federation, which exposes it to the internet (not recommended).
     admin_http_bind: str = ""

@@ -395,8 +395,14 @@ def test_an_address_failing_authentication_past_the_limit_is_refused(
 ) -> None:
     # Junk /sign bodies (refused before authentication) and unauthenticated /send, both
     # counted for the client address; past PS_HTTP_AUTH_FAILURE_LIMIT its connections
-    # are answered 429 and closed as they open. 127.0.0.2: not a trusted proxy.
-    gateway = _start(spawn_service, PS_HTTP_AUTH_FAILURE_LIMIT="4", **NO_NOTARY)
+    # are answered 429 and closed as they open. 127.0.0.2: not a trusted proxy. (The
+    # kernel drop is off: its test is the next one.)
+    gateway = _start(
+        spawn_service,
+        PS_HTTP_AUTH_FAILURE_LIMIT="4",
+        PS_HTTP_AUTH_FAILURE_KERNEL_DROP="false",
+        **NO_NOTARY,
+    )
     host, port = _addr(gateway)
 
     def connect() -> socket.socket:
@@ -449,3 +455,57 @@ def test_an_address_failing_authentication_past_the_limit_is_refused(
     finally:
         sock.close()
     assert _rejected(gateway, "penalised") == 2
+
+
+def _metric(gateway: ServiceProcess, name: str) -> float:
+    text = httpx.get(f"{gateway.metrics_url}/metrics", timeout=10).text
+    match = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_a_penalised_address_is_dropped_by_the_kernel_until_its_penalty_ends(
+    spawn_service: Callable[..., ServiceProcess],
+) -> None:
+    gateway = _start(
+        spawn_service,
+        PS_HTTP_AUTH_FAILURE_LIMIT="3",
+        PS_HTTP_AUTH_FAILURE_PENALTY_SECONDS="3",
+        **NO_NOTARY,
+    )
+    host, port = _addr(gateway)
+
+    def connect(source: str, timeout: float) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.bind((source, 0))
+        try:
+            sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    with connect("127.0.0.2", PATIENCE) as sock:
+        for _ in range(3):
+            sock.sendall(f"PUT {SEND} HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n".encode())
+            assert _read_one_response(sock).startswith(b"HTTP/1.1 401 ")
+    assert _metric(gateway, "warden_http_kernel_dropped_clients") == 1
+    # The open connection was closed after its answer (as without the kernel drop).
+    assert _rejected(gateway, "penalised") == 1
+    # New connection attempts go unanswered: the kernel drops them, nothing reaches the
+    # HTTP front (which would have answered 429).
+    with pytest.raises(TimeoutError):
+        connect("127.0.0.2", 1.0)
+    assert _rejected(gateway, "penalised") == 1
+    # Other addresses are served as before.
+    with connect("127.0.0.3", PATIENCE) as sock:
+        sock.sendall(b"GET /_matrix/key/v2/server HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert _read_one_response(sock).startswith(b"HTTP/1.1 200 ")
+    # When the penalty ends the filter goes, and the address is served again.
+    deadline = time.monotonic() + PATIENCE
+    while _metric(gateway, "warden_http_kernel_dropped_clients") != 0:
+        assert time.monotonic() < deadline, "the filter outlived the penalty"
+        time.sleep(0.1)
+    with connect("127.0.0.2", PATIENCE) as sock:
+        sock.sendall(b"GET /_matrix/key/v2/server HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert _read_one_response(sock).startswith(b"HTTP/1.1 200 ")

@@ -19,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from tests.local_servers import serve_behind_front
 from tests.service_processes import free_port
-from warden.runtime.client_penalties import WINDOW_SECONDS, ClientPenalties
+from warden.runtime.client_penalties import WINDOW_SECONDS, ClientPenalties, client_bucket
 from warden.runtime.http_limits import HttpLimits, trusted_proxy_networks
 from warden.settings import Settings
 
@@ -65,6 +65,12 @@ def test_penalties_nobody_asks_about_again_do_not_pile_up() -> None:
         penalties.failed(f"192.0.2.{n}")
         now[0] += 1.0  # each penalty over before long, never asked about
     assert len(penalties._penalised) <= 6  # those still running, and the newest
+
+
+def test_ipv4_clients_of_a_dual_stack_listener_count_as_themselves() -> None:
+    # Not as the /64 of ::ffff:0:0/96 that every IPv4 client would share.
+    assert client_bucket("::ffff:192.0.2.7") == "192.0.2.7"
+    assert client_bucket("::ffff:192.0.2.8") != client_bucket("::ffff:192.0.2.7")
 
 
 def test_the_table_is_bounded() -> None:

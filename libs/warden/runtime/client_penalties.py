@@ -9,7 +9,9 @@ of them within ``WINDOW_SECONDS`` is not a homeserver having a bad moment, so fo
 
 * its new connections are answered 429 ``M_LIMIT_EXCEEDED`` with ``Retry-After`` and
   closed as they open (``http_limits``), before any request is read;
-* its open connections are closed after their current response.
+* its open connections are closed after their current response;
+* on Linux, its packets are dropped by the kernel at the gateway's listening sockets
+  (``kernel_refusal``), so its connection attempts cost nothing at all.
 
 Addresses are counted as the per-client budgets count them (``client_bucket``: IPv6
 per /64). The table is bounded (``max_clients``): when it is full, the oldest entry no
@@ -65,6 +67,8 @@ def client_bucket(address: str) -> str:
     except ValueError:
         return address[:64]
     if ip.version == 6:
+        if ip.ipv4_mapped is not None:  # an IPv4 client of a dual-stack listener
+            return str(ip.ipv4_mapped)
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
     return str(ip)
 
@@ -90,11 +94,25 @@ class ClientPenalties:
         self._table: dict[str, list[float]] = {}
         # Buckets under a penalty -> until when. Empty almost always: checked per request.
         self._penalised: dict[str, float] = {}
+        self._on_penalty: Callable[[], None] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClientPenalties:
         """The penalties ``PS_HTTP_AUTH_FAILURE_LIMIT`` and its penalty describe."""
         return cls(settings.http_auth_failure_limit, settings.http_auth_failure_penalty_seconds)
+
+    def on_penalty(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` whenever a penalty starts (None: stop)."""
+        self._on_penalty = callback
+
+    def now(self) -> float:
+        """The clock penalties are timed by."""
+        return self._clock()
+
+    def penalties(self) -> dict[str, float]:
+        """The buckets under a penalty now, with when each penalty ends."""
+        now = self._clock()
+        return {bucket: until for bucket, until in self._penalised.items() if until > now}
 
     @property
     def active(self) -> bool:
@@ -128,6 +146,8 @@ class ClientPenalties:
                 del self._penalised[other]
             self._penalised[bucket] = entry[2]
             HTTP_PENALISED_CLIENTS.set(len(self._penalised))
+            if self._on_penalty is not None:
+                self._on_penalty()
 
     def penalised(self, address: str) -> float:
         """Seconds left of ``address``'s penalty (0.0: none)."""

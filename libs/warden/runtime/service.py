@@ -25,9 +25,11 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
 from warden.policyserv_settings import warn_ignored_settings
+from warden.runtime import kernel_refusal
 from warden.runtime.client_penalties import ClientPenalties
 from warden.runtime.health import Health
 from warden.runtime.http_limits import HttpLimits, protocol_class, sweep_deadlines
+from warden.runtime.kernel_refusal import KernelRefusal
 from warden.settings import Settings, parse_bind
 from warden.telemetry.logs import configure_logging
 from warden.telemetry.metrics import BUILD_INFO, WARDEN_VERSION
@@ -54,6 +56,7 @@ class _HttpServer:
     limits: HttpLimits
     task: asyncio.Task[None] | None = None
     sweeper: asyncio.Task[None] | None = None
+    kernel_refusal: KernelRefusal | None = None
 
 
 class ServiceRuntime:
@@ -141,6 +144,14 @@ class ServiceRuntime:
             s.sweeper = asyncio.create_task(
                 sweep_deadlines(s.server.server_state, s.limits, s.name), name=f"sweep-{s.name}"
             )
+            penalties = s.limits.penalties
+            if (
+                penalties is not None
+                and self.settings.http_auth_failure_kernel_drop
+                and kernel_refusal.supported()
+            ):
+                listeners = [sock for server in s.server.servers for sock in server.sockets]
+                s.kernel_refusal = KernelRefusal(penalties, listeners)
             logger.info(
                 "listening",
                 extra={"server": s.name, "bind": f"{s.server.config.host}:{s.server.config.port}"},
@@ -178,6 +189,8 @@ class ServiceRuntime:
     async def _drain(self, bg_tasks: list[asyncio.Task[None]]) -> None:
         await asyncio.sleep(self.settings.shutdown_delay_seconds)
         for s in self._servers:
+            if s.kernel_refusal is not None:
+                s.kernel_refusal.close()
             s.server.should_exit = True
         try:
             async with asyncio.timeout(self.settings.shutdown_timeout_seconds):
