@@ -146,6 +146,15 @@ def _env_float(name: str, default: float) -> float:
     return float(value) if value else default
 
 
+# Settings the gateway takes from the bench's own environment (every other PS_* variable
+# there is ignored: the bench sets what it measures).
+PENALTY_SETTINGS = (
+    "PS_HTTP_AUTH_FAILURE_LIMIT",
+    "PS_HTTP_AUTH_FAILURE_PENALTY_SECONDS",
+    "PS_HTTP_AUTH_FAILURE_KERNEL_DROP",
+)
+
+
 @dataclass
 class BenchConfig:
     """Every knob of one run (see the module docstring)."""
@@ -498,6 +507,9 @@ class Bench:
             # origin comes from 127.0.0.1, but their keys are fetched once (then shared
             # through Redis and PostgreSQL), fewer than the budget; the attacker, from
             # another address, meets the defence as it ships.
+            # The address penalty's settings, from the bench's environment if set there
+            # (to measure the attack window without it, or without the kernel drop).
+            **{k: os.environ[k] for k in PENALTY_SETTINGS if k in os.environ},
         }
 
     # --- the stack ---

@@ -617,3 +617,58 @@ def test_image_requests_start_with_a_refused_one() -> None:
     first = orjson.loads(out.bodies[out.requests[0][0]])
     assert "/img-bad" in first["content"]["url"], first["content"]
     assert out.kinds["image_bad"] >= 1 and out.kinds["image_clean"] > 0
+
+
+async def test_attacker_gives_up_a_connection_attempt_nobody_answers() -> None:
+    # The gateway's kernel drop leaves a penalised attacker's attempts unanswered: the
+    # attacker tries again after its connect timeout instead of hanging in connect().
+    from warden.runtime.kernel_refusal import attach, build_program
+
+    seen: dict[str, Any] = {"peers": set(), "big": 0}
+    server = await asyncio.start_server(lambda r, w: _toy_gateway(seen, r, w), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    attach(server.sockets[0], build_program(["127.0.0.2"]))
+    plan = attack.AttackPlan(
+        target=f"127.0.0.1:{port}",
+        destination=GATEWAY_NAME,
+        duration=2.5,
+        max_requests=60,
+        max_oversized=4,
+        connections=2,
+        oversized_connections=1,
+        oversized_bytes=1024 * 1024,
+        distinct_made_up=40,
+    )
+    async with server:
+        held = attack.reserve_ports(1)
+        try:
+            # Bounded well past the window plus one connect timeout.
+            stats = await asyncio.wait_for(
+                attack.Attacker(plan, [held[0].getsockname()[1]]).run(), 30
+            )
+        finally:
+            held[0].close()
+    assert seen["peers"] == set()  # nothing got through
+    for name in attack.CLASSES:
+        assert stats[name]["errors"]["connect"] >= 1, stats[name]
+        assert stats[name]["statuses"] == {}, stats[name]
+
+
+def test_the_gateway_takes_the_penalty_settings_from_the_benchs_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    bench = harness.Bench.__new__(harness.Bench)
+    bench.servers = SimpleNamespace(redis_url="redis://r", nats_url="nats://n")  # type: ignore[assignment]
+    bench.database_url, bench.hma = "postgres://d", None
+    bench.fed_key = bench.policy_key = bench.ca_file = tmp_path / "k"  # type: ignore[attr-defined]
+    bench.config = SimpleNamespace(rate_limit=0)  # type: ignore[assignment]
+    monkeypatch.setenv("PS_HTTP_AUTH_FAILURE_KERNEL_DROP", "false")
+    monkeypatch.setenv("PS_HTTP_AUTH_FAILURE_LIMIT", "7")
+    monkeypatch.setenv("PS_API_KEY", "not-the-benchs")
+    env = bench._gateway_env()
+    assert env["PS_HTTP_AUTH_FAILURE_KERNEL_DROP"] == "false"
+    assert env["PS_HTTP_AUTH_FAILURE_LIMIT"] == "7"
+    assert "PS_HTTP_AUTH_FAILURE_PENALTY_SECONDS" not in env
+    assert env["PS_API_KEY"] == harness.API_KEY  # other PS_* variables stay the bench's
