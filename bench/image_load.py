@@ -1,9 +1,13 @@
-"""The background image load of the ``text_slow_classifier`` window.
+"""The background image load of the ``text_fast_classifier`` and ``text_slow_classifier``
+windows.
 
 Image messages, each with media of its own (so each one is a fresh HMA scan), asked for
 over ``/sign`` by a fixed number of concurrent senders in the bench process while the
 load generator drives text events. Every request is built and signed before the window;
-the senders only send them and note when each answer came and its status.
+the senders only send them and note when each answer came and its status. With a
+``period``, a sender starts a request at most once per period (it waits out the rest
+after an answer), so both windows put the same image load on the machine whether HMA
+answers at once or after a delay shorter than the period.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class ImageLoad:
     gateway_urls: Sequence[str]
     requests: Sequence[SignedRequest]
     concurrency: int
+    period_seconds: float = 0.0
     timeout_seconds: float = 30.0
     answers: list[Answer] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -83,7 +88,12 @@ class ImageLoad:
                     },
                 )
                 status = str(r.status_code)
-            self.answers.append(Answer(sent, time.monotonic(), status))
+            answered = time.monotonic()
+            self.answers.append(Answer(sent, answered, status))
+            rest = sent + self.period_seconds - answered
+            if rest > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), rest)
 
     async def stop(self, grace_seconds: float) -> None:
         """Send nothing more; wait up to ``grace_seconds`` for the requests in flight
@@ -110,6 +120,7 @@ class ImageLoad:
         latencies = sorted(1000 * (a.answered - a.sent) for a in self.answers)
         return {
             "image_senders": self.concurrency,
+            "image_period_s": self.period_seconds,
             "image_requests": len(self.answers),
             "image_statuses": statuses(self.answers),
             "image_requests_during_window": len(during),
