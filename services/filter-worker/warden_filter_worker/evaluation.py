@@ -330,6 +330,10 @@ class EvaluationService:
         self._linger = linger_seconds
         self._dispatch_handle: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Batches whose only events still running wait outside (``slow_lane``): they are
+        # not "being answered" for the linger below, which would otherwise hold every
+        # batch while a media scan waits seconds on its classifier.
+        self._outside: set[asyncio.Task[Any]] = set()
         self._nc: NATS | None = None
         self._subscription: Subscription | None = None
         self._redis_outage = RedisOutage("claims", server=server_of(redis))
@@ -355,7 +359,7 @@ class EvaluationService:
             self._dispatch()
         elif self._dispatch_handle is None:
             loop = asyncio.get_running_loop()
-            if self._linger and self._tasks:
+            if self._linger and len(self._tasks) > len(self._outside):
                 # A batch is being answered already: gather what arrives meanwhile a
                 # moment longer. Under steady load batches would otherwise hold one or
                 # two events, each paying its own Redis, PostgreSQL and JetStream round
@@ -373,7 +377,16 @@ class EvaluationService:
         batch, self._pending = self._pending, []
         task = asyncio.create_task(self._run_batch(batch))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._outside.discard(task)
+
+    def _waits_outside(self, batch: asyncio.Task[Any] | None) -> None:
+        """``batch`` has answered what it could; the rest waits outside."""
+        if batch in self._tasks:  # a worker's batch (not a test's direct call)
+            self._outside.add(batch)
 
     async def stop(self) -> None:
         """Stop taking requests, finish those in flight, flush writes and publishes."""
@@ -615,7 +628,9 @@ class EvaluationService:
                     )
                 fresh = [e for event_id, e in claimed.items() if event_id not in stored]
                 if len(fresh) == 1:
-                    answers[fresh[0].request.event_id] = await self._evaluate(fresh[0])
+                    outside = functools.partial(self._waits_outside, asyncio.current_task())
+                    answer = await self._evaluate_watched(fresh[0], outside)
+                    answers[fresh[0].request.event_id] = answer
                 elif fresh:
                     await self._evaluate_many(claimed, fresh, answers, settled, tokens, deliver)
         except Exception as exc:
@@ -677,6 +692,7 @@ class EvaluationService:
                 if early:
                     settled.update(early)
                     await self._deliver_and_publish(claimed, early, deliver)
+                self._waits_outside(asyncio.current_task())
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for running in tasks:
