@@ -567,33 +567,39 @@ def test_slow_classifier_target_row_reads_the_ratio_to_the_fast_classifier() -> 
         assert (rows[name]["measured"], rows[name]["met"]) == (ratio or 0.0, met)
 
 
+async def _answer_images(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: dict[str, Any], pause: float
+) -> None:
+    """A stand-in gateway for the image senders: each request answered 200 after
+    ``pause``; the bodies and the most requests in flight at once noted in ``seen``."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            seen["bodies"].append(await reader.readexactly(length))
+            seen["in_flight"] += 1
+            seen["most"] = max(seen["most"], seen["in_flight"])
+            await asyncio.sleep(pause)
+            seen["in_flight"] -= 1
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
 async def test_image_load_keeps_its_senders_busy_and_reports_the_window() -> None:
     """The slow-classifier window's image senders against a real local server that
     answers after a pause: each sender has one request in flight, stop waits for them."""
     seen: dict[str, Any] = {"in_flight": 0, "most": 0, "bodies": []}
-
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    int(line.split(b":", 1)[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                )
-                seen["bodies"].append(await reader.readexactly(length))
-                seen["in_flight"] += 1
-                seen["most"] = max(seen["most"], seen["in_flight"])
-                await asyncio.sleep(0.2)
-                seen["in_flight"] -= 1
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(slow, "127.0.0.1", 0)
+    server = await asyncio.start_server(
+        lambda r, w: _answer_images(r, w, seen, pause=0.2), "127.0.0.1", 0
+    )
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     requests = [image_load.SignedRequest(f'{{"n":{i}}}'.encode(), "X-Matrix x") for i in range(40)]
     async with server:
@@ -621,24 +627,10 @@ async def test_image_senders_with_a_period_start_at_most_one_request_each_per_pe
     """With HMA answering at once, paced senders put as many images on the machine as
     with a slow HMA: no more than one per sender per period."""
 
-    async def quick(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    int(line.split(b":", 1)[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                )
-                await reader.readexactly(length)
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(quick, "127.0.0.1", 0)
+    seen: dict[str, Any] = {"in_flight": 0, "most": 0, "bodies": []}
+    server = await asyncio.start_server(
+        lambda r, w: _answer_images(r, w, seen, pause=0.0), "127.0.0.1", 0
+    )
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     requests = [image_load.SignedRequest(b"{}", "X-Matrix x") for _ in range(500)]
     async with server:

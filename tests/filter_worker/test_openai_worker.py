@@ -69,8 +69,10 @@ async def worker(
         claim_ttl_seconds=2,
         wait_seconds=60,
         store_timeout_seconds=5,
-        # Only the classifier's own "waiting outside" may answer a batch early.
+        # Only the classifier's own "waiting outside" may answer a batch early, or let
+        # a batch arriving over NATS go without lingering.
         settle_early_seconds=600,
+        linger_seconds=600,
     )
     yield svc
     if service[0].hold is not None:
@@ -174,36 +176,17 @@ async def test_a_failing_classifier_leaves_no_verdict_and_is_asked_again(
 
 
 async def test_a_batch_waiting_on_the_classifier_does_not_make_the_next_batches_linger(
-    redis_client: aioredis.Redis,
-    pg_pool: asyncpg.Pool,
+    worker: EvaluationService,
     nats_client: NATS,
     service: tuple[Moderations, ThreadedServer],
 ) -> None:
     # A worker gathers requests a moment longer when a batch is being answered; a batch
-    # whose event waits on the classifier is not (with a linger of 600 s, a request
-    # arriving meanwhile would otherwise wait that long).
-    moderations, server = service
+    # whose event waits on the classifier is not (with the fixture's linger of 600 s, a
+    # request arriving meanwhile would otherwise wait that long).
+    moderations, _ = service
     moderations.hold = threading.Event()
-    await ensure_verdicts_stream(nats_client.jetstream())
-    client = OpenAIModeration.from_settings(settings_for(server, openai_filter_max_concurrency=4))
-    assert client is not None
-    deps = FilterDeps(
-        redis=redis_client, pool=pg_pool, local_user_id=OWN_USER, openai_moderation=client
-    )
-    svc = EvaluationService(
-        redis=redis_client,
-        pool=pg_pool,
-        pipeline=Pipeline(deps, timeout_seconds=30),
-        configs=CommunityConfigCache(pg_pool, instance_defaults(ROOMS_ENV)),
-        writer=GroupCommitWriter(pg_pool),
-        publisher=VerdictPublisher(nats_client),
-        claim_ttl_seconds=2,
-        wait_seconds=60,
-        linger_seconds=600,
-        settle_early_seconds=600,
-    )
     subject = f"test.evaluate.{uuid.uuid4().hex}"
-    await svc.start(nats_client, subject)
+    await worker.start(nats_client, subject)
 
     async def ask(req: EvaluationRequest) -> bytes:
         headers = {
@@ -217,17 +200,12 @@ async def test_a_batch_waiting_on_the_classifier_does_not_make_the_next_batches_
         )
         return msg.data
 
-    try:
-        held = asyncio.create_task(ask(request("is this fine")))
-        while moderations.held < 1:
-            await asyncio.sleep(0.01)
-        other = request("another room", OTHER_ROOM)
-        reply = await asyncio.wait_for(ask(other), 15)
-        assert Verdict.from_json(reply).event_id == other.event_id
-        assert not held.done()
-        moderations.hold.set()
-        assert Verdict.from_json(await held).content_class is ContentClass.NEUTRAL
-    finally:
-        moderations.hold.set()
-        await svc.stop()
-        await client.aclose()
+    held = asyncio.create_task(ask(request("is this fine")))
+    while moderations.held < 1:
+        await asyncio.sleep(0.01)
+    other = request("another room", OTHER_ROOM)
+    reply = await asyncio.wait_for(ask(other), 15)
+    assert Verdict.from_json(reply).event_id == other.event_id
+    assert not held.done()
+    moderations.hold.set()
+    assert Verdict.from_json(await held).content_class is ContentClass.NEUTRAL
