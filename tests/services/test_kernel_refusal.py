@@ -14,7 +14,13 @@ import pytest
 from prometheus_client import REGISTRY
 
 from warden.runtime.client_penalties import ClientPenalties, client_bucket
-from warden.runtime.kernel_refusal import MAX_FILTERED, KernelRefusal, attach, build_program
+from warden.runtime.kernel_refusal import (
+    MAX_FILTERED,
+    MIN_UPDATE_INTERVAL_SECONDS,
+    KernelRefusal,
+    attach,
+    build_program,
+)
 
 # A connection attempt the kernel drops gets no answer at all: this long is enough to
 # tell it from one that is accepted (loopback answers in microseconds).
@@ -44,6 +50,15 @@ def _gauge() -> float:
     value = REGISTRY.get_sample_value("warden_http_kernel_dropped_clients")
     assert value is not None
     return value
+
+
+async def _gauge_becomes(value: float) -> None:
+    """Wait (boundedly) for the filter's update to run."""
+    for _ in range(500):
+        if _gauge() == value:
+            return
+        await asyncio.sleep(0.01)
+    assert _gauge() == value
 
 
 async def test_the_program_drops_listed_ipv4_addresses_only(listener: asyncio.Server) -> None:
@@ -86,8 +101,7 @@ async def test_the_filter_follows_the_penalties(listener: asyncio.Server) -> Non
     try:
         for _ in range(3):
             penalties.failed("127.0.0.2")
-        await asyncio.sleep(0)  # the update runs on the next turn of the loop
-        assert _gauge() == 1
+        await _gauge_becomes(1)  # the update runs on a later turn of the loop
         assert not await _connects(port, "127.0.0.2")
         assert await _connects(port, "127.0.0.3")
         # The penalty ends: the filter goes with it.
@@ -99,7 +113,7 @@ async def test_the_filter_follows_the_penalties(listener: asyncio.Server) -> Non
         refusal.close()
     for _ in range(3):
         penalties.failed("127.0.0.5")  # no longer followed
-    await asyncio.sleep(0)
+    await asyncio.sleep(2 * MIN_UPDATE_INTERVAL_SECONDS)  # longer than any update takes
     assert _gauge() == 0
     assert await _connects(port, "127.0.0.5")
 
@@ -120,8 +134,7 @@ async def test_at_most_max_filtered_addresses_are_in_the_program(
         for _ in range(2):
             penalties.failed("127.0.0.2")
             now[0] += 0.001
-        await asyncio.sleep(0)
-        assert _gauge() == MAX_FILTERED
+        await _gauge_becomes(MAX_FILTERED)
         assert not await _connects(port, "127.0.0.2")
         assert len(penalties.penalties()) == MAX_FILTERED + 89
     finally:
@@ -140,8 +153,27 @@ async def test_a_penalty_earned_before_the_filter_started_is_filtered(
     sock = listener.sockets[0]
     refusal = KernelRefusal(penalties, [sock])
     try:
-        await asyncio.sleep(0)
-        assert _gauge() == 1
+        await _gauge_becomes(1)
         assert not await _connects(sock.getsockname()[1], "127.0.0.2")
+    finally:
+        refusal.close()
+
+
+async def test_programs_are_rebuilt_at_most_every_interval(listener: asyncio.Server) -> None:
+    # An attacker earning penalties with many addresses gets one rebuild per interval,
+    # not one per penalty.
+    penalties = ClientPenalties(1, 30.0)
+    refusal = KernelRefusal(penalties, [listener.sockets[0]])
+    try:
+        penalties.failed("127.0.0.2")
+        await _gauge_becomes(1)
+        built_at = refusal._last_update
+        for i in range(20):
+            penalties.failed(f"10.2.0.{i}")
+        scheduled = refusal._scheduled
+        assert scheduled is not None
+        assert isinstance(scheduled, asyncio.TimerHandle)
+        assert scheduled.when() >= built_at + MIN_UPDATE_INTERVAL_SECONDS
+        await _gauge_becomes(21)  # all twenty in the next program
     finally:
         refusal.close()

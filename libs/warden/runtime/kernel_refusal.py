@@ -10,8 +10,9 @@ penalties count them) before TCP sees them: their connection attempts go unanswe
 a firewall's DROP would leave them, and cost the gateway nothing. When the last penalty
 ends the program is detached.
 
-Bounds: at most ``MAX_FILTERED`` addresses are in the program (the ones penalised
-longest from now; any others are still refused by the HTTP front with 429), so the
+Bounds: programs are rebuilt at most every ``MIN_UPDATE_INTERVAL_SECONDS``; at most
+``MAX_FILTERED`` addresses are in one (the ones penalised longest from now; any others
+are still refused by the HTTP front with 429), so the
 program stays under the kernel's 4,096 instructions and costs every received packet at
 most a few thousand simple instructions while penalties last, nothing otherwise.
 Connections accepted while a program is attached keep a copy of it (the kernel's rule
@@ -46,6 +47,10 @@ SO_DETACH_FILTER = 27
 # At most this many addresses in one program: 5 instructions per IPv6 prefix, 2 per
 # IPv4 address, well under BPF_MAXINSNS (4096) with the program's few others.
 MAX_FILTERED = 512
+# New penalties are added to the program at most this often (building one with 512
+# prefixes takes a few milliseconds; an attacker earning penalties with many addresses
+# must not buy that per penalty). Meanwhile the HTTP front refuses them.
+MIN_UPDATE_INTERVAL_SECONDS = 0.25
 
 KERNEL_DROPPED_CLIENTS = Gauge(
     "warden_http_kernel_dropped_clients",
@@ -143,23 +148,30 @@ class KernelRefusal:
         self._expiry: asyncio.TimerHandle | None = None
         self._filtered: frozenset[str] = frozenset()
         self._broken = False
+        self._last_update = -MIN_UPDATE_INTERVAL_SECONDS
         penalties.on_penalty(self._changed)
         if penalties.penalties():  # earned while the servers were starting
             self._changed()
 
     def _changed(self) -> None:
-        # Coalesced: a burst of new penalties makes one program.
+        # Coalesced: a burst of new penalties makes one program, and programs are made
+        # at most every MIN_UPDATE_INTERVAL_SECONDS.
         if self._scheduled is None and not self._broken:
-            self._scheduled = asyncio.get_running_loop().call_soon(self.update)
+            loop = asyncio.get_running_loop()
+            self._scheduled = loop.call_at(
+                max(loop.time(), self._last_update + MIN_UPDATE_INTERVAL_SECONDS), self.update
+            )
 
     def update(self) -> None:
         """Attach the program for the addresses penalised now (or detach it)."""
-        self._scheduled = None
+        if self._scheduled is not None:
+            self._scheduled.cancel()  # called directly: this update covers it
+            self._scheduled = None
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = self._last_update = loop.time()
         live = sorted(self._penalties.penalties().items(), key=lambda item: -item[1])
         chosen = frozenset(bucket for bucket, _ in live[:MAX_FILTERED])
         if chosen != self._filtered:
