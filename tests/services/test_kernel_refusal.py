@@ -8,6 +8,7 @@ a penalty starts, detached when it ends, bounded in addresses.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -175,5 +176,27 @@ async def test_programs_are_rebuilt_at_most_every_interval(listener: asyncio.Ser
         assert isinstance(scheduled, asyncio.TimerHandle)
         assert scheduled.when() >= built_at + MIN_UPDATE_INTERVAL_SECONDS
         await _gauge_becomes(21)  # all twenty in the next program
+    finally:
+        refusal.close()
+
+
+async def test_a_listener_that_cannot_take_the_program_leaves_none_behind(
+    listener: asyncio.Server,
+) -> None:
+    # Two listeners, the second one unusable: the first must not keep a program nobody
+    # updates any more (the HTTP front still refuses penalised connections).
+    penalties = ClientPenalties(1, 30.0)
+    sock = listener.sockets[0]
+    broken = socket.socket()
+    broken.close()
+    refusal = KernelRefusal(penalties, [sock, broken])
+    try:
+        penalties.failed("127.0.0.2")
+        await asyncio.sleep(2 * MIN_UPDATE_INTERVAL_SECONDS)
+        assert _gauge() == 0
+        assert await _connects(sock.getsockname()[1], "127.0.0.2")
+        penalties.failed("127.0.0.4")  # not tried again
+        await asyncio.sleep(2 * MIN_UPDATE_INTERVAL_SECONDS)
+        assert await _connects(sock.getsockname()[1], "127.0.0.4")
     finally:
         refusal.close()

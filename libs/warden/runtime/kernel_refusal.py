@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import ipaddress
 import logging
 import socket
@@ -126,7 +127,7 @@ def attach(sock: socket.socket, program: Sequence[bytes] | None) -> None:
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
         except OSError as exc:
-            if exc.errno != 2:  # ENOENT: there was none
+            if exc.errno != errno.ENOENT:  # there was none
                 raise
         return
     code = ctypes.create_string_buffer(b"".join(program))
@@ -180,8 +181,10 @@ class KernelRefusal:
                 for sock in self._sockets:
                     attach(sock, program)
             except OSError as exc:
-                # The HTTP front still refuses them; no point trying again.
+                # The HTTP front still refuses them; no point trying again. No listener
+                # keeps a program that would no longer be updated.
                 self._broken = True
+                self._detach_all()
                 logger.warning(
                     "cannot filter penalised addresses in the kernel; the HTTP front refuses them",
                     extra={"error": str(exc)},
@@ -190,10 +193,12 @@ class KernelRefusal:
             self._filtered = chosen
             KERNEL_DROPPED_CLIENTS.set(len(chosen))
         if live:
-            # Again when the first of them ends (the clocks agree: both monotonic).
+            # Again when the first of them ends (the clocks agree: both monotonic), and
+            # not sooner than the interval: penalties ending one after another, as fast
+            # as an attacker earned them, must not buy a program each either.
             soonest = min(until for _, until in live)
             delay = max(0.0, soonest - self._penalties.now()) + 0.01
-            self._expiry = loop.call_at(now + delay, self.update)
+            self._expiry = loop.call_at(now + max(delay, MIN_UPDATE_INTERVAL_SECONDS), self.update)
 
     def close(self) -> None:
         """Stop following the penalties and detach the filter (from the listeners
@@ -203,8 +208,11 @@ class KernelRefusal:
             if handle is not None:
                 handle.cancel()
         if self._filtered:
-            for sock in self._sockets:
-                with contextlib.suppress(OSError):  # closed already
-                    attach(sock, None)
+            self._detach_all()
+
+    def _detach_all(self) -> None:
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):  # closed already
+                attach(sock, None)
         self._filtered = frozenset()
         KERNEL_DROPPED_CLIENTS.set(0)
