@@ -742,7 +742,9 @@ class EvaluationService:
             logger.warning("could not cache verdicts or release claims", extra={"error": str(exc)})
 
     async def _evaluate_watched(self, event: _Event, mark: slow_lane.Mark) -> _Answer:
-        """``_evaluate``, in a task of its own, telling ``mark`` if it waits outside."""
+        """``_evaluate``, telling ``mark`` if it waits outside. The mark is set for the
+        rest of the current task: an event's own task when a batch judges several, the
+        batch's task when it judges one (which then ends with it)."""
         slow_lane.watch(mark)
         return await self._evaluate(event)
 
