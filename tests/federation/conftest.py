@@ -47,11 +47,25 @@ def tls_ca_file(tls_ca: trustme.CA, tmp_path: Path) -> str:
     return str(path)
 
 
+# Tests deny 127.66.0.0/16 as "a private network"; random loopback addresses stay out.
+DENIED_TEST_NETWORK = "127.66.0.0/16"
+_DENIED_TEST_OCTET = 66
+
+
+def random_loopback_ip() -> str:
+    """A random 127.x.y.z address outside ``DENIED_TEST_NETWORK``.
+
+    An address inside it once made a test's honest server a denied one (1 run in 253).
+    """
+    rng = random.SystemRandom()
+    second = rng.choice([n for n in range(2, 255) if n != _DENIED_TEST_OCTET])
+    return f"127.{second}.{rng.randint(1, 254)}.{rng.randint(1, 254)}"
+
+
 @pytest.fixture
 def loopback_ip() -> str:
-    """A random 127.x.y.z address, so fixed ports (8448) can be bound without clashes."""
-    rng = random.SystemRandom()
-    return f"127.{rng.randint(2, 254)}.{rng.randint(1, 254)}.{rng.randint(1, 254)}"
+    """A random loopback address, so fixed ports (8448) can be bound without clashes."""
+    return random_loopback_ip()
 
 
 @dataclass

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.federation.conftest import DENIED_TEST_NETWORK, random_loopback_ip
 from warden.federation.client import FederationClient
 from warden.federation.errors import DeniedDestination, PermanentFederationError
 from warden.federation.network_guard import GuardedTransport, NetworkGuard
@@ -171,7 +172,7 @@ async def test_denied_candidates_are_skipped_for_allowed_ones(
     trap = await tcp_listener("127.66.0.1", server.port)
     dns_server.add("mixed.test", "A", "127.66.0.1", loopback_ip)
     settings = client_settings(
-        homeserver_denied_networks="127.66.0.0/16", federation_ca_file=tls_ca_file
+        homeserver_denied_networks=DENIED_TEST_NETWORK, federation_ca_file=tls_ca_file
     )
     async with FederationClient(
         settings, client_signing_key, dns_resolver=dns_server.resolver()
@@ -203,7 +204,7 @@ async def test_well_known_delegating_to_denied_address_is_refused(
     server = await https_server(recording_app, host=loopback_ip, names=["deleg.test"])
     dns_server.add("deleg.test", "A", loopback_ip)
     settings = client_settings(
-        homeserver_denied_networks="127.66.0.0/16", federation_ca_file=tls_ca_file
+        homeserver_denied_networks=DENIED_TEST_NETWORK, federation_ca_file=tls_ca_file
     )
     guard = NetworkGuard.from_settings(settings)
     context = ssl.create_default_context(cafile=tls_ca_file)
@@ -234,3 +235,10 @@ async def test_transport_refuses_hostnames_so_nothing_resolves_behind_the_guard(
         with pytest.raises(DeniedDestination, match="not an IP address"):
             await http.get(f"https://localhost:{listener.port}/")
     assert listener.connections == 0
+
+
+def test_random_loopback_addresses_stay_outside_the_denied_test_network() -> None:
+    # The well-known delegation test failed in CI when its honest server drew 127.66.x.y.
+    denied = ipaddress.ip_network(DENIED_TEST_NETWORK)
+    drawn = [ipaddress.ip_address(random_loopback_ip()) for _ in range(5000)]
+    assert all(address.is_loopback and address not in denied for address in drawn)
