@@ -34,6 +34,7 @@ from warden.federation.xmatrix import (
     XMatrixCredentials,
     _signing_payload,
     _signing_payload_from_json,
+    _simple_params,
     authenticate_headers,
     is_valid_server_name,
     parse_authorization_headers,
@@ -486,3 +487,28 @@ def test_header_parser_agrees_with_a_parameter_at_a_time_parse(tail: str) -> Non
         expected["sig"],
     )
     assert creds.destination == expected.get("destination")
+
+
+_HOMESERVER_PARAMS = st.lists(
+    st.tuples(
+        st.sampled_from(["origin", "Origin", "destination", "key", "KEY", "sig", "x"]),
+        st.text(alphabet=' \t,="\\oOrigin:1.a-_A+/', max_size=12),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@given(_HOMESERVER_PARAMS)
+def test_the_homeserver_form_is_read_as_the_general_parser_reads_it(
+    pairs: list[tuple[str, str]],
+) -> None:
+    """``_simple_params`` (the fast path) answers only for lists the general parser reads
+    the same way, and answers for every list in the form homeservers send."""
+    rest = ",".join(f'{name}="{value}"' for name, value in pairs)
+    simple = _simple_params(rest)
+    if simple is not None:
+        assert simple == _sequential_params(rest)
+    clean = all(not set(value) & set(',"\\') for _, value in pairs)
+    distinct = len({name.lower() for name, _ in pairs}) == len(pairs)
+    assert (simple is not None) == (clean and distinct)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from warden.telemetry.loop_counter import LoopCounterChild
+from warden.telemetry.loop_histogram import LoopHistogramChild
 from warden.telemetry.metrics import HTTP_DURATION, HTTP_REQUESTS
 
 UNMATCHED = "<unmatched>"
@@ -20,7 +21,7 @@ class HttpMetricsRecorder:
     """Records one answered request in the HTTP metrics, by route template."""
 
     def __init__(self) -> None:
-        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._children: dict[tuple[str, str, int], tuple[LoopCounterChild, LoopHistogramChild]] = {}
 
     def record(self, template: str, method: str, status: int, seconds: float) -> None:
         """Count the request and observe its duration."""
@@ -30,7 +31,7 @@ class HttpMetricsRecorder:
         children = self._children.get(key)
         if children is None:
             # Bound once per label set (bounded: templates, methods and statuses):
-            # ``labels()`` takes a lock and builds a key on every call.
+            # ``labels()`` builds a key on every call.
             children = self._children[key] = (
                 HTTP_REQUESTS.labels(template, method, str(status)),
                 HTTP_DURATION.labels(template, method),

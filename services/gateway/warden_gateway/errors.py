@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from warden.matrix.errors import MatrixError, Unavailable
+from warden_gateway.json_response import JSONBytesResponse
 
 logger = logging.getLogger(__name__)
 
@@ -17,7 +18,7 @@ logger = logging.getLogger(__name__)
 def matrix_error_response(status: int, errcode: str, error: str, **extra: object) -> Response:
     """A JSON Matrix error response."""
     body = {"errcode": errcode, "error": error, **extra}
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+    return JSONBytesResponse(orjson.dumps(body), status)
 
 
 class TemporarilyUnavailable(Unavailable):
@@ -34,9 +35,7 @@ def error_response(exc: MatrixError) -> Response:
     ``retry_after_ms`` in the body (``M_LIMIT_EXCEEDED``) also sets ``Retry-After``, as
     does a ``TemporarilyUnavailable``.
     """
-    resp = Response(
-        orjson.dumps(exc.to_dict()), status_code=exc.status, media_type="application/json"
-    )
+    resp = JSONBytesResponse(orjson.dumps(exc.to_dict()), exc.status)
     retry_ms = exc.extra.get("retry_after_ms")
     if isinstance(retry_ms, int):
         resp.headers["Retry-After"] = str(max(1, (retry_ms + 999) // 1000))

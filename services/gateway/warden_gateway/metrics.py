@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import enum
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
+
+from warden.telemetry.loop_counter import LoopCounter
+from warden.telemetry.loop_histogram import LoopHistogram
 
 
 class Endpoint(enum.StrEnum):
@@ -55,18 +58,19 @@ class VerdictFailure(enum.StrEnum):
     DEPENDENCY = "dependency"
 
 
-SIGN_REQUESTS = Counter(
+# Counted on every /sign request: lock-free (event loop only).
+SIGN_REQUESTS = LoopCounter(
     "warden_sign_requests_total",
     "Policy API requests (/sign, unstable /sign, /check), by endpoint and outcome.",
     ["endpoint", "outcome"],
 )
-SIGN_SECONDS = Histogram(
+SIGN_SECONDS = LoopHistogram(
     "warden_sign_seconds",
     "Time to answer a policy API request, by endpoint (every outcome).",
     ["endpoint"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-VERDICT_CACHE = Counter(
+VERDICT_CACHE = LoopCounter(
     "warden_verdict_cache_total",
     "Verdicts the gateway obtained, by where they were found: the in-process cache, "
     "a lookup already in flight, or a filter worker over NATS.",
@@ -92,7 +96,7 @@ SEND_RATE_LIMIT_ERRORS = Counter(
     "Syncs of the /send per-origin budget that could not reach Redis (counts kept; each "
     "replica limits on its own counts until Redis answers).",
 )
-EVENT_CHECK_CACHE = Counter(
+EVENT_CHECK_CACHE = LoopCounter(
     "warden_sign_event_check_cache_total",
     "Policy API bodies whose event-level checks (content hash, event ID, sender's "
     "signature) were already done for the same bytes (hit) or had to be done (miss).",

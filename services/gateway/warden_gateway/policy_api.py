@@ -110,6 +110,7 @@ from warden.telemetry.tracing import entry_context, exporting, tracer
 from warden_gateway.client_address import client_address
 from warden_gateway.errors import TemporarilyUnavailable, error_response
 from warden_gateway.event_checks import CheckedEvent, CheckedEvents
+from warden_gateway.json_response import JSONBytesResponse
 from warden_gateway.metrics import SIGN_REQUESTS, SIGN_SECONDS, Endpoint, Outcome
 from warden_gateway.moderation_requests import ModerationRequests
 from warden_gateway.rate_limit import OriginRateLimiter
@@ -234,7 +235,7 @@ def _is_policy_state_event(pdu: dict[str, Any]) -> bool:
 
 
 def _json(body: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+    return JSONBytesResponse(orjson.dumps(body), status)
 
 
 class PolicyAPI:
@@ -465,7 +466,7 @@ class PolicyAPI:
         if checked.policy_state:
             # Always signed: a room must be able to replace or remove its policy server.
             return Decision(event_id, signature=self._sign(checked, signing_bytes))
-        entry = await self._verdicts.get(
+        entry = self._verdicts.remembered(event_id) or await self._verdicts.get(
             EvaluationRequest(
                 event_id=event_id,
                 reference_hash=checked.reference_hash,

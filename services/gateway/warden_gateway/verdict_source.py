@@ -60,6 +60,7 @@ _tracer = tracer(__name__)
 
 DEFAULT_MEMORY_SIZE = 50_000
 _CACHE_HITS = {layer: VERDICT_CACHE.labels(layer) for layer in CacheLayer}
+_MEMORY_HITS = _CACHE_HITS[CacheLayer.MEMORY]
 # After a timeout the evaluation is still running; a retry a moment later usually finds
 # the verdict in Redis.
 RETRY_AFTER_TIMEOUT_SECONDS = 2
@@ -126,16 +127,27 @@ class VerdictSource:
         if entry is not None and entry[3] is None:
             self._memory[event_id] = (*entry[:3], signature, *entry[4:])
 
+    def remembered(self, event_id: str) -> CachedVerdict | None:
+        """The in-process verdict for ``event_id``, counted as a memory hit, if any.
+
+        What ``get`` answers first, without building an ``EvaluationRequest``: a spam
+        wave's repeats are all memory hits.
+        """
+        entry = self._memory.get(event_id)
+        if entry is None:
+            return None
+        self._memory.move_to_end(event_id)
+        _MEMORY_HITS.inc()
+        return CachedVerdict._make(entry)
+
     async def get(self, request: EvaluationRequest) -> CachedVerdict:
         """The verdict for ``request.event_id``.
 
         Raises ``TemporarilyUnavailable`` when no verdict could be obtained.
         """
-        entry = self._memory.get(request.event_id)
+        entry = self.remembered(request.event_id)
         if entry is not None:
-            self._memory.move_to_end(request.event_id)
-            _CACHE_HITS[CacheLayer.MEMORY].inc()
-            return CachedVerdict._make(entry)
+            return entry
         task = self._inflight.get(request.event_id)
         if task is None:
             task = asyncio.create_task(self._lookup(request), name="verdict-lookup")
