@@ -1,13 +1,15 @@
-"""``LoopHistogram``: the same exposition as ``prometheus_client.Histogram`` (the oracle)
-for the same observations, without its locks."""
+"""``LoopHistogram`` and ``LoopCounter``: the same exposition as prometheus_client's
+``Histogram`` and ``Counter`` (the oracles) for the same observations, without their
+locks."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from warden.telemetry.loop_counter import LoopCounter
 from warden.telemetry.loop_histogram import LoopHistogram
 
 BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5, 10)
@@ -52,3 +54,34 @@ def test_labels_and_buckets_are_checked() -> None:
     # Described before any observation: the registry refuses a second family of that name.
     with pytest.raises(ValueError, match="Duplicated"):
         Histogram("y_seconds", "help", registry=registry)
+
+
+def test_same_exposition_as_prometheus_clients_counter() -> None:
+    ours_registry, theirs_registry = CollectorRegistry(), CollectorRegistry()
+    ours = LoopCounter("x_requests_total", "help", ["route", "status"], registry=ours_registry)
+    theirs = Counter("x_requests_total", "help", ["route", "status"], registry=theirs_registry)
+    rng = random.Random(3)
+    for _ in range(3000):
+        labels = (rng.choice(["/sign", "/check", 'a b"c\\d']), rng.choice(["200", "400"]))
+        amount = rng.choice([1.0, 1.0, 0.0, 2.5])
+        ours.labels(*labels).inc(amount)
+        theirs.labels(*labels).inc(amount)
+    mine = _series(generate_latest(ours_registry))
+    oracle = _series(generate_latest(theirs_registry))
+    assert mine == oracle
+    assert any(name.startswith("x_requests_total{") for name in mine)
+    # The help and type lines too.
+    assert b"# TYPE x_requests_total counter" in generate_latest(ours_registry)
+
+
+def test_counts_only_go_up_and_labels_are_checked() -> None:
+    registry = CollectorRegistry()
+    counter = LoopCounter("y_total", "help", ["layer"], registry=registry)
+    with pytest.raises(ValueError, match="non-negative"):
+        counter.labels("memory").inc(-1)
+    with pytest.raises(ValueError, match="takes labels"):
+        counter.labels("a", "b")
+    assert registry.get_sample_value("y_total", {"layer": "memory"}) == 0.0
+    # Described before any increment: the registry refuses a second family of that name.
+    with pytest.raises(ValueError, match="Duplicated"):
+        Counter("y_total", "help", registry=registry)
