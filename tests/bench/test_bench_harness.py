@@ -435,21 +435,28 @@ async def _toy_gateway(
         writer.close()
 
 
+def _toy_plan(
+    port: int, *, duration: float, connections: int, oversized_connections: int, mib: int
+) -> attack.AttackPlan:
+    """A small attack on ``_toy_gateway`` at ``port``."""
+    return attack.AttackPlan(
+        target=f"127.0.0.1:{port}",
+        destination=GATEWAY_NAME,
+        duration=duration,
+        max_requests=60,
+        max_oversized=4,
+        connections=connections,
+        oversized_connections=oversized_connections,
+        oversized_bytes=mib * 1024 * 1024,
+        distinct_made_up=40,
+    )
+
+
 async def test_attacker_floods_each_class_within_its_bounds() -> None:
     seen: dict[str, Any] = {"peers": set(), "big": 0}
     server = await asyncio.start_server(lambda r, w: _toy_gateway(seen, r, w), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    plan = attack.AttackPlan(
-        target=f"127.0.0.1:{port}",
-        destination=GATEWAY_NAME,
-        duration=30,
-        max_requests=60,
-        max_oversized=4,
-        connections=3,
-        oversized_connections=2,
-        oversized_bytes=2 * 1024 * 1024,
-        distinct_made_up=40,
-    )
+    plan = _toy_plan(port, duration=30, connections=3, oversized_connections=2, mib=2)
     assert attack.AttackPlan.from_json(plan.to_json()) == plan
     async with server:
         held = attack.reserve_ports(1)
@@ -667,17 +674,7 @@ async def test_attacker_gives_up_a_connection_attempt_nobody_answers() -> None:
     server = await asyncio.start_server(lambda r, w: _toy_gateway(seen, r, w), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     attach(server.sockets[0], build_program(["127.0.0.2"]))
-    plan = attack.AttackPlan(
-        target=f"127.0.0.1:{port}",
-        destination=GATEWAY_NAME,
-        duration=2.5,
-        max_requests=60,
-        max_oversized=4,
-        connections=2,
-        oversized_connections=1,
-        oversized_bytes=1024 * 1024,
-        distinct_made_up=40,
-    )
+    plan = _toy_plan(port, duration=2.5, connections=2, oversized_connections=1, mib=1)
     async with server:
         held = attack.reserve_ports(1)
         try:

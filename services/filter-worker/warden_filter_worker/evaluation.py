@@ -384,7 +384,8 @@ class EvaluationService:
         self._outside.discard(task)
 
     def _waits_outside(self, batch: asyncio.Task[Any] | None) -> None:
-        """``batch`` has answered what it could; the rest waits outside."""
+        """``batch`` has answered what it could; the rest waits outside (or has been
+        slow past the early-settle fallback): it no longer makes new batches linger."""
         if batch in self._tasks:  # a worker's batch (not a test's direct call)
             self._outside.add(batch)
 
