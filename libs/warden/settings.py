@@ -136,6 +136,10 @@ class Settings(BaseSettings):
     jetstream_storage: Literal["file", "memory"] = "file"  # for new streams only
     jetstream_verdicts_max_bytes: int | None = Field(default=None, ge=1024 * 1024)
     jetstream_verdicts_max_age_seconds: float | None = Field(default=None, gt=0)
+    # Warden: also stream neutral and allowed verdicts to WARDEN_VERDICT_LOG, a record for
+    # the operator's own consumers. Off, they are kept only in PostgreSQL: no JetStream
+    # write, no outbox update (refusals always go to WARDEN_VERDICTS).
+    jetstream_verdict_log: bool = False
     jetstream_verdict_log_max_bytes: int | None = Field(default=None, ge=1024 * 1024)
     jetstream_verdict_log_max_age_seconds: float | None = Field(default=None, gt=0)
     jetstream_inbound_max_bytes: int | None = Field(default=None, ge=1024 * 1024)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 
@@ -201,3 +202,28 @@ async def test_the_marker_outlives_a_connection_cut_by_a_shutting_down_server(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def test_without_the_verdict_log_only_refusals_enter_the_outbox(
+    pg_pool: asyncpg.Pool,
+) -> None:
+    now = int(time.time() * 1000)
+    refusal = committed_verdict(now)
+    neutral = dataclasses.replace(
+        committed_verdict(now), content_class=ContentClass.NEUTRAL, harms=(), filters=()
+    )
+    allowed = dataclasses.replace(neutral, event_id=f"${uuid.uuid4().hex}")
+    allowed = dataclasses.replace(allowed, content_class=ContentClass.ALLOWED)
+
+    await insert_verdicts(pg_pool, [refusal, neutral, allowed], verdict_log=False)
+
+    # The refusal waits for JetStream with its extras; the others are done at insert.
+    assert (await row(pg_pool, refusal.event_id))["published"] is False
+    assert orjson.loads((await row(pg_pool, refusal.event_id))["outbox_extra"])["source"]
+    for quiet in (neutral, allowed):
+        r = await row(pg_pool, quiet.event_id)
+        assert r["published"] is True and r["outbox_extra"] is None
+    # With the log, every class waits for JetStream (what the sweeper publishes).
+    logged = dataclasses.replace(neutral, event_id=f"${uuid.uuid4().hex}")
+    await insert_verdicts(pg_pool, [logged], verdict_log=True)
+    assert (await row(pg_pool, logged.event_id))["published"] is False

@@ -194,3 +194,51 @@ def test_bad_filter_setting_stops_the_worker(
     lines = [ln for ln in worker.output().splitlines() if ln.strip()]
     assert len(lines) == 1
     assert lines[0].startswith("warden: invalid setting PS_LENGTH_FILTER_MAX_LENGTH")
+
+
+async def test_neutral_verdicts_reach_jetstream_only_with_the_verdict_log(
+    spawn_service: Callable[..., ServiceProcess],
+    nats_client: NATS,
+    pg_pool: asyncpg.Pool,
+) -> None:
+    community = f"c-{uuid.uuid4().hex[:8]}"
+    await create_community(pg_pool, "test", community_id=community)
+    await update_community(
+        pg_pool,
+        community,
+        config={"keyword_filter_keywords": ["forbidden"], "hellban_postfilter_minutes": 0},
+    )
+    js = nats_client.jetstream()
+
+    async def judge(text: str) -> tuple[Verdict, list[Any]]:
+        first_seq = await verdict_stream_marks(js)
+        eid = f"${uuid.uuid4().hex}"
+        verdict = Verdict.from_json(
+            await evaluate(nats_client, message(text), headers(eid, community))
+        )
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:  # published at insert, or marked once JetStream acknowledged it
+            if await pg_pool.fetchval("SELECT published FROM verdicts WHERE event_id = $1", eid):
+                break
+            assert asyncio.get_running_loop().time() < deadline, f"{eid} never published"
+            await asyncio.sleep(0.05)
+        return verdict, await stream_messages_for(nats_client, first_seq, eid)
+
+    # The default: a neutral verdict is only stored; a refusal still reaches JetStream.
+    worker = spawn_service("filter-worker")
+    await asyncio.to_thread(worker.wait_ready)
+    neutral, messages = await judge("zebra")
+    assert neutral.content_class is ContentClass.NEUTRAL and messages == []
+    refusal, messages = await judge("this is forbidden")
+    assert refusal.content_class is ContentClass.PROHIBITED
+    assert [m.subject for m in messages] == ["warden.verdict.prohibited"]
+    assert worker.stop() == 0
+
+    # With the log, the neutral verdict is published to its stream.
+    worker = spawn_service("filter-worker", PS_JETSTREAM_VERDICT_LOG="true")
+    await asyncio.to_thread(worker.wait_ready)
+    neutral, messages = await judge("zebra")
+    assert neutral.content_class is ContentClass.NEUTRAL
+    assert [m.subject for m in messages] == ["warden.verdict.neutral"]
+    assert orjson.loads(messages[0].data)["extra"]["source"] == "sign"
+    assert worker.stop() == 0

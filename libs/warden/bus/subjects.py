@@ -35,7 +35,8 @@ Verdicts (JetStream)
     make room (``discard=new``: when full, publishing fails and the verdict outbox keeps
     retrying). The moderator's and the webhooks' durable consumers read it. Stream
     ``VERDICT_LOG_STREAM`` holds neutral and allowed verdicts, a record nobody has to
-    act on, whose oldest messages go first when it is full.
+    act on, whose oldest messages go first when it is full; they are published only with
+    ``PS_JETSTREAM_VERDICT_LOG`` on (``is_streamed``), and kept in PostgreSQL either way.
 
 Moderation requests (JetStream, on ``VERDICTS_STREAM``)
     ``MODERATION_REQUEST_SUBJECT`` — an event already judged prohibited, first asked
@@ -72,6 +73,8 @@ Keyword templates (core NATS)
 from __future__ import annotations
 
 from typing import Final
+
+from warden.policy.verdict import ContentClass
 
 EVALUATE_SUBJECT: Final = "warden.evaluate.v1"
 FILTER_WORKERS_QUEUE: Final = "warden-filter-workers"
@@ -126,3 +129,15 @@ HEADER_ANTISPAM_KIND: Final = "Warden-Antispam-Kind"
 def verdict_subject(content_class: str) -> str:
     """The JetStream subject for a verdict of ``content_class``."""
     return VERDICT_SUBJECT_PREFIX + content_class
+
+
+def is_streamed(content_class: ContentClass, *, verdict_log: bool) -> bool:
+    """Whether a first-time verdict of this class is published to JetStream.
+
+    Refusals always are (``WARDEN_VERDICTS``: the moderator and webhooks act on them).
+    Neutral and allowed verdicts only with the verdict log on
+    (``PS_JETSTREAM_VERDICT_LOG``): nothing in Warden reads them, PostgreSQL keeps every
+    verdict, and streaming each costs a JetStream write and an outbox update per event.
+    A verdict that is not streamed is stored as published, so the outbox never holds it.
+    """
+    return verdict_log or content_class is ContentClass.PROHIBITED

@@ -191,6 +191,12 @@ class Verdict:
         """Compact JSON bytes (``orjson.dumps(to_dict())``)."""
         return orjson.dumps(self._dict(orjson.Fragment(self.filters_json)))
 
+    def to_stored_json(self) -> bytes:
+        """``to_json`` without ``extra``: what a store that keeps no extras returns."""
+        d = self._dict(orjson.Fragment(self.filters_json))
+        d.pop("extra", None)
+        return orjson.dumps(d)
+
     def to_json_pair(self) -> tuple[bytes, bytes]:
         """``to_json`` of this verdict without its ``extra``, then with it (equal when it
         has none): what a store that keeps no extras returns, and the full message."""

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import asyncpg
 import orjson
 
+from warden.bus.subjects import is_streamed
 from warden.policy.verdict import ContentClass, FilterOutcome, Verdict
 
 _COLUMNS = (
@@ -142,7 +143,9 @@ async def _bind_verdicts(
     return {r["event_id"]: _verdict(r) for r in rows}
 
 
-async def insert_verdicts(pool: asyncpg.Pool, verdicts: Sequence[Verdict]) -> dict[str, Verdict]:
+async def insert_verdicts(
+    pool: asyncpg.Pool, verdicts: Sequence[Verdict], *, verdict_log: bool = True
+) -> dict[str, Verdict]:
     """Insert many verdicts in one statement (one commit, one fsync); return what won per
     event ID.
 
@@ -154,6 +157,10 @@ async def insert_verdicts(pool: asyncpg.Pool, verdicts: Sequence[Verdict]) -> di
     in (when this call inserted it; its ``extra`` went to the outbox column, not the row)
     or the stored row of another writer, read back. ``winner is mine`` therefore tells a
     caller whether its own verdict won.
+
+    A verdict that is not streamed to JetStream (``is_streamed`` with ``verdict_log``: a
+    neutral or allowed one while the verdict log is off) goes in as published, without
+    outbox extras, so the outbox sweeper never looks at it.
     """
     if not verdicts:
         return {}
@@ -168,14 +175,15 @@ async def insert_verdicts(pool: asyncpg.Pool, verdicts: Sequence[Verdict]) -> di
         inserted = await conn.fetch(
             """
             INSERT INTO verdicts (event_id, room_id, community_id, reference_hash, class,
-                harms, filters, sender, event_type, origin, first_seen_ts, outbox_extra)
+                harms, filters, sender, event_type, origin, first_seen_ts, outbox_extra,
+                published)
             SELECT v.event_id, v.room_id, v.community_id, v.reference_hash, v.class,
                 ARRAY(SELECT jsonb_array_elements_text(v.harms)), v.filters, v.sender,
-                v.event_type, v.origin, v.first_seen_ts, v.extra
+                v.event_type, v.origin, v.first_seen_ts, v.extra, v.published
             FROM jsonb_to_recordset($1::jsonb) AS v(event_id text, room_id text,
                 community_id text, reference_hash text, class smallint, harms jsonb,
                 filters jsonb, sender text, event_type text, origin text, first_seen_ts bigint,
-                extra jsonb)
+                extra jsonb, published boolean)
             ON CONFLICT (event_id) DO NOTHING
             RETURNING event_id
             """,
@@ -194,7 +202,11 @@ async def insert_verdicts(pool: asyncpg.Pool, verdicts: Sequence[Verdict]) -> di
                         "event_type": v.event_type,
                         "origin": v.origin,
                         "first_seen_ts": v.first_seen_ts,
-                        "extra": v.extra,
+                        **(
+                            {"extra": v.extra, "published": False}
+                            if is_streamed(v.content_class, verdict_log=verdict_log)
+                            else {"extra": None, "published": True}
+                        ),
                     }
                     for v in verdicts
                 ]

@@ -75,7 +75,7 @@ from warden.bus.evaluation import (
     decode_request,
     encode_error_reply,
 )
-from warden.bus.subjects import EVALUATE_SUBJECT, FILTER_WORKERS_QUEUE
+from warden.bus.subjects import EVALUATE_SUBJECT, FILTER_WORKERS_QUEUE, is_streamed
 from warden.matrix.third_party_invite import (
     is_third_party_invite,
     third_party_invite_token,
@@ -309,8 +309,12 @@ class EvaluationService:
         linger_seconds: float = 0.0,
         store_timeout_seconds: float = 5.0,
         settle_early_seconds: float = SETTLE_EARLY_SECONDS,
+        verdict_log: bool = True,
     ) -> None:
         self._redis = redis
+        # Whether neutral and allowed verdicts are published (``is_streamed``); the
+        # writer's inserts must be given the same (``main`` builds both from the setting).
+        self._verdict_log = verdict_log
         self._pool = pool
         self._pipeline = pipeline
         self._configs = configs
@@ -830,6 +834,9 @@ class EvaluationService:
                 "harms": list(verdict.harms),
             },
         )
+        if not is_streamed(verdict.content_class, verdict_log=self._verdict_log):
+            # Stored as published (``insert_verdicts``): nothing to send.
+            return _Answer(verdict.to_stored_json(), metrics.OUTCOME_FIRST_TIME, cache=True)
         # Serialised once: the reply and the cache hold what the table holds (no
         # extras), the JetStream message carries them.
         stored, message = verdict.to_json_pair()

@@ -14,6 +14,7 @@ periodic room state refresh (``state_refresh``) and, every
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 
@@ -48,6 +49,7 @@ from warden.runtime.identity import load_identity
 from warden.runtime.service import Hook, bootstrap, run_async
 from warden.settings import Settings
 from warden.storage.room_state import StateCaps
+from warden.storage.verdicts import insert_verdicts
 from warden.trust.muninn import MuninnPoller
 from warden_filter_worker.antispam_checks import AntispamCheckService
 from warden_filter_worker.community_config import CommunityConfigCache
@@ -136,7 +138,10 @@ def run(settings: Settings) -> int:
         await configs.subscribe(nc)
         await deps.keyword_templates.subscribe(nc)
         await deps.keyword_templates.reload_all(trigger="first_use")
-        writer = GroupCommitWriter(pool)
+        verdict_log = settings.jetstream_verdict_log
+        writer = GroupCommitWriter(
+            pool, insert=functools.partial(insert_verdicts, verdict_log=verdict_log)
+        )
         writer.start()
         marker = PublishedMarker(pool)
         publisher = VerdictPublisher(nc, on_published=marker.add)
@@ -159,6 +164,7 @@ def run(settings: Settings) -> int:
             wait_seconds=wait_seconds,
             linger_seconds=settings.evaluation_batch_linger_ms / 1000,
             store_timeout_seconds=settings.filter_timeout_seconds,
+            verdict_log=verdict_log,
         )
         await service.start(nc)
         # The server-centric API's text checks: no verdict, nothing stored.
