@@ -16,9 +16,11 @@ One run:
    the admin API, and fills every gateway's keyring (one request per origin) so that
    key fetching is not timed.
 5. Runs the workloads, each with requests built and signed before its window:
-   ``unique`` (every request a first evaluation), ``unique_paced`` (the same at
-   ``BENCH_PACED_RPS``, for latency), ``spam_wave`` (each event asked for by 20 to 50
-   origins within a second), ``mixed`` (10% keyword spam, 5% hellbanned follow-ups),
+   ``unique`` (every request a first evaluation), ``unique_paced`` and
+   ``unique_paced_high`` (the same at ``BENCH_PACED_RPS`` and ``BENCH_PACED_HIGH_RPS``,
+   for latency), ``spam_wave`` (each event asked for by 20 to 50 origins within a
+   second), ``spam_wave_paced`` (the same with fresh events at ``BENCH_SPAM_PACED_RPS``,
+   for latency), ``mixed`` (10% keyword spam, 5% hellbanned follow-ups),
    ``images_hma`` (image messages with HMA on, against a local HMA service and media
    repository in the bench process, ``bench/hma.py``; half reuse media already scanned,
    5% match the ``csam`` bank and are refused).
@@ -41,7 +43,8 @@ One run:
 8. Writes ``bench/results/<UTC timestamp>.json`` and prints a markdown table.
 
 Knobs (environment): ``BENCH_DURATION`` (seconds per window, 10), ``BENCH_CONNECTIONS``
-(64), ``BENCH_PACED_RPS`` (500), ``BENCH_PACED_CONNECTIONS`` (100), ``BENCH_ORIGINS`` (50),
+(64), ``BENCH_PACED_RPS`` (500), ``BENCH_PACED_HIGH_RPS`` (1000), ``BENCH_SPAM_PACED_RPS``
+(3000), ``BENCH_PACED_CONNECTIONS`` (100), ``BENCH_ORIGINS`` (50),
 ``BENCH_ROOMS`` (20), ``BENCH_SPAM_EVENTS`` (3000), ``BENCH_GATEWAYS`` (1),
 ``BENCH_WORKERS`` (1), ``BENCH_SCALING`` (1: run it), ``BENCH_LOADGEN`` (``auto``, ``wrk``
 or ``python``), ``BENCH_LOADGEN_CPUS`` (the last CPU when there are several),
@@ -167,6 +170,9 @@ class BenchConfig:
     connections: int
     paced_rps: int
     paced_connections: int
+    # Issue 17's latency targets: unique events at 1,000/s, a spam wave at 3,000/s.
+    paced_high_rps: int
+    spam_paced_rps: int
     n_origins: int
     n_rooms: int
     spam_events: int
@@ -218,6 +224,8 @@ class BenchConfig:
             connections=_env_int("BENCH_CONNECTIONS", 8 if quick else 64),
             paced_rps=_env_int("BENCH_PACED_RPS", 50 if quick else 500),
             paced_connections=_env_int("BENCH_PACED_CONNECTIONS", 5 if quick else 100),
+            paced_high_rps=_env_int("BENCH_PACED_HIGH_RPS", 100 if quick else 1000),
+            spam_paced_rps=_env_int("BENCH_SPAM_PACED_RPS", 150 if quick else 3000),
             n_origins=origins,
             n_rooms=_env_int("BENCH_ROOMS", 5 if quick else 20),
             spam_events=_env_int("BENCH_SPAM_EVENTS", 20 if quick else 3000),
@@ -263,6 +271,8 @@ class BenchConfig:
             "connections": self.connections,
             "paced_rps": self.paced_rps,
             "paced_connections": self.paced_connections,
+            "paced_high_rps": self.paced_high_rps,
+            "spam_paced_rps": self.spam_paced_rps,
             "origins": self.n_origins,
             "rooms": self.n_rooms,
             "spam_events": self.spam_events,
@@ -830,6 +840,39 @@ class Bench:
         }
         return await self.measure("spam_wave", path, self.gateways, self.stack, info=info)
 
+    async def workload_spam_wave_paced(self) -> Window:
+        """The spam wave at ``BENCH_SPAM_PACED_RPS``, for latency (fresh events)."""
+        factory, origins, c = self.factory, self.origins, self.config
+        assert factory is not None
+        low, high = c.spam_askers
+
+        def make(out: RequestFile, n_requests: int) -> None:
+            # Enough events for ``n_requests`` asks at the mean number of askers.
+            n_events = max(1, math.ceil(2 * n_requests / (low + high)))
+            events.spam_wave_requests(
+                factory, origins, n_events, out, min_askers=low, max_askers=high
+            )
+
+        rate, conns = c.spam_paced_rps, c.paced_connections
+        delay_ms = await self._calibrate_pacing(rate, conns, make=make)
+        path, requests = self._new_file(lambda out: make(out, self.unique_count(rate)))
+        info = {
+            "target_rps": rate,
+            "distinct_events": len(requests.bodies),
+            "requests_in_file": len(requests.requests),
+            "askers_per_event": [low, high],
+            **self._pdu_sizes(requests),
+        }
+        return await self.measure(
+            "spam_wave_paced",
+            path,
+            self.gateways,
+            self.stack,
+            connections=conns,
+            delay_ms=delay_ms,
+            info=info,
+        )
+
     async def workload_mixed(self, ceiling_rps: float) -> Window:
         """Distinct events: 10% keyword spam, 5% hellbanned follow-ups, the rest neutral."""
         factory, origins = self.factory, self.origins
@@ -1155,7 +1198,11 @@ class Bench:
             "unique_paced": lambda: self.workload_unique(
                 "unique_paced", crypto_rps, paced_rps=c.paced_rps
             ),
+            "unique_paced_high": lambda: self.workload_unique(
+                "unique_paced_high", crypto_rps, paced_rps=c.paced_high_rps
+            ),
             "spam_wave": self.workload_spam_wave,
+            "spam_wave_paced": self.workload_spam_wave_paced,
             "mixed": lambda: self.workload_mixed(ceiling),
             "antispam_paced": lambda: self.workload_antispam(community),
             # Images with HMA on, next to the unique window (text events are not scanned).
@@ -1265,8 +1312,9 @@ def targets(
     results: dict[str, Any], config: BenchConfig, attack: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     """Issue 5's targets with the house floors for the ratios (unique >= 0.33x and spam
-    wave >= 1.1x the crypto floor), issue 14's antispam p99 and issue 10's under attack
-    (when those windows ran), each with the measured value and whether it is met."""
+    wave >= 1.1x the crypto floor), issue 17's ratios and paced p99s, issue 14's antispam
+    p99 and issue 10's under attack (when those windows ran), each with the measured
+    value and whether it is met."""
     rows: list[tuple[str, float, str, bool]] = []
     if {"unique", "unique_paced", "spam_wave"} <= results.keys():  # BENCH_WINDOWS may skip
         unique, paced, spam = results["unique"], results["unique_paced"], results["spam_wave"]
@@ -1293,6 +1341,7 @@ def targets(
                 spam["ratio_to_crypto_floor"] >= 1.1,
             ),
         ]
+    rows += _issue_17_rows(results, config)
     slow = results.get("text_slow_classifier")
     if slow is not None:
         ratio = slow.get("text_rps_ratio_to_fast_classifier")
@@ -1332,6 +1381,41 @@ def targets(
             ),
         ]
     return [{"target": t, "measured": v, "goal": g, "met": bool(m)} for t, v, g, m in rows]
+
+
+def _issue_17_rows(
+    results: dict[str, Any], config: BenchConfig
+) -> list[tuple[str, float, str, bool]]:
+    """Issue 17's ratio and latency targets, for the windows that ran."""
+    rows: list[tuple[str, float, str, bool]] = []
+    for name, goal in (("unique", 0.5), ("spam_wave", 2.0), ("mixed", 0.5)):
+        if name in results:
+            ratio = results[name]["ratio_to_crypto_floor"]
+            label = name.replace("_", " ")
+            rows.append(
+                (
+                    f"{label} / crypto floor (issue 17)",
+                    ratio,
+                    f">= {goal} (issue 17)",
+                    ratio >= goal,
+                )
+            )
+    for name, label, rate, limit in (
+        ("unique_paced_high", "unique", config.paced_high_rps, 50),
+        ("spam_wave_paced", "spam wave", config.spam_paced_rps, 20),
+    ):
+        if name in results:
+            window = results[name]
+            p99 = window["latency_ms"]["99"]
+            rows.append(
+                (
+                    f"{label} p99 at {rate} req/s (ms)",
+                    p99,
+                    f"< {limit} (issue 17; achieved {window['rps']:.0f} req/s)",
+                    p99 < limit and window["rps"] >= 0.9 * rate,
+                )
+            )
+    return rows
 
 
 def success_rate(window: dict[str, Any]) -> float:

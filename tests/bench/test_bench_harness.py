@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -137,7 +138,9 @@ def test_quick_run_writes_results_with_every_workload(tmp_path: Path) -> None:
     assert set(doc["workloads"]) == {
         "unique",
         "unique_paced",
+        "unique_paced_high",
         "spam_wave",
+        "spam_wave_paced",
         "mixed",
         "images_hma",
         "text_fast_classifier",
@@ -154,8 +157,14 @@ def test_quick_run_writes_results_with_every_workload(tmp_path: Path) -> None:
         _check_window(name, window, {"gateway-0", "filter-worker-0", "redis", "nats"})
         assert window["ratio_to_crypto_floor"] > 0, name
     # Neutral events are signed; nothing answered 5xx.
-    for name in ("unique", "unique_paced", "spam_wave"):
+    for name in ("unique", "unique_paced", "unique_paced_high", "spam_wave", "spam_wave_paced"):
         assert set(doc["workloads"][name]["statuses"]) == {"200"}, doc["workloads"][name]
+    # The paced spam wave asks for each of its fresh events from several origins.
+    paced_spam = doc["workloads"]["spam_wave_paced"]
+    assert paced_spam["target_rps"] == doc["settings"]["spam_paced_rps"]
+    assert paced_spam["requests_in_file"] > 2 * paced_spam["distinct_events"]
+    issue_17 = {t["target"]: t for t in doc["targets"] if "issue 17" in t["goal"]}
+    assert len(issue_17) == 5, issue_17
     assert not any(s.startswith("5") for s in doc["workloads"]["mixed"]["statuses"])
     assert doc["workloads"]["unique"]["wraps"] == 0
     assert doc["workloads"]["mixed"]["mix_in_file"]["keyword"] > 0
@@ -558,6 +567,35 @@ def test_bench_attack_0_switches_the_window_off(monkeypatch: pytest.MonkeyPatch)
     config = harness.BenchConfig.from_env()
     assert config.attack is False
     assert config.settings_json()["attack"] is False
+
+
+def test_issue_17_rows_read_each_window_against_its_goal() -> None:
+    def window(ratio: float, rps: float, p99: float) -> dict[str, Any]:
+        return {"ratio_to_crypto_floor": ratio, "rps": rps, "latency_ms": {"99": p99}}
+
+    config = dataclasses.replace(
+        harness.BenchConfig.from_env(), paced_high_rps=1000, spam_paced_rps=3000
+    )
+    results = {
+        "unique": window(0.5, 1500, 90),
+        "spam_wave": window(1.99, 5000, 30),
+        "mixed": window(0.49, 1400, 90),
+        "unique_paced_high": window(0.4, 995, 49.9),
+        "spam_wave_paced": window(1.0, 2600, 10),  # fast, but short of its rate
+    }
+    rows = {t["target"]: t for t in harness.targets(results, config) if "issue 17" in t["goal"]}
+    met = {name: row["met"] for name, row in rows.items()}
+    assert met == {
+        "unique / crypto floor (issue 17)": True,
+        "spam wave / crypto floor (issue 17)": False,
+        "mixed / crypto floor (issue 17)": False,
+        "unique p99 at 1000 req/s (ms)": True,
+        "spam wave p99 at 3000 req/s (ms)": False,
+    }
+    assert rows["spam wave p99 at 3000 req/s (ms)"]["goal"].endswith("achieved 2600 req/s)")
+    # A window left out (BENCH_WINDOWS) has no row.
+    del results["spam_wave_paced"]
+    assert len([t for t in harness.targets(results, config) if "issue 17" in t["goal"]]) == 4
 
 
 def test_slow_classifier_target_row_reads_the_ratio_to_the_fast_classifier() -> None:
