@@ -853,24 +853,33 @@ class Bench:
                 factory, origins, n_events, out, min_askers=low, max_askers=high
             )
 
-        rate, conns = c.spam_paced_rps, c.paced_connections
+        return await self._paced_window(
+            "spam_wave_paced",
+            c.spam_paced_rps,
+            make,
+            lambda requests: {
+                "distinct_events": len(requests.bodies),
+                "requests_in_file": len(requests.requests),
+                "askers_per_event": [low, high],
+                **self._pdu_sizes(requests),
+            },
+        )
+
+    async def _paced_window(
+        self,
+        name: str,
+        rate: int,
+        make: Callable[[RequestFile, int], None],
+        describe: Callable[[RequestFile], dict[str, Any]],
+    ) -> Window:
+        """``make``'s requests at ``rate`` over ``BENCH_PACED_CONNECTIONS``, the pause
+        calibrated first; ``describe`` gives the window's info from its request file."""
+        conns = self.config.paced_connections
         delay_ms = await self._calibrate_pacing(rate, conns, make=make)
         path, requests = self._new_file(lambda out: make(out, self.unique_count(rate)))
-        info = {
-            "target_rps": rate,
-            "distinct_events": len(requests.bodies),
-            "requests_in_file": len(requests.requests),
-            "askers_per_event": [low, high],
-            **self._pdu_sizes(requests),
-        }
+        info = {"target_rps": rate, **describe(requests)}
         return await self.measure(
-            "spam_wave_paced",
-            path,
-            self.gateways,
-            self.stack,
-            connections=conns,
-            delay_ms=delay_ms,
-            info=info,
+            name, path, self.gateways, self.stack, connections=conns, delay_ms=delay_ms, info=info
         )
 
     async def workload_mixed(self, ceiling_rps: float) -> Window:
@@ -1022,23 +1031,14 @@ class Bench:
         def make(out: RequestFile, n: int) -> None:
             events.antispam_requests(factory, origin, n, out, token)
 
-        count = self.unique_count(c.paced_rps)
-        path, requests = self._new_file(lambda out: make(out, count))
-        conns = c.paced_connections
-        delay_ms = await self._calibrate_pacing(c.paced_rps, conns, make=make)
-        info: dict[str, Any] = {
-            "distinct_events": count,
-            "mix_in_file": requests.kinds,
-            "target_rps": c.paced_rps,
-        }
-        return await self.measure(
+        return await self._paced_window(
             "antispam_paced",
-            path,
-            self.gateways,
-            self.stack,
-            connections=conns,
-            delay_ms=delay_ms,
-            info=info,
+            c.paced_rps,
+            make,
+            lambda requests: {
+                "distinct_events": len(requests.requests),
+                "mix_in_file": requests.kinds,
+            },
         )
 
     def _memory(self) -> dict[str, float]:

@@ -93,19 +93,25 @@ async def stream_messages_for(nc: NATS, first_seq: dict[str, int], event_id: str
     return found
 
 
+async def forbidden_word_community(pool: asyncpg.Pool) -> str:
+    """A new community whose keyword filter refuses "forbidden" (no hellbans)."""
+    community = f"c-{uuid.uuid4().hex[:8]}"
+    await create_community(pool, "test", community_id=community)
+    await update_community(
+        pool,
+        community,
+        config={"keyword_filter_keywords": ["forbidden"], "hellban_postfilter_minutes": 0},
+    )
+    return community
+
+
 async def test_two_workers_one_verdict_config_changes_and_bad_requests(
     spawn_service: Callable[..., ServiceProcess],
     nats_client: NATS,
     pg_pool: asyncpg.Pool,
 ) -> None:
     workers = [spawn_service("filter-worker", PS_OTEL_EXPORTER="console") for _ in range(2)]
-    community = f"c-{uuid.uuid4().hex[:8]}"
-    await create_community(pg_pool, "test", community_id=community)
-    await update_community(
-        pg_pool,
-        community,
-        config={"keyword_filter_keywords": ["forbidden"], "hellban_postfilter_minutes": 0},
-    )
+    community = await forbidden_word_community(pg_pool)
     for w in workers:
         await asyncio.to_thread(w.wait_ready)
     js = nats_client.jetstream()
@@ -201,13 +207,7 @@ async def test_neutral_verdicts_reach_jetstream_only_with_the_verdict_log(
     nats_client: NATS,
     pg_pool: asyncpg.Pool,
 ) -> None:
-    community = f"c-{uuid.uuid4().hex[:8]}"
-    await create_community(pg_pool, "test", community_id=community)
-    await update_community(
-        pg_pool,
-        community,
-        config={"keyword_filter_keywords": ["forbidden"], "hellban_postfilter_minutes": 0},
-    )
+    community = await forbidden_word_community(pg_pool)
     js = nats_client.jetstream()
 
     async def judge(text: str) -> tuple[Verdict, list[Any]]:
