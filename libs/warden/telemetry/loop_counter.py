@@ -18,7 +18,9 @@ from collections.abc import Iterable, Sequence
 
 from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import CollectorRegistry
+
+from warden.telemetry.loop_family import LoopFamily
 
 
 class LoopCounterChild:
@@ -36,7 +38,7 @@ class LoopCounterChild:
         self.value += amount
 
 
-class LoopCounter(Collector):
+class LoopCounter(LoopFamily[LoopCounterChild]):
     """A counter with labels, exposed like ``prometheus_client.Counter``."""
 
     def __init__(
@@ -47,22 +49,10 @@ class LoopCounter(Collector):
         registry: CollectorRegistry | None = REGISTRY,
     ) -> None:
         """Register ``name`` (with or without its ``_total`` suffix) in ``registry``."""
-        self.name = name.removesuffix("_total")
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], LoopCounterChild] = {}
-        if registry is not None:
-            registry.register(self)
+        super().__init__(name.removesuffix("_total"), documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> LoopCounterChild:
-        """The child for these label values (created on first use)."""
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}")
-        key = tuple(str(v) for v in values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = LoopCounterChild()
-        return child
+    def _new_child(self) -> LoopCounterChild:
+        return LoopCounterChild()
 
     def describe(self) -> Iterable[Metric]:
         """The family without samples (the registry learns its names at registration)."""

@@ -21,8 +21,10 @@ from typing import cast
 
 from prometheus_client import REGISTRY
 from prometheus_client.core import HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
+
+from warden.telemetry.loop_family import LoopFamily
 
 # The library's own formatting of bucket bounds (``le="0.0001"``), untyped there.
 _bound_text = cast(Callable[[float], str], floatToGoString)
@@ -44,7 +46,7 @@ class LoopHistogramChild:
         self.total += value
 
 
-class LoopHistogram(Collector):
+class LoopHistogram(LoopFamily[LoopHistogramChild]):
     """A histogram with labels, exposed like ``prometheus_client.Histogram``."""
 
     def __init__(
@@ -59,23 +61,11 @@ class LoopHistogram(Collector):
         bounds = tuple(float(b) for b in buckets)
         if list(bounds) != sorted(set(bounds)) or not bounds:
             raise ValueError("buckets must be increasing")
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
         self._bounds = bounds
-        self._children: dict[tuple[str, ...], LoopHistogramChild] = {}
-        if registry is not None:
-            registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> LoopHistogramChild:
-        """The child for these label values (created on first use)."""
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}")
-        key = tuple(str(v) for v in values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = LoopHistogramChild(self._bounds)
-        return child
+    def _new_child(self) -> LoopHistogramChild:
+        return LoopHistogramChild(self._bounds)
 
     def describe(self) -> Iterable[Metric]:
         """The family without samples (the registry learns its names at registration)."""
