@@ -35,6 +35,7 @@ from warden.federation.xmatrix import (
     _signing_payload,
     _signing_payload_from_json,
     _simple_params,
+    _usual_params,
     authenticate_headers,
     is_valid_server_name,
     parse_authorization_headers,
@@ -512,3 +513,30 @@ def test_the_homeserver_form_is_read_as_the_general_parser_reads_it(
     clean = all(not set(value) & set(',"\\') for _, value in pairs)
     distinct = len({name.lower() for name, _ in pairs}) == len(pairs)
     assert (simple is not None) == (clean and distinct)
+
+
+_VALUES = st.text(alphabet=' \t,="\\oOrigin:1.a-_A+/', max_size=12)
+_USUAL_ORDER = ["origin", "destination", "key", "sig"]
+_PARAM_LISTS = st.one_of(
+    st.tuples(*[st.tuples(st.just(name), _VALUES) for name in _USUAL_ORDER]).map(list),
+    st.lists(
+        st.tuples(st.sampled_from([*_USUAL_ORDER, "Origin", "x"]), _VALUES),
+        min_size=1,
+        max_size=6,
+    ),
+)
+
+
+@given(_PARAM_LISTS)
+def test_the_usual_form_is_read_as_the_general_parser_reads_it(
+    pairs: list[tuple[str, str]],
+) -> None:
+    """``_usual_params`` (one match for Synapse's exact form) answers only for lists the
+    general parser reads the same way, and for every list in that exact form."""
+    rest = ",".join(f'{name}="{value}"' for name, value in pairs)
+    usual = _usual_params(rest)
+    if usual is not None:
+        assert usual == _sequential_params(rest) == _simple_params(rest)
+    clean = all(not set(value) & set(',"\\') for _, value in pairs)
+    in_order = [name for name, _ in pairs] == _USUAL_ORDER
+    assert (usual is not None) == (clean and in_order)

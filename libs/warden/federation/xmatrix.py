@@ -64,6 +64,9 @@ _UNESCAPE_RE = re.compile(r"\\(.)", re.DOTALL)
 # One parameter of the form homeservers send: name="value", nothing to unescape.
 _SIMPLE_PARAM_RE = re.compile(r'([A-Za-z]+)="([^",\\]*)"')
 _ESCAPE_RE = re.compile(r'(["\\])')
+# The whole list exactly as Synapse and most homeservers send it: one match, no split.
+_USUAL_NAMES = ("origin", "destination", "key", "sig")
+_USUAL_RE = re.compile(",".join(rf'{name}="([^",\\]*)"' for name in _USUAL_NAMES))
 
 # Server name grammar (spec: Appendices, "Server Name").
 _IPV4 = r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}"
@@ -202,7 +205,9 @@ def _parse_one(value: str) -> XMatrixCredentials:
     if not rest or rest[0] not in " \t":
         raise MalformedAuthorization("no parameters after the X-Matrix scheme")
     rest = rest.lstrip(" \t")
-    params = _simple_params(rest)
+    params = _usual_params(rest)
+    if params is None:
+        params = _simple_params(rest)
     if params is None:
         params = _general_params(rest)
     for required in ("origin", "key", "sig"):
@@ -218,6 +223,15 @@ def _parse_one(value: str) -> XMatrixCredentials:
         signature=params["sig"],
         destination=ServerName(destination) if destination is not None else None,
     )
+
+
+def _usual_params(rest: str) -> dict[str, str] | None:
+    """The parameters when the list is ``origin="…",destination="…",key="…",sig="…"``
+    in that order (what Synapse sends), else None: one match for the whole list. Such a
+    list is also of the form ``_simple_params`` reads, which would read the same pairs.
+    """
+    match = _USUAL_RE.fullmatch(rest)
+    return None if match is None else dict(zip(_USUAL_NAMES, match.groups(), strict=True))
 
 
 def _simple_params(rest: str) -> dict[str, str] | None:
