@@ -89,6 +89,7 @@ import httpx
 import orjson
 import redis.asyncio as aioredis
 import trustme
+import yaml
 
 from bench import events
 from bench.attack import AttackPlan
@@ -1308,13 +1309,72 @@ class Bench:
             self.servers.stop()
 
 
+# The Kubernetes manifests whose memory limits the attack window's memory is held to.
+K8S_DIR = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
+_QUANTITY_UNITS = {
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+}
+
+
+def mebibytes(quantity: str) -> float:
+    """A Kubernetes memory quantity (``512Mi``, ``1G``, ``268435456``) in MiB."""
+    for unit, factor in _QUANTITY_UNITS.items():
+        if quantity.endswith(unit):
+            return float(quantity[: -len(unit)]) * factor / 2**20
+    return float(quantity) / 2**20
+
+
+def k8s_memory_limits(directory: Path = K8S_DIR) -> dict[str, float]:
+    """Each Warden container's memory limit in ``directory``'s Deployments, in MiB, by
+    container name (``gateway``, ``filter-worker``, ...: the bench's process names
+    without their ``-N``)."""
+    limits: dict[str, float] = {}
+    for path in sorted(directory.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not isinstance(doc, dict) or doc.get("kind") != "Deployment":
+                continue
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                limit = container.get("resources", {}).get("limits", {}).get("memory")
+                if limit is not None:
+                    limits[container["name"]] = mebibytes(str(limit))
+    return limits
+
+
+def memory_limit_rows(
+    after_attack: dict[str, float], limits: dict[str, float]
+) -> list[tuple[str, float, str, bool]]:
+    """Issue 17's memory target: after the attack window, each service's largest
+    resident memory (over its replicas) under its manifest's limit."""
+    largest: dict[str, float] = {}
+    for process, mib in after_attack.items():
+        service = process.rsplit("-", 1)[0] if process[-1:].isdigit() else process
+        if service in limits:
+            largest[service] = max(mib, largest.get(service, 0.0))
+    return [
+        (
+            f"under attack: {service} resident memory (MiB)",
+            mib,
+            f"< {limits[service]:.0f} (deploy/k8s memory limit; issue 17)",
+            mib < limits[service],
+        )
+        for service, mib in sorted(largest.items())
+    ]
+
+
 def targets(
     results: dict[str, Any], config: BenchConfig, attack: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     """Issue 5's targets with the house floors for the ratios (unique >= 0.33x and spam
     wave >= 1.1x the crypto floor), issue 17's ratios and paced p99s, issue 14's antispam
-    p99 and issue 10's under attack (when those windows ran), each with the measured
-    value and whether it is met."""
+    p99 and issue 10's under attack with issue 17's memory limits (when those windows
+    ran), each with the measured value and whether it is met."""
     rows: list[tuple[str, float, str, bool]] = []
     if {"unique", "unique_paced", "spam_wave"} <= results.keys():  # BENCH_WINDOWS may skip
         unique, paced, spam = results["unique"], results["unique_paced"], results["spam_wave"]
@@ -1380,6 +1440,7 @@ def targets(
                 ratios["goal"]["p99_within_2x"],
             ),
         ]
+        rows += memory_limit_rows(attack["memory_mib"]["after_attack"], k8s_memory_limits())
     return [{"target": t, "measured": v, "goal": g, "met": bool(m)} for t, v, g, m in rows]
 
 

@@ -557,7 +557,53 @@ def test_attack_report_in_targets_and_table() -> None:
     answered = rows["under attack: legitimate /sign answered 200 (%)"]
     assert (answered["measured"], answered["met"]) == (80.0, False)
     assert rows["under attack: p99 / quiet p99"]["measured"] == 3.5
-    assert len(harness.targets(results, config)) == len(rows) - 2
+    memory = rows["under attack: gateway resident memory (MiB)"]
+    assert (memory["measured"], memory["met"]) == (400.5, True)  # the manifest says 512Mi
+    assert memory["goal"].startswith("< 512 (deploy/k8s memory limit")
+    assert len(harness.targets(results, config)) == len(rows) - 3
+
+
+def test_memory_after_the_attack_is_held_to_the_manifests_limits(tmp_path: Path) -> None:
+    """Each service's largest replica against the memory limit its Deployment sets;
+    processes without a manifest (the servers) have no row."""
+    (tmp_path / "gateway.yaml").write_text(
+        """
+apiVersion: v1
+kind: Service
+metadata: {name: warden-gateway}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: warden-gateway}
+spec:
+  template:
+    spec:
+      containers:
+        - name: gateway
+          resources: {limits: {memory: 1Gi}}
+        - name: sidecar
+"""
+    )
+    (tmp_path / "worker.yaml").write_text(
+        """
+kind: Deployment
+spec:
+  template:
+    spec:
+      containers:
+        - {name: filter-worker, resources: {limits: {memory: "300M"}}}
+"""
+    )
+    limits = harness.k8s_memory_limits(tmp_path)
+    assert limits == {"gateway": 1024.0, "filter-worker": pytest.approx(286.1, abs=0.1)}
+    after = {"gateway-0": 200.0, "gateway-1": 1100.0, "filter-worker-0": 250.0, "redis": 9e9}
+    rows = {name: (mib, met) for name, mib, _, met in harness.memory_limit_rows(after, limits)}
+    assert rows == {
+        "under attack: filter-worker resident memory (MiB)": (250.0, True),
+        "under attack: gateway resident memory (MiB)": (1100.0, False),  # the larger replica
+    }
+    # The repository's own manifests set a limit for every Warden service.
+    assert set(harness.k8s_memory_limits()) >= {"gateway", "filter-worker"}
 
 
 def test_bench_attack_0_switches_the_window_off(monkeypatch: pytest.MonkeyPatch) -> None:
