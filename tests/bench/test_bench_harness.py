@@ -792,3 +792,22 @@ def test_the_gateway_takes_the_penalty_settings_from_the_benchs_environment(
     assert env["PS_HTTP_AUTH_FAILURE_LIMIT"] == "7"
     assert "PS_HTTP_AUTH_FAILURE_PENALTY_SECONDS" not in env
     assert env["PS_API_KEY"] == harness.API_KEY  # other PS_* variables stay the bench's
+
+
+def test_the_nats_request_micro_benchmark_measures_both_requesters() -> None:
+    env = {**os.environ, "BENCH_QUICK": "1", "BENCH_NATS_URL": NATS_URL}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "libs"), str(ROOT)])
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.nats_request"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = dict(line.split(": ", 1) for line in done.stdout.strip().splitlines())
+    assert set(lines) == {"Client.request", "Requester"}
+    for text in lines.values():
+        assert re.fullmatch(r"\d+\.\d µs CPU per request \(\d+\.\d\)", text), text
+        assert float(text.split()[0]) > 0

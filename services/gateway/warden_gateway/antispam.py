@@ -83,6 +83,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from warden.bus.evaluation import EvaluationRequest
+from warden.bus.request_reply import Requester
 from warden.bus.subjects import (
     ANTISPAM_CHECK_SUBJECT,
     CHECK_TEXT_SUBJECT,
@@ -218,7 +219,7 @@ class AntispamAPI:
         server-centric API's, which a homeserver's message rate would spend at once."""
         self.auth = auth
         self._limiter = rate_limiter
-        self._nats = nats
+        self._requests = Requester(nats)
         self._verdicts = verdicts
         self._max_body_bytes = max_body_bytes
         self._timeout = timeout_seconds
@@ -382,7 +383,9 @@ class AntispamAPI:
 
     async def _request(self, subject: str, data: bytes, headers: dict[str, str]) -> list[str]:
         try:
-            reply = await self._nats.request(subject, data, timeout=self._timeout, headers=headers)
+            reply = await self._requests.request(
+                subject, data, timeout_seconds=self._timeout, headers=headers
+            )
         except (NatsTimeoutError, NoRespondersError):
             raise _NoJudgement("No filter worker answered in time") from None
         except (NatsError, OSError) as exc:

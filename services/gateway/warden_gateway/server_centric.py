@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from warden.bus.request_reply import Requester
 from warden.bus.subjects import CHECK_TEXT_SUBJECT, HEADER_COMMUNITY
 from warden.matrix.errors import Forbidden, InvalidParam, MatrixError
 from warden.policy.harms import HARMS_FIELD
@@ -82,7 +83,7 @@ class ServerCentricAPI:
         text_subject: str = CHECK_TEXT_SUBJECT,
     ) -> None:
         self.auth = auth
-        self._nats = nats
+        self._requests = Requester(nats)
         self._pool = pool
         self._joiner = joiner
         self._max_text_bytes = max_text_bytes
@@ -118,10 +119,10 @@ class ServerCentricAPI:
 
     async def _ask_worker(self, community_id: str, text: bytes) -> list[str]:
         try:
-            reply = await self._nats.request(
+            reply = await self._requests.request(
                 self._subject,
                 text,
-                timeout=self._timeout,
+                timeout_seconds=self._timeout,
                 headers={HEADER_COMMUNITY: community_id},
             )
         except (NatsTimeoutError, NoRespondersError):

@@ -4,9 +4,10 @@ Lookup order for an event ID:
 
 1. an in-process LRU (event ID -> verdict, and the policy signature once made: ed25519
    is deterministic, so signing the same bytes again would give the same signature);
-2. a NATS request on ``EVALUATE_SUBJECT``, answered by one filter worker of the queue
-   group. The workers make sure an event is evaluated once across all of them, and
-   answer a verdict already given from Redis (``redis_keys.verdict``) in one round trip.
+2. a NATS request on ``EVALUATE_SUBJECT`` (``warden.bus.request_reply``), answered by
+   one filter worker of the queue group. The workers make sure an event is evaluated
+   once across all of them, and answer a verdict already given from Redis
+   (``redis_keys.verdict``) in one round trip.
 
 The gateway does not look in Redis itself: for a first-time event (the costly case)
 that lookup always missed and cost a round trip before the NATS request; a verdict
@@ -43,6 +44,7 @@ from nats.aio.msg import Msg
 from opentelemetry.trace import SpanKind, get_current_span
 
 from warden.bus.evaluation import EvaluationRequest, WorkerError, decode_reply
+from warden.bus.request_reply import Requester
 from warden.bus.subjects import EVALUATE_SUBJECT
 from warden.policy.verdict import Verdict
 from warden.telemetry.tracing import exporting, inject_headers, tracer
@@ -100,7 +102,7 @@ class VerdictSource:
         memory_size: int = DEFAULT_MEMORY_SIZE,
         reask_after_seconds: float | None = None,
     ) -> None:
-        self._nc = nc
+        self._requests = Requester(nc)
         self._timeout = timeout_seconds
         # The first request's wait: the whole timeout, or up to the re-ask.
         self._first_wait = timeout_seconds
@@ -218,16 +220,19 @@ class VerdictSource:
     async def _request(self, request: EvaluationRequest, headers: dict[str, str]) -> Msg:
         """Ask the workers; ask again once if no answer came within the claim TTL."""
         try:
-            return await self._nc.request(
-                self._subject, request.pdu, timeout=self._first_wait, headers=headers
+            return await self._requests.request(
+                self._subject, request.pdu, timeout_seconds=self._first_wait, headers=headers
             )
         except nats.errors.TimeoutError:
             if self._first_wait >= self._timeout:
                 raise
         # The worker that took the request may have died holding the event's claim.
         VERDICT_REASKS.inc()
-        return await self._nc.request(
-            self._subject, request.pdu, timeout=self._timeout - self._first_wait, headers=headers
+        return await self._requests.request(
+            self._subject,
+            request.pdu,
+            timeout_seconds=self._timeout - self._first_wait,
+            headers=headers,
         )
 
     def _parse_reply(self, request: EvaluationRequest, data: bytes) -> Verdict:
