@@ -89,7 +89,7 @@ import httpx
 import orjson
 import redis.asyncio as aioredis
 import trustme
-import yaml
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no type hints
 
 from bench import events
 from bench.attack import AttackPlan
