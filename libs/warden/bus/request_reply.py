@@ -1,5 +1,5 @@
-"""Request and reply over NATS: one reply subscription per process, a future and a timer
-per request.
+"""Request and reply over NATS: one reply subscription per ``Requester``, a future and a
+timer per request.
 
 nats-py's ``Client.request`` works the same way on the wire (a wildcard subscription
 under the connection's inbox prefix, one reply subject per request), but waits through
@@ -23,13 +23,11 @@ import asyncio
 import itertools
 
 import nats.errors
+from nats.aio.client import NO_RESPONDERS_STATUS
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-
-# The status header of the server's reply when no one subscribes to a request's subject.
-_STATUS_HEADER = "Status"
-_NO_RESPONDERS = "503"
+from nats.js.api import Header
 
 
 def _expire(future: asyncio.Future[Msg]) -> None:
@@ -81,7 +79,7 @@ class Requester:
         finally:
             timer.cancel()
             self._pending.pop(reply, None)
-        if msg.headers and msg.headers.get(_STATUS_HEADER) == _NO_RESPONDERS:
+        if msg.headers and msg.headers.get(Header.STATUS) == NO_RESPONDERS_STATUS:
             raise nats.errors.NoRespondersError
         return msg
 
