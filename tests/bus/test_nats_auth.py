@@ -7,7 +7,10 @@ authorization block, on a free loopback port.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -35,8 +38,6 @@ def _start(conf: str, tmp_path: Path) -> Iterator[int]:
     )
     try:
         deadline = time.monotonic() + 10
-        import socket
-
         while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -375,3 +376,48 @@ async def test_a_creds_file_authenticates_in_operator_mode(
         await connect_nats(url, name="t", auth=NatsAuth(creds_file=str(other)), initial_timeout=2)
     with pytest.raises(TimeoutError):
         await connect_nats(url, name="t", initial_timeout=2)
+
+
+async def test_the_servers_refusal_is_not_hidden_by_a_later_connection_reset(
+    password_nats: int,
+) -> None:
+    """nats-server closes right after refusing a login, so a retry may end in a bare TCP
+    reset instead of the refusal. A proxy in front of the real server passes the first
+    connection through (refused) and resets every later one: the error still says why.
+    """
+    connections = 0
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        if connections > 1:
+            sock = client_w.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client_w.transport.abort()
+            return
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", password_nats)
+        await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w))
+
+    proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(TimeoutError) as raised:
+            await connect_nats(
+                f"nats://warden:wrong-pw@127.0.0.1:{port}", name="t", initial_timeout=2.5
+            )
+    finally:
+        proxy.close()
+    assert connections >= 2  # the later attempts were reset
+    message = str(raised.value)
+    assert "authorization violation" in message.lower()
+    assert "wrong-pw" not in message

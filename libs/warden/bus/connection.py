@@ -8,6 +8,7 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
+import nats.errors
 from nats.aio.client import Client as NATS
 
 from warden.settings import Settings
@@ -76,6 +77,15 @@ def _tls_context(auth: NatsAuth, url: str) -> ssl.SSLContext | None:
     return context
 
 
+# Errors of the connection itself rather than an answer from the server.
+_TRANSPORT_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    nats.errors.StaleConnectionError,  # and UnexpectedEOF
+    nats.errors.ConnectionClosedError,
+)
+
+
 async def connect_nats(
     url: str,
     *,
@@ -89,12 +99,18 @@ async def connect_nats(
     nats-py retries the first connection forever too when reconnects are unbounded,
     so the first connection is bounded by ``initial_timeout`` (``TimeoutError``). An
     authorization refusal is not retried by the server, but nats-py keeps trying: it
-    surfaces as that timeout, with the last error the server gave.
+    surfaces as that timeout, with the server's refusal if it gave one, else the last
+    error.
     """
     auth = auth or NatsAuth()
     if auth.creds_file and auth.nkey_seed_file:
         raise ValueError("set at most one of PS_NATS_CREDS_FILE and PS_NATS_NKEY_SEED_FILE")
+    # The server's own refusal (``-ERR 'Authorization Violation'``) is what an operator
+    # needs. The server closes right after sending it, so a later attempt often ends in
+    # a bare connection reset instead (the refusal lost to the TCP reset): a transport
+    # error never hides a refusal the server did give.
     last_error: list[str] = []
+    refusal: list[str] = []
 
     async def on_disconnect() -> None:
         # A drain or close of our own also disconnects: not worth a warning.
@@ -108,6 +124,8 @@ async def connect_nats(
 
     async def on_error(exc: Exception) -> None:
         last_error[:] = [f"{type(exc).__name__}: {exc}"]
+        if not isinstance(exc, _TRANSPORT_ERRORS):
+            refusal[:] = last_error
         logger.warning("nats error", extra={"event": "nats_error", "error": str(exc)})
 
     nc = NATS()
@@ -129,7 +147,12 @@ async def connect_nats(
         await asyncio.wait_for(connecting, initial_timeout)
     except TimeoutError:
         await nc.close()
-        why = f" (last error: {last_error[0]})" if last_error else ""
+        if refusal:
+            why = f" (the server refused: {refusal[0]})"
+        elif last_error:
+            why = f" (last error: {last_error[0]})"
+        else:
+            why = ""
         raise TimeoutError(
             f"no NATS server answered at {without_credentials(url)} within {initial_timeout}s{why}"
         ) from None
