@@ -39,7 +39,9 @@ def verdict(event_id: str) -> str:
     """``warden:verdict:<event_id>``: a given verdict as JSON (``Verdict.to_json``).
 
     Written by the worker after the verdict is durable in PostgreSQL; read by gateways
-    before they ask NATS. Expires after a day (PostgreSQL keeps it for good).
+    before they ask NATS. Expires after ``PS_VERDICT_CACHE_SECONDS`` (an hour by default;
+    PostgreSQL keeps it for good), which bounds Redis' memory to about a kilobyte per new
+    event in that time.
     """
     return f"{PREFIX}verdict:{event_id}"
 

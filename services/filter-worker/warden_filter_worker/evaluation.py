@@ -97,7 +97,8 @@ from warden_filter_worker.publisher import VerdictPublisher
 logger = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
-VERDICT_CACHE_SECONDS = 24 * 3600
+# PS_VERDICT_CACHE_SECONDS' default: how long a verdict stays in Redis.
+VERDICT_CACHE_SECONDS = 3600
 BODY_EXCERPT_CHARS = 500
 # Poll the database every this many Redis polls while waiting on another worker (in case
 # Redis lost the cached verdict).
@@ -310,6 +311,7 @@ class EvaluationService:
         store_timeout_seconds: float = 5.0,
         settle_early_seconds: float = SETTLE_EARLY_SECONDS,
         verdict_log: bool = True,
+        verdict_cache_seconds: int = VERDICT_CACHE_SECONDS,
     ) -> None:
         self._redis = redis
         # Whether neutral and allowed verdicts are published (``is_streamed``); the
@@ -321,6 +323,7 @@ class EvaluationService:
         self._writer = writer
         self._publisher = publisher
         self._claim_ttl_ms = int(claim_ttl_seconds * 1000)
+        self._verdict_cache_seconds = verdict_cache_seconds
         self._wait_seconds = wait_seconds
         self._store_timeout = store_timeout_seconds
         self._settle_early = settle_early_seconds
@@ -733,7 +736,7 @@ class EvaluationService:
     async def _cache_and_release(self, verdicts: dict[str, bytes], claims: dict[str, str]) -> None:
         keys = [redis_keys.verdict(e) for e in verdicts]
         keys += [redis_keys.evaluation_claim(e) for e in claims]
-        args: list[Any] = [VERDICT_CACHE_SECONDS, len(verdicts), *verdicts.values()]
+        args: list[Any] = [self._verdict_cache_seconds, len(verdicts), *verdicts.values()]
         args += claims.values()
         if self._redis_outage.skipping:
             return  # Redis failed a moment ago: the claims expire by themselves

@@ -165,6 +165,7 @@ def run(settings: Settings) -> int:
             linger_seconds=settings.evaluation_batch_linger_ms / 1000,
             store_timeout_seconds=settings.filter_timeout_seconds,
             verdict_log=verdict_log,
+            verdict_cache_seconds=settings.verdict_cache_seconds,
         )
         await service.start(nc)
         # The server-centric API's text checks: no verdict, nothing stored.
