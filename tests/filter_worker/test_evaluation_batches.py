@@ -405,6 +405,73 @@ async def test_requests_over_nats_are_answered_each_once(
     assert delta["waited"] + delta["cached_redis"] == 16
 
 
+class HeldSettleRedis(CountingRedis):
+    """Once armed, holds the second script call (a batch's settle: cache the verdicts and
+    release the claims, after the look) until ``release`` is set."""
+
+    armed: bool
+    scripts: int
+    release: asyncio.Event
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        if self.armed and str(args[0]).upper() == "EVALSHA":
+            self.scripts += 1
+            if self.scripts == 2:
+                await self.release.wait()
+        return await super().execute_command(*args, **options)
+
+
+async def test_the_reply_does_not_wait_for_the_redis_cache_write(
+    redis_client: aioredis.Redis, pg_pool: asyncpg.Pool, nats_client: NATS
+) -> None:
+    await ensure_verdicts_stream(nats_client.jetstream())
+    held = HeldSettleRedis.from_url(REDIS_URL)
+    held.commands, held.armed, held.scripts, held.release = [], False, 0, asyncio.Event()
+    deps = FilterDeps(redis=redis_client, pool=pg_pool, local_user_id=OWN_USER)
+    service = EvaluationService(
+        redis=held,
+        pool=pg_pool,
+        pipeline=Pipeline(deps, timeout_seconds=2),
+        configs=CommunityConfigCache(pg_pool, instance_defaults({})),
+        writer=GroupCommitWriter(pg_pool),
+        publisher=VerdictPublisher(nats_client),
+        claim_ttl_seconds=10,
+        wait_seconds=5,
+    )
+    await service.answer(request("warm up"))  # loads the scripts
+    held.armed = True
+    await service.start(nats_client)
+    event_id = f"${uuid.uuid4().hex}"
+    try:
+        hdrs = {
+            HEADER_EVENT_ID: event_id,
+            HEADER_COMMUNITY: "default",
+            HEADER_ORIGIN: "origin.example",
+            HEADER_SOURCE: "sign",
+        }
+        body = orjson.dumps(message("hello"))
+        # Answered while the settle is held: the verdict is durable in PostgreSQL, not
+        # yet in Redis, and the claim is still ours.
+        msg = await nats_client.request(EVALUATE_SUBJECT, body, timeout=5, headers=hdrs)
+        verdict = Verdict.from_json(msg.data)
+        assert verdict.event_id == event_id
+        stored = await get_verdict(pg_pool, event_id)
+        assert stored is not None and stored.to_json() == msg.data
+        assert held.scripts == 2 and not held.release.is_set()
+        assert await redis_client.get(redis_keys.verdict(event_id)) is None
+        assert await redis_client.exists(redis_keys.evaluation_claim(event_id))
+        # Then the settle goes through: cached for later requests, claim released.
+        held.release.set()
+        async with asyncio.timeout(5):
+            while await redis_client.get(redis_keys.verdict(event_id)) != msg.data:
+                await asyncio.sleep(0.01)
+        assert not await redis_client.exists(redis_keys.evaluation_claim(event_id))
+    finally:
+        held.release.set()
+        await service.stop()
+        await held.aclose()
+
+
 async def test_requests_arriving_while_a_batch_is_answered_wait_to_share_the_next(
     redis_client: aioredis.Redis, pg_pool: asyncpg.Pool, nats_client: NATS
 ) -> None:

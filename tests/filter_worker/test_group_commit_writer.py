@@ -127,3 +127,32 @@ async def test_queued_verdicts_are_taken_without_waiting_for_each(
     assert [w.event_id for w in winners] == [v.event_id for v in ours]
     assert writer.transactions == 1  # all arrived together: one batch
     assert waits <= 2  # the linger after the queue ran dry, not one per verdict
+
+
+async def test_a_verdict_is_committed_without_waiting_for_company(pg_pool: asyncpg.Pool) -> None:
+    # By default the writer takes what is queued and commits: no timer. A linger would
+    # hold the insert for its delay, far longer than a few turns of the event loop.
+    inserting = asyncio.Event()
+
+    async def noting_insert(pool: asyncpg.Pool, batch: Sequence[Verdict]) -> dict[str, Verdict]:
+        inserting.set()
+        return await insert_verdicts(pool, batch)
+
+    writer = GroupCommitWriter(pg_pool, insert=noting_insert)
+    lingering = GroupCommitWriter(pg_pool, max_delay=60, insert=noting_insert)
+    try:
+        write = asyncio.create_task(writer.write(verdict(f"${uuid.uuid4().hex}")))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert inserting.is_set()
+        await write
+        # The same check tells a lingering writer apart.
+        inserting.clear()
+        lingered = asyncio.create_task(lingering.write(verdict(f"${uuid.uuid4().hex}")))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not inserting.is_set()
+        lingered.cancel()
+    finally:
+        await writer.close()
+        await lingering.close()

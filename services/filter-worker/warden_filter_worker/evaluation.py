@@ -654,13 +654,12 @@ class EvaluationService:
                     answers.setdefault(event_id, _failure(exc))
         finally:
             rest = {e: a for e, a in answers.items() if e not in settled}
-            if keeper is not None and tokens is not None:
+            if keeper is not None:
                 keeper.cancel()
-                await self._cache_and_release(
-                    {e: a.reply for e, a in rest.items() if a.cache},
-                    {e: tokens[e] for e in claimed if e not in settled},
-                )
-        await self._deliver_and_publish(claimed, rest, deliver)
+        claims = None
+        if keeper is not None and tokens is not None:
+            claims = {e: tokens[e] for e in claimed if e not in settled}
+        await self._deliver_cache_and_publish(claimed, rest, claims, deliver)
 
     async def _evaluate_many(
         self,
@@ -692,25 +691,38 @@ class EvaluationService:
                 if not pending:
                     return
                 early = {e: a for e, a in answers.items() if e not in settled}
-                if early and tokens is not None:
-                    await self._cache_and_release(
-                        {e: a.reply for e, a in early.items() if a.cache},
-                        {e: tokens[e] for e in early},
-                    )
                 if early:
                     settled.update(early)
-                    await self._deliver_and_publish(claimed, early, deliver)
+                    claims = None if tokens is None else {e: tokens[e] for e in early}
+                    await self._deliver_cache_and_publish(claimed, early, claims, deliver)
                 self._waits_outside(asyncio.current_task())
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for running in tasks:
                 running.cancel()  # still running only when the batch was given up on
 
-    async def _deliver_and_publish(
-        self, events: dict[str, _Event], answers: dict[str, _Answer], deliver: Deliver
+    async def _deliver_cache_and_publish(
+        self,
+        events: dict[str, _Event],
+        answers: dict[str, _Answer],
+        claims: dict[str, str] | None,
+        deliver: Deliver,
     ) -> None:
-        for event_id, answer in answers.items():
-            await deliver(event_id, answer)
+        """Answer, then cache the verdicts in Redis and release ``claims`` (None: no
+        claims, Redis is down), then publish to JetStream.
+
+        Answers first: each verdict is durable in PostgreSQL already. The Redis write
+        serves later requests (a worker waiting on a claim finds the verdict a round trip
+        later), so the requesters do not wait for it.
+        """
+        try:
+            for event_id, answer in answers.items():
+                await deliver(event_id, answer)
+        finally:
+            if claims is not None:
+                await self._cache_and_release(
+                    {e: a.reply for e, a in answers.items() if a.cache}, claims
+                )
         for event_id, answer in answers.items():
             if answer.publish is not None:
                 span = events[event_id].span
