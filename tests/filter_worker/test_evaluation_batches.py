@@ -110,8 +110,9 @@ async def make_worker(
         publisher: VerdictPublisher | None = None,
         insert: InsertFn | None = None,
         wait_seconds: float = 5,
+        redis_type: type[CountingRedis] = CountingRedis,
     ) -> Worker:
-        counting = CountingRedis.from_url(REDIS_URL)
+        counting = redis_type.from_url(REDIS_URL)
         counting.commands = []
         pipeline = CountingPipeline(
             FilterDeps(redis=redis_client, pool=pg_pool, local_user_id=OWN_USER),
@@ -409,8 +410,8 @@ class HeldSettleRedis(CountingRedis):
     """Once armed, holds the second script call (a batch's settle: cache the verdicts and
     release the claims, after the look) until ``release`` is set."""
 
-    armed: bool
-    scripts: int
+    armed = False
+    scripts = 0
     release: asyncio.Event
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
@@ -422,25 +423,17 @@ class HeldSettleRedis(CountingRedis):
 
 
 async def test_the_reply_does_not_wait_for_the_redis_cache_write(
-    redis_client: aioredis.Redis, pg_pool: asyncpg.Pool, nats_client: NATS
+    make_worker: Callable[..., Any],
+    redis_client: aioredis.Redis,
+    pg_pool: asyncpg.Pool,
+    nats_client: NATS,
 ) -> None:
-    await ensure_verdicts_stream(nats_client.jetstream())
-    held = HeldSettleRedis.from_url(REDIS_URL)
-    held.commands, held.armed, held.scripts, held.release = [], False, 0, asyncio.Event()
-    deps = FilterDeps(redis=redis_client, pool=pg_pool, local_user_id=OWN_USER)
-    service = EvaluationService(
-        redis=held,
-        pool=pg_pool,
-        pipeline=Pipeline(deps, timeout_seconds=2),
-        configs=CommunityConfigCache(pg_pool, instance_defaults({})),
-        writer=GroupCommitWriter(pg_pool),
-        publisher=VerdictPublisher(nats_client),
-        claim_ttl_seconds=10,
-        wait_seconds=5,
-    )
-    await service.answer(request("warm up"))  # loads the scripts
+    worker: Worker = await make_worker(redis_type=HeldSettleRedis)  # scripts loaded
+    held = worker.redis
+    assert isinstance(held, HeldSettleRedis)
+    held.release = asyncio.Event()
     held.armed = True
-    await service.start(nats_client)
+    await worker.service.start(nats_client)
     event_id = f"${uuid.uuid4().hex}"
     try:
         hdrs = {
@@ -453,8 +446,7 @@ async def test_the_reply_does_not_wait_for_the_redis_cache_write(
         # Answered while the settle is held: the verdict is durable in PostgreSQL, not
         # yet in Redis, and the claim is still ours.
         msg = await nats_client.request(EVALUATE_SUBJECT, body, timeout=5, headers=hdrs)
-        verdict = Verdict.from_json(msg.data)
-        assert verdict.event_id == event_id
+        assert Verdict.from_json(msg.data).event_id == event_id
         stored = await get_verdict(pg_pool, event_id)
         assert stored is not None and stored.to_json() == msg.data
         assert held.scripts == 2 and not held.release.is_set()
@@ -467,9 +459,7 @@ async def test_the_reply_does_not_wait_for_the_redis_cache_write(
                 await asyncio.sleep(0.01)
         assert not await redis_client.exists(redis_keys.evaluation_claim(event_id))
     finally:
-        held.release.set()
-        await service.stop()
-        await held.aclose()
+        held.release.set()  # the fixture's stop waits for the batch
 
 
 async def test_requests_arriving_while_a_batch_is_answered_wait_to_share_the_next(
