@@ -38,8 +38,9 @@ def server_keys_negative(server_name: str, key_id: str) -> str:
 def verdict(event_id: str) -> str:
     """``warden:verdict:<event_id>``: a given verdict as JSON (``Verdict.to_json``).
 
-    Written by the worker after the verdict is durable in PostgreSQL; read by gateways
-    before they ask NATS. Expires after ``PS_VERDICT_CACHE_SECONDS`` (an hour by default;
+    Written by a filter worker after the verdict is durable in PostgreSQL (and answered);
+    read by the workers, which answer a repeat from it (gateways ask the workers, not
+    Redis). Expires after ``PS_VERDICT_CACHE_SECONDS`` (an hour by default;
     PostgreSQL keeps it for good), which bounds Redis' memory to about a kilobyte per new
     event in that time.
     """

@@ -217,7 +217,7 @@ class Settings(BaseSettings):
     # (Warden). The live holder renews it every third of this; a crashed worker's claims
     # lapse after it and are taken over, well before waiting requests give up.
     evaluation_claim_ttl_seconds: float = Field(default=5.0, ge=1, le=60)
-    # Warden: how long a worker keeps a verdict in Redis for other workers and gateways
+    # Warden: how long a worker keeps a verdict in Redis for the workers' repeats
     # (warden:verdict:<event_id>). Repeats come within seconds to minutes; PostgreSQL keeps
     # every verdict, so a later repeat costs a lookup, not an evaluation. Redis holds about
     # a kilobyte per new event for this long, so this bounds its memory.

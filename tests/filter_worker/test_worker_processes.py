@@ -16,11 +16,13 @@ from typing import Any
 import asyncpg
 import httpx
 import orjson
+import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
 from tests.filters.filter_helpers import message
 from tests.service_processes import ServiceProcess
+from warden import redis_keys
 from warden.bus.streams import ensure_verdicts_stream
 from warden.bus.subjects import (
     CONFIG_CHANGED_SUBJECT,
@@ -241,4 +243,23 @@ async def test_neutral_verdicts_reach_jetstream_only_with_the_verdict_log(
     assert neutral.content_class is ContentClass.NEUTRAL
     assert [m.subject for m in messages] == ["warden.verdict.neutral"]
     assert orjson.loads(messages[0].data)["extra"]["source"] == "sign"
+    assert worker.stop() == 0
+
+
+async def test_the_worker_keeps_verdicts_in_redis_for_ps_verdict_cache_seconds(
+    spawn_service: Callable[..., ServiceProcess],
+    nats_client: NATS,
+    pg_pool: asyncpg.Pool,
+    redis_client: aioredis.Redis,
+) -> None:
+    community = await forbidden_word_community(pg_pool)
+    worker = spawn_service("filter-worker", PS_VERDICT_CACHE_SECONDS="120")
+    await asyncio.to_thread(worker.wait_ready)
+    eid = f"${uuid.uuid4().hex}"
+    reply = await evaluate(nats_client, message("zebra"), headers(eid, community))
+    # Cached right after the reply (the reply does not wait for it).
+    async with asyncio.timeout(10):
+        while await redis_client.get(redis_keys.verdict(eid)) != reply:
+            await asyncio.sleep(0.02)
+    assert 60 < await redis_client.ttl(redis_keys.verdict(eid)) <= 120
     assert worker.stop() == 0
