@@ -15,11 +15,19 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from prometheus_client import REGISTRY
 
 from tests.conftest import NATS_URL, REDIS_URL
 from tests.filter_worker.test_evaluation_dedup import request
-from tests.filter_worker.test_worker_processes import stream_messages_for, verdict_stream_marks
+from tests.filter_worker.test_worker_processes import (
+    TRACE_ID,
+    stream_messages_for,
+    verdict_stream_marks,
+)
 from tests.filters.filter_helpers import OWN_USER, message
 from warden import redis_keys
 from warden.bus.streams import ensure_verdicts_stream
@@ -36,6 +44,8 @@ from warden.policy.harms import OTHER, SPAM
 from warden.policy.pipeline import Pipeline
 from warden.policy.verdict import ContentClass, Verdict
 from warden.storage.verdicts import get_verdict, insert_verdicts
+from warden.telemetry import tracing
+from warden_filter_worker import evaluation
 from warden_filter_worker.community_config import CommunityConfigCache
 from warden_filter_worker.evaluation import EvaluationService
 from warden_filter_worker.group_commit import GroupCommitWriter, InsertFn
@@ -535,3 +545,39 @@ def batch_metric(name: str) -> tuple[float, float]:
     """A histogram's count and sum."""
     count = REGISTRY.get_sample_value(f"{name}_count") or 0.0
     return count, REGISTRY.get_sample_value(f"{name}_sum") or 0.0
+
+
+@pytest.mark.parametrize("exporting", [False, True])
+async def test_a_worker_makes_its_span_for_a_request_only_when_exporting(
+    make_worker: Callable[..., Any],
+    nats_client: NATS,
+    monkeypatch: pytest.MonkeyPatch,
+    exporting: bool,
+) -> None:
+    # Without an exporter nobody reads the worker's span, which cost ~6 µs a request;
+    # the gateway's trace context must reach the verdict's publication either way.
+    provider = TracerProvider(sampler=ALWAYS_ON)
+    finished = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(finished))
+    monkeypatch.setattr(evaluation, "_tracer", provider.get_tracer("test"))
+    monkeypatch.setattr(tracing, "_exporting", exporting)
+    worker: Worker = await make_worker()
+    await worker.service.start(nats_client)
+    marks = await verdict_stream_marks(nats_client.jetstream())
+    event_id = f"${uuid.uuid4().hex}"
+    hdrs = {
+        HEADER_EVENT_ID: event_id,
+        HEADER_COMMUNITY: "default",
+        HEADER_ORIGIN: "origin.example",
+        HEADER_SOURCE: "sign",
+        "traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01",
+    }
+    body = orjson.dumps(message("buy spam"))
+    msg = await nats_client.request(EVALUATE_SUBJECT, body, timeout=5, headers=hdrs)
+    assert Verdict.from_json(msg.data).content_class is ContentClass.PROHIBITED
+    async with asyncio.timeout(5):
+        while not (published := await stream_messages_for(nats_client, marks, event_id)):
+            await asyncio.sleep(0.02)
+    assert TRACE_ID in published[0].headers["traceparent"]
+    names = [span.name for span in finished.get_finished_spans()]
+    assert names.count("filter-worker.evaluate") == (1 if exporting else 0)

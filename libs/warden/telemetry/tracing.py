@@ -239,3 +239,16 @@ def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
 def extract_context(headers: Mapping[str, str] | None) -> context.Context:
     """The trace context carried by a message's headers (empty context when none)."""
     return _PROPAGATOR.extract(dict(headers or {}))
+
+
+def caller_span(headers: Mapping[str, str] | None) -> trace.Span:
+    """The caller's span as a message's headers carry it, instead of a span of our own
+    (for the ``/sign`` hop when not ``exporting``): set in a context, it passes the
+    caller's trace on to the next hop. ``INVALID_SPAN`` when the headers carry none.
+
+    A span of our own (ids, sampler, attributes) cost a filter worker about 6 µs per
+    request, for nobody when no exporter is set.
+    """
+    if not headers or "traceparent" not in headers:
+        return trace.INVALID_SPAN
+    return trace.get_current_span(extract_context(headers))

@@ -88,7 +88,7 @@ from warden.policy.verdict import Verdict
 from warden.runtime.redis_outage import RedisOutage, is_redis_outage, server_of
 from warden.storage.room_state import get_third_party_invite
 from warden.storage.verdicts import get_verdict, lookup_verdicts
-from warden.telemetry.tracing import extract_context, tracer
+from warden.telemetry.tracing import caller_span, exporting, extract_context, tracer
 from warden_filter_worker import metrics
 from warden_filter_worker.community_config import CommunityConfigCache, UnknownCommunity
 from warden_filter_worker.group_commit import GroupCommitWriter
@@ -415,18 +415,23 @@ class EvaluationService:
         queued = metrics.EVALUATION_QUEUE_SECONDS.observe
         for _, arrived in batch:
             queued(began - arrived)
-        jobs = [
-            _Job(
-                msg,
-                start,
-                _tracer.start_span(
-                    "filter-worker.evaluate",
-                    context=extract_context(msg.headers),
-                    kind=SpanKind.SERVER,
-                ),
-            )
-            for msg, start in batch
-        ]
+        if exporting():
+            jobs = [
+                _Job(
+                    msg,
+                    start,
+                    _tracer.start_span(
+                        "filter-worker.evaluate",
+                        context=extract_context(msg.headers),
+                        kind=SpanKind.SERVER,
+                    ),
+                )
+                for msg, start in batch
+            ]
+        else:
+            # Nobody would read a span of ours: the gateway's trace context, if it sent
+            # one, still travels on to the verdict's publication.
+            jobs = [_Job(msg, start, caller_span(msg.headers)) for msg, start in batch]
         by_event: dict[str, list[_Job]] = {}
         events: dict[str, _Event] = {}
         try:
@@ -440,7 +445,8 @@ class EvaluationService:
                 same = by_event.get(request.event_id)
                 if same is None:
                     by_event[request.event_id] = [job]
-                    events[request.event_id] = _Event(request, job.span)
+                    span = job.span if job.span is not trace.INVALID_SPAN else None
+                    events[request.event_id] = _Event(request, span)
                 else:
                     same.append(job)
 
