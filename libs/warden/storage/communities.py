@@ -34,8 +34,16 @@ def hash_access_token(token: str) -> str:
 
 
 def new_community_id() -> str:
-    """A random, unguessable ID (policyserv uses KSUIDs for the same reason)."""
-    return secrets.token_urlsafe(18)
+    """A random, unguessable ID (policyserv uses KSUIDs for the same reason).
+
+    Never starting with ``-``: one URL-safe ID in 64 did, and a command line then reads
+    it as an option (``warden admin communities show -x...`` failed). Drawing again keeps
+    the other 23 characters' 138 bits.
+    """
+    while True:
+        community_id = secrets.token_urlsafe(18)
+        if not community_id.startswith("-"):
+            return community_id
 
 
 async def create_community(
