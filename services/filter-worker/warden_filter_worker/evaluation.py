@@ -86,6 +86,7 @@ from warden.policy.dependency_failures import EvaluationUnavailable, is_dependen
 from warden.policy.pipeline import Pipeline
 from warden.policy.verdict import Verdict
 from warden.runtime.redis_outage import RedisOutage, is_redis_outage, server_of
+from warden.settings import Settings
 from warden.storage.room_state import get_third_party_invite
 from warden.storage.verdicts import get_verdict, lookup_verdicts
 from warden.telemetry.tracing import caller_span, exporting, extract_context, tracer
@@ -97,8 +98,9 @@ from warden_filter_worker.publisher import VerdictPublisher
 logger = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
-# PS_VERDICT_CACHE_SECONDS' default: how long a verdict stays in Redis.
-VERDICT_CACHE_SECONDS = 3600
+# PS_VERDICT_CACHE_SECONDS' default (declared once, in Settings): how long a verdict stays
+# in Redis.
+VERDICT_CACHE_SECONDS: int = Settings.model_fields["verdict_cache_seconds"].default
 BODY_EXCERPT_CHARS = 500
 # Poll the database every this many Redis polls while waiting on another worker (in case
 # Redis lost the cached verdict).
