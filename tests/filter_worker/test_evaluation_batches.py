@@ -332,6 +332,54 @@ async def test_a_failing_jetstream_leaves_the_verdict_to_the_outbox_sweeper(
     )
 
 
+class WatchingRedis(CountingRedis):
+    """Notes, each time a script's round trip is over, how many PostgreSQL queries the
+    worker had started by then."""
+
+    pool: CountingPool | None = None
+    queries_when_scripted: list[int]
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **options)
+        finally:
+            if self.pool is not None and str(args[0]).upper() == "EVALSHA":
+                self.queries_when_scripted.append(self.pool.queries)
+
+
+async def test_the_stored_verdicts_are_read_while_redis_answers(
+    make_worker: Callable[..., Any],
+) -> None:
+    """A new event waits for the slower of the Redis look and the PostgreSQL read, not
+    for one after the other: the read is under way before the look's answer is in."""
+    worker: Worker = await make_worker(redis_type=WatchingRedis)
+    redis = worker.redis
+    assert isinstance(redis, WatchingRedis)
+    redis.queries_when_scripted = []
+    redis.pool = worker.pool
+    _, outcome = await worker.service.answer(request("hello", f"${uuid.uuid4().hex}"))
+    assert outcome == "first_time"
+    # The look (first script), then the settle; one read in all, sent before the look's
+    # answer came back.
+    assert redis.queries_when_scripted[0] == 1
+    assert worker.pool.queries == 1
+
+
+async def test_events_redis_answers_for_leave_the_rows_read_for_them_unused(
+    make_worker: Callable[..., Any],
+) -> None:
+    """The read goes out for every event of a batch; those Redis answers for are answered
+    from Redis and judged by nobody."""
+    worker: Worker = await make_worker()
+    cached = [request(f"hello {i}") for i in range(3)]
+    first = await worker.service.answer_many(cached)
+    worker.reset_counts()
+    again = await worker.service.answer_many(cached)
+    assert [o for _, o in again] == ["cached_redis"] * 3
+    assert [r for r, _ in again] == [r for r, _ in first]
+    assert worker.pool.queries == 1 and worker.pipeline.evaluated == []
+
+
 async def test_a_lapsed_claimer_that_committed_first_wins(
     make_worker: Callable[..., Any], pg_pool: asyncpg.Pool, redis_client: aioredis.Redis
 ) -> None:

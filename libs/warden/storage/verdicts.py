@@ -59,8 +59,22 @@ async def get_verdicts(pool: asyncpg.Pool, event_ids: Sequence[str]) -> dict[str
     return {r["event_id"]: _verdict(r) for r in rows}
 
 
+async def fetch_verdict_rows(pool: asyncpg.Pool, event_ids: Sequence[str]) -> list[asyncpg.Record]:
+    """The stored rows of these event IDs as ``lookup_verdicts`` reads them (one
+    ``SELECT``, no writes), for a caller that reads them ahead of ``lookup_verdicts``."""
+    if not event_ids:
+        return []
+    return await pool.fetch(
+        f"SELECT {_COLUMNS} FROM verdicts WHERE event_id = ANY($1::text[])",
+        list(event_ids),
+    )
+
+
 async def lookup_verdicts(
-    pool: asyncpg.Pool, asked: Sequence[tuple[str, str, str, str]]
+    pool: asyncpg.Pool,
+    asked: Sequence[tuple[str, str, str, str]],
+    *,
+    rows: Sequence[asyncpg.Record] | None = None,
 ) -> dict[str, Verdict]:
     """The stored verdicts of the events asked about, binding unbound ones on the way.
 
@@ -74,18 +88,21 @@ async def lookup_verdicts(
     caller judges the event, and its insert loses to the stored row (first writer wins),
     which it reads back (bound by the other lookup; still unbound in the second case, so
     not to be cached).
+
+    ``rows``: that ``SELECT``'s result, read already (``fetch_verdict_rows``, possibly
+    for more event IDs than asked here: the others are ignored).
     """
     if not asked:
         return {}
-    rows = await pool.fetch(
-        f"SELECT {_COLUMNS} FROM verdicts WHERE event_id = ANY($1::text[])",
-        [a[0] for a in asked],
-    )
+    if rows is None:
+        rows = await fetch_verdict_rows(pool, [a[0] for a in asked])
     found: dict[str, Verdict] = {}
     to_bind: list[tuple[str, str, str, str]] = []
     by_id = {a[0]: a for a in asked}
     for row in rows:
         event_id, hash_now, room_now = row["event_id"], row["reference_hash"], row["room_id"]
+        if event_id not in by_id:
+            continue
         _, hash_asked, room_asked, _ = by_id[event_id]
         if hash_now is not None and not (room_now == "" and room_asked and hash_asked):
             found[event_id] = _verdict(row)  # bound, and nothing to add
