@@ -205,7 +205,10 @@ async def test_silent_worker_times_out_with_503_then_a_retry_gets_the_verdict(
     assert r.status_code == 200, r.text
     signature = r.json()[GATEWAY_NAME][POLICY_SERVER_KEY_ID]
     assert synapse_verifies("12", event, GATEWAY_NAME, signature, gateway.policy_key)
-    assert worker.decided == 1
+    # The 503 cached nothing: the retries asked the workers again. (Not a count of
+    # decisions: this stand-in has no claims, so a retry sent before the first decision
+    # was stored starts another one, finished or not by now depending on the machine.)
+    assert worker.count >= 2 and worker.decided >= 1
 
 
 async def test_worker_error_and_garbage_replies_are_503(
