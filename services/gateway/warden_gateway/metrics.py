@@ -107,17 +107,6 @@ EVENT_CHECK_CACHE_BYTES = Gauge(
     "Approximate bytes held by the policy API's event-check cache (bounded by "
     "PS_EVENT_CHECK_CACHE_MAX_BYTES).",
 )
-XMATRIX_CACHE = LoopCounter(
-    "warden_sign_xmatrix_cache_total",
-    "Policy API requests whose X-Matrix signature was verified for the same method, "
-    "target, Authorization headers and body within the last 30 s (hit: not verified "
-    "again) or was not (miss).",
-    ["result"],
-)
-XMATRIX_CACHE_ENTRIES = Gauge(
-    "warden_sign_xmatrix_cache_entries",
-    "Requests held by the policy API's memory of verified X-Matrix signatures (bounded).",
-)
 MODERATION_REQUESTS = Counter(
     "warden_moderation_requests_total",
     "Moderation requests for refused events first asked about by their sender's server and"

@@ -116,7 +116,6 @@ from warden_gateway.moderation_requests import ModerationRequests
 from warden_gateway.rate_limit import OriginRateLimiter
 from warden_gateway.request_body import read_limited_body
 from warden_gateway.verdict_source import VerdictSource
-from warden_gateway.verified_requests import VerifiedRequests, request_key
 
 logger = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -254,7 +253,6 @@ class PolicyAPI:
         checked_events: CheckedEvents | None = None,
         moderation: ModerationRequests | None = None,
         penalties: ClientPenalties | None = None,
-        verified_requests: VerifiedRequests | None = None,
     ) -> None:
         self._identity = identity
         self._server_name = identity.server_name
@@ -266,7 +264,6 @@ class PolicyAPI:
         self._checked = checked_events if checked_events is not None else CheckedEvents()
         self._moderation = moderation
         self._penalties = penalties
-        self._verified = verified_requests if verified_requests is not None else VerifiedRequests()
 
     def routes(self) -> list[Route]:
         """The policy API's routes."""
@@ -361,7 +358,7 @@ class PolicyAPI:
         digest = hashlib.sha256(body).digest()
         checked = self._checked.get(digest)
         if checked is not None:
-            origin = await self._authenticate(request, checked.content_json, digest)
+            origin = await self._authenticate(request, checked.content_json)
             self._charge_checked(origin, checked)
             room = await self._rooms.get(checked.room_id)
             if room is None:
@@ -375,7 +372,7 @@ class PolicyAPI:
             bucket: str | None = None
         else:
             pdu, content_json = _parse_body(body)
-            origin = await self._authenticate(request, content_json, digest)
+            origin = await self._authenticate(request, content_json)
             bucket = self._charge_claimed(origin, pdu)
             room = await self._room_for(pdu)
         room_version = get_room_version(room.room_version)
@@ -412,32 +409,17 @@ class PolicyAPI:
             self._rate_limiter.refund(origin, bucket=OTHERS_BUCKET)  # a cached answer
         return await self._judge(endpoint, checked, room, origin, body, signing_bytes)
 
-    async def _authenticate(
-        self, request: Request, content_json: bytes, body_digest: bytes
-    ) -> ServerName:
-        """The request's X-Matrix origin (every request; the rate limit comes next).
-
-        A byte-identical repeat of a request verified seconds ago (a retry) is not
-        verified again (``verified_requests``): ``content_json`` is a function of the
-        body, so ``body_digest`` stands for it in the key.
-        """
-        target = _request_target(request)
-        authorization = request.headers.getlist("authorization")
-        key = request_key(request.method, target, authorization, body_digest)
-        origin = self._verified.origin(key)
-        if origin is not None:
-            return origin
-        origin = await verify_request_json(
+    async def _authenticate(self, request: Request, content_json: bytes) -> ServerName:
+        """The request's X-Matrix origin (every request; the rate limit comes next)."""
+        return await verify_request_json(
             request.method,
-            target,
+            _request_target(request),
             content_json,
-            authorization,
+            request.headers.getlist("authorization"),
             self._server_name,
             self._keyring,
             requester=client_address(request),
         )
-        self._verified.remember(key, origin)
-        return origin
 
     def _charge_checked(self, origin: str, checked: CheckedEvent) -> None:
         """The rate limit for a body whose event checks were done before (step 4)."""
