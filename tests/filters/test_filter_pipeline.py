@@ -407,3 +407,69 @@ def test_the_pipelines_fast_outcome_is_an_ordinary_frozen_outcome() -> None:
     with pytest.raises(FrozenInstanceError):
         fast.name = "other"  # type: ignore[misc]
     assert replace(fast, dry_run=True).dry_run is True
+
+
+class Acting(Filter):
+    """A postfilter that starts a side effect of the verdict, held until ``release``."""
+
+    name = "test_acting"
+    group = Group.POSTFILTER
+    waits_on_io = False
+    release: ClassVar[asyncio.Event]
+    done: ClassVar[list[str]] = []
+    fail: ClassVar[bool] = False
+
+    async def check(self, ctx: FilterContext) -> FilterResult:
+        async def act() -> None:
+            await Acting.release.wait()
+            if Acting.fail:
+                raise RuntimeError("the write failed")
+            Acting.done.append(ctx.event_id)
+
+        ctx.start_effect(self.name, act())
+        return FilterResult.neutral()
+
+
+async def test_effects_are_waited_for_here_or_handed_to_the_caller(
+    deps: FilterDeps, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``start_effect``: without an ``effects`` list ``evaluate`` returns only once the
+    effect is done (the text checks and the homeserver callbacks rely on it); with one,
+    it returns the verdict at once and the caller holds the running effect (the filter
+    worker waits for it during the commit). A failing effect is logged; the verdict
+    stands."""
+    p = pipeline(deps, Acting)
+    Acting.release, Acting.done, Acting.fail = asyncio.Event(), [], False
+    spam = message("buy spam")
+    cfg = config(hellban_postfilter_minutes=0)  # the only effect is the test's
+
+    waited = asyncio.create_task(judge(p, spam, cfg))
+    await asyncio.sleep(0.05)
+    assert not waited.done()  # held by its effect
+    Acting.release.set()
+    assert (await waited).content_class is P and len(Acting.done) == 1
+
+    Acting.release = asyncio.Event()
+    effects: list[asyncio.Task[None]] = []
+    v = await p.evaluate(
+        dict(spam),
+        event_id=new_event_id(),
+        community_id="default",
+        config=cfg,
+        effects=effects,
+    )
+    assert v.content_class is P and "test_acting" in ran(v)
+    assert len(effects) == 1 and not effects[0].done() and len(Acting.done) == 1
+    Acting.release.set()
+    await asyncio.wait(effects)
+    assert Acting.done == [Acting.done[0], v.event_id]
+
+    Acting.release, Acting.fail = asyncio.Event(), True
+    Acting.release.set()
+    with caplog.at_level("WARNING", logger="warden.filters.base"):
+        v = await judge(p, spam, cfg)
+    assert v.content_class is P and (v.filters[-1].name, v.filters[-1].error) == (
+        "test_acting",
+        None,
+    )
+    assert [r.getMessage() for r in caplog.records] == ["filter effect failed"]

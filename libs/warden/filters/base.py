@@ -16,6 +16,10 @@ listed in ``warden.filters.registry``. Next to its code it declares:
   ``waits_on_io_sometimes`` with ``waits_for(ctx)``), which decides whether the pipeline
   gives a run a timer and a task of its own.
 
+A filter that acts on the verdict (the hellban postfilter's ban) starts the write with
+``ctx.start_effect`` rather than awaiting it: the verdict does not wait for the write,
+and whoever asked for the verdict waits for it before answering (``Pipeline.evaluate``).
+
 Filters are stateless: one instance serves every event and community. Shared state
 (hellbans, rate windows) lives in Redis so every worker sees the same thing. Filters send
 their Redis commands through ``FilterDeps.auto_pipeline``: the commands of all events
@@ -25,8 +29,11 @@ under evaluation at once then share one round trip.
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
+import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -49,7 +56,12 @@ if TYPE_CHECKING:
     from warden.trust.muninn import MuninnDirectoryCache
     from warden.trust.sources import RoomTrustCache
 
+logger = logging.getLogger(__name__)
+
 FAIL_SECURE_SUFFIX = "_fail_secure"
+
+# Effects in flight (``FilterContext.start_effect``), referenced until they finish.
+_EFFECTS_RUNNING: set[asyncio.Task[None]] = set()
 
 
 class Group(enum.IntEnum):
@@ -193,6 +205,23 @@ class FilterContext:
     # its own Redis round trip (the filter worker's look-up script); None: the hellban
     # prefilter reads it.
     hellbanned: bool | None = None
+    # Side effects of the verdict that filters started without waiting for them
+    # (``start_effect``); ``Pipeline.evaluate`` waits for them, or hands them to its caller.
+    effects: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def start_effect(self, filter_name: str, effect: Coroutine[Any, Any, None]) -> None:
+        """Start ``effect`` (a write that acts on the verdict, such as a hellban) and go on.
+
+        The filter's outcome does not wait for it, so the verdict is not held up by the
+        write's round trip; ``Pipeline.evaluate``'s caller waits for it before the
+        verdict is answered (the filter worker: during the verdict's commit). A failure
+        is logged, not raised: the verdict it acts on is decided already. An effect is
+        not cancelled with the evaluation that started it.
+        """
+        task = asyncio.ensure_future(_run_effect(filter_name, self.event_id, effect))
+        _EFFECTS_RUNNING.add(task)
+        task.add_done_callback(_EFFECTS_RUNNING.discard)
+        self.effects.append(task)
 
     @property
     def event_type(self) -> str:
@@ -240,6 +269,20 @@ class FilterContext:
         """A string field of ``content`` ("" when absent or not a string)."""
         value = self.content.get(key)
         return value if isinstance(value, str) else ""
+
+
+async def _run_effect(filter_name: str, event_id: str, effect: Coroutine[Any, Any, None]) -> None:
+    try:
+        await effect
+    except Exception as exc:
+        logger.warning(
+            "filter effect failed",
+            extra={
+                "filter": filter_name,
+                "event_id": event_id,
+                "error": f"{type(exc).__name__}: {exc}",
+            },
+        )
 
 
 def _canonical_text(value: Any) -> str:

@@ -5,7 +5,10 @@ Runs only when the verdict so far is prohibited. It sets
 ``hellban_postfilter_minutes``, so every worker sees the ban at once, a restarted worker
 does not forget it, and a repeat offence while banned does not extend it (policyserv's
 rule: the ban cannot become permanent through retries). While Redis is down the ban is
-kept in this worker only (``warden.filters.hellban_store``).
+kept in this worker only (``warden.filters.hellban_store``). The write is started, not
+awaited (``FilterContext.start_effect``): the filter worker commits the refusal with the
+rest of its batch while the write is out, and answers once both are done, so the ban is
+in place before anyone hears of the refusal.
 
 Unlike policyserv this filter records no harm of its own: the event is already
 prohibited for the reasons the other filters gave, and adding ``spam.flooding`` to a
@@ -39,6 +42,8 @@ class HellbanPostfilter(Filter):
     name = "hellban_postfilter"
     group = Group.POSTFILTER
     harm_ids = ()
+    # The ban is started, not awaited (``start_effect``): the verdict is decided already.
+    waits_on_io = False
 
     @classmethod
     def enabled(cls, config: EffectiveConfig) -> bool:
@@ -46,13 +51,18 @@ class HellbanPostfilter(Filter):
         return config.get_int(HELLBAN_MINUTES.name) > 0
 
     async def check(self, ctx: FilterContext) -> FilterResult:
-        """Set the ban (NX: never extended) when a filter really prohibited the event."""
+        """Start setting the ban (NX: never extended) when a filter really prohibited the
+        event; the pipeline's caller waits for it before answering."""
         judged = any(
             o.content_class is ContentClass.PROHIBITED and o.error is None and not o.dry_run
             for o in ctx.earlier
         )
         if judged and ctx.sender and ctx.sender_verified and not ctx.dry_run:
             minutes = ctx.config.get_int(HELLBAN_MINUTES.name)
-            # In Redis; while it is down, in this worker (``hellban_store``).
-            await ctx.deps.hellbans.ban(ctx.community_id, ctx.sender, minutes * 60)
+            # In Redis; while it is down, in this worker (``hellban_store``). Not awaited
+            # here: in the filter worker the write's round trip overlaps the verdict's
+            # commit instead of coming before it.
+            ctx.start_effect(
+                self.name, ctx.deps.hellbans.ban(ctx.community_id, ctx.sender, minutes * 60)
+            )
         return FilterResult.neutral()

@@ -146,6 +146,7 @@ class Pipeline:
         sender_verified: bool = True,
         sender_signatures_checked: bool = False,
         hellbanned: bool | None = None,
+        effects: list[asyncio.Task[None]] | None = None,
     ) -> Verdict:
         """Judge one event for a community with its effective configuration.
 
@@ -155,6 +156,9 @@ class Pipeline:
         ``FilterContext.sender_verified``) and the verdict says so.
         ``sender_signatures_checked``: see ``FilterContext.sender_signatures_checked``;
         ``hellbanned``: see ``FilterContext.hellbanned``.
+        ``effects``: a list that receives the side effects filters started (a hellban's
+        write, ``FilterContext.start_effect``) for the caller to wait for, alongside its
+        own work, before it answers with the verdict; None: they are waited for here.
 
         Raises ``EvaluationUnavailable`` when a fail-secure filter's dependency failed:
         there is no verdict, and the event must be judged again later.
@@ -182,6 +186,10 @@ class Pipeline:
                 content_class, harms, outcomes = await self._run(ctx)
         else:  # the worker's span for the request is current; a child would cost CPU only
             content_class, harms, outcomes = await self._run(ctx)
+        if effects is not None:
+            effects.extend(ctx.effects)
+        elif ctx.effects:
+            await asyncio.wait(ctx.effects)  # they log their own failures
         content_class, normal_harms = normalise(content_class, harms)
         if not sender_verified:
             outcomes.insert(0, FilterOutcome(SENDER_UNVERIFIED, ContentClass.NEUTRAL))

@@ -855,6 +855,7 @@ class EvaluationService:
         if request.source:
             extra["source"] = request.source
         sender_verified = request.sender_signed or await self._vouched_by_invite(request.event)
+        effects: list[asyncio.Task[None]] = []
         verdict = await self._pipeline.evaluate(
             request.event,
             event_id=request.event_id,
@@ -868,6 +869,7 @@ class EvaluationService:
             # The gateway verified the sender's server's signatures before asking.
             sender_signatures_checked=request.sender_signed and request.source in _CHECKED,
             hellbanned=hellbanned,
+            effects=effects,
         )
         content = request.event.get("content")
         body = content.get("body") if isinstance(content, dict) else None
@@ -880,6 +882,11 @@ class EvaluationService:
         # Given up on at the deadline, a write may still commit: the verdict is a real
         # one, the next ask finds it (first writer wins) and the outbox publishes it.
         winner = await self._writer.write(verdict)  # durable from here on
+        if effects:
+            # What the filters set going (a hellban's Redis write) ran during the commit
+            # and is done before the answer, as if the filter had waited for it; waiting
+            # in the filter held a refusal's commit, and its whole batch, a round trip.
+            await asyncio.wait(effects)
         if not _same_verdict(winner, verdict):
             # A worker whose claim had lapsed committed first; its verdict stands. An
             # unbound one (asked about without a reference hash) is not cached, so that
