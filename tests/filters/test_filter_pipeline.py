@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
+from prometheus_client import REGISTRY
 
 from tests.filters.filter_helpers import ALICE, OWN_USER, config, event, message, new_event_id
 from tests.service_processes import free_port
@@ -466,6 +467,9 @@ async def test_effects_are_waited_for_here_or_handed_to_the_caller(
 
     Acting.release, Acting.fail = asyncio.Event(), True
     Acting.release.set()
+    failures = REGISTRY.get_sample_value(
+        "warden_filter_effect_failures_total", {"filter": "test_acting"}
+    )
     with caplog.at_level("WARNING", logger="warden.filters.base"):
         v = await judge(p, spam, cfg)
     assert v.content_class is P and (v.filters[-1].name, v.filters[-1].error) == (
@@ -473,3 +477,7 @@ async def test_effects_are_waited_for_here_or_handed_to_the_caller(
         None,
     )
     assert [r.getMessage() for r in caplog.records] == ["filter effect failed"]
+    assert (
+        REGISTRY.get_sample_value("warden_filter_effect_failures_total", {"filter": "test_acting"})
+        == (failures or 0) + 1
+    )

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
+from prometheus_client import Counter
 
 from warden.filters.hellban_store import HellbanStore
 from warden.matrix.canonical_json import encode_canonical_json
@@ -62,6 +63,12 @@ FAIL_SECURE_SUFFIX = "_fail_secure"
 
 # Effects in flight (``FilterContext.start_effect``), referenced until they finish.
 _EFFECTS_RUNNING: set[asyncio.Task[None]] = set()
+EFFECT_FAILURES = Counter(
+    "warden_filter_effect_failures_total",
+    "Side effects a filter started for a verdict (a hellban's write) that raised, by filter; "
+    "the verdict stands. A Redis outage is not one: the hellban store falls back to memory.",
+    ["filter"],
+)
 
 
 class Group(enum.IntEnum):
@@ -275,6 +282,7 @@ async def _run_effect(filter_name: str, event_id: str, effect: Coroutine[Any, An
     try:
         await effect
     except Exception as exc:
+        EFFECT_FAILURES.labels(filter_name).inc()
         logger.warning(
             "filter effect failed",
             extra={
