@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import random
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -693,3 +694,41 @@ async def test_a_worker_makes_its_span_for_a_request_only_when_exporting(
     assert TRACE_ID in published[0].headers["traceparent"]
     names = [span.name for span in finished.get_finished_spans()]
     assert names.count("filter-worker.evaluate") == (1 if exporting else 0)
+
+
+async def test_refusals_are_logged_at_info_and_other_verdicts_at_debug(
+    make_worker: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    worker: Worker = await make_worker()
+
+    def verdict_lines() -> dict[str, logging.LogRecord]:
+        return {
+            str(r.__dict__["event_id"]): r
+            for r in caplog.records
+            if r.name == evaluation.__name__ and r.getMessage() == "verdict"
+        }
+
+    # At DEBUG every verdict has its line, a neutral one too.
+    neutral = request("hello there")
+    with caplog.at_level(logging.DEBUG, logger=evaluation.__name__):
+        await worker.service.answer_many([neutral])
+    lines = verdict_lines()
+    assert set(lines) == {neutral.event_id}
+    assert lines[neutral.event_id].levelno == logging.DEBUG
+    assert lines[neutral.event_id].__dict__["class"] == "neutral"
+
+    # At INFO only the refusal does.
+    caplog.clear()
+    other, refused = request("hello again"), request("buy spam now")
+    other.event["sender"] = "@someone.else:example.org"  # not hellbanned by the refusal
+    with caplog.at_level(logging.INFO, logger=evaluation.__name__):
+        replies = await worker.service.answer_many([other, refused])
+    assert [Verdict.from_json(r).content_class for r, _ in replies] == [
+        ContentClass.NEUTRAL,
+        ContentClass.PROHIBITED,
+    ]
+    lines = verdict_lines()
+    assert set(lines) == {refused.event_id}
+    line = lines[refused.event_id]
+    assert line.levelno == logging.INFO
+    assert line.__dict__["class"] == "prohibited" and line.__dict__["harms"] == [SPAM]

@@ -63,7 +63,8 @@ async def test_sign_with_traceparent_is_traced_through_the_worker(
         "OTEL_EXPORTER_OTLP_HEADERS": "x-collector-token=t0ken",
         "OTEL_BSP_SCHEDULE_DELAY": "50",  # export within moments, not every 5 s
     }
-    worker = spawn_service("filter-worker", **otel)
+    # At DEBUG the worker logs every verdict, neutral ones too (refusals only at INFO).
+    worker = spawn_service("filter-worker", PS_LOG_LEVEL="DEBUG", **otel)
     gateway = spawn_service(
         "gateway", PS_API_KEY="k", OTEL_SERVICE_NAME="edge-policy", **otel, **DEV_ORIGIN_ENV
     )
