@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -45,6 +46,7 @@ from warden.matrix.room_versions import get_room_version
 from warden.policy import harms
 from warden.policy.verdict import ContentClass
 from warden.telemetry import tracing
+from warden_gateway import policy_api
 
 StartWorker = Callable[..., Awaitable[StandInWorker]]
 Protect = Callable[..., Awaitable[str]]
@@ -146,7 +148,11 @@ async def test_evaluation_request_carries_trace_context_when_exporting(
 
 
 async def test_prohibited_event_is_refused_with_its_harms(
-    gateway: Gateway, origin: Origin, start_worker: StartWorker, protect_room: Protect
+    gateway: Gateway,
+    origin: Origin,
+    start_worker: StartWorker,
+    protect_room: Protect,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     def spam(msg: Msg) -> Any:
         return verdict_for(msg, ContentClass.PROHIBITED, (harms.SPAM, harms.HARASSMENT))
@@ -155,6 +161,7 @@ async def test_prohibited_event_is_refused_with_its_harms(
     room_id = await protect_room(new_room_id("12"), "12")
     event = origin.event(room_id, "12", body="buy cheap stuff")
     refused_before = sign_count("sign", "refused")
+    caplog.set_level(logging.INFO, logger=policy_api.__name__)
 
     r = await post_sign(gateway, origin, event)
 
@@ -165,6 +172,15 @@ async def test_prohibited_event_is_refused_with_its_harms(
     assert sorted(body["org.matrix.msc4387.harms"]) == sorted([harms.SPAM, harms.HARASSMENT])
     assert GATEWAY_NAME not in body
     assert sign_count("sign", "refused") == refused_before + 1
+    # The request's refusal is logged only at DEBUG (the worker logs the verdict once).
+    assert not [r for r in caplog.records if r.getMessage() == "refused"]
+    caplog.set_level(logging.DEBUG, logger=policy_api.__name__)
+    r = await post_sign(gateway, origin, event)
+    assert r.status_code == 400
+    (line,) = [r for r in caplog.records if r.getMessage() == "refused"]
+    assert line.levelno == logging.DEBUG
+    assert line.__dict__["origin"] == origin.name
+    assert sorted(line.__dict__["harms"]) == sorted([harms.SPAM, harms.HARASSMENT])
 
 
 async def test_unstable_sign_signs_alike_and_refuses_with_an_empty_object(

@@ -485,10 +485,14 @@ class PolicyAPI:
             )
             return Decision(event_id, refusal=REUSED_ID_MESSAGE)
         if entry.prohibited:
-            logger.info(
-                "refused",
-                extra={"event_id": event_id, "origin": origin, "harms": list(entry.harms)},
-            )
+            if logger.isEnabledFor(logging.DEBUG):
+                # A line per refused request only at DEBUG: a refused event asked about
+                # by fifty servers would make fifty. The worker logs its verdict once at
+                # INFO; ``warden_sign_requests_total`` counts the requests.
+                logger.debug(
+                    "refused",
+                    extra={"event_id": event_id, "origin": origin, "harms": list(entry.harms)},
+                )
             own = entry.sender_server_first
             if own and origin != own and self._moderation is not None:
                 # Its sender's server asked first (no redaction then); another server
