@@ -732,3 +732,4 @@ async def test_refusals_are_logged_at_info_and_other_verdicts_at_debug(
     line = lines[refused.event_id]
     assert line.levelno == logging.INFO
     assert line.__dict__["class"] == "prohibited" and line.__dict__["harms"] == [SPAM]
+    assert line.__dict__["origin"] == refused.origin  # the server that asked first

@@ -909,6 +909,9 @@ class EvaluationService:
                     "event_id": verdict.event_id,
                     "room_id": verdict.room_id,
                     "community_id": verdict.community_id,
+                    # The server whose request was judged first (the gateway's line
+                    # for each refused request is at DEBUG).
+                    "origin": verdict.origin,
                     "class": verdict.content_class.label,
                     "harms": list(verdict.harms),
                 },
