@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 
 from warden.settings import Settings, load_settings
+from warden.storage.database import DATABASE_ERRORS
 
 SERVICES = ("gateway", "filter-worker", "moderator", "webhooks")
 
@@ -56,7 +57,7 @@ def _cmd_migrate(settings: Settings, show_status: bool = False) -> int:
 
     try:
         return asyncio.run(go())
-    except (OSError, asyncpg.PostgresError) as exc:
+    except DATABASE_ERRORS as exc:
         print(f"warden migrate: cannot reach PS_DATABASE: {exc}", file=sys.stderr)
         return 1
 

@@ -41,8 +41,12 @@ from prometheus_client import Counter, Gauge, Histogram
 from warden import redis_keys
 from warden.settings import Settings
 from warden.storage import retention as store
+from warden.storage.database import DATABASE_ERRORS
 
 logger = logging.getLogger(__name__)
+
+# What stops ``warden prune`` with one line instead of a traceback.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (*DATABASE_ERRORS, aioredis.RedisError)
 
 PRUNED_ROWS = Counter(
     "warden_retention_pruned_rows_total",
@@ -324,7 +328,6 @@ def run_command(settings: Settings) -> int:
     process holds the lock (a pass is running: nothing to do), 1 when PostgreSQL or
     Redis failed or the lock was lost mid-pass.
     """
-    import redis.exceptions
 
     from warden.runtime.dependencies import redis_client
     from warden.storage.database import create_pool
@@ -355,6 +358,6 @@ def run_command(settings: Settings) -> int:
 
     try:
         return asyncio.run(go())
-    except (OSError, asyncpg.PostgresError, redis.exceptions.RedisError) as exc:
+    except _UNAVAILABLE as exc:
         print(f"warden prune: {exc}", file=sys.stderr)
         return 1

@@ -93,6 +93,24 @@ class FaultStack:
         """The end of the children's output (for failure messages)."""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    def exits_of(self, name: str, lines: int = 20) -> str:
+        """What explains child ``name``'s exits, for failure messages (the tail of the
+        whole output seldom reaches back to an exit): its ERROR and CRITICAL log lines,
+        anything it wrote that is not a JSON log line (an uncaught traceback), and the
+        supervisor's lines about it; the last ``lines`` of them."""
+        found = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            source, _, text = line.partition(" | ")
+            source = source.strip()
+            if source == name:
+                if not text.startswith("{") or any(
+                    f'"level": "{level}"' in text for level in ("ERROR", "CRITICAL")
+                ):
+                    found.append(line)
+            elif source == "dev" and text.startswith(f"{name} "):
+                found.append(line)
+        return "\n".join(line[:3000] for line in found[-lines:])
+
     async def stop(self) -> None:
         """Stop every child (SIGTERM, then SIGKILL after the grace)."""
         await self.supervisor.stop()

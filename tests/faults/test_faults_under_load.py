@@ -229,6 +229,11 @@ async def test_faults_under_load(
     if report:
         Path(report).write_text(table + "\n")
     problems = findings.all()
+    # Each process that exited by itself: why, from its own lines (the tail below is
+    # of every service and seldom reaches back to the exit).
+    exited = {item.split(":")[0]: "" for item in findings.unplanned_exits}
+    for name in exited:
+        exited[name] = stack.exits_of(name)
     if problems:
         # pytest keeps only its last few temporary directories, and other sessions on
         # the machine rotate them: keep the services' output where it can be read.
@@ -238,6 +243,8 @@ async def test_faults_under_load(
     summary = "\n".join(
         f"{name} ({len(items)}):\n  " + "\n  ".join(items[:15]) for name, items in problems.items()
     )
+    for name in exited:
+        summary += f"\n\n{name}'s errors and exits:\n{exited[name]}"
     assert not problems, f"{summary}\n\n{table}\n\nservices' output (end):\n{stack.tail(25)}"
     assert figures.faults["kill"] == 6 * ROUNDS
     assert figures.requests["sign"] > 0 and figures.requests["send"] > 0

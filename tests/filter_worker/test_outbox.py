@@ -13,6 +13,7 @@ import asyncpg
 import orjson
 from nats.aio.client import Client as NATS
 
+from tests.cut_connections import CutConnectionPool
 from tests.filter_worker.test_worker_processes import stream_messages_for, verdict_stream_marks
 from warden.bus.streams import ensure_verdicts_stream
 from warden.policy.harms import SPAM
@@ -157,22 +158,6 @@ async def test_no_row_lock_or_transaction_is_held_across_publishes(
         "SELECT outbox_claimed_until FROM verdicts WHERE event_id = $1", refused
     )
     assert claimable == 0
-
-
-class CutConnectionPool:
-    """The real pool, except that the first ``execute`` raises what asyncpg raises for a
-    connection cut in the middle of an operation by a PostgreSQL shutting down (seen in
-    the fault suite: the marker's task died and stopped its worker)."""
-
-    def __init__(self, pool: asyncpg.Pool, error: Exception) -> None:
-        self._pool = pool
-        self._error: Exception | None = error
-
-    async def execute(self, *args: object, **kwargs: object) -> str:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        return await self._pool.execute(*args, **kwargs)  # type: ignore[arg-type]
 
 
 async def test_the_marker_outlives_a_connection_cut_by_a_shutting_down_server(

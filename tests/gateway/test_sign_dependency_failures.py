@@ -12,6 +12,7 @@ import orjson
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
+from tests.cut_connections import CutConnectionPool
 from tests.gateway.policy_harness import (
     GATEWAY_NAME,
     SIGN_PATH,
@@ -45,6 +46,23 @@ async def test_database_down_is_503(
     )
 
     assert r.status_code == 503
+    assert r.json()["errcode"] == "M_UNKNOWN"
+    assert r.headers["Retry-After"] == "5"
+
+
+async def test_a_connection_cut_by_a_restarting_database_is_503(
+    make_gateway: GatewayFactory, origin: Origin, pg_pool: asyncpg.Pool
+) -> None:
+    # asyncpg's InternalClientError (a pooled connection PostgreSQL cut while shutting
+    # down) subclasses none of its other errors: it was answered 500.
+    gateway = await make_gateway(room_pool=CutConnectionPool(pg_pool, failures=100))
+    event = origin.event(new_room_id("12"), "12")
+
+    r = await gateway.client.post(
+        SIGN_PATH, content=orjson.dumps(event), headers=origin.headers(SIGN_PATH, event)
+    )
+
+    assert r.status_code == 503, r.text
     assert r.json()["errcode"] == "M_UNKNOWN"
     assert r.headers["Retry-After"] == "5"
 

@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY
 from signedjson.key import generate_signing_key, get_verify_key
 from signedjson.sign import verify_signed_json
 
+from tests.cut_connections import CutConnectionPool
 from tests.federation.conftest import (  # noqa: F401  (fixtures)
     LOOPBACK,
     HTTPSServerFactory,
@@ -436,20 +437,23 @@ async def sender(
     identity: Identity,
     clean_queue: None,
 ) -> AsyncIterator[Callable[..., Any]]:
-    """``await sender(**settings)``: run only the command sender."""
+    """``await sender(**settings)``: run only the command sender (``pool=``: over that
+    pool instead of the test database's); its task is ``sender.tasks[-1]``."""
     from warden.federation.client import FederationClient
 
     running: list[tuple[CommandSender, FederationClient, asyncio.Event, asyncio.Task[None]]] = []
 
-    async def start(**overrides: Any) -> CommandSender:
+    async def start(pool: Any = None, **overrides: Any) -> CommandSender:
         settings = command_settings(**overrides)
         federation = FederationClient(settings, identity.federation_key)
-        instance = CommandSender(pg_pool, federation, settings)
+        instance = CommandSender(pool or pg_pool, federation, settings)
         stopping = asyncio.Event()
-        running.append(
-            (instance, federation, stopping, asyncio.create_task(instance.run(stopping)))
-        )
+        task = asyncio.create_task(instance.run(stopping))
+        running.append((instance, federation, stopping, task))
+        start.tasks.append(task)  # type: ignore[attr-defined]
         return instance
+
+    start.tasks = []  # type: ignore[attr-defined]
 
     yield start
     for _, federation, stopping, task in running:
@@ -500,6 +504,25 @@ async def test_a_down_destination_does_not_hold_up_others(
     failures = {r["destination"]: r["failures"] for r in rows}
     assert failures[healthy.name] == 0
     assert failures[failing.name] >= 1 and failures[gone.name] >= 1
+
+
+async def test_the_sender_outlives_connections_cut_by_a_restarting_database(
+    sender: Callable[..., Any],
+    start_destination: Callable[..., Any],
+    pg_pool: asyncpg.Pool,
+    identity: Identity,
+) -> None:
+    # Seen in the fault suite: a query of the sender's loop on a connection cut by a
+    # PostgreSQL shutting down raised asyncpg's InternalClientError, which ended the
+    # loop and with it the moderator.
+    dest, _ = await start_destination()
+    event_ids = await _enqueue_many(pg_pool, identity, dest.name, 3, now_ms=int(time.time() * 1000))
+    cut = CutConnectionPool(pg_pool, failures=4)
+    await sender(pool=cut)
+    await wait_for(lambda: len(dest.event_ids()) == 3, "every command, once the database answers")
+    assert cut.failures_left == 0
+    assert dest.event_ids() == event_ids
+    assert not sender.tasks[-1].done()  # type: ignore[attr-defined]
 
 
 async def test_commands_older_than_the_retention_are_dropped_and_counted(

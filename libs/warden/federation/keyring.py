@@ -79,6 +79,7 @@ from warden.matrix.keys import VerifyKey, decode_verify_key
 from warden.runtime.client_penalties import client_bucket
 from warden.runtime.redis_outage import RedisOutage, is_redis_outage
 from warden.settings import Settings
+from warden.storage.database import DATABASE_ERRORS
 from warden.telemetry.metrics import COMPROMISED_KEYS_SEEN, KEY_FETCHES, KEY_FETCHES_REFUSED
 
 __all__ = ["KeyExpired", "KeyFetchClient", "KeyNotFound", "Keyring", "KeyringError"]
@@ -550,7 +551,7 @@ class Keyring:
                         for k in items
                     ],
                 )
-        except (asyncpg.PostgresError, OSError) as exc:
+        except DATABASE_ERRORS as exc:
             # Keys still work from memory and Redis; the next fetch retries storing.
             logger.warning("could not store server keys in PostgreSQL: %s", exc)
 
@@ -617,7 +618,7 @@ class Keyring:
                     server_name,
                     key_id,
                 )
-        except (asyncpg.PostgresError, OSError) as exc:
+        except DATABASE_ERRORS as exc:
             logger.warning("PostgreSQL unavailable for key lookup: %s", exc)
             return None
         if row is None:

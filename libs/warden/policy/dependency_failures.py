@@ -88,8 +88,8 @@ def is_dependency_failure(exc: BaseException) -> bool:
         return isinstance(exc, redis_errors.ResponseError) and str(exc).startswith(
             _TRANSIENT_REDIS_REPLIES
         )
-    if isinstance(exc, asyncpg.InterfaceError):
-        return True  # connection closed or lost, pool closing
+    if isinstance(exc, asyncpg.InterfaceError | asyncpg.exceptions.InternalClientError):
+        return True  # connection closed, lost or cut by the server; pool closing
     if isinstance(exc, asyncpg.PostgresError):
         sqlstate = str(getattr(exc, "sqlstate", "") or "")
         return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES

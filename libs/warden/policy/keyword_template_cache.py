@@ -25,6 +25,7 @@ from prometheus_client import Counter
 from warden.bus.subjects import KEYWORD_TEMPLATES_CHANGED_SUBJECT
 from warden.policy.keyword_template_language import CompiledTemplate, TemplateCompileError
 from warden.storage import keyword_templates as store
+from warden.storage.database import DATABASE_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class KeywordTemplateCache:
                     await self.reload_one(name)
                 else:  # unreadable: reload everything, the safe choice
                     await self.reload_all(trigger="notification")
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 # The periodic reload catches up once the database answers again.
                 logger.warning("keyword template reload failed", extra={"error": repr(exc)})
 
@@ -133,7 +134,7 @@ class KeywordTemplateCache:
                 pass
             try:
                 await self.reload_all(trigger="periodic")
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 logger.warning("keyword template reload failed", extra={"error": repr(exc)})
 
 

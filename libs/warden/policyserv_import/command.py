@@ -6,11 +6,11 @@ import argparse
 import asyncio
 import sys
 
-import asyncpg
 import orjson
 
 from warden.policyserv_import.importer import SourceError, TargetError, run_import
 from warden.settings import Settings
+from warden.storage.database import DATABASE_ERRORS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +33,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     except (SourceError, TargetError) as exc:
         print(f"warden import-policyserv: {exc}", file=sys.stderr)
         return 2
-    except (OSError, asyncpg.PostgresError) as exc:
+    except DATABASE_ERRORS as exc:
         print(f"warden import-policyserv: database error: {exc}", file=sys.stderr)
         return 1
     if args.json:

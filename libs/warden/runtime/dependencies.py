@@ -20,13 +20,16 @@ from nats.aio.client import Client as NATS
 from warden.bus.connection import check_nats, connect_nats, nats_auth
 from warden.runtime.service import ServiceRuntime
 from warden.settings import Settings
-from warden.storage.database import create_pool, ping
+from warden.storage.database import DATABASE_ERRORS, create_pool, ping
 from warden.storage.migrations import migrate, pending
 from warden.telemetry.runtime_metrics import watch_pool
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# What a dependency that is not up yet raises.
+_NOT_ANSWERING: tuple[type[BaseException], ...] = (*DATABASE_ERRORS, aioredis.RedisError)
 
 
 class DependencyUnavailable(RuntimeError):
@@ -40,7 +43,7 @@ async def _retry(what: str, budget_seconds: float, connect: Callable[[], Awaitab
     while True:
         try:
             return await connect()
-        except (OSError, asyncpg.PostgresError, aioredis.RedisError, TimeoutError) as exc:
+        except _NOT_ANSWERING as exc:
             if loop.time() + delay > deadline:
                 raise DependencyUnavailable(f"{what} did not answer: {exc}") from exc
             logger.warning(

@@ -8,6 +8,22 @@ import asyncpg
 
 from warden.settings import Settings
 
+# What PostgreSQL being away raises, for code that carries on without it (answers 503,
+# retries later, keeps its batch): server errors, refused or dropped connections, a pool
+# closing, and asyncpg's client-side state error on a connection the server cut in the
+# middle of an operation. A PostgreSQL shutting down under load sends each connection a
+# FATAL and closes it; a pooled connection that got it while idle fails its next query
+# with ``InternalClientError`` ("cannot switch to state 12; another operation (2) is in
+# progress"), which subclasses neither of the others (seen in the fault suite: it ended
+# the moderator's command sender, and with it the service). Declared once, so that
+# every catch site knows every kind.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
+
 
 def dsn_for_asyncpg(url: str) -> str:
     """Accept the ``postgres://`` URLs policyserv documents; asyncpg takes both schemes."""

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from warden.policy.verdict import Verdict
+from warden.storage.database import DATABASE_ERRORS
 from warden.storage.verdicts import (
     claim_unpublished,
     mark_published,
@@ -33,17 +34,6 @@ from warden_filter_worker.metrics import OUTBOX_OLDEST_AGE, OUTBOX_UNPUBLISHED
 logger = logging.getLogger(__name__)
 
 Publish = Callable[[Verdict], Awaitable[bool]]
-# What a PostgreSQL that restarts or cannot be reached raises: server errors, refused or
-# dropped connections, and asyncpg's client-side state errors on a connection cut in the
-# middle of an operation (InternalClientError "cannot switch to state ..." when the server
-# shuts down under load). None of them may end the marker or the sweeper, whose tasks
-# stop the worker when they fail.
-_DATABASE_ERRORS = (
-    OSError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.InternalClientError,
-)
 
 
 class PublishedMarker:
@@ -65,7 +55,7 @@ class PublishedMarker:
         batch, self._pending = self._pending, []
         try:
             await mark_published(self._pool, batch)
-        except _DATABASE_ERRORS as exc:
+        except DATABASE_ERRORS as exc:
             self._pending.extend(batch)
             logger.warning("could not mark verdicts published", extra={"error": str(exc)})
 
@@ -136,5 +126,5 @@ class OutboxSweeper:
                 while await self.sweep_once() >= self._batch:
                     pass  # a backlog: keep going without waiting
                 await self.measure_backlog()
-            except _DATABASE_ERRORS as exc:
+            except DATABASE_ERRORS as exc:
                 logger.warning("outbox sweep failed", extra={"error": str(exc)})

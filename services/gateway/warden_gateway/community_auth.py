@@ -39,6 +39,7 @@ from starlette.requests import Request
 from warden.matrix.errors import MissingToken, UnknownToken
 from warden.storage.communities import hash_access_token
 from warden.storage.community_tokens import MAX_TOKEN_LENGTH, community_by_access_token
+from warden.storage.database import DATABASE_ERRORS
 from warden.storage.records import Community
 from warden_gateway.admin_auth import AdminAuthThrottle
 from warden_gateway.client_address import client_address
@@ -173,7 +174,7 @@ class CommunityAuth:
             if community is None:
                 async with asyncio.timeout(self._timeout):
                     community = await self._find(token)
-        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        except DATABASE_ERRORS as exc:  # TimeoutError is an OSError
             logger.warning("community token lookup failed", extra={"error": type(exc).__name__})
             raise TemporarilyUnavailable("Could not check the access token; retry") from None
         if community is None:

@@ -55,6 +55,7 @@ from warden.federation.event_fetch import (
 from warden.matrix.errors import BadJSON, MatrixError, NotFound, NotJSON
 from warden.matrix.pdu import MAX_ID_LENGTH
 from warden.policy.harms import HARMS_FIELD
+from warden.storage.database import DATABASE_ERRORS
 from warden.storage.records import Community, Room
 from warden.storage.verdicts import get_verdict
 from warden_gateway.errors import TemporarilyUnavailable, error_response
@@ -92,12 +93,7 @@ EVENT_ID_CHECK_SECONDS = Histogram(
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x1f\x7f-\x9f\s]")
 
 # Failures of our own dependencies: 503, never the caller's fault.
-_DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    RedisError,
-    OSError,
-)
+_DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (*DATABASE_ERRORS, RedisError)
 
 
 def parse_event_id(body: bytes) -> str:

@@ -61,7 +61,6 @@ import logging
 import time
 from typing import Any, Protocol
 
-import asyncpg
 import nats.errors
 import orjson
 import redis.asyncio as aioredis
@@ -104,6 +103,7 @@ from warden.matrix.event_hashes import (
 from warden.matrix.pdu import MAX_ID_LENGTH, validate_pdu
 from warden.matrix.room_versions import RoomVersion, get_room_version
 from warden.runtime.redis_outage import RedisOutage, is_redis_outage
+from warden.storage.database import DATABASE_ERRORS
 from warden.storage.records import Room
 from warden.telemetry.tracing import inject_headers, tracer
 from warden_gateway.client_address import client_address
@@ -168,12 +168,7 @@ INBOUND_PUBLISH_FAILURES = Counter(
     ["reason"],
 )
 
-_DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    RedisError,
-    OSError,
-)
+_DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (*DATABASE_ERRORS, RedisError)
 
 
 class MissingParam(MatrixError):

@@ -54,6 +54,7 @@ from warden.runtime.identity import Identity
 from warden.settings import Settings
 from warden.storage import communities, room_state, rooms
 from warden.storage import membership as membership_store
+from warden.storage.database import DATABASE_ERRORS
 from warden_gateway.client_address import client_address
 from warden_gateway.errors import TemporarilyUnavailable, error_response
 from warden_gateway.request_body import read_limited_body
@@ -78,11 +79,7 @@ INVITES = Counter(
     ["outcome"],
 )
 
-_DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    OSError,
-)
+_DEPENDENCY_ERRORS = DATABASE_ERRORS
 
 
 def _request_target(request: Request) -> str:

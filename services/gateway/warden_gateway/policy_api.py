@@ -56,7 +56,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import asyncpg
 import orjson
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind
@@ -105,6 +104,7 @@ from warden.matrix.room_versions import RoomVersion, get_room_version
 from warden.policy.harms import HARMS_FIELD
 from warden.runtime.client_penalties import ClientPenalties
 from warden.runtime.identity import Identity
+from warden.storage.database import DATABASE_ERRORS
 from warden.storage.records import Room
 from warden.telemetry.tracing import entry_context, exporting, tracer
 from warden_gateway.client_address import client_address
@@ -142,12 +142,7 @@ REUSED_ID_MESSAGE = (
 OTHERS_BUCKET = "others"
 
 # Failures of our own dependencies: 503, never 500, and never the client's fault.
-_DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    RedisError,
-    OSError,
-)
+_DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (*DATABASE_ERRORS, RedisError)
 
 _OUTCOMES: tuple[tuple[type[MatrixError], Outcome], ...] = (
     (TooLarge, Outcome.TOO_LARGE),

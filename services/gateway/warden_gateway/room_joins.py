@@ -59,10 +59,13 @@ from warden.matrix.room_versions import get_room_version
 from warden.settings import Settings
 from warden.storage import membership as membership_store
 from warden.storage import room_state, rooms
+from warden.storage.database import DATABASE_ERRORS
 from warden.storage.records import Room
 from warden.telemetry.tracing import inject_headers
 
 logger = logging.getLogger(__name__)
+
+_DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (*DATABASE_ERRORS, RedisError)
 
 JOINS = Counter(
     "warden_federation_joins_total",
@@ -462,7 +465,7 @@ class StartupJoins:
                     finally:
                         await lock.release()
                     continue
-            except (RedisError, asyncpg.PostgresError, OSError) as exc:
+            except _DEPENDENCY_ERRORS as exc:
                 logger.warning("start-up joins: dependency error", extra={"error": repr(exc)})
             except Exception:
                 # Never fatal: a failure here must not stop the gateway serving /sign.

@@ -33,6 +33,7 @@ from warden.federation.client import FederationClient
 from warden.federation.errors import FederationError, TemporaryFederationError
 from warden.settings import Settings
 from warden.storage import moderation_commands as queue
+from warden.storage.database import DATABASE_ERRORS
 from warden_moderator.metrics import (
     MODERATION_COMMAND_DESTINATIONS,
     MODERATION_COMMAND_SEND_SECONDS,
@@ -43,8 +44,6 @@ from warden_moderator.metrics import (
 
 logger = logging.getLogger(__name__)
 
-# What a lost or closing database connection raises; the loop carries on after them.
-_DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 # The spec's limit of EDUs in one federation transaction.
 MAX_EDUS_PER_TRANSACTION = 100
 SEND_PATH = "/_matrix/federation/v1/send/"
@@ -98,7 +97,7 @@ class CommandSender:
                     await self._sweep_if_due()
                     await self._start_due()
                     timeout = await self._until_next()
-                except _DATABASE_ERRORS as exc:
+                except DATABASE_ERRORS as exc:
                     logger.warning(
                         "moderation commands: database unavailable",
                         extra={"event": "moderation_command_sender", "error": str(exc)[:200]},
@@ -182,7 +181,7 @@ class CommandSender:
                 )
                 if claim is None or not await self._send(claim):
                     return
-        except _DATABASE_ERRORS as exc:
+        except DATABASE_ERRORS as exc:
             # Any claim taken runs out; the transaction is kept for the next attempt.
             logger.warning(
                 "moderation commands: database error while sending",
