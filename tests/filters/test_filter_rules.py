@@ -6,6 +6,7 @@ and density; > for the JSON length and the frequency rate).
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -20,7 +21,7 @@ from tests.filters.filter_helpers import (
     event,
     message,
 )
-from warden.filters.base import Filter, FilterContext, FilterDeps, Group
+from warden.filters.base import DisplaynameCache, Filter, FilterContext, FilterDeps, Group
 from warden.filters.density import DensityFilter
 from warden.filters.event_type_prefilter import EventTypePrefilter
 from warden.filters.keyword import KeywordFilter
@@ -398,6 +399,51 @@ async def test_mentions_display_names_are_cached_briefly(
     assert await deps.displaynames.get(room) == {"@a:x": "Aaaaaa"}  # served from memory
     fresh = FilterDeps(redis=deps.redis, pool=pg_pool, local_user_id=OWN_USER)
     assert await fresh.displaynames.get(room) == {"@b:x": "Bbbbbb"}
+
+
+class CountingPool:
+    """A real asyncpg pool that counts the ``fetch`` calls made through it."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.fetches = 0
+
+    async def fetch(self, *args: Any, **kwargs: Any) -> Any:
+        self.fetches += 1
+        return await self.pool.fetch(*args, **kwargs)
+
+
+async def test_display_names_asked_for_at_once_are_read_once(
+    pg_pool: asyncpg.Pool, pg_database: str
+) -> None:
+    """The events of a batch in a room whose names expired ask together: one read."""
+    room = await _learn(pg_pool, {"@a:x": "Aaaaaa"})
+    counting = CountingPool(pg_pool)
+    cache = DisplaynameCache(counting, ttl_seconds=10)  # type: ignore[arg-type]
+    got = await asyncio.gather(*(cache.get(room) for _ in range(50)))
+    assert got == [{"@a:x": "Aaaaaa"}] * 50
+    assert counting.fetches == 1
+    assert await cache.get(room) == {"@a:x": "Aaaaaa"} and counting.fetches == 1  # memory
+
+    # A waiter given up on (its filter timed out) leaves the read to the others.
+    await replace_displaynames(pg_pool, room, {"@b:x": "Bbbbbb"})
+    cache = DisplaynameCache(counting, ttl_seconds=10)  # type: ignore[arg-type]
+    first, second = asyncio.create_task(cache.get(room)), asyncio.create_task(cache.get(room))
+    await asyncio.sleep(0)  # both are waiting on the one read
+    first.cancel()
+    assert await second == {"@b:x": "Bbbbbb"}
+    assert first.cancelled() and counting.fetches == 2
+
+    # A failed read fails every waiter, and the next ask reads again.
+    closed = await asyncpg.create_pool(pg_database, min_size=1, max_size=1)
+    await closed.close()
+    cache = DisplaynameCache(closed, ttl_seconds=10)
+    failed = await asyncio.gather(cache.get(room), cache.get(room), return_exceptions=True)
+    assert all(isinstance(f, asyncpg.InterfaceError) for f in failed), failed
+    assert cache.reads == 1
+    with pytest.raises(asyncpg.InterfaceError):
+        await cache.get(room)
+    assert cache.reads == 2
 
 
 async def test_mentions_waits_on_io_only_for_a_room_not_in_memory(

@@ -112,12 +112,18 @@ class DisplaynameCache:
 
     The mentions filter needs them for every message; they change only when state is
     learned again, so a few seconds of staleness is harmless and saves a query per event.
+    One read per room at a time: the events of a batch in a room whose names expired all
+    ask at once (fifty, in a spam wave in one room), and each used to read every member's
+    name itself.
     """
 
     def __init__(self, pool: asyncpg.Pool, ttl_seconds: float = 10.0) -> None:
         self._pool = pool
         self._ttl = ttl_seconds
         self._entries: dict[str, tuple[float, dict[str, str]]] = {}
+        # The read in flight per room; at most one per room, dropped when it ends.
+        self._loading: dict[str, asyncio.Task[dict[str, str]]] = {}
+        self.reads = 0  # PostgreSQL reads made (for tests)
 
     def fresh(self, room_id: str) -> bool:
         """Whether ``get(room_id)`` would answer from memory (without a query)."""
@@ -126,15 +132,34 @@ class DisplaynameCache:
 
     async def get(self, room_id: str) -> dict[str, str]:
         """user ID → display name for the room's learned joined members."""
-        now = time.monotonic()
         hit = self._entries.get(room_id)
-        if hit is not None and hit[0] > now:
+        if hit is not None and hit[0] > time.monotonic():
             return hit[1]
-        names = await get_displaynames(self._pool, room_id)
-        if len(self._entries) > 10_000:  # bound memory; entries are cheap to reload
-            self._entries.clear()
-        self._entries[room_id] = (now + self._ttl, names)
-        return names
+        loading = self._loading.get(room_id)
+        if loading is None:
+            loading = asyncio.create_task(self._load(room_id))
+            self._loading[room_id] = loading
+            loading.add_done_callback(self._loaded)
+        # Shielded: a waiter given up on (its filter's timeout) leaves the read to others.
+        return await asyncio.shield(loading)
+
+    async def _load(self, room_id: str) -> dict[str, str]:
+        try:
+            self.reads += 1
+            names = await get_displaynames(self._pool, room_id)
+            if len(self._entries) > 10_000:  # bound memory; entries are cheap to reload
+                self._entries.clear()
+            self._entries[room_id] = (time.monotonic() + self._ttl, names)
+            return names
+        finally:
+            self._loading.pop(room_id, None)
+
+    @staticmethod
+    def _loaded(task: asyncio.Task[dict[str, str]]) -> None:
+        # Every waiter may have been cancelled: retrieve a failure so that it is not
+        # reported as never retrieved (each waiter that was still there raised it).
+        if not task.cancelled():
+            task.exception()
 
 
 @dataclass
