@@ -14,16 +14,20 @@ from typing import Any
 
 import asyncpg
 
-CUT_CONNECTION = asyncpg.exceptions.InternalClientError(
-    "cannot switch to state 12; another operation (2) is in progress"
-)
+
+def cut_connection() -> asyncpg.exceptions.InternalClientError:
+    """What asyncpg raises for a query on a connection the server cut."""
+    return asyncpg.exceptions.InternalClientError(
+        "cannot switch to state 12; another operation (2) is in progress"
+    )
 
 
 class CutConnectionPool:
-    """``pool``, except that the next ``failures`` queries raise ``error``."""
+    """``pool``, except that the next ``failures`` queries raise ``error`` (by default
+    ``cut_connection()``)."""
 
     def __init__(
-        self, pool: asyncpg.Pool, error: BaseException = CUT_CONNECTION, failures: int = 1
+        self, pool: asyncpg.Pool, error: BaseException | None = None, failures: int = 1
     ) -> None:
         self._pool = pool
         self._error = error
@@ -32,7 +36,7 @@ class CutConnectionPool:
     def _maybe_fail(self) -> None:
         if self.failures_left > 0:
             self.failures_left -= 1
-            raise self._error
+            raise self._error if self._error is not None else cut_connection()
 
     async def execute(self, *args: Any, **kwargs: Any) -> str:
         self._maybe_fail()

@@ -8,6 +8,7 @@ consumer loop terminates it and counts it in ``warden_bus_dead_lettered_total``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,13 +17,14 @@ import pytest
 from nats.aio.client import Client as NATS
 from prometheus_client import REGISTRY
 
+from tests.cut_connections import cut_connection
 from tests.moderator.verdict_stream import (
     fresh_durable,
     prohibited_verdict,
     publish_verdict,
     wait_for,
 )
-from warden.bus.consumer import Delivery, Disposition, PullConsumer
+from warden.bus.consumer import ACK, Delivery, Disposition, PullConsumer
 from warden.bus.streams import durable_consumer_config, ensure_verdicts_stream
 from warden.bus.subjects import VERDICTS_STREAM
 
@@ -157,3 +159,63 @@ async def test_a_handler_stuck_on_an_await_times_out_and_is_dead_lettered(
     stopping.set()
     await asyncio.wait_for(task, 30)
     assert attempts == [1, 2]
+
+
+def handler_failures(durable: str, reason: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "warden_bus_handler_failures_total", {"consumer": durable, "reason": reason}
+    )
+    return value or 0.0
+
+
+async def test_a_dependency_away_is_one_warning_line_and_a_bug_an_error_with_its_traceback(
+    js: Any, durable: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PostgreSQL restart fails every message in flight on every replica: each failure
+    is one WARNING line naming the error, not an ERROR with a traceback; a failure that
+    is not a dependency's stays an ERROR with its traceback. Both are counted."""
+    failures = iter(
+        [
+            ConnectionRefusedError(111, "Connection refused"),
+            cut_connection(),
+            ValueError("a bug"),
+        ]
+    )
+    attempts: list[int] = []
+
+    async def flaky(delivery: Delivery) -> Disposition:
+        attempts.append(delivery.attempt)
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return ACK
+
+    consumer = PullConsumer(
+        js,
+        stream=VERDICTS_STREAM,
+        durable=durable,
+        handler=flaky,
+        max_in_flight=1,
+        retry_base_seconds=0.05,
+        max_deliveries=10,
+    )
+    stopping = asyncio.Event()
+    caplog.set_level(logging.INFO, logger="warden.bus.consumer")
+    task = asyncio.create_task(consumer.run(stopping))
+    seq = await publish_verdict(js, prohibited_verdict("!r:hs.test"))
+    await wait_for(lambda: nothing_pending(js, durable, seq), "the message to be acknowledged")
+    stopping.set()
+    await asyncio.wait_for(task, 30)
+
+    assert attempts == [1, 2, 3, 4]
+    failed = [r for r in caplog.records if getattr(r, "event", "").startswith("handler_")]
+    assert [(r.levelno, r.event, r.exc_info is not None) for r in failed] == [  # type: ignore[attr-defined]
+        (logging.WARNING, "handler_unavailable", False),
+        (logging.WARNING, "handler_unavailable", False),
+        (logging.ERROR, "handler_failed", True),
+    ]
+    assert "ConnectionRefusedError" in failed[0].error  # type: ignore[attr-defined]
+    assert "InternalClientError" in failed[1].error  # type: ignore[attr-defined]
+    assert handler_failures(durable, "dependency") == 2
+    assert handler_failures(durable, "error") == 1
+    assert handler_failures(durable, "timeout") == 0

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 from prometheus_client import REGISTRY
 
-from tests.cut_connections import CUT_CONNECTION
+from tests.cut_connections import cut_connection
 from tests.filters.filter_helpers import ALICE, OWN_USER, config, event, message, new_event_id
 from tests.service_processes import free_port
 from warden.filters.base import Filter, FilterContext, FilterDeps, FilterResult, Group
@@ -271,7 +271,7 @@ def test_dependency_failure_classification() -> None:
     assert is_dependency_failure(asyncpg.exceptions.ConnectionDoesNotExistError("closed"))
     # A pooled connection cut by a PostgreSQL shutting down: not a bug of the filter, so
     # not a refusal (it was, until this case was known).
-    assert is_dependency_failure(CUT_CONNECTION)
+    assert is_dependency_failure(cut_connection())
     assert not is_dependency_failure(redis_errors.ResponseError("ERR wrong number of args"))
     assert not is_dependency_failure(asyncpg.exceptions.UndefinedColumnError("bug"))
     assert not is_dependency_failure(asyncpg.exceptions.UniqueViolationError("bug"))

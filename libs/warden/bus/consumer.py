@@ -8,7 +8,10 @@ POST) and returns what to do with the message:
 - ``Retry(delay)``: a temporary failure. The message is negatively acknowledged with
   that delay, so JetStream redelivers it (to this or another replica) later.
 
-A handler that raises is treated as ``Retry`` with exponential backoff. While a handler
+A handler that raises is treated as ``Retry`` with exponential backoff, and counted in
+``warden_bus_handler_failures_total{consumer,reason}``: a dependency that is away
+(``is_dependency_failure``: a PostgreSQL restart fails every message in flight) is one
+warning line, anything else an error with its traceback. While a handler
 runs, the loop tells JetStream the message is still in progress, so a slow side effect
 is not redelivered elsewhere meanwhile. If the process dies before the ack, JetStream
 redelivers after the consumer's ``ack_wait``: delivery is at least once, and handlers
@@ -46,6 +49,7 @@ from nats.js.api import ConsumerConfig, ConsumerInfo
 from nats.js.errors import APIError, NotFoundError
 from prometheus_client import Counter, Gauge
 
+from warden.policy.dependency_failures import is_dependency_failure
 from warden.telemetry.tracing import extract_context, tracer
 
 if TYPE_CHECKING:
@@ -67,6 +71,23 @@ DEAD_LETTERED = Counter(
     "redelivered), by durable consumer.",
     ["consumer"],
 )
+
+HANDLER_FAILURES = Counter(
+    "warden_bus_handler_failures_total",
+    "Handler runs that raised (the message is redelivered later, or dead-lettered at its"
+    " last delivery), by consumer and reason: dependency (PostgreSQL, Redis or a"
+    " connection refused, cut or timed out; logged as a warning without a traceback),"
+    " timeout (past the handler's bound) or error (anything else, likely a bug; logged as"
+    " an error with its traceback).",
+    ["consumer", "reason"],
+)
+
+# What a dead-lettered message's log line says of its last failed run, by reason.
+_RETRY_REASONS = {
+    "timeout": "handler timeout",
+    "dependency": "dependency unavailable",
+    "error": "handler error",
+}
 
 REDELIVERIES = Counter(
     "warden_bus_redeliveries_total",
@@ -301,22 +322,18 @@ class PullConsumer:
                     disposition = await self._handler(delivery)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            timed_out = deadline.expired()
-            logger.log(
-                logging.WARNING if timed_out else logging.ERROR,
-                "handler timed out; message will be redelivered"
-                if timed_out
-                else "handler failed; message will be redelivered",
-                exc_info=not timed_out,
-                extra={
-                    "event": "handler_timeout" if timed_out else "handler_failed",
-                    "stream_sequence": delivery.stream_sequence,
-                },
+        except Exception as exc:
+            reason = (
+                "timeout"
+                if deadline.expired()
+                else "dependency"
+                if is_dependency_failure(exc)
+                else "error"
             )
+            self._log_failure(reason, exc, delivery)
             disposition = Retry(
                 backoff_delay(delivery.attempt, self._retry_base),
-                "handler timeout" if timed_out else "handler error",
+                _RETRY_REASONS[reason],
             )
         finally:
             heartbeat.cancel()
@@ -324,6 +341,30 @@ class PullConsumer:
             await self._dead_letter(msg, delivery, disposition.reason or "retries exhausted")
             return
         await self._settle(msg, disposition)
+
+    def _log_failure(self, reason: str, exc: Exception, delivery: Delivery) -> None:
+        """One line per failed run. A dependency being away (a PostgreSQL restart fails
+        every message in flight, on every replica) is expected and says what failed in one
+        line; only an unexpected error, likely a bug, is an ERROR with its traceback."""
+        HANDLER_FAILURES.labels(self.durable, reason).inc()
+        fields = {"consumer": self.durable, "stream_sequence": delivery.stream_sequence}
+        if reason == "error":
+            logger.error(
+                "handler failed; message will be redelivered",
+                exc_info=exc,
+                extra={"event": "handler_failed", **fields},
+            )
+        else:
+            logger.warning(
+                "handler timed out; message will be redelivered"
+                if reason == "timeout"
+                else "handler could not reach a dependency; message will be redelivered",
+                extra={
+                    "event": "handler_timeout" if reason == "timeout" else "handler_unavailable",
+                    "error": f"{type(exc).__name__}: {exc}"[:200],
+                    **fields,
+                },
+            )
 
     async def _dead_letter(self, msg: Msg, delivery: Delivery, reason: str) -> None:
         DEAD_LETTERED.labels(self.durable).inc()
