@@ -506,7 +506,9 @@ async def test_a_down_destination_does_not_hold_up_others(
     assert failures[failing.name] >= 1 and failures[gone.name] >= 1
 
 
+@pytest.mark.parametrize("error", [None, RuntimeError("a bug")], ids=["cut", "bug"])
 async def test_the_sender_outlives_connections_cut_by_a_restarting_database(
+    error: Exception | None,
     sender: Callable[..., Any],
     start_destination: Callable[..., Any],
     pg_pool: asyncpg.Pool,
@@ -515,11 +517,12 @@ async def test_the_sender_outlives_connections_cut_by_a_restarting_database(
     # Seen in the fault suite: a query of the sender's loop on a connection cut by a
     # PostgreSQL shutting down raised asyncpg's InternalClientError, which ended the
     # loop and with it the moderator.
+    # Anything else the loop meets (``error``) is logged and tried again too, as in a send.
     dest, _ = await start_destination()
     event_ids = await _enqueue_many(pg_pool, identity, dest.name, 3, now_ms=int(time.time() * 1000))
-    cut = CutConnectionPool(pg_pool, failures=4)
+    cut = CutConnectionPool(pg_pool, error, failures=4)
     await sender(pool=cut)
-    await wait_for(lambda: len(dest.event_ids()) == 3, "every command, once the database answers")
+    await wait_for(lambda: len(dest.event_ids()) == 3, "every command, once the queries work")
     assert cut.failures_left == 0
     assert dest.event_ids() == event_ids
     assert not sender.tasks[-1].done()  # type: ignore[attr-defined]

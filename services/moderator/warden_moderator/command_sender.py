@@ -102,6 +102,13 @@ class CommandSender:
                         "moderation commands: database unavailable",
                         extra={"event": "moderation_command_sender", "error": str(exc)[:200]},
                     )
+                except Exception:
+                    # As a failed send (``_drain``): a bug here must not end the moderator's
+                    # redactions with it; the loop tries again after the poll interval.
+                    logger.exception(
+                        "moderation commands: unexpected error; trying again",
+                        extra={"event": "moderation_command_sender"},
+                    )
                 waker = asyncio.create_task(self._wake.wait())
                 await asyncio.wait(
                     [waker, stopper, *self._tasks.values()],
