@@ -1,6 +1,7 @@
 """PostgreSQL's failures are declared once (``warden.storage.database.DATABASE_ERRORS``).
 
-Six modules each listed asyncpg's errors by hand and none knew every kind: asyncpg's
+Fourteen modules each listed asyncpg's errors by hand and only the filter worker's
+outbox knew every kind: asyncpg's
 ``InternalClientError`` on a connection cut by a restarting server ended the moderator's
 command sender, turned ``/sign`` into a 500 and a filter's failure into a refusal.
 """
